@@ -1,0 +1,45 @@
+# One command per job; each installs what it needs first (a fresh clone needs only `make demo`).
+# TORCH picks the PyTorch build: the default pin takes the CPU wheel on CPU-only machines that
+# carry one locally, and PyPI's CUDA build elsewhere. For a specific CUDA build:
+#   make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: install train demo test test-slow bench gpu-check lint
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# The MRA paper's ListOps recipe with MRA-2 (2 layers, width 64, 5000 steps at length 2048).
+train: $(STAMP)
+	$(BIN)/python train.py task=listops attn=mra $(ARGS)
+
+# A ListOps run sized for a 2-core CPU: generates a small ListOps set, trains, prints accuracy.
+demo: $(STAMP)
+	$(BIN)/python train.py experiment=demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m mra_lra.bench.attention $(ARGS)
+
+# On a CUDA machine: GPU tests, Triton vs torch in every dtype, and the benchmark; tables go to $OUT.
+# Needs only torch, triton, numpy (no install step: GPU images carry their own torch).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

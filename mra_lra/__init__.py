@@ -1,0 +1,1 @@
+"""mra-lra: Long Range Arena with MRA attention."""

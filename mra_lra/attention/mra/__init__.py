@@ -1,0 +1,163 @@
+"""MRA attention (Zeng et al., ICML 2022): MRA-2 (`approx_mode="full"`) and MRA-2-s ("sparse").
+
+`mra2_attention` is the function of spec/mra.md; `backend` picks the torch path or the Triton
+kernels (CUDA tensors only). `MRAAttention` is the module registered as `mra` and `mra_s`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mra_lra.attention.mra import selection
+from mra_lra.attention.mra.reference import mra2_torch
+from mra_lra.attention.registry import register
+
+APPROX_MODES = ("full", "sparse")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _check(approx_mode: str, backend: str, block_size: int) -> None:
+    if approx_mode not in APPROX_MODES:
+        raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mra2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    num_blocks: int,
+    approx_mode: str = "full",
+    initial_prior_first_n_blocks: int = 0,
+    initial_prior_diagonal_n_blocks: int = 0,
+    block_size: int = 32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MRA-2 attention. q, k, v: [B, H, n, d]; mask: [B, n] (1 real, 0 pad) or None.
+
+    num_blocks is k_sel, the number of fine blocks each (batch, head) slice gets in total.
+    Any n works (padded to a multiple of block_size inside); returns [B, H, n, d] in q's dtype.
+    """
+    _check(approx_mode, backend, block_size)
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must all be [B, H, n, d], got {list(q.shape)}, {list(k.shape)}, "
+            f"{list(v.shape)}"
+        )
+    n = q.shape[2]
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        from mra_lra.attention.mra.kernels import mra2_triton
+
+        return mra2_triton(
+            q,
+            k,
+            v,
+            mask,
+            num_blocks=num_blocks,
+            approx_mode=approx_mode,
+            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            block_size=block_size,
+        )
+    in_dtype = q.dtype
+    compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+    q, k, v, mask = selection.pad_to_blocks(
+        q.to(compute), k.to(compute), v.to(compute), mask, block_size
+    )
+    sel, _, _ = selection.prepare(
+        q,
+        k,
+        mask,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+    )
+    vbar = None
+    if approx_mode == "full":
+        vbar = selection.block_means(v, sel.counts, block_size)
+    out = mra2_torch(q, k, v, mask, sel, vbar, approx_mode=approx_mode, block_size=block_size)
+    return out[:, :, :n].to(in_dtype)
+
+
+class MRAAttention(nn.Module):
+    """MRA-2 as an attention module; k_sel = min(nb * block_per_row, nb * nb) per slice."""
+
+    default_mode = "full"
+
+    def __init__(
+        self,
+        block_per_row: int = 8,
+        approx_mode: str | None = None,
+        initial_prior_first_n_blocks: int = 0,
+        initial_prior_diagonal_n_blocks: int = 0,
+        block_size: int = 32,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        approx_mode = approx_mode or self.default_mode
+        _check(approx_mode, backend, block_size)
+        if block_per_row < 1:
+            raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
+        self.block_per_row = block_per_row
+        self.approx_mode = approx_mode
+        self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
+        self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
+        self.block_size = block_size
+        self.backend = backend
+
+    def num_blocks(self, n: int) -> int:
+        nb = -(-n // self.block_size)
+        return min(nb * self.block_per_row, nb * nb)
+
+    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return mra2_attention(
+            q,
+            k,
+            v,
+            mask,
+            num_blocks=self.num_blocks(q.shape[2]),
+            approx_mode=self.approx_mode,
+            initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
+            block_size=self.block_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"approx_mode={self.approx_mode}, block_per_row={self.block_per_row}, "
+            f"priors=({self.initial_prior_first_n_blocks}, "
+            f"{self.initial_prior_diagonal_n_blocks}), backend={self.backend}"
+        )
+
+
+@register("mra")
+class MRA2(MRAAttention):
+    default_mode = "full"
+
+
+@register("mra_s")
+class MRA2Sparse(MRAAttention):
+    default_mode = "sparse"

@@ -1,0 +1,154 @@
+"""The parts of MRA shared by the torch path and the Triton kernels (spec/mra.md, steps 1-4).
+
+Everything here is cheap next to the fine part: block statistics are O(n d), the coarse logits and
+the selection live on the nb x nb grid of blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-6
+PAD_PENALTY = 1e4  # subtracted from scores that touch padding
+PRIOR_BOOST = 5e3  # added to prior blocks so that top-k takes them first
+EMPTY_ROW_MAX = -1e5  # stabiliser of a query row that got no chosen block
+
+
+def pad_to_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad n up to a multiple of `block_size` (added tokens are masked) and zero padded tokens.
+
+    Returns q, k, v of shape [B, H, n_pad, d] and a float mask [B, n_pad].
+    """
+    B, H, n, d = q.shape
+    if mask is None:
+        mask = q.new_ones(B, n)
+    if mask.shape != (B, n):
+        raise ValueError(f"mask must have shape [B, n] = {[B, n]}, got {list(mask.shape)}")
+    mask = mask.to(q.dtype)
+    n_pad = math.ceil(n / block_size) * block_size
+    if n_pad != n:
+        extra = n_pad - n
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        mask = torch.nn.functional.pad(mask, (0, extra))
+    m = mask[:, None, :, None]
+    return q * m, k * m, v * m, mask
+
+
+def block_means(x: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, H, n, d] -> [B, H, nb, d]: block sums divided by (real-token count + eps)."""
+    B, H, n, d = x.shape
+    sums = x.view(B, H, n // block_size, block_size, d).sum(dim=3)
+    return sums / (counts[:, None, :, None] + EPS)
+
+
+@dataclass
+class Selection:
+    """What the fine and coarse parts need from steps 2-4, for G = B*H slices.
+
+    counts:     [B, nb] real tokens per block
+    coarse:     [B, H, nb, nb] coarse logits S, padding penalty applied
+    row_max:    [B, H, nb] r_I, the row max of S before the penalty
+    block_idx:  [B, H, k_sel] chosen blocks as flat indices I * nb + J (sorted ascending)
+    excluded:   [B, H, nb, nb] bool, the set M kept out of the coarse part (full mode)
+    """
+
+    counts: torch.Tensor
+    coarse: torch.Tensor
+    row_max: torch.Tensor
+    block_idx: torch.Tensor
+    excluded: torch.Tensor
+
+    @property
+    def num_block_rows(self) -> int:
+        return self.coarse.shape[-1]
+
+
+def coarse_logits(
+    qbar: torch.Tensor, kbar: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: S = qbar kbar^T / sqrt(d), r = row max before masking, then the padding penalty."""
+    d = qbar.shape[-1]
+    S = torch.matmul(qbar, kbar.transpose(-1, -2)) / math.sqrt(d)
+    r = S.detach().amax(dim=-1)
+    empty = (counts[:, :, None] * counts[:, None, :]) < 0.5  # [B, nb, nb]
+    S = S - PAD_PENALTY * empty[:, None].to(S.dtype)
+    return S, r
+
+
+def prior_bonus(
+    nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
+) -> torch.Tensor | None:
+    """Step 4 priors as an [nb, nb] additive bonus (None when there are no priors)."""
+    if first_n_blocks < 0 or diagonal_n_blocks < 0:
+        raise ValueError("prior block counts must be >= 0")
+    if first_n_blocks == 0 and diagonal_n_blocks == 0:
+        return None
+    bonus = torch.zeros(nb, nb, device=device)
+    if diagonal_n_blocks > 0:
+        idx = torch.arange(nb, device=device)
+        near = (idx[:, None] - idx[None, :]).abs() <= diagonal_n_blocks // 2
+        bonus += PRIOR_BOOST * near
+    if first_n_blocks > 0:
+        bonus[:first_n_blocks, :] += PRIOR_BOOST
+        bonus[:, :first_n_blocks] += PRIOR_BOOST
+    return bonus
+
+
+@torch.no_grad()
+def select_blocks(
+    coarse: torch.Tensor,
+    row_max: torch.Tensor,
+    num_blocks: int,
+    initial_prior_first_n_blocks: int = 0,
+    initial_prior_diagonal_n_blocks: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4: one global top-k over the nb x nb grid of each slice (not k per row).
+
+    Returns the chosen flat block indices [B, H, k_sel] (ascending, so row-major) and the
+    excluded set M = {P >= smallest chosen value} as a bool [B, H, nb, nb].
+    """
+    nb = coarse.shape[-1]
+    k_sel = min(int(num_blocks), nb * nb)
+    if k_sel < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    P = (coarse - row_max[..., None]).float()
+    bonus = prior_bonus(nb, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks, P.device)
+    if bonus is not None:
+        P = P + bonus
+    flat = P.flatten(-2)
+    values, idx = torch.topk(flat, k_sel, dim=-1, sorted=False)
+    threshold = values.amin(dim=-1, keepdim=True)
+    excluded = (flat >= threshold).view_as(P)
+    return idx.sort(dim=-1).values, excluded
+
+
+def prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_blocks: int,
+    block_size: int,
+    initial_prior_first_n_blocks: int,
+    initial_prior_diagonal_n_blocks: int,
+) -> tuple[Selection, torch.Tensor, torch.Tensor]:
+    """Steps 2-4 on padded, zeroed inputs. Returns the selection and qbar, kbar."""
+    B, H, n, d = q.shape
+    nb = n // block_size
+    counts = mask.view(B, nb, block_size).sum(dim=-1)
+    qbar = block_means(q, counts, block_size)
+    kbar = block_means(k, counts, block_size)
+    S, r = coarse_logits(qbar, kbar, counts)
+    block_idx, excluded = select_blocks(
+        S, r, num_blocks, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
+    )
+    return Selection(counts, S, r, block_idx, excluded), qbar, kbar

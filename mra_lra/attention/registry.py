@@ -1,0 +1,53 @@
+"""Short name -> attention class, so configs say `attn=nystrom` and not a module path."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make an attention available as `attn=<name>`."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"attention {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[nn.Module]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def build(name: str, *, context: dict | None = None, **options) -> nn.Module:
+    """Build attention `name` with `options` (from the `attn` config group).
+
+    `context` carries facts the encoder knows (head_dim, num_heads, max_length); each is passed
+    only to classes whose constructor names it, so a method takes just what it needs. Unknown
+    options are an error that lists the valid ones.
+    """
+    cls = get(name)
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {p for p in params if p != "self"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        valid = sorted(accepted - set(context or {}))
+        raise ValueError(
+            f"attention {name!r} got unknown option(s) {unknown}; valid options: {valid}"
+        )
+    kwargs = {k: v for k, v in (context or {}).items() if k in accepted}
+    kwargs.update(options)
+    return cls(**kwargs)

@@ -1,0 +1,37 @@
+"""Exact attention through torch's scaled_dot_product_attention (flash / memory-efficient)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mra_lra.attention.registry import register
+
+
+def zero_padded_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Padded query positions output exactly zero (shared padding semantics)."""
+    if mask is None:
+        return out
+    return out * mask[:, None, :, None].to(out.dtype)
+
+
+@register("softmax")
+class SoftmaxAttention(nn.Module):
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn_mask = None
+        if mask is not None:
+            # Boolean key mask [B, 1, 1, n]; a row with no real key would be all -inf (NaN out),
+            # so such rows (only possible for fully padded sequences) see every key instead and
+            # are zeroed below as padded queries.
+            keep = mask.bool()
+            keep = keep | ~keep.any(dim=-1, keepdim=True)
+            attn_mask = keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return zero_padded_queries(out, mask)

@@ -1,0 +1,1 @@
+"""The LRA backbone (plain nn.Module) and the LightningModule that trains it."""

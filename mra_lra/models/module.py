@@ -1,0 +1,131 @@
+"""LightningModule around an LRA classifier: loss, accuracy, optimiser and schedule, throughput."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class LRALitModule(pl.LightningModule):
+    """Trains `net` (an nn.Module mapping a batch dict to logits) with cross-entropy.
+
+    Metric keys: train/loss, train/acc, train/lr, val/loss, val/acc, val/acc_best, test/loss,
+    test/acc, train/tokens_per_second (padded positions per second of training-step time).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
+        num_classes: int,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.net = net
+        self.criterion = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives checkpoint/resume
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self._step_start = 0.0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(batch)
+
+    def _shared_step(self, batch):
+        logits = self(batch)
+        loss = self.criterion(logits.float(), batch["label"])
+        return loss, logits.argmax(dim=-1)
+
+    # --- training -------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int):
+        loss, preds = self._shared_step(batch)
+        self.train_loss(loss)
+        self.train_acc(preds, batch["label"])
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += time.perf_counter() - self._step_start
+        tokens = batch["input_ids"].numel()
+        if "input_ids_2" in batch:
+            tokens += batch["input_ids_2"].numel()
+        self.train_tokens += tokens
+        if self.train_seconds > 0:
+            self.log("train/tokens_per_second", self.train_tokens / self.train_seconds)
+
+    # --- evaluation -----------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, preds = self._shared_step(batch)
+        self.val_loss(loss)
+        self.val_acc(preds, batch["label"])
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, preds = self._shared_step(batch)
+        self.test_loss(loss)
+        self.test_acc(preds, batch["label"])
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    # --- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.hparams.optimizer(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return optimizer
+        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # --- exact resume: the global RNGs (dropout) travel with the checkpoint ------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        checkpoint["throughput"] = {"tokens": self.train_tokens, "seconds": self.train_seconds}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
+        throughput = checkpoint.get("throughput", {})
+        self.train_tokens = throughput.get("tokens", 0)
+        self.train_seconds = throughput.get("seconds", 0.0)

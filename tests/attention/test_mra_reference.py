@@ -1,0 +1,193 @@
+"""The MRA torch path against independent references (spec/mra.md, "Tests that pin it down")."""
+
+import math
+
+import pytest
+import torch
+
+from mra_lra.attention import build
+from mra_lra.attention.mra import mra2_attention, selection
+
+B, H, D = 2, 2, 16
+
+
+def dense_softmax(q, k, v, mask):
+    """float64 masked softmax attention; padded queries output 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    return out * mask[:, None, :, None].double()
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, k, v, mask
+
+
+def chosen_selection(q, k, mask, num_blocks, b=32, first=0, diagonal=0):
+    qp, kp, _, mp = selection.pad_to_blocks(q, k, k, mask, b)
+    sel, _, _ = selection.prepare(
+        qp,
+        kp,
+        mp,
+        num_blocks=num_blocks,
+        block_size=b,
+        initial_prior_first_n_blocks=first,
+        initial_prior_diagonal_n_blocks=diagonal,
+    )
+    return sel
+
+
+def dense_mra(q, k, v, mask, sel, mode, b=32):
+    """MRA built densely from a fixed chosen set: fine scores in chosen blocks, the block-mean
+    score on every real key of an unrefined block (full mode), softmax over all of it."""
+    Bq, Hq, n, d = q.shape
+    nb = math.ceil(n / b)
+    pad = nb * b - n
+    z = torch.nn.functional.pad
+    m = z(mask.double(), (0, pad))
+    q, k, v = (z(t.double(), (0, 0, 0, pad)) * m[:, None, :, None] for t in (q, k, v))
+    counts = m.view(Bq, nb, b).sum(-1)
+    qbar = q.view(Bq, Hq, nb, b, d).sum(3) / (counts[:, None, :, None] + 1e-6)
+    kbar = k.view(Bq, Hq, nb, b, d).sum(3) / (counts[:, None, :, None] + 1e-6)
+    fine = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
+    coarse = torch.einsum("bhid,bhjd->bhij", qbar, kbar) / math.sqrt(d)
+    coarse = coarse.repeat_interleave(b, 2).repeat_interleave(b, 3)
+    chosen = torch.zeros(Bq, Hq, nb * nb, dtype=torch.bool)
+    chosen.scatter_(-1, sel.block_idx, True)
+    chosen = chosen.view(Bq, Hq, nb, nb).repeat_interleave(b, 2).repeat_interleave(b, 3)
+    logits = torch.full_like(fine, float("-inf"))
+    logits = torch.where(chosen, fine, logits)
+    if mode == "full":
+        unrefined = ~sel.excluded.repeat_interleave(b, 2).repeat_interleave(b, 3)
+        logits = torch.where(unrefined, coarse, logits)
+    logits = logits.masked_fill(m[:, None, None, :] == 0, float("-inf"))
+    has_any = torch.isfinite(logits).any(-1, keepdim=True)
+    probs = torch.softmax(torch.where(has_any, logits, torch.zeros_like(logits)), -1) * has_any
+    out = torch.einsum("bhij,bhjd->bhid", probs, v) * m[:, None, :, None]
+    return out[:, :, :n]
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("n,pad_from", [(128, None), (200, 150), (96, 17)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 2e-5)])
+def test_all_blocks_equals_softmax(mode, n, pad_from, dtype, tol):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from, dtype=dtype)
+    nb = math.ceil(n / 32)
+    out = mra2_attention(q, k, v, mask, num_blocks=nb * nb, approx_mode=mode, backend="torch")
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), dense_softmax(q, k, v, mask), atol=tol, rtol=tol)
+
+
+def test_block_constant_inputs_are_exact_in_full_mode():
+    n, b = 256, 32
+    nb = n // b
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, nb, 1, D, generator=g, dtype=torch.float64).expand(-1, -1, -1, b, -1)
+    k = torch.randn(B, H, nb, 1, D, generator=g, dtype=torch.float64).expand(-1, -1, -1, b, -1)
+    q, k = q.reshape(B, H, n, D), k.reshape(B, H, n, D)
+    v = torch.randn(B, H, n, D, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, n, dtype=torch.float64)
+    # Budgets of at least nb (the model's is nb * block_per_row). Below nb, every row's maximum
+    # ties at P = 0, so M = {P >= smallest chosen} holds blocks that were not refined and the
+    # published rule drops them from both parts.
+    for budget in (nb, 2 * nb + 3, 3 * nb):
+        out = mra2_attention(q, k, v, mask, num_blocks=budget, approx_mode="full")
+        torch.testing.assert_close(out, dense_softmax(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_prior_first_block_row_and_column():
+    n = 256
+    nb = n // 32
+    q, k, _, mask = random_inputs(n, seed=3)
+    sel = chosen_selection(q, k, mask, 2 * nb - 1, first=1)
+    expected = {0 * nb + j for j in range(nb)} | {i * nb + 0 for i in range(nb)}
+    for bi in range(B):
+        for h in range(H):
+            assert set(sel.block_idx[bi, h].tolist()) == expected
+
+
+def test_prior_diagonal():
+    n = 256
+    nb = n // 32
+    q, k, _, mask = random_inputs(n, seed=4)
+    sel = chosen_selection(q, k, mask, nb, diagonal=1)
+    expected = {i * nb + i for i in range(nb)}
+    for bi in range(B):
+        for h in range(H):
+            assert set(sel.block_idx[bi, h].tolist()) == expected
+
+
+def test_selection_is_one_global_top_k_not_per_row():
+    # Block row 0 has zero queries, so its coarse row is flat: all of P[0, :] is 0, the top value
+    # of every row. Other rows are sharply peaked. A global budget of 2 nb - 1 takes all of row 0
+    # and only the maximum of every other row; k per row would give each row two.
+    n, nb = 256, 8
+    q, k, v, mask = random_inputs(n, seed=5)
+    q[:, :, :32] = 0.0
+    q[:, :, 32:] *= 20.0
+    sel = chosen_selection(q, k, mask, 2 * nb - 1)
+    rows = (sel.block_idx // nb).view(-1, 2 * nb - 1)
+    counts = torch.stack([torch.bincount(r, minlength=nb) for r in rows])
+    assert (counts[:, 0] == nb).all()
+    assert (counts[:, 1:] == 1).all()
+
+
+def test_sparse_rows_without_blocks_output_zero():
+    n, nb = 256, 8
+    q, k, v, mask = random_inputs(n, seed=6)
+    sel = chosen_selection(q, k, mask, 3)
+    out = mra2_attention(q, k, v, mask, num_blocks=3, approx_mode="sparse")
+    rows_with_blocks = torch.zeros(B, H, nb, dtype=torch.bool)
+    rows_with_blocks.scatter_(-1, sel.block_idx // nb, True)
+    empty = ~rows_with_blocks.repeat_interleave(32, dim=-1)
+    assert empty.any()
+    assert (out[empty] == 0).all()
+    assert (out[~empty].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("n,pad_from,budget", [(256, None, 16), (200, 130, 10), (160, 97, 25)])
+def test_forward_and_gradients_match_dense_reference(mode, n, pad_from, budget):
+    q, k, v, mask = random_inputs(n, seed=7, pad_from=pad_from)
+    sel = chosen_selection(q, k, mask, budget)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = mra2_attention(*inputs, mask, num_blocks=budget, approx_mode=mode)
+    ref = dense_mra(*ref_inputs, mask, sel, mode)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    for got, want, name in zip(inputs, ref_inputs, "qkv", strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_padding_semantics():
+    n = 200
+    q, k, v, mask = random_inputs(n, seed=8, pad_from=120)
+    out = mra2_attention(q, k, v, mask, num_blocks=12)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[1, :, 120:] = torch.randn_like(t[1, :, 120:]) * 10
+    out2 = mra2_attention(q2, k2, v2, mask, num_blocks=12)
+    torch.testing.assert_close(out, out2)
+    assert (out[1, :, 120:] == 0).all()
+
+
+def test_module_budget_and_bad_options():
+    attn = build("mra", block_per_row=8)
+    assert attn.num_blocks(2048) == 64 * 8
+    assert attn.num_blocks(100) == 16  # 4 block rows: all 16 blocks
+    assert build("mra_s").approx_mode == "sparse"
+    with pytest.raises(ValueError, match="approx_mode"):
+        build("mra", approx_mode="dense")
+    with pytest.raises(ValueError, match="valid options"):
+        build("mra", blocks_per_row=8)
+    with pytest.raises(ValueError, match="valid names"):
+        build("mra3")

@@ -1,0 +1,103 @@
+"""Linformer attention against a float64 dense masked softmax."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mra_lra.attention import build
+
+B, H, D = 2, 2, 16
+CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "linformer.yaml"
+
+
+def dense_softmax(q, k, v, mask):
+    """float64 masked softmax attention; padded queries output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    return out * mask[:, None, :, None]
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, k, v, mask
+
+
+def test_config_builds_with_spec_settings():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert cfg == {"name": "linformer", "projected_length": 256}
+    attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
+    assert attn.projection.shape == (256, 512)  # one projection for every head
+    with pytest.raises(ValueError, match="max_length"):
+        build("linformer")
+
+
+@pytest.mark.parametrize("n,pad_from", [(64, None), (64, 40), (45, 3)])
+def test_identity_projection_is_softmax(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("linformer", max_length=n, projected_length=n).double()
+    with torch.no_grad():
+        attn.projection.copy_(torch.eye(n))
+    torch.testing.assert_close(attn(q, k, v, mask), dense_softmax(q, k, v, mask))
+
+
+def test_projection_is_a_mix_of_keys_and_values():
+    """Any E: softmax attention over the k projected keys E k and values E v (no padding)."""
+    n, r = 48, 20
+    q, k, v, mask = random_inputs(n)
+    attn = build("linformer", max_length=64, projected_length=r).double()
+    e = attn.projection.detach()[:, :n]  # shorter than max_length: the first n columns
+    k_proj, v_proj = (torch.einsum("rn,bhnd->bhrd", e, t) for t in (k, v))
+    logits = torch.einsum("bhid,bhrd->bhir", q, k_proj) / math.sqrt(D)
+    ref = torch.einsum("bhir,bhrd->bhid", torch.softmax(logits, dim=-1), v_proj)
+    torch.testing.assert_close(attn(q, k, v, mask), ref)
+
+
+def test_longer_than_max_length_fails():
+    q, k, v, mask = random_inputs(65)
+    with pytest.raises(ValueError, match="max_length 64"):
+        build("linformer", max_length=64, projected_length=8)(q, k, v, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [128, 77])
+def test_shape_and_dtype(dtype, n):
+    q, k, v, mask = random_inputs(n, dtype=dtype, pad_from=50)
+    attn = build("linformer", max_length=256, projected_length=32).to(dtype)
+    out = attn(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert attn(q, k, v).shape == q.shape
+
+
+def test_padding_is_ignored_and_padded_queries_are_zero():
+    n, pad_from = 100, 45
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("linformer", max_length=128, projected_length=32).double()
+    out = attn(q, k, v, mask)
+    g = torch.Generator().manual_seed(1)
+    pad = (mask == 0)[:, None, :, None]
+    q2, k2, v2 = (
+        torch.where(pad, 10 * torch.randn(t.shape, generator=g).double(), t) for t in (q, k, v)
+    )
+    torch.testing.assert_close(attn(q2, k2, v2, mask), out, atol=1e-12, rtol=1e-12)
+    assert (out[1, :, pad_from:] == 0).all()
+
+
+def test_gradients_reach_q_k_v_and_projection():
+    q, k, v, mask = random_inputs(90, pad_from=70, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    attn = build("linformer", max_length=128, projected_length=16)
+    attn(q, k, v, mask).square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    grad = attn.projection.grad
+    assert grad[:, :90].abs().sum() > 0 and (grad[:, 90:] == 0).all()

@@ -1,0 +1,254 @@
+"""ListOps files, tokeniser, cache and datamodule on small release-format fixtures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from mra_lra.data import listops
+from mra_lra.data.listops import (
+    ListOpsDataModule,
+    ensure_listops_cache,
+    ensure_listops_files,
+    read_listops_tsv,
+)
+
+# Hand-written rows with hand-computed labels and token ids (pad 0, digit d -> d + 1,
+# [MIN 11, [MAX 12, [MED 13, [SM 14, ] 15).
+ROWS = {
+    "train": [
+        ("( ( ( [MAX 2 ) 9 ) ] )", 9),
+        ("( ( ( ( ( [MED 1 ) 2 ) 3 ) 4 ) ] )", 2),
+        ("( ( ( [SM 5 ) 7 ) ] )", 2),
+        ("( ( ( ( [MIN 3 ) ( ( ( [MAX 1 ) 8 ) ] ) ) 5 ) ] )", 3),
+    ],
+    "val": [("( ( ( [MIN 4 ) 7 ) ] )", 4), ("6", 6)],
+    "test": [("( ( ( ( [MED 9 ) ( ( ( [SM 4 ) 4 ) ] ) ) 1 ) ] )", 8)],
+}
+IDS = {
+    "( ( ( [MAX 2 ) 9 ) ] )": [12, 3, 10, 15],
+    "( ( ( [MIN 4 ) 7 ) ] )": [11, 5, 8, 15],
+    "6": [7],
+    "( ( ( ( [MED 9 ) ( ( ( [SM 4 ) 4 ) ] ) ) 1 ) ] )": [13, 10, 14, 5, 5, 15, 2, 15],
+}
+GEN = {"num_train": 6, "num_val": 2, "num_test": 2, "min_length": 5, "max_length": 40, "seed": 0}
+
+
+def write_release(data_dir: Path, rows: dict = ROWS, splits=("train", "val", "test")) -> Path:
+    directory = data_dir / "lra_release" / "listops-1000"
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        lines = ["Source\tTarget"] + [f"{s}\t{t}" for s, t in rows[split]]
+        (directory / f"basic_{split}.tsv").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def make_dm(data_dir: Path, max_length: int = 16, **overrides) -> ListOpsDataModule:
+    args = dict(
+        data_dir=str(data_dir),
+        batch_size=2,
+        max_length=max_length,
+        num_workers=0,
+        num_train=GEN["num_train"],
+        num_val=GEN["num_val"],
+        num_test=GEN["num_test"],
+        gen_min_length=GEN["min_length"],
+        gen_max_length=GEN["max_length"],
+        seed=GEN["seed"],
+    )
+    return ListOpsDataModule(**{**args, **overrides})
+
+
+def cache_entries(data_dir: Path) -> list[Path]:
+    root = data_dir / "cache" / "listops"
+    return sorted(p for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_release_files_as_batches(tmp_path) -> None:
+    write_release(tmp_path)
+    dm = make_dm(tmp_path)
+    assert (dm.num_classes, dm.vocab_size) == (10, 16)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "mask", "label"}
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 16)
+    assert batch["mask"].dtype == torch.float32 and batch["mask"].shape == (2, 16)
+    assert batch["label"].dtype == torch.long and batch["label"].tolist() == [4, 6]
+    for row, (source, _) in enumerate(ROWS["val"]):
+        ids = IDS[source]
+        assert batch["input_ids"][row].tolist() == ids + [0] * (16 - len(ids))
+        assert batch["mask"][row].tolist() == [1.0] * len(ids) + [0.0] * (16 - len(ids))
+    test_batch = next(iter(dm.test_dataloader()))
+    assert test_batch["input_ids"][0, :8].tolist() == IDS[ROWS["test"][0][0]]
+    assert test_batch["label"].tolist() == [8]
+
+
+def test_train_loader_shuffles_val_does_not(tmp_path) -> None:
+    rows = {**ROWS, "train": [(str(d), d) for d in range(10)] * 3}
+    write_release(tmp_path, rows)
+    dm = make_dm(tmp_path, batch_size=30)
+    dm.prepare_data()
+    dm.setup("fit")
+    pl.seed_everything(0)
+    first = next(iter(dm.train_dataloader()))["label"].tolist()
+    second = next(iter(dm.train_dataloader()))["label"].tolist()
+    assert sorted(first) == sorted(second) == sorted(d for d in range(10) for _ in range(3))
+    assert first != [d for _ in range(3) for d in range(10)] and first != second
+    assert [b["label"].tolist() for b in dm.val_dataloader()] == [[4, 6]]
+
+
+def test_worker_settings_and_pickled_dataset(tmp_path) -> None:
+    write_release(tmp_path)
+    dm = make_dm(tmp_path, num_workers=1, pin_memory=True)
+    dm.prepare_data()
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers and loader.pin_memory
+    dataset = dm.datasets["train"]
+    assert len(dataset) == 4
+    # Workers get the cache folder, not a copy of the arrays.
+    assert len(pickle.dumps(dataset)) < 1000
+    assert pickle.loads(pickle.dumps(dataset))[0]["label"].item() == 9
+
+
+def test_user_files_are_used_and_never_overwritten(tmp_path) -> None:
+    directory = write_release(tmp_path)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    assert ensure_listops_files(tmp_path, **GEN) == directory
+    make_dm(tmp_path).prepare_data()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_partial_files_are_an_error(tmp_path) -> None:
+    directory = write_release(tmp_path, splits=("train", "val"))
+    with pytest.raises(FileNotFoundError, match="basic_test.tsv") as err:
+        ensure_listops_files(tmp_path, **GEN)
+    assert str(directory) in str(err.value)
+    assert not (directory / "basic_test.tsv").exists()
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions"
+)
+def test_unwritable_data_dir_is_a_clear_error(tmp_path) -> None:
+    data_dir = tmp_path / "readonly"
+    data_dir.mkdir()
+    data_dir.chmod(0o555)
+    try:
+        if os.access(data_dir, os.W_OK):
+            pytest.skip("chmod does not restrict writes here")
+        with pytest.raises(PermissionError, match="LRA_DATA_DIR") as err:
+            ensure_listops_files(data_dir, **GEN)
+        assert str(data_dir) in str(err.value) and "data.data_dir" in str(err.value)
+    finally:
+        data_dir.chmod(0o755)
+
+
+def test_generated_files_sidecar_and_settings_mismatch(tmp_path, caplog) -> None:
+    directory = ensure_listops_files(tmp_path, **GEN)
+    sidecar = json.loads((directory / ".generated.json").read_text())
+    assert {k: sidecar[k] for k in GEN} == GEN
+    lines = (directory / "basic_train.tsv").read_text().splitlines()
+    assert lines[0] == "Source\tTarget" and len(lines) == GEN["num_train"] + 1
+    before = (directory / "basic_train.tsv").read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger=listops.__name__):
+        ensure_listops_files(tmp_path, **GEN)
+    assert not caplog.records
+
+    with caplog.at_level(logging.WARNING, logger=listops.__name__):
+        ensure_listops_files(tmp_path, **{**GEN, "seed": 1})
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "seed=0 (asked 1)" in message and str(directory) in message
+    assert "data.data_dir" in message
+    assert (directory / "basic_train.tsv").read_bytes() == before
+
+
+def test_generated_data_end_to_end(tmp_path) -> None:
+    dm = make_dm(tmp_path, max_length=48)
+    dm.prepare_data()
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["label"]) for b in batches) == GEN["num_train"]
+    lengths = torch.cat([b["mask"].sum(1) for b in batches])
+    assert ((lengths > 5) & (lengths < 40)).all()
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ("( ( ( [MAX 2 ) 9 ) ] )\t10", "label '10'"),
+        ("( ( ( [MAX 2 ) 9 ) ] )\tnine", "label 'nine'"),
+        ("( ( ( [MAX 2 ) 9 ) ] )", "2 tab-separated columns"),
+        ("( ( ( [MAX 2 ) 9 ) ] )\t9\textra", "found 3"),
+        ("( ( ( [FOO 2 ) 9 ) ] )\t9", "unknown token '\\[FOO'"),
+        ("( ( ( [MAX 12 ) 9 ) ] )\t9", "unknown token '12'"),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path, row: str, problem: str) -> None:
+    path = tmp_path / "basic_train.tsv"
+    path.write_text(f"Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n{row}\n")
+    with pytest.raises(ValueError, match=f"{path}:3: .*{problem}"):
+        read_listops_tsv(path)
+
+
+def test_wrong_header_is_an_error(tmp_path) -> None:
+    path = tmp_path / "basic_val.tsv"
+    path.write_text("( ( ( [MAX 2 ) 9 ) ] )\t9\n")
+    with pytest.raises(ValueError, match=f"{path}:1: expected the header"):
+        read_listops_tsv(path)
+
+
+def test_truncation_warned_once_per_split(tmp_path, caplog) -> None:
+    directory = write_release(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=listops.__name__):
+        ensure_listops_cache(tmp_path, directory, max_length=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "train: 2 of 4 sequences longer than 5 were truncated",
+        "test: 1 of 1 sequences longer than 5 were truncated",
+    ]
+    dm = make_dm(tmp_path, max_length=5)
+    dm.setup()
+    item = dm.datasets["test"][0]
+    assert item["input_ids"].tolist() == IDS[ROWS["test"][0][0]][:5]
+    assert item["mask"].tolist() == [1.0] * 5
+
+
+def test_cache_reused_and_rebuilt_when_options_change(tmp_path, monkeypatch) -> None:
+    directory = write_release(tmp_path)
+    calls = []
+    tokenise = listops.tokenise_split
+    monkeypatch.setattr(
+        listops, "tokenise_split", lambda *a, **k: calls.append(a) or tokenise(*a, **k)
+    )
+    first = ensure_listops_cache(tmp_path, directory, max_length=16)
+    assert len(calls) == 3
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["options"]["max_length"] == 16
+    assert ensure_listops_cache(tmp_path, directory, max_length=16) == first
+    assert len(calls) == 3
+
+    second = ensure_listops_cache(tmp_path, directory, max_length=32)
+    assert second != first and len(calls) == 6
+    assert cache_entries(tmp_path) == sorted([first, second])
+
+    path = directory / "basic_val.tsv"
+    path.write_text(path.read_text() + "( ( ( [MAX 0 ) 1 ) ] )\t1\n")
+    third = ensure_listops_cache(tmp_path, directory, max_length=32)
+    assert third not in (first, second) and len(calls) == 9
+
+
+def test_setup_without_prepare_data_says_so(tmp_path) -> None:
+    write_release(tmp_path)
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        make_dm(tmp_path).setup()

@@ -1,0 +1,104 @@
+"""Performer (FAVOR+) attention against a float64 dense masked softmax."""
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mra_lra.attention import build
+
+B, H, D = 2, 2, 16
+CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "performer.yaml"
+
+
+def dense_softmax(q, k, v, mask):
+    """float64 masked softmax attention; padded queries output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    return out * mask[:, None, :, None]
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q * scale, k * scale, v, mask
+
+
+def test_config_builds_with_spec_settings():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert cfg == {"name": "performer", "num_features": 256}
+    attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
+    assert attn.features.shape == (256, D)
+    assert "features" in attn.state_dict()  # the draw travels with the checkpoint
+    with pytest.raises(ValueError, match="head_dim"):
+        build("performer")
+
+
+def test_features_are_orthogonal_within_a_block():
+    torch.manual_seed(0)
+    w = build("performer", head_dim=D, num_features=40).features.double()  # 2.5 blocks of D
+    for block in (w[:D], w[D : 2 * D], w[2 * D :]):
+        gram = block @ block.T
+        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-5, rtol=0)
+
+
+def test_error_falls_as_features_grow():
+    q, k, v, mask = random_inputs(128, pad_from=70, scale=0.5)
+    ref = dense_softmax(q, k, v, mask)
+    errors = []
+    for m in (16, 64, 256, 1024):
+        per_draw = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            attn = build("performer", head_dim=D, num_features=m).double()
+            per_draw.append((attn(q, k, v, mask) - ref).norm() / ref.norm())
+        errors.append(sum(per_draw) / len(per_draw))
+    # Monte Carlo error ~ 1 / sqrt(m): about halves per 4x features.
+    for coarse, fine in itertools.pairwise(errors):
+        assert fine < 0.75 * coarse, errors
+    assert errors[-1] < 0.15, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [128, 77])
+def test_shape_and_dtype(dtype, n):
+    q, k, v, mask = random_inputs(n, dtype=dtype, pad_from=50)
+    attn = build("performer", head_dim=D, num_features=32).to(dtype)
+    out = attn(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert attn(q, k, v).shape == q.shape
+
+
+def test_padding_is_ignored_and_padded_queries_are_zero():
+    n, pad_from = 100, 45
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("performer", head_dim=D, num_features=64).double()
+    out = attn(q, k, v, mask)
+    g = torch.Generator().manual_seed(1)
+    pad = (mask == 0)[:, None, :, None]
+    q2, k2, v2 = (
+        torch.where(pad, 10 * torch.randn(t.shape, generator=g).double(), t) for t in (q, k, v)
+    )
+    torch.testing.assert_close(attn(q2, k2, v2, mask), out, atol=1e-12, rtol=1e-12)
+    assert (out[1, :, pad_from:] == 0).all()
+    # A fully padded sequence outputs zeros, not NaN.
+    empty = torch.zeros_like(mask)
+    assert (attn(q, k, v, empty) == 0).all()
+
+
+def test_gradients_reach_q_k_v():
+    q, k, v, mask = random_inputs(90, pad_from=70, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    attn = build("performer", head_dim=D, num_features=32)
+    attn(q, k, v, mask).square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0

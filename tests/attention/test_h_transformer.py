@@ -1,0 +1,126 @@
+"""H-Transformer-1D against a dense float64 build of the hierarchical attention matrix."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mra_lra.attention import build
+
+B, H, D = 2, 2, 16
+CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "h_transformer.yaml"
+
+
+def dense_softmax(q, k, v, mask):
+    """float64 masked softmax attention; padded queries output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    return out * mask[:, None, :, None]
+
+
+def dense_hierarchical(q, k, v, mask, b):
+    """The n x n matrix written out: entry (i, j) with blocks I, J is the exact score where
+    I xor J <= 1, else the score of the level-l means (l = highest bit of I xor J) over the real
+    tokens of the 2^l-token units holding i and j."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    n, d = q.shape[2], q.shape[3]
+    n_pad = 2 ** math.ceil(math.log2(math.ceil(n / b))) * b
+    q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
+    keep = F.pad(mask, (0, n_pad - n))
+    blocks = torch.arange(n_pad) // b
+    xor = blocks[:, None] ^ blocks[None, :]
+    level = torch.where(xor >= 2, torch.log2(xor.double().clamp(min=1)).floor(), 0).long()
+
+    def unit_mean(x, span):
+        x = x * keep[:, None, :, None]
+        sums = x.view(B, H, n_pad // span, span, d).sum(3)
+        counts = keep.view(B, n_pad // span, span).sum(-1).clamp(min=1)[:, None, :, None]
+        return (sums / counts).repeat_interleave(span, dim=2)
+
+    logits = torch.zeros(B, H, n_pad, n_pad, dtype=torch.float64)
+    for lvl in level.unique().tolist():
+        qm, km = unit_mean(q, 2**lvl), unit_mean(k, 2**lvl)
+        scores = torch.einsum("bhid,bhjd->bhij", qm, km) / math.sqrt(d)
+        logits = torch.where(level == lvl, scores, logits)
+    logits = logits.masked_fill(keep[:, None, None, :] == 0, float("-inf"))
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    return (out * keep[:, None, :, None])[:, :, :n]
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, k, v, mask
+
+
+def test_config_builds_with_spec_settings():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert cfg == {"name": "h_transformer", "block_size": 16}
+    attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
+    assert attn.block_size == 16
+
+
+@pytest.mark.parametrize("n,pad_from", [(256, None), (200, 77), (37, 20), (16, 9)])
+def test_equals_dense_hierarchical_matrix(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    out = build("h_transformer", block_size=16)(q, k, v, mask)
+    ref = dense_hierarchical(q, k, v, mask, 16)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n,pad_from", [(50, None), (50, 31)])
+def test_block_at_least_n_is_softmax(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    out = build("h_transformer", block_size=64)(q, k, v, mask)
+    torch.testing.assert_close(out, dense_softmax(q, k, v, mask), atol=1e-10, rtol=1e-10)
+
+
+def test_piecewise_constant_q_k_is_softmax():
+    # n = 200, block 16 -> 16 blocks, coarsest level averages runs of 8 tokens: when q and k are
+    # constant on those runs every coarse score is exact, and so is the whole attention.
+    n = 200
+    q, k, v, mask = random_inputs(n, pad_from=131)
+    q, k = (t[:, :, ::8].repeat_interleave(8, dim=2)[:, :, :n] for t in (q, k))
+    out = build("h_transformer", block_size=16)(q, k, v, mask)
+    torch.testing.assert_close(out, dense_softmax(q, k, v, mask), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_and_dtype_kept(dtype):
+    q, k, v, mask = random_inputs(45, dtype=dtype, pad_from=30)
+    attn = build("h_transformer", block_size=16)
+    out = attn(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = dense_hierarchical(q, k, v, mask, 16)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert attn(q, k, v, None).shape == q.shape
+
+
+def test_padding_is_ignored_and_padded_queries_are_zero():
+    n, pad_from = 90, 41
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("h_transformer", block_size=16)
+    out = attn(q, k, v, mask)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1, :, pad_from:] = 100 * torch.randn_like(t[1, :, pad_from:])
+    out2 = attn(q2, k2, v2, mask)
+    torch.testing.assert_close(out2[1, :, :pad_from], out[1, :, :pad_from], atol=1e-12, rtol=0)
+    assert (out2[1, :, pad_from:] == 0).all()
+
+
+def test_gradients_reach_q_k_v():
+    q, k, v, mask = random_inputs(70, pad_from=33)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    (build("h_transformer", block_size=16)(q, k, v, mask) ** 2).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+        assert (t.grad[1, :, 33:] == 0).all()

@@ -1,0 +1,119 @@
+"""Scatterbrain against a dense float64 build of its sparse + low-rank matrix, and softmax."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mra_lra.attention import build
+
+B, H, D = 2, 2, 16
+CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "scatterbrain.yaml"
+
+
+def dense_softmax(q, k, v, mask):
+    """float64 masked softmax attention; padded queries output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    return out * mask[:, None, :, None]
+
+
+def dense_scatterbrain(q, k, v, mask, features, window):
+    """A_ij = exp(q.k / sqrt d) where the chunks of i and j (chunk = window tokens) are at most
+    one apart, else the FAVOR+ estimate phi(q_i).phi(k_j) with the module's features (no
+    stabilisers: they cancel in the ratio)."""
+    q, k, v, mask, w = q.double(), k.double(), v.double(), mask.double(), features.double()
+    q, k = q / q.shape[-1] ** 0.25, k / k.shape[-1] ** 0.25
+
+    def phi(x):
+        return torch.exp(x @ w.T - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[0])
+
+    chunk = torch.arange(q.shape[2]) // window
+    near = (chunk[:, None] - chunk[None, :]).abs() <= 1
+    exact = torch.exp(torch.einsum("bhid,bhjd->bhij", q, k))
+    low_rank = torch.einsum("bhim,bhjm->bhij", phi(q), phi(k))
+    weights = torch.where(near, exact, low_rank) * mask[:, None, None, :]
+    out = torch.einsum("bhij,bhjd->bhid", weights / weights.sum(-1, keepdim=True), v)
+    return out * mask[:, None, :, None]
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, k, v, mask
+
+
+def make(window_size=16, num_features=64):
+    torch.manual_seed(0)
+    return build(
+        "scatterbrain", head_dim=D, window_size=window_size, num_features=num_features
+    ).double()
+
+
+def test_config_builds_with_spec_settings():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert cfg == {"name": "scatterbrain", "window_size": 64, "num_features": 256}
+    attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
+    assert attn.window_size == 64 and attn.features.shape == (256, D)
+
+
+def test_needs_head_dim():
+    with pytest.raises(ValueError, match="head_dim"):
+        build("scatterbrain", window_size=64, num_features=256)
+
+
+@pytest.mark.parametrize("n,pad_from", [(64, None), (100, 61), (37, 20)])
+def test_equals_dense_sparse_plus_low_rank(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = make(window_size=16)
+    ref = dense_scatterbrain(q, k, v, mask, attn.features, 16)
+    torch.testing.assert_close(attn(q, k, v, mask), ref, atol=1e-9, rtol=1e-9)
+    # Away from the window the low-rank estimate is used: not softmax.
+    assert (ref - dense_softmax(q, k, v, mask)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("n,pad_from", [(64, None), (50, 31)])
+def test_window_at_least_n_is_softmax(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    out = make(window_size=64)(q, k, v, mask)
+    torch.testing.assert_close(out, dense_softmax(q, k, v, mask), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_and_dtype_kept(dtype):
+    q, k, v, mask = random_inputs(45, dtype=dtype, pad_from=30)
+    attn = make(window_size=16).to(dtype)
+    out = attn(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = dense_scatterbrain(q, k, v, mask, attn.features, 16)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    assert attn(q, k, v, None).shape == q.shape
+
+
+def test_padding_is_ignored_and_padded_queries_are_zero():
+    n, pad_from = 90, 41
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = make(window_size=16)
+    out = attn(q, k, v, mask)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1, :, pad_from:] = 100 * torch.randn_like(t[1, :, pad_from:])
+    out2 = attn(q2, k2, v2, mask)
+    torch.testing.assert_close(out2[1, :, :pad_from], out[1, :, :pad_from], atol=1e-12, rtol=0)
+    assert (out2[1, :, pad_from:] == 0).all()
+
+
+def test_gradients_reach_q_k_v():
+    q, k, v, mask = random_inputs(70, pad_from=33)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    (make(window_size=16)(q, k, v, mask) ** 2).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+        assert (t.grad[1, :, 33:] == 0).all()

@@ -1,0 +1,575 @@
+"""MRA-2 and MRA-2-s on Triton: the fine part as a block-sparse FlashAttention, both directions.
+
+Selection (block statistics, coarse logits, global top-k) stays in torch (`selection.py`), so both
+backends choose the same blocks. The kernels walk lists of chosen blocks; the coarse part of full
+mode lives on the small nb x nb matrices and is done in torch, both ways.
+
+Forward, for a query i in block row I (spec/mra.md, steps 5-10 in one pass):
+
+    start   full mode:  m_i = r_I,  l_i = Nl_I,  acc_i = Ol_I    (the coarse part, stabiliser r_I)
+            sparse:     m_i = -1e5, l_i = 0,     acc_i = 0
+    for every chosen key block J of row I, keys j in J (online softmax):
+            s_ij = q_i . k_j / sqrt(d) - 1e4 (1 - mask_j)
+            m'   = max(m_i, max_j s_ij),  alpha = exp(m_i - m'),  p_ij = exp(s_ij - m')
+            l_i  = alpha l_i + sum_j p_ij,  acc_i = alpha acc_i + sum_j p_ij v_j,  m_i = m'
+    out_i = mask_i acc_i / (l_i + 1e-6),    lse_i = m_i + log(l_i + 1e-6)
+
+The final m_i is the common stabiliser max(r_I, mu_i) of the merge, so this equals the torch path.
+
+Backward, FlashAttention-2 style, recomputing P from lse (no gradient through m, r or selection):
+
+    P_ij = exp(s_ij - lse_i),  D_i = dO_i . out_i,  dS_ij = P_ij (dO_i . v_j - D_i)
+    dq_i = sum_j dS_ij k_j / sqrt(d)                      over the forward list of I
+    dk_j = sum_i dS_ij q_i / sqrt(d),  dv_j = sum_i P_ij dO_i     over the transposed list of J
+
+Each program owns its output tile, so the backward is deterministic (no atomics). The coarse
+entries act as extra softmax entries with logit S_IJ + log c_J and value vbar_J; with
+u_I = sum_{i in I} exp(r_I - lse_i) dO_i and w_I = sum_{i in I} exp(r_I - lse_i) D_i:
+
+    dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I,
+    A_IJ = c_J exp(S_IJ - r_I) for J not in M, else 0,
+
+and torch autograd carries dS and dvbar back to q, k, v through the block means.
+
+Query tiles: a program handles ROWS consecutive block rows (BLOCK_M = ROWS * block_size query
+rows) over the union of their key blocks; a bit per block row says which rows chose each block.
+ROWS = 1 is the plain 32 x 32 tile; 2 or 4 feed the tensor cores better (set with `query_rows` or
+the MRA_TRITON_QUERY_ROWS environment variable, to benchmark on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mra_lra.attention.mra import selection
+from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY
+
+# triton.jit picks the interpreter when it decorates, from the same variable; the interpreter
+# runs on CPU tensors and cannot autotune.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+MAX_HEAD_DIM = 128
+
+_EPS = tl.constexpr(EPS)
+_PAD_PENALTY = tl.constexpr(PAD_PENALTY)
+_EMPTY_ROW_MAX = tl.constexpr(EMPTY_ROW_MAX)
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Few warps for 32-row tiles, more for 128-row ones."""
+    rows = {**named_args, **kwargs}["ROWS"]
+    keep = [c for c in configs if rows <= c.num_warps <= 4 * rows]
+    return keep or configs
+
+
+def _autotuned(kernel, key: list[str]):
+    if INTERPRET:
+        return kernel
+    configs = [
+        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((2, 2), (4, 2), (4, 3), (8, 2))
+    ]
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_configs}
+    )(kernel)
+
+
+@triton.jit
+def _load(ptrs, mask, UPCAST: tl.constexpr):
+    """Load a tile; in the interpreter, upcast (its bfloat16 arithmetic is not to be trusted)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _mra_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Mask,
+    RowMax,
+    Ol,
+    Nl,
+    TilePtr,
+    TileCols,
+    TileBits,
+    sm_scale,
+    num_heads,
+    n_pad,
+    num_block_rows,
+    head_dim,
+    stride_g,
+    stride_n,
+    FULL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = ROWS * BLOCK
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+    num_tiles = tl.cdiv(num_block_rows, ROWS)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < n_pad
+    d_ok = offs_d < head_dim
+    base = g.to(tl.int64) * stride_g
+    q_ptrs = Q + base + offs_m[:, None] * stride_n + offs_d[None, :]
+    q = _load(q_ptrs, row_ok[:, None] & d_ok[None, :], UPCAST)
+
+    block_row = offs_m // BLOCK
+    row_bit = block_row - tile * ROWS
+    stat = g.to(tl.int64) * num_block_rows + block_row
+    if FULL:
+        m_i = tl.load(RowMax + stat, mask=row_ok, other=0.0)
+        l_i = tl.load(Nl + stat, mask=row_ok, other=0.0)
+        ol_ptrs = Ol + stat[:, None] * head_dim + offs_d[None, :]
+        acc = tl.load(ol_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        m_i = tl.full([BLOCK_M], _EMPTY_ROW_MAX, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    list_ptr = TilePtr + g * num_tiles + tile
+    start = tl.load(list_ptr)
+    end = tl.load(list_ptr + 1)
+    for e in range(start, end):
+        offs_k = tl.load(TileCols + e) * BLOCK + offs_n
+        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+        k = _load(K + kv_offs, d_ok[None, :], UPCAST)
+        v = _load(V + kv_offs, d_ok[None, :], UPCAST)
+        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
+        if ROWS > 1:
+            chosen = ((tl.load(TileBits + e) >> row_bit) & 1) == 1
+            s = tl.where(chosen[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    query_mask = tl.load(Mask + batch * n_pad + offs_m, mask=row_ok, other=0.0)
+    out = acc / (l_i + _EPS)[:, None] * query_mask[:, None]
+    out_ptrs = Out + base + offs_m[:, None] * stride_n + offs_d[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + g.to(tl.int64) * n_pad + offs_m, m_i + tl.log(l_i + _EPS), mask=row_ok)
+
+
+@triton.jit
+def _mra_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    Lse,
+    Delta,
+    Mask,
+    TilePtr,
+    TileCols,
+    TileBits,
+    sm_scale,
+    num_heads,
+    n_pad,
+    num_block_rows,
+    head_dim,
+    stride_g,
+    stride_n,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = ROWS * BLOCK
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+    num_tiles = tl.cdiv(num_block_rows, ROWS)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < n_pad
+    d_ok = offs_d < head_dim
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    base = g.to(tl.int64) * stride_g
+    q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :]
+    q = _load(Q + q_offs, tile_ok, UPCAST)
+    do = _load(DO + q_offs, tile_ok, UPCAST)
+    row_offs = g.to(tl.int64) * n_pad + offs_m
+    lse = tl.load(Lse + row_offs, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
+    row_bit = offs_m // BLOCK - tile * ROWS
+
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    list_ptr = TilePtr + g * num_tiles + tile
+    start = tl.load(list_ptr)
+    end = tl.load(list_ptr + 1)
+    for e in range(start, end):
+        offs_k = tl.load(TileCols + e) * BLOCK + offs_n
+        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+        k = _load(K + kv_offs, d_ok[None, :], UPCAST)
+        v = _load(V + kv_offs, d_ok[None, :], UPCAST)
+        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
+        if ROWS > 1:
+            chosen = ((tl.load(TileBits + e) >> row_bit) & 1) == 1
+            s = tl.where(chosen[:, None], s, float("-inf"))
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _mra_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    Lse,
+    Delta,
+    Mask,
+    KeyPtr,
+    KeyTiles,
+    KeyBits,
+    sm_scale,
+    num_heads,
+    n_pad,
+    num_block_rows,
+    head_dim,
+    stride_g,
+    stride_n,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = ROWS * BLOCK
+    key_block = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+
+    offs_k = key_block * BLOCK + tl.arange(0, BLOCK)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < head_dim
+    base = g.to(tl.int64) * stride_g
+    kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+    k = _load(K + kv_offs, d_ok[None, :], UPCAST)
+    v = _load(V + kv_offs, d_ok[None, :], UPCAST)
+    key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
+    row_bit = offs_m0 // BLOCK
+
+    dk = tl.zeros([BLOCK, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK, D_PAD], tl.float32)
+    list_ptr = KeyPtr + g * num_block_rows + key_block
+    start = tl.load(list_ptr)
+    end = tl.load(list_ptr + 1)
+    for e in range(start, end):
+        offs_m = tl.load(KeyTiles + e) * BLOCK_M + offs_m0
+        row_ok = offs_m < n_pad
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :]
+        q = _load(Q + q_offs, tile_ok, UPCAST)
+        do = _load(DO + q_offs, tile_ok, UPCAST)
+        row_offs = g.to(tl.int64) * n_pad + offs_m
+        lse = tl.load(Lse + row_offs, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
+        # Transposed scores: keys along rows, queries along columns.
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale + key_bias[:, None]
+        if ROWS > 1:
+            chosen = ((tl.load(KeyBits + e) >> row_bit) & 1) == 1
+            st = tl.where(chosen[None, :], st, float("-inf"))
+        pt = tl.exp(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+
+
+_mra_fwd = _autotuned(_mra_fwd_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
+_mra_bwd_dq = _autotuned(_mra_bwd_dq_kernel, ["BLOCK", "ROWS", "D_PAD"])
+_mra_bwd_dkdv = _autotuned(_mra_bwd_dkdv_kernel, ["BLOCK", "ROWS", "D_PAD"])
+
+
+@dataclass
+class BlockLists:
+    """The chosen blocks of all G slices in two compressed-row layouts (int32, flat over slices).
+
+    Forward: query tile t of slice g (ROWS block rows) owns entries tile_ptr[g * T + t] ..
+    tile_ptr[g * T + t + 1] - 1 of tile_cols (key blocks J, ascending) and tile_bits (bit r set
+    when block row t * ROWS + r chose J). Transposed: key block J of slice g owns entries
+    key_ptr[g * nb + J] .. of key_tiles (query tiles) and key_bits.
+    """
+
+    tile_ptr: torch.Tensor
+    tile_cols: torch.Tensor
+    tile_bits: torch.Tensor
+    key_ptr: torch.Tensor
+    key_tiles: torch.Tensor
+    key_bits: torch.Tensor
+
+
+def _compress(
+    major: torch.Tensor, minor: torch.Tensor, bits: torch.Tensor, num_major: int, num_minor: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[G, k] (major, minor, bit) triples -> CSR over (slice, major) with unique minors, bits OR-ed.
+
+    Sizes depend on the data only through values, never through shapes, so there is no host sync.
+    """
+    G, k = major.shape
+    slice_major = torch.arange(G, device=major.device)[:, None] * num_major + major
+    key, order = (slice_major * num_minor + minor).flatten().sort()
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    pos = first.cumsum(0) - 1
+    cols = torch.zeros(G * k, dtype=torch.int64, device=key.device)
+    cols.scatter_(0, pos, key % num_minor)
+    out_bits = torch.zeros_like(cols).scatter_add_(0, pos, bits.flatten()[order])
+    counts = torch.zeros(G * num_major + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key // num_minor + 1, first.long())
+    return counts.cumsum(0).int(), cols.int(), out_bits.int()
+
+
+def block_lists(block_idx: torch.Tensor, num_block_rows: int, rows: int = 1) -> BlockLists:
+    """Forward and transposed lists from chosen flat indices I * nb + J, [B, H, k_sel]."""
+    nb = num_block_rows
+    num_tiles = -(-nb // rows)
+    flat = block_idx.reshape(-1, block_idx.shape[-1]).long()
+    I, J = flat // nb, flat % nb
+    bits = torch.ones_like(I) << (I % rows)
+    tile_ptr, tile_cols, tile_bits = _compress(I // rows, J, bits, num_tiles, nb)
+    key_ptr, key_tiles, key_bits = _compress(J, I // rows, bits, nb, num_tiles)
+    return BlockLists(tile_ptr, tile_cols, tile_bits, key_ptr, key_tiles, key_bits)
+
+
+def _coarse_weights(
+    coarse: torch.Tensor, row_max: torch.Tensor, counts: torch.Tensor, excluded: torch.Tensor
+) -> torch.Tensor:
+    """Step 8: A_IJ = c_J exp(S_IJ - r_I), zero on M. [B, H, nb, nb]."""
+    A = counts[:, None, None, :] * torch.exp(coarse - row_max[..., None])
+    return A.masked_fill(excluded, 0.0)
+
+
+def _launch_config(q: torch.Tensor, block_size: int, rows: int) -> dict:
+    B, H, n_pad, d = q.shape
+    return dict(
+        sm_scale=1.0 / math.sqrt(d),
+        num_heads=H,
+        n_pad=n_pad,
+        num_block_rows=n_pad // block_size,
+        head_dim=d,
+        stride_g=n_pad * d,  # every tensor the kernels index is contiguous [B, H, n_pad, d]
+        stride_n=d,
+        BLOCK=block_size,
+        ROWS=rows,
+        D_PAD=max(16, triton.next_power_of_2(d)),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET,
+    )
+
+
+class _MRA2Triton(torch.autograd.Function):
+    """Differentiable in (q, k, v, coarse, vbar): padded, zeroed q, k, v [B, H, n_pad, d] in the
+    input dtype; coarse S [B, H, nb, nb] and vbar [B, H, nb, d] in float32 (None in sparse mode)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        coarse: torch.Tensor | None,
+        vbar: torch.Tensor | None,
+        mask: torch.Tensor,
+        sel: selection.Selection,
+        lists: BlockLists,
+        block_size: int,
+        rows: int,
+    ) -> torch.Tensor:
+        B, H, n_pad, d = q.shape
+        nb = n_pad // block_size
+        full = coarse is not None
+        cfg = _launch_config(q, block_size, rows)
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, n_pad, device=q.device, dtype=torch.float32)
+        A = ol = nl = None
+        if full:
+            A = _coarse_weights(coarse, sel.row_max, sel.counts, sel.excluded)
+            ol, nl = torch.matmul(A, vbar).contiguous(), A.sum(dim=-1).contiguous()
+        grid = (-(-nb // rows), B * H)
+        _mra_fwd[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mask,
+            sel.row_max.contiguous(),
+            ol,
+            nl,
+            lists.tile_ptr,
+            lists.tile_cols,
+            lists.tile_bits,
+            FULL=full,
+            **cfg,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask, sel.row_max, A, vbar)
+        ctx.lists, ctx.cfg, ctx.block_size = lists, cfg, block_size
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, lse, mask, row_max, A, vbar = ctx.saved_tensors
+        lists, cfg, b = ctx.lists, ctx.cfg, ctx.block_size
+        B, H, n_pad, d = q.shape
+        nb = n_pad // b
+        # Padded queries output constant zeros: no gradient flows back from them.
+        do = (dout * mask[:, None, :, None].to(dout.dtype)).contiguous()
+        delta = (do.float() * out.float()).sum(dim=-1)
+        dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+        rows = cfg["ROWS"]
+        _mra_bwd_dq[(-(-nb // rows), B * H)](
+            q,
+            k,
+            v,
+            do,
+            dq,
+            lse,
+            delta,
+            mask,
+            lists.tile_ptr,
+            lists.tile_cols,
+            lists.tile_bits,
+            **cfg,
+        )
+        _mra_bwd_dkdv[(nb, B * H)](
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            mask,
+            lists.key_ptr,
+            lists.key_tiles,
+            lists.key_bits,
+            **cfg,
+        )
+        dcoarse = dvbar = None
+        if A is not None:
+            weight = torch.exp(row_max[..., None] - lse.view(B, H, nb, b))  # [B, H, nb, b]
+            u = torch.matmul(weight[..., None, :], do.float().view(B, H, nb, b, d)).squeeze(-2)
+            w = (weight * delta.view(B, H, nb, b)).sum(dim=-1)
+            dcoarse = A * (torch.matmul(u, vbar.transpose(-1, -2)) - w[..., None])
+            dvbar = torch.matmul(A.transpose(-1, -2), u)
+        return dq, dk, dv, dcoarse, dvbar, None, None, None, None, None
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"mra2_triton needs CUDA tensors, got {q.device.type}: use backend='torch' on CPU "
+            "(or set TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
+            "interpreter)"
+        )
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"mra2_triton takes float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"mra2_triton supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(
+            f"mra2_triton needs block_size a power of two >= 16, got {block_size}; "
+            "use backend='torch' for other block sizes"
+        )
+
+
+def mra2_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    num_blocks: int,
+    approx_mode: str = "full",
+    initial_prior_first_n_blocks: int = 0,
+    initial_prior_diagonal_n_blocks: int = 0,
+    block_size: int = 32,
+    query_rows: int | None = None,
+) -> torch.Tensor:
+    """MRA-2 (`approx_mode="full"`) or MRA-2-s ("sparse") on Triton; the torch path's function.
+
+    q, k, v: [B, H, n, d] float32 / float16 / bfloat16 (float32 accumulation), d <= 128, any n;
+    mask: [B, n] (1 real, 0 pad) or None. query_rows: block rows per query tile (1, 2 or 4;
+    default from MRA_TRITON_QUERY_ROWS, else 1). Returns [B, H, n, d] in q's dtype.
+    """
+    _check_inputs(q, k, v, block_size)
+    if query_rows is None:
+        query_rows = int(os.environ.get("MRA_TRITON_QUERY_ROWS", "1"))
+    if query_rows not in (1, 2, 4):
+        raise ValueError(f"query_rows must be 1, 2 or 4, got {query_rows}")
+    if approx_mode not in ("full", "sparse"):
+        raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
+    full = approx_mode == "full"
+    n = q.shape[2]
+    qp, kp, vp, mask_p = selection.pad_to_blocks(q, k, v, mask, block_size)
+    mask_p = mask_p.float().contiguous()
+    # The same float32 statistics as the torch path, so both backends choose the same blocks.
+    # Only full mode differentiates through them (the coarse part).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and full):
+        sel, _, _ = selection.prepare(
+            qp.float(),
+            kp.float(),
+            mask_p,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+        )
+        coarse = sel.coarse if full else None
+        vbar = selection.block_means(vp.float(), sel.counts, block_size) if full else None
+    lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows)
+    out = _MRA2Triton.apply(
+        qp.contiguous(),
+        kp.contiguous(),
+        vp.contiguous(),
+        coarse,
+        vbar,
+        mask_p,
+        sel,
+        lists,
+        block_size,
+        query_rows,
+    )
+    return out[:, :, :n]

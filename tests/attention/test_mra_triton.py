@@ -1,0 +1,202 @@
+"""The Triton kernels against the torch path and dense float64 references, in Triton's interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1, so the kernels run on CPU tensors; sizes stay small
+(the interpreter pays milliseconds per tile step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mra_lra.attention.mra import kernels, mra2_attention
+from mra_lra.attention.mra.kernels import block_lists
+
+B = 32  # MRA block size
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest entry of the reference b."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def inputs(batch, heads, n, d, dtype=torch.float32, pad=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, d, generator=gen).to(dtype) for _ in range(3))
+    mask = torch.ones(batch, n)
+    if pad:
+        mask[-1, n - pad :] = 0  # the last sequence of the batch is padded
+    cot = torch.randn(batch, heads, n, d, generator=gen).to(dtype)
+    return q, k, v, mask, cot
+
+
+def run(fn, q, k, v, mask, cot, **kwargs):
+    """Output and (dq, dk, dv) for the cotangent `cot`."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, mask, **kwargs)
+    return out, torch.autograd.grad(out, (q, k, v), cot.to(out.dtype))
+
+
+def mra(backend):
+    return lambda q, k, v, mask, **kw: mra2_attention(q, k, v, mask, backend=backend, **kw)
+
+
+def dense_reference(q, k, v, mask, allowed_blocks=None):
+    """Softmax attention in float64 where query i sees key j if j is real and block
+    (i // B, j // B) is allowed; padded queries output zero."""
+    q, k, v = q.double(), k.double(), v.double()
+    n, d = q.shape[-2:]
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    see = mask[:, None, None, :].bool()
+    if allowed_blocks is not None:
+        tok = torch.arange(n) // B
+        see = see & allowed_blocks[tok[:, None], tok[None, :]]
+    p = torch.softmax(s.masked_fill(~see, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (p @ v) * mask[:, None, :, None].double()
+
+
+def assert_close(got, want, tol):
+    out, grads = got
+    ref_out, ref_grads = want
+    assert rel_err(out, ref_out) < tol, "forward"
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        assert rel_err(g, r) < tol, f"d{name}"
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize(
+    "dtype, n, d, pad, num_blocks",
+    [
+        (torch.float32, 128, 16, 0, 6),
+        (torch.float32, 100, 64, 30, 7),  # n not a multiple of 32, last block mostly padding
+        (torch.float32, 77, 48, 10, 4),  # head dim not a power of two
+        (torch.float16, 96, 32, 20, 5),
+        (torch.bfloat16, 96, 32, 20, 5),
+    ],
+)
+def test_matches_torch_path(mode, dtype, n, d, pad, num_blocks):
+    q, k, v, mask, cot = inputs(2, 2, n, d, dtype, pad=pad)
+    kw = dict(num_blocks=num_blocks, approx_mode=mode)
+    got = run(mra("triton"), q, k, v, mask, cot, **kw)
+    want = run(mra("torch"), q, k, v, mask, cot, **kw)
+    assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
+    assert_close(got, want, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("rows", [2, 4])
+def test_multi_row_query_tiles_match_torch_path(mode, rows):
+    """64- and 128-row query tiles over the union of their blocks, with a partial last tile."""
+    q, k, v, mask, cot = inputs(1, 2, 200, 32, pad=40)
+    kw = dict(num_blocks=12, approx_mode=mode, initial_prior_diagonal_n_blocks=1)
+    got = run(kernels.mra2_triton, q, k, v, mask, cot, query_rows=rows, **kw)
+    want = run(mra("torch"), q, k, v, mask, cot, **kw)
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("pad", [0, 45])
+def test_every_block_chosen_is_softmax(mode, pad):
+    q, k, v, mask, cot = inputs(2, 1, 96, 32, pad=pad)
+    got = run(mra("triton"), q, k, v, mask, cot, num_blocks=9, approx_mode=mode)
+    want = run(dense_reference, q.double(), k.double(), v.double(), mask, cot.double())
+    assert rel_err(got[0], want[0]) < 1e-5
+    for g, r in zip(got[1], want[1], strict=True):
+        assert rel_err(g, r) < 1e-5
+
+
+def test_block_constant_queries_and_keys_full_mode_is_exact():
+    """exp of the average score equals the average of exp when q, k are constant per block.
+
+    k_sel > nb: every row max of P is 0, and fewer than nb chosen blocks would tie there
+    (M then holds blocks that are not computed). Forward only: the coarse gradient reaches q, k
+    through their block means, which differs from the per-token gradient of softmax."""
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 4, 16, generator=gen).repeat_interleave(B, dim=2) for _ in range(2))
+    v = torch.randn(1, 2, 4 * B, 16, generator=gen)
+    mask = torch.ones(1, 4 * B)
+    out = mra2_attention(q, k, v, mask, num_blocks=6, approx_mode="full", backend="triton")
+    assert rel_err(out, dense_reference(q, k, v, mask)) < 1e-5
+
+
+def test_sparse_rows_without_chosen_blocks_output_zero():
+    """F = 1 with one block: only (0, 0) is chosen, every other query row outputs exactly 0."""
+    q, k, v, mask, cot = inputs(1, 2, 128, 16)
+    kw = dict(num_blocks=1, approx_mode="sparse", initial_prior_first_n_blocks=1)
+    out, grads = run(mra("triton"), q, k, v, mask, cot, **kw)
+    assert torch.equal(out[:, :, B:], torch.zeros_like(out[:, :, B:]))
+    allowed = torch.zeros(4, 4, dtype=torch.bool)
+    allowed[0, 0] = True
+    ref_out, ref_grads = run(dense_reference, q, k, v, mask, cot, allowed_blocks=allowed)
+    assert rel_err(out, ref_out) < 1e-5
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "first, diagonal, num_blocks, allowed",
+    [
+        (0, 1, 4, torch.eye(4, dtype=torch.bool)),  # D = 1, k_sel = nb: the diagonal
+        (1, 0, 7, (torch.arange(4)[:, None] == 0) | (torch.arange(4)[None, :] == 0)),  # row/col 0
+    ],
+)
+def test_priors_choose_their_blocks(first, diagonal, num_blocks, allowed):
+    q, k, v, mask, cot = inputs(2, 2, 120, 16, pad=6)  # padding stays inside the last block
+    kw = dict(
+        num_blocks=num_blocks,
+        approx_mode="sparse",
+        initial_prior_first_n_blocks=first,
+        initial_prior_diagonal_n_blocks=diagonal,
+    )
+    got = run(mra("triton"), q, k, v, mask, cot, **kw)
+    want = run(dense_reference, q, k, v, mask, cot, allowed_blocks=allowed)
+    assert_close(got, want, 1e-5)
+
+
+def test_backward_is_deterministic():
+    q, k, v, mask, cot = inputs(1, 2, 96, 16, pad=10)
+    first = run(mra("triton"), q, k, v, mask, cot, num_blocks=6, approx_mode="full")[1]
+    second = run(mra("triton"), q, k, v, mask, cot, num_blocks=6, approx_mode="full")[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_block_lists():
+    # One slice, nb = 3, chosen blocks (I, J): (0, 1), (0, 2), (1, 1), (2, 0).
+    idx = torch.tensor([[[0 * 3 + 1, 0 * 3 + 2, 1 * 3 + 1, 2 * 3 + 0]]])
+    lists = block_lists(idx, 3)
+    assert lists.tile_ptr.tolist() == [0, 2, 3, 4]
+    assert lists.tile_cols.tolist() == [1, 2, 1, 0]
+    assert lists.key_ptr.tolist() == [0, 1, 3, 4]
+    assert lists.key_tiles.tolist() == [2, 0, 1, 0]
+    # Two block rows per tile: tile 0 = rows {0, 1}, tile 1 = row {2}.
+    lists = block_lists(idx, 3, rows=2)
+    # Entries past the last pointer are unused (room for k_sel entries per slice).
+    assert lists.tile_ptr.tolist() == [0, 2, 3]
+    assert lists.tile_cols[:3].tolist() == [1, 2, 0]
+    assert lists.tile_bits[:3].tolist() == [0b11, 0b01, 0b01]
+    assert lists.key_ptr.tolist() == [0, 1, 2, 3]
+    assert lists.key_tiles[:3].tolist() == [1, 0, 0]
+    assert lists.key_bits[:3].tolist() == [0b01, 0b11, 0b01]
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    q = torch.zeros(1, 1, 32, 16)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        kernels.mra2_triton(q, q, q, num_blocks=1)
+
+
+def test_rejects_unsupported_inputs():
+    q = torch.zeros(1, 1, 32, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        kernels.mra2_triton(q, q, q, num_blocks=1, block_size=24)
+    with pytest.raises(ValueError, match="head dims"):
+        big = torch.zeros(1, 1, 32, 192)
+        kernels.mra2_triton(big, big, big, num_blocks=1)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.mra2_triton(q.double(), q.double(), q.double(), num_blocks=1)

@@ -1,0 +1,103 @@
+"""Longformer attention against a float64 dense masked softmax over its band-plus-global mask."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mra_lra.attention import build
+
+B, H, D = 2, 2, 16
+CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "longformer.yaml"
+
+
+def dense_softmax(q, k, v, mask, allowed=None):
+    """float64 masked softmax attention over `allowed` [n, n] pairs; padded queries output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    # A padded query may see no real key: give it zero weights instead of NaN (zeroed below).
+    probs = torch.softmax(logits.nan_to_num(neginf=-1e300), dim=-1) * torch.isfinite(logits)
+    out = torch.einsum("bhij,bhjd->bhid", probs, v)
+    return out * mask[:, None, :, None]
+
+
+def longformer_pattern(n, window, num_global):
+    i = torch.arange(n)
+    band = (i[:, None] - i[None, :]).abs() <= window // 2
+    is_global = i < num_global
+    return band | is_global[:, None] | is_global[None, :]
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, k, v, mask
+
+
+def test_config_builds_with_spec_settings():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert cfg == {"name": "longformer", "window": 64, "num_global_tokens": 1}
+    build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
+    with pytest.raises(ValueError, match="even"):
+        build("longformer", window=33)
+
+
+@pytest.mark.parametrize("n,pad_from", [(64, None), (50, 20)])
+def test_window_covering_the_sequence_is_softmax(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("longformer", window=2 * n, num_global_tokens=1)  # n each side
+    torch.testing.assert_close(attn(q, k, v, mask), dense_softmax(q, k, v, mask))
+
+
+@pytest.mark.parametrize(
+    "n,window,num_global,pad_from",
+    [(128, 16, 1, None), (100, 16, 1, 61), (77, 10, 3, 40), (64, 8, 0, 50), (20, 64, 1, 15)],
+)
+def test_band_and_global_tokens_match_a_dense_mask(n, window, num_global, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("longformer", window=window, num_global_tokens=num_global)
+    ref = dense_softmax(q, k, v, mask, longformer_pattern(n, window, num_global))
+    torch.testing.assert_close(attn(q, k, v, mask), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [128, 77])
+def test_shape_and_dtype(dtype, n):
+    q, k, v, mask = random_inputs(n, dtype=dtype, pad_from=50)
+    attn = build("longformer", window=16, num_global_tokens=1)
+    out = attn(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert attn(q, k, v).shape == q.shape
+
+
+def test_padding_is_ignored_and_padded_queries_are_zero():
+    n, pad_from = 100, 45
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("longformer", window=16, num_global_tokens=2)
+    out = attn(q, k, v, mask)
+    g = torch.Generator().manual_seed(1)
+    pad = (mask == 0)[:, None, :, None]
+    q2, k2, v2 = (
+        torch.where(pad, 10 * torch.randn(t.shape, generator=g).double(), t) for t in (q, k, v)
+    )
+    torch.testing.assert_close(attn(q2, k2, v2, mask), out, atol=1e-12, rtol=1e-12)
+    assert (out[1, :, pad_from:] == 0).all()
+    assert (attn(q, k, v, torch.zeros_like(mask)) == 0).all()  # fully padded: zeros, not NaN
+
+
+def test_gradients_reach_q_k_v():
+    q, k, v, mask = random_inputs(90, pad_from=70, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    attn = build("longformer", window=16, num_global_tokens=1)
+    attn(q, k, v, mask).square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0

@@ -1,0 +1,119 @@
+"""Compiled Triton kernels against the torch path on a CUDA device, in every dtype.
+
+Run by scripts/gpu_check.sh (`TRITON_INTERPRET=0 python3 -m pytest -m gpu`); skipped without CUDA.
+Both paths choose the same blocks (selection is shared torch code), so they compute the same
+function; the torch path computes in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mra_lra.attention.mra import kernels, mra2_attention
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(kernels.INTERPRET, reason="TRITON_INTERPRET=1; run with TRITON_INTERPRET=0"),
+]
+
+# Largest |error| over the largest |reference entry|. Half precision: the kernels round P and dS
+# to the input dtype before their second matmul (as FlashAttention does); the torch path does not.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+BLOCK_PER_ROW = 8
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def inputs(batch, heads, n, d, dtype, pad, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, cot = (
+        torch.randn(batch, heads, n, d, device="cuda", generator=gen).to(dtype) for _ in range(4)
+    )
+    mask = torch.ones(batch, n, device="cuda")
+    if pad:
+        mask[-1, n - pad :] = 0
+    return q, k, v, mask, cot
+
+
+def run(q, k, v, mask, cot, backend, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = mra2_attention(q, k, v, mask, backend=backend, **kwargs)
+    return out, torch.autograd.grad(out, (q, k, v), cot)
+
+
+def check_against_torch(q, k, v, mask, cot, tol, **kwargs):
+    out, grads = run(q, k, v, mask, cot, "triton", **kwargs)
+    ref_out, ref_grads = run(q, k, v, mask, cot, "torch", **kwargs)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    errors = {"out": rel_err(out, ref_out)}
+    errors.update({f"d{n}": rel_err(g, r) for n, g, r in zip("qkv", grads, ref_grads, strict=True)})
+    print(
+        f"{q.dtype} {list(q.shape)} {kwargs}: "
+        + ", ".join(f"{k} {e:.1e}" for k, e in errors.items())
+    )
+    assert max(errors.values()) < tol, errors
+
+
+@pytest.mark.parametrize(
+    "dtype, n, d, mode, pad",
+    [
+        (torch.float32, 1024, 64, "full", 100),
+        (torch.float32, 4000, 32, "sparse", 300),
+        (torch.float32, 16384, 128, "full", 0),
+        (torch.float16, 4096, 64, "full", 500),
+        (torch.float16, 1024, 128, "sparse", 0),
+        (torch.float16, 16384, 32, "sparse", 1000),
+        (torch.bfloat16, 4000, 128, "full", 77),
+        (torch.bfloat16, 16384, 64, "full", 2000),
+        (torch.bfloat16, 1024, 32, "sparse", 0),
+    ],
+)
+def test_matches_torch_path(dtype, n, d, mode, pad):
+    q, k, v, mask, cot = inputs(2, 2, n, d, dtype, pad)
+    nb = -(-n // 32)
+    check_against_torch(
+        q, k, v, mask, cot, TOLERANCE[dtype], num_blocks=nb * BLOCK_PER_ROW, approx_mode=mode
+    )
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("dtype, mode", [(torch.float32, "sparse"), (torch.bfloat16, "full")])
+def test_multi_row_query_tiles(rows, dtype, mode, monkeypatch):
+    monkeypatch.setenv("MRA_TRITON_QUERY_ROWS", str(rows))
+    q, k, v, mask, cot = inputs(2, 2, 4000, 64, dtype, pad=300)
+    check_against_torch(
+        q, k, v, mask, cot, TOLERANCE[dtype], num_blocks=125 * BLOCK_PER_ROW, approx_mode=mode
+    )
+
+
+def test_priors():
+    q, k, v, mask, cot = inputs(1, 4, 2048, 64, torch.bfloat16, pad=40)
+    kw = dict(num_blocks=64 * 4, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=1)
+    check_against_torch(q, k, v, mask, cot, TOLERANCE[torch.bfloat16], approx_mode="full", **kw)
+
+
+def test_backward_is_deterministic():
+    q, k, v, mask, cot = inputs(1, 2, 4096, 64, torch.bfloat16, pad=0)
+    kw = dict(num_blocks=128 * BLOCK_PER_ROW, approx_mode="full")
+    first = run(q, k, v, mask, cot, "triton", **kw)[1]
+    second = run(q, k, v, mask, cot, "triton", **kw)[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_65536_tokens():
+    """One 64k-token slice pair, forward and backward, against the torch path."""
+    torch.cuda.reset_peak_memory_stats()
+    q, k, v, mask, cot = inputs(1, 2, 65536, 64, torch.bfloat16, pad=1000)
+    out, grads = run(q, k, v, mask, cot, "triton", num_blocks=2048 * BLOCK_PER_ROW)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"65536 tokens, B=1, H=2, d=64, bf16: peak {peak:.2f} GiB")
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    del out, grads
+    check_against_torch(
+        q, k, v, mask, cot, TOLERANCE[torch.bfloat16], num_blocks=2048 * BLOCK_PER_ROW
+    )

@@ -1,0 +1,160 @@
+"""BigBird (Zaheer et al., NeurIPS 2020), block-sparse ITC form: window, global and random blocks.
+
+The sequence is cut into blocks of `block_size` tokens. A query block I attends to
+- window: the `num_window_blocks` blocks centred on it (I - 1, I, I + 1 for 3), cut at the ends
+  (no wrap-around);
+- global: the global blocks, here the first ceil(g / 2) and the last floor(g / 2) blocks of the
+  sequence (the first and the last for g = 2, as in the original code);
+- random: `num_random_blocks` blocks drawn among those that are neither in its window nor global
+  (fewer when not enough are left); a different draw per head.
+Each key block is used at most once per query block. The global blocks attend to every key.
+Padded keys get no weight; n is padded up to whole blocks inside and cut back.
+
+The random pattern depends only on (seed, number of blocks, number of heads), so it is fixed
+for a given length. The seed is drawn at construction from torch's global RNG (a seeded run
+reproduces it, each layer gets its own, as the original seeds each layer differently) and is
+saved in the state dict. Cost O(n (window + global + random) block_size d): gathered key blocks
+for the sparse rows, dense rows only for the global blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mra_lra.attention.registry import register
+from mra_lra.attention.softmax import zero_padded_queries
+
+
+@register("bigbird")
+class BigBirdAttention(nn.Module):
+    def __init__(
+        self,
+        block_size: int = 32,
+        num_window_blocks: int = 3,
+        num_global_blocks: int = 2,
+        num_random_blocks: int = 2,
+    ):
+        super().__init__()
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if num_window_blocks < 1 or num_window_blocks % 2 == 0:
+            raise ValueError(
+                f"num_window_blocks must be odd (centred on the query block), got "
+                f"{num_window_blocks}"
+            )
+        if num_global_blocks < 0 or num_random_blocks < 0:
+            raise ValueError(
+                f"num_global_blocks and num_random_blocks must be >= 0, got "
+                f"{num_global_blocks}, {num_random_blocks}"
+            )
+        self.block_size = block_size
+        self.num_window_blocks = num_window_blocks
+        self.num_global_blocks = num_global_blocks
+        self.num_random_blocks = num_random_blocks
+        self.seed = int(torch.randint(2**31 - 1, ()).item())
+        self._patterns: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
+    def get_extra_state(self) -> dict:
+        return {"seed": self.seed}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._patterns.clear()
+
+    def global_blocks(self, num_blocks: int) -> torch.Tensor:
+        """Indices of the global blocks: the first ceil(g / 2) and the last floor(g / 2)."""
+        g = self.num_global_blocks
+        ids = set(range(min(math.ceil(g / 2), num_blocks)))
+        ids |= set(range(max(num_blocks - g // 2, 0), num_blocks))
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def block_pattern(
+        self, num_blocks: int, num_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key blocks of every sparse (non-global) query block, on CPU.
+
+        Returns rows [R] (the sparse query blocks), key_blocks [H, R, S] and valid [H, R, S]
+        (False for slots that are cut off at the ends, taken by a global block, or left over
+        when fewer random blocks are available); S = window + global + random.
+        """
+        key = (num_blocks, num_heads)
+        if key not in self._patterns:
+            self._patterns[key] = self._draw_pattern(num_blocks, num_heads)
+        return self._patterns[key]
+
+    def _draw_pattern(
+        self, nb: int, num_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        glob = self.global_blocks(nb)
+        is_global = torch.zeros(nb, dtype=torch.bool)
+        is_global[glob] = True
+        rows = torch.arange(nb)[~is_global]
+        half = self.num_window_blocks // 2
+        window = rows[:, None] + torch.arange(-half, half + 1)
+        window_valid = (window >= 0) & (window < nb)
+        window = window.clamp(0, nb - 1)
+        window_valid &= ~is_global[window]
+        distance = (rows[:, None] - torch.arange(nb)[None, :]).abs()
+        candidate = (distance > half) & ~is_global[None, :]  # [R, nb]
+        num_random = min(self.num_random_blocks, nb)
+        generator = torch.Generator().manual_seed(self.seed)
+        draw = torch.rand(num_heads, len(rows), nb, generator=generator)
+        draw = draw.masked_fill(~candidate, -1.0)  # non-candidates sort last
+        score, random = draw.topk(num_random, dim=-1)
+        shape = (num_heads, len(rows), -1)
+        key_blocks = torch.cat(
+            [window.expand(shape), glob.expand(num_heads, len(rows), -1), random], dim=-1
+        )
+        valid = torch.cat(
+            [
+                window_valid.expand(shape),
+                torch.ones(num_heads, len(rows), len(glob), dtype=torch.bool),
+                score >= 0,
+            ],
+            dim=-1,
+        )
+        return rows, key_blocks, valid
+
+    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, H, n, d = q.shape
+        in_dtype = q.dtype
+        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        b = self.block_size
+        nb = math.ceil(n / b)
+        lowest = torch.finfo(compute).min
+        keep = F.pad(keep, (0, nb * b - n))
+        q, k, v = (F.pad(t.to(compute), (0, 0, 0, nb * b - n)) for t in (q, k, v))
+        q = q / math.sqrt(d)
+        q_blocks = q.view(B, H, nb, b, d)
+        out = torch.zeros_like(q_blocks)
+
+        rows, key_blocks, valid = (t.to(q.device) for t in self.block_pattern(nb, H))
+        if len(rows):
+            heads = torch.arange(H, device=q.device)[:, None, None]
+            R = len(rows)
+            k_sel = k.view(B, H, nb, b, d)[:, heads, key_blocks].view(B, H, R, -1, d)
+            v_sel = v.view(B, H, nb, b, d)[:, heads, key_blocks].view(B, H, R, -1, d)
+            keep_sel = keep.view(B, nb, b)[:, key_blocks] & valid[None, ..., None]
+            logits = q_blocks[:, :, rows] @ k_sel.transpose(-1, -2)  # [B, H, R, b, S b]
+            logits = logits.masked_fill(~keep_sel.view(B, H, R, 1, -1), lowest)
+            out = out.index_copy(2, rows, torch.softmax(logits, dim=-1) @ v_sel)
+
+        glob = self.global_blocks(nb).to(q.device)
+        if len(glob):  # global query blocks see every key
+            logits = q_blocks[:, :, glob].reshape(B, H, -1, d) @ k.transpose(-1, -2)
+            logits = logits.masked_fill(~keep[:, None, None, :], lowest)
+            dense = (torch.softmax(logits, dim=-1) @ v).view(B, H, len(glob), b, d)
+            out = out.index_copy(2, glob, dense)
+        out = out.view(B, H, nb * b, d)[:, :, :n]
+        return zero_padded_queries(out, mask).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_size={self.block_size}, window={self.num_window_blocks}, "
+            f"global={self.num_global_blocks}, random={self.num_random_blocks}"
+        )

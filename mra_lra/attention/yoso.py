@@ -1,0 +1,209 @@
+"""YOSO (Zeng et al., ICML 2021): Bernoulli sampling attention through LSH, in plain torch.
+
+Queries and keys are put on the unit sphere. A hash of tau random hyperplanes (signs of x . r_t)
+puts q_i and k_j in the same bucket with probability
+
+    E[B_ij] = (1 - arccos(q_i . k_j) / pi)^tau          (tau = hash_code_len)
+
+which plays the role of the softmax weight. With m independent hashes h (m = num_hashes):
+
+    Y_i = 1/m sum_h sum_j [h(q_i) = h(k_j)] v_j           (sampled, O(m n d))
+    Y_i = sum_j E[B_ij] v_j                               (expectation, O(n^2 d): a reference)
+    out_i = Y_i / |Y_i|
+
+Per hash, the values are summed into 2^tau buckets by key code (scatter_add) and read back by
+query code (gather), so nothing n x n is formed. There is no softmax normaliser: as in YOSO's LRA
+code, each output row is L2-normalised instead. Padded keys are left out of the buckets; padded
+queries output zero.
+
+Backward (YOSO's): the hash codes have no gradient, so q and k get the gradient of the
+expectation form, with d/dq (1 - arccos(q . k)/pi)^tau replaced by the paper's lower-variance
+(tau / 2) E[B] k (the exact derivative blows up at q . k = +-1):
+
+    dq_i = tau/2 sum_j E[B_ij] (g_i . v_j) k_j,   dk_j = tau/2 sum_i E[B_ij] (g_i . v_j) q_i,
+    dv_j = sum_i E[B_ij] g_i.
+
+The sampled form estimates each sum with the forward's own collisions (unbiased for the
+expectation form's gradient, O(m n d^2) through per-bucket outer products); dv is then the exact
+gradient of the sampled forward. The expectation form computes them densely.
+
+Hyperplanes are drawn afresh at every call from torch's global RNG ([B*H, d, m * tau] Gaussians),
+in training and evaluation alike, as in the published code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mra_lra.attention.registry import register
+from mra_lra.attention.softmax import zero_padded_queries
+
+# Elements of a per-token outer product v_j k_j^T handled per pass of the sampled backward: the
+# bucket tables are [G, 2^tau, chunk] for chunk <= OUTER_CHUNK (d_v is split into slices).
+OUTER_CHUNK = 128
+
+
+def hash_codes(x: torch.Tensor, planes: torch.Tensor, hash_code_len: int) -> torch.Tensor:
+    """[G, n, d] x [G, d, m * tau] -> bucket codes [G, n, m] in [0, 2^tau)."""
+    G, n, _ = x.shape
+    bits = (x @ planes > 0).view(G, n, -1, hash_code_len).long()
+    return (bits << torch.arange(hash_code_len, device=x.device)).sum(dim=-1)
+
+
+def _bucket_sum(codes: torch.Tensor, values: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """table[g, b] = sum of values[g, i] over codes[g, i] = b: [G, n], [G, n, c] -> [G, nb, c]."""
+    table = values.new_zeros(values.shape[0], num_buckets, values.shape[-1])
+    return table.scatter_add_(1, codes[..., None].expand_as(values), values)
+
+
+def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """table[g, codes[g, i]]: [G, nb, c], [G, n] -> [G, n, c]."""
+    return table.gather(1, codes[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _weighted_collisions(
+    codes_out: torch.Tensor,
+    g: torch.Tensor,
+    codes_in: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    num_buckets: int,
+) -> torch.Tensor:
+    """r_i = sum_j [codes_out(i) = codes_in(j)] (g_i . a_j) b_j for one hash, without forming the
+    collision matrix: bucket sums of the outer products a_j b_j^T, a few channels of a at a time.
+
+    codes_out [G, n], g [G, n, c]; codes_in [G, n], a [G, n, c], b [G, n, d] -> [G, n, d].
+    """
+    G, _, d = b.shape
+    out = b.new_zeros(G, codes_out.shape[1], d)
+    step = max(1, OUTER_CHUNK // d)
+    for lo in range(0, a.shape[-1], step):
+        a_part, g_part = a[..., lo : lo + step], g[..., lo : lo + step]
+        outer = (a_part[..., :, None] * b[..., None, :]).flatten(2)  # [G, n, c * d]
+        table = _lookup(_bucket_sum(codes_in, outer, num_buckets), codes_out)
+        out = out + torch.einsum("gic,gicd->gid", g_part, table.view(G, -1, a_part.shape[-1], d))
+    return out
+
+
+class _LSHCumulation(torch.autograd.Function):
+    """Y = 1/m sum_h B_h v (keys and queries masked) with YOSO's sampled backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, num_hashes: int, hash_code_len: int):
+        G, n, d = q.shape
+        num_buckets = 2**hash_code_len
+        planes = torch.randn(G, d, num_hashes * hash_code_len, device=q.device, dtype=q.dtype)
+        codes_q = hash_codes(q, planes, hash_code_len)
+        codes_k = hash_codes(k, planes, hash_code_len)
+        v_kept = v * keep[..., None]
+        out = torch.zeros_like(v)
+        for h in range(num_hashes):
+            out = out + _lookup(_bucket_sum(codes_k[..., h], v_kept, num_buckets), codes_q[..., h])
+        ctx.save_for_backward(q, k, v, keep, codes_q, codes_k)
+        ctx.hash_code_len = hash_code_len
+        return out * keep[..., None] / num_hashes
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, keep, codes_q, codes_k = ctx.saved_tensors
+        tau = ctx.hash_code_len
+        num_buckets = 2**tau
+        num_hashes = codes_q.shape[-1]
+        g = grad * keep[..., None]
+        qk, kk = q * keep[..., None], k * keep[..., None]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for h in range(num_hashes):
+            cq, ck = codes_q[..., h], codes_k[..., h]
+            dv = dv + _lookup(_bucket_sum(cq, g, num_buckets), ck)
+            dq = dq + _weighted_collisions(cq, g, ck, v, kk, num_buckets)
+            dk = dk + _weighted_collisions(ck, v, cq, g, qk, num_buckets)
+        scale = tau / 2 / num_hashes
+        dv = dv * keep[..., None] / num_hashes
+        return dq * scale, dk * scale * keep[..., None], dv, None, None, None
+
+
+def collision_probability(q: torch.Tensor, k: torch.Tensor, hash_code_len: int) -> torch.Tensor:
+    """E[B] = (1 - arccos(q . k) / pi)^tau for unit q [G, n, d], k [G, n, d] -> [G, n, n]."""
+    cos = (q @ k.transpose(-1, -2)).clamp(-1.0, 1.0)
+    return (1 - torch.arccos(cos) / math.pi) ** hash_code_len
+
+
+class _ExpectationCumulation(torch.autograd.Function):
+    """Y = E[B] v (keys and queries masked), with the backward the sampled form estimates."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, hash_code_len: int):
+        weights = collision_probability(q, k, hash_code_len)
+        weights = weights * keep[:, :, None] * keep[:, None, :]
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.hash_code_len = hash_code_len
+        return weights @ v
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, weights = ctx.saved_tensors
+        weighted = (grad @ v.transpose(-1, -2)) * weights  # E[B_ij] (g_i . v_j)
+        half_tau = ctx.hash_code_len / 2
+        dq = half_tau * weighted @ k
+        dk = half_tau * weighted.transpose(-1, -2) @ q
+        dv = weights.transpose(-1, -2) @ grad
+        return dq, dk, dv, None, None
+
+
+def lsh_cumulation(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    num_hashes: int,
+    hash_code_len: int,
+) -> torch.Tensor:
+    """Sampled Y for unit q, k and v [G, n, d], keep [G, n] float -> [G, n, d]."""
+    return _LSHCumulation.apply(q, k, v, keep, num_hashes, hash_code_len)
+
+
+def expectation_cumulation(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, hash_code_len: int
+) -> torch.Tensor:
+    """Expected Y for unit q, k and v [G, n, d], keep [G, n] float -> [G, n, d]."""
+    return _ExpectationCumulation.apply(q, k, v, keep, hash_code_len)
+
+
+@register("yoso")
+class YOSOAttention(nn.Module):
+    def __init__(self, num_hashes: int = 16, hash_code_len: int = 10, expectation: bool = False):
+        super().__init__()
+        if num_hashes < 1:
+            raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
+        if not 1 <= hash_code_len <= 20:
+            raise ValueError(
+                f"hash_code_len must be in [1, 20] (2^hash_code_len buckets), got {hash_code_len}"
+            )
+        self.num_hashes = num_hashes
+        self.hash_code_len = hash_code_len
+        self.expectation = expectation
+
+    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, H, n, d = q.shape
+        in_dtype = q.dtype
+        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        keep = q.new_ones(B, n, dtype=compute) if mask is None else mask.to(compute)
+        keep = keep[:, None].expand(B, H, n).reshape(B * H, n)
+        q, k, v = (t.to(compute).reshape(B * H, n, d) for t in (q, k, v))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.expectation:
+            y = expectation_cumulation(q, k, v, keep, self.hash_code_len)
+        else:
+            y = lsh_cumulation(q, k, v, keep, self.num_hashes, self.hash_code_len)
+        out = F.normalize(y, dim=-1).view(B, H, n, d)
+        return zero_padded_queries(out, mask).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_hashes={self.num_hashes}, hash_code_len={self.hash_code_len}, "
+            f"expectation={self.expectation}"
+        )

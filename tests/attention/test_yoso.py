@@ -1,0 +1,148 @@
+"""YOSO: the expectation form against a dense float64 reference, the sampled form against the
+expectation form (forward and backward) as the number of hashes grows."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mra_lra.attention import build
+from mra_lra.attention.yoso import expectation_cumulation, lsh_cumulation
+
+B, H, D = 2, 2, 16
+CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "yoso.yaml"
+
+
+def dense_expectation(q, k, v, mask, tau):
+    """normalise(sum_j (1 - angle(q_i, k_j) / pi)^tau v_j) over real j; padded queries output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    cos = torch.einsum("bhid,bhjd->bhij", q, k) / (
+        q.norm(dim=-1)[..., None] * k.norm(dim=-1)[..., None, :]
+    )
+    weights = (1 - torch.arccos(cos.clamp(-1, 1)) / math.pi) ** tau * mask[:, None, None, :]
+    y = torch.einsum("bhij,bhjd->bhid", weights, v)
+    return y / y.norm(dim=-1, keepdim=True) * mask[:, None, :, None]
+
+
+def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
+    """Keys near the queries, so that collisions are common."""
+    g = torch.Generator().manual_seed(seed)
+    q, noise, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(B, n, dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, q + 0.5 * noise, v, mask
+
+
+def test_config_builds_with_spec_settings():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert cfg == {"name": "yoso", "num_hashes": 16, "hash_code_len": 10, "expectation": False}
+    attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
+    assert (attn.num_hashes, attn.hash_code_len, attn.expectation) == (16, 10, False)
+
+
+@pytest.mark.parametrize("n,pad_from", [(64, None), (37, 20)])
+def test_expectation_form_equals_dense_reference(n, pad_from):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    out = build("yoso", hash_code_len=8, expectation=True)(q, k, v, mask)
+    torch.testing.assert_close(out, dense_expectation(q, k, v, mask, 8), atol=1e-10, rtol=1e-10)
+
+
+def test_sampled_mean_approaches_expectation_form():
+    q, k, v, mask = random_inputs(64, pad_from=40)
+    ref = dense_expectation(q, k, v, mask, 8)
+    errors = []
+    for num_hashes in (4, 64, 1024):
+        torch.manual_seed(1)
+        out = build("yoso", num_hashes=num_hashes, hash_code_len=8)(q, k, v, mask)
+        errors.append(((out - ref).norm() / ref.norm()).item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.15  # about 1 / sqrt(num_hashes) of the error at one hash
+
+
+def _unit_inputs(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(4, n, D, generator=g, dtype=torch.float64), dim=-1)
+    k = F.normalize(q + 0.5 * torch.randn(4, n, D, generator=g, dtype=torch.float64), dim=-1)
+    v, weight = (torch.randn(4, n, D, generator=g, dtype=torch.float64) for _ in range(2))
+    keep = torch.ones(4, n, dtype=torch.float64)
+    keep[1, 30:] = 0
+    return q, k, v, keep, weight
+
+
+def _grads(fn, q, k, v, weight):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    (fn(q, k, v) * weight).sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+def test_expectation_backward_is_yosos_surrogate():
+    q, k, v, keep, weight = _unit_inputs()
+    tau = 6
+    dq, dk, dv = _grads(lambda a, b, c: expectation_cumulation(a, b, c, keep, tau), q, k, v, weight)
+    e = (1 - torch.arccos((q @ k.transpose(1, 2)).clamp(-1, 1)) / math.pi) ** tau
+    e = e * keep[:, :, None] * keep[:, None, :]
+    gv = torch.einsum("gid,gjd->gij", weight, v) * e  # E_ij (g_i . v_j)
+    torch.testing.assert_close(dq, tau / 2 * torch.einsum("gij,gjd->gid", gv, k))
+    torch.testing.assert_close(dk, tau / 2 * torch.einsum("gij,gid->gjd", gv, q))
+    torch.testing.assert_close(dv, torch.einsum("gij,gid->gjd", e, weight))
+
+
+def test_sampled_backward_approaches_expectation_backward():
+    q, k, v, keep, weight = _unit_inputs()
+    ref = _grads(lambda a, b, c: expectation_cumulation(a, b, c, keep, 6), q, k, v, weight)
+
+    def sampled(num_hashes):
+        torch.manual_seed(2)
+        grads = _grads(
+            lambda a, b, c: lsh_cumulation(a, b, c, keep, num_hashes, 6), q, k, v, weight
+        )
+        errors = [((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref, strict=True)]
+        return grads, errors
+
+    _, few = sampled(16)
+    grads, many = sampled(1024)
+    for e_few, e_many in zip(few, many, strict=True):
+        assert e_many < 0.5 * e_few and e_many < 0.2
+    assert (grads[1][1, 30:] == 0).all() and (grads[2][1, 30:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_and_dtype_kept(dtype):
+    q, k, v, mask = random_inputs(45, dtype=dtype, pad_from=30)
+    for expectation in (False, True):
+        attn = build("yoso", num_hashes=16, hash_code_len=10, expectation=expectation)
+        out = attn(q, k, v, mask)
+        assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+        assert attn(q, k, v, None).shape == q.shape
+
+
+def test_padding_is_ignored_and_padded_queries_are_zero():
+    n, pad_from = 90, 41
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    attn = build("yoso", num_hashes=16, hash_code_len=6)
+    torch.manual_seed(3)
+    out = attn(q, k, v, mask)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1, :, pad_from:] = 100 * torch.randn_like(t[1, :, pad_from:])
+    torch.manual_seed(3)
+    out2 = attn(q2, k2, v2, mask)
+    torch.testing.assert_close(out2[1, :, :pad_from], out[1, :, :pad_from], atol=1e-12, rtol=0)
+    assert (out2[1, :, pad_from:] == 0).all()
+    assert out[1, :, :pad_from].abs().sum() > 0
+
+
+@pytest.mark.parametrize("expectation", [False, True])
+def test_gradients_reach_q_k_v(expectation):
+    q, k, v, mask = random_inputs(70, pad_from=33)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.manual_seed(4)
+    attn = build("yoso", num_hashes=16, hash_code_len=6, expectation=expectation)
+    (attn(q, k, v, mask) * torch.randn_like(q)).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+        assert (t.grad[1, :, 33:] == 0).all()

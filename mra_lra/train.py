@@ -64,6 +64,26 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
+    """Best (monitored) checkpoint path, and last.ckpt holding the final state.
+
+    last.ckpt is written after each validation; when training ended between validations it is
+    rewritten here (a checkpoint saved at a validation step resumes mid-run exactly, so an
+    up-to-date one is left as it is)."""
+    best = ""
+    for cb in trainer.checkpoint_callbacks:
+        if cb.monitor is not None and cb.best_model_path:
+            best = cb.best_model_path
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file() or _checkpoint_step(last) != trainer.global_step:
+        trainer.save_checkpoint(last)
+    return best, str(last)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; returns the results written to results.json."""
     start = time.perf_counter()
@@ -99,18 +119,15 @@ def run(cfg: DictConfig) -> dict:
         module.val_acc_best.compute().item() if module.val_acc_best.update_count else None
     )
 
-    ckpt = trainer.checkpoint_callback
-    best_path = ckpt.best_model_path if ckpt else ""
-    last_path = ckpt.last_model_path if ckpt else ""
-    test_acc = test_acc_last = None
+    best_path, last_path = _checkpoint_paths(trainer, out_dir)
     best_step = None
     if best_path:
-        best_step = torch.load(best_path, map_location="cpu", weights_only=False)["global_step"]
+        best_step = _checkpoint_step(Path(best_path))
+    test_acc = test_acc_last = None
     if cfg.test:
-        if last_path:
-            test_acc_last = trainer.test(module, datamodule=datamodule, ckpt_path=last_path)[0][
-                "test/acc"
-            ]
+        test_acc_last = trainer.test(module, datamodule=datamodule, ckpt_path=last_path)[0][
+            "test/acc"
+        ]
         if best_path:
             test_acc = trainer.test(module, datamodule=datamodule, ckpt_path=best_path)[0][
                 "test/acc"

@@ -6,3 +6,67 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small, fast settings for end-to-end runs: a tiny generated ListOps set and a few steps on CPU.
+TINY = [
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "data.max_length=128",
+    "data.num_train=80",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.gen_min_length=10",
+    "data.gen_max_length=120",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+    "trainer.enable_progress_bar=false",
+    "scheduler.warmup_steps=5",
+    "optimizer.lr=1e-3",
+]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path_factory):
+    """compose_cfg(overrides, run_dir=None, data_dir=None) -> a config ready for mra_lra.train.run.
+
+    Hydra's runtime fields (output dir) are filled as `python train.py` would fill them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    data_root = tmp_path_factory.mktemp("data")
+
+    def _compose(overrides=(), run_dir=None, data_dir=None):
+        run_dir = Path(run_dir or tmp_path_factory.mktemp("run"))
+        data_dir = Path(data_dir or data_root)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[f"data.data_dir={data_dir}", *overrides],
+                return_hydra_config=True,
+            )
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def conftest_tiny():
+    return list(TINY)

@@ -39,6 +39,7 @@ from mra_lra.data.listops_generator import (
     split_path,
     write_listops_files,
 )
+from mra_lra.data.sampling import EpochShuffleSampler
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +314,11 @@ class ListOpsDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError("ListOpsDataModule: call setup() before asking for a dataloader")
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset)) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -29,8 +27,11 @@ class LRALitModule(pl.LightningModule):
         num_classes: int,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net"])
+        # Checkpoints hold plain data only (they load with torch's weights_only=True).
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -38,6 +39,7 @@ class LRALitModule(pl.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives checkpoint/resume
+        self.run_seed = torch.initial_seed()  # the run's seed, after seed_everything
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._step_start = 0.0
@@ -52,6 +54,10 @@ class LRALitModule(pl.LightningModule):
 
     # --- training -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout draws from a generator seeded by (run seed, step, rank), not from the global
+        # RNG's history, so a run resumed from a checkpoint repeats an uninterrupted run exactly.
+        step_seed = (self.run_seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        torch.manual_seed(step_seed % 2**63)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._step_start = time.perf_counter()
@@ -99,33 +105,20 @@ class LRALitModule(pl.LightningModule):
 
     # --- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.hparams.optimizer(params=self.parameters())
-        if self.hparams.scheduler is None:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        scheduler = self.scheduler_factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
-    # --- exact resume: the global RNGs (dropout) travel with the checkpoint ------------------
+    # --- exact resume ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
         checkpoint["throughput"] = {"tokens": self.train_tokens, "seconds": self.train_seconds}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("rng_states")
-        if states is not None:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
-            np.random.set_state(states["numpy"])
-            random.setstate(states["python"])
         throughput = checkpoint.get("throughput", {})
         self.train_tokens = throughput.get("tokens", 0)
         self.train_seconds = throughput.get("seconds", 0.0)

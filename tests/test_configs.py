@@ -1,0 +1,55 @@
+"""Every config group composes, and bad names fail with a message listing the valid ones."""
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from mra_lra.attention import names
+
+CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("attn", options("attn"))
+def test_every_attention_config_builds_the_model(compose_cfg, attn):
+    cfg = compose_cfg([f"attn={attn}", "data.max_length=256"])
+    assert cfg.attn.name in names(), f"conf/attn/{attn}.yaml names an unregistered attention"
+    net = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+@pytest.mark.parametrize(
+    "group", ["task", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
+)
+def test_every_option_of_every_group_composes(compose_cfg, group):
+    for option in options(group):
+        cfg = compose_cfg([f"{group}={option}"])
+        assert cfg.task.name and cfg.data.max_length > 0
+
+
+def test_experiment_configs_compose(compose_cfg):
+    for path in sorted((CONF / "experiment").rglob("*.yaml")):
+        name = path.relative_to(CONF / "experiment").with_suffix("").as_posix()
+        cfg = compose_cfg([f"experiment={name}"])
+        assert cfg.trainer.max_steps > 0
+
+
+def test_unknown_task_lists_valid_ones(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["task=listopz"])
+    assert "listops" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_attention_lists_valid_ones(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["attn=mra3"])
+    assert "softmax" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_attention_option_lists_valid_ones(compose_cfg):
+    cfg = compose_cfg(["attn=mra", "+attn.blocks_per_row=4"])
+    with pytest.raises(Exception, match="valid options"):
+        hydra.utils.instantiate(cfg.model, _convert_="all")

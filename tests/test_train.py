@@ -1,0 +1,80 @@
+"""End to end: train.py's run on a tiny generated ListOps set."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mra_lra.train import run
+
+REQUIRED = [
+    "task", "attn", "test_acc", "test_acc_last", "val_acc_best", "best_step", "steps",
+    "wall_seconds", "train_tokens_per_second", "peak_memory_mb", "params",
+]  # fmt: skip
+
+
+def read_metrics(run_dir):
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+@pytest.mark.parametrize("attn", ["mra", "softmax"])
+def test_twenty_steps_write_results(compose_cfg, tmp_path, attn, conftest_tiny):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*conftest_tiny, f"attn={attn}"], run_dir=run_dir)
+    results = run(cfg)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in REQUIRED:
+        assert on_disk[key] is not None, key
+    assert on_disk["task"] == "listops" and on_disk["attn"] == attn
+    assert on_disk["steps"] == 20 and on_disk["best_step"] in (10, 20)
+    assert 0.0 <= on_disk["test_acc"] <= 1.0
+    assert on_disk["train_tokens_per_second"] > 0
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    keys = set().union(*(row.keys() for row in read_metrics(run_dir)))
+    for key in ("train/loss", "train/acc", "train/lr", "val/acc", "val/acc_best", "test/acc"):
+        assert key in keys, key
+
+
+def test_resume_from_last_matches_uninterrupted(compose_cfg, tmp_path, conftest_tiny):
+    # 80 training examples in batches of 8: steps 10 and 20 end epochs 0 and 1.
+    straight = run(compose_cfg([*conftest_tiny, "attn=mra"], run_dir=tmp_path / "a"))
+
+    part = tmp_path / "b"
+    first = compose_cfg(
+        [*conftest_tiny, "attn=mra", "trainer.max_steps=10", "scheduler.total_steps=20"],
+        run_dir=part,
+    )
+    run(first)
+    resumed = run(
+        compose_cfg(
+            [*conftest_tiny, "attn=mra", f"ckpt_path={part / 'checkpoints' / 'last.ckpt'}"],
+            run_dir=part,
+        )
+    )
+    assert resumed["steps"] == straight["steps"] == 20
+    for key in ("val_acc_best", "test_acc", "test_acc_last"):
+        assert resumed[key] == pytest.approx(straight[key]), key
+
+    def losses(run_dir):
+        return {
+            row["step"]: float(row["train/loss"])
+            for row in read_metrics(run_dir)
+            if row["train/loss"]
+        }
+
+    a, b = losses(tmp_path / "a"), losses(part)
+    assert a and set(a) == set(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    w_a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    w_b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
+    for name, tensor in w_a["state_dict"].items():
+        torch.testing.assert_close(w_b["state_dict"][name], tensor, msg=name)

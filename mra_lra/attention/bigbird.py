@@ -140,15 +140,17 @@ class BigBirdAttention(nn.Module):
             k_sel = k.view(B, H, nb, b, d)[:, heads, key_blocks].view(B, H, R, -1, d)
             v_sel = v.view(B, H, nb, b, d)[:, heads, key_blocks].view(B, H, R, -1, d)
             keep_sel = keep.view(B, nb, b)[:, key_blocks] & valid[None, ..., None]
-            logits = q_blocks[:, :, rows] @ k_sel.transpose(-1, -2)  # [B, H, R, b, S b]
+            # Under autocast the matmul returns half precision: mask and normalise in `compute`.
+            logits = (q_blocks[:, :, rows] @ k_sel.transpose(-1, -2)).to(compute)  # [B,H,R,b,Sb]
             logits = logits.masked_fill(~keep_sel.view(B, H, R, 1, -1), lowest)
-            out = out.index_copy(2, rows, torch.softmax(logits, dim=-1) @ v_sel)
+            sparse = (torch.softmax(logits, dim=-1) @ v_sel).to(compute)
+            out = out.index_copy(2, rows, sparse)
 
         glob = self.global_blocks(nb).to(q.device)
         if len(glob):  # global query blocks see every key
-            logits = q_blocks[:, :, glob].reshape(B, H, -1, d) @ k.transpose(-1, -2)
+            logits = (q_blocks[:, :, glob].reshape(B, H, -1, d) @ k.transpose(-1, -2)).to(compute)
             logits = logits.masked_fill(~keep[:, None, None, :], lowest)
-            dense = (torch.softmax(logits, dim=-1) @ v).view(B, H, len(glob), b, d)
+            dense = (torch.softmax(logits, dim=-1) @ v).to(compute).view(B, H, len(glob), b, d)
             out = out.index_copy(2, glob, dense)
         out = out.view(B, H, nb * b, d)[:, :, :n]
         return zero_padded_queries(out, mask).to(in_dtype)

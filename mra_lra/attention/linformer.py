@@ -57,7 +57,8 @@ class LinformerAttention(nn.Module):
         v_proj = torch.einsum("rn,bhnd->bhrd", proj, v.to(compute) * weight)
         filled = ((proj != 0).to(compute) @ keep.transpose(0, 1)).transpose(0, 1) > 0  # [B, k]
 
-        logits = q.to(compute) @ k_proj.transpose(-1, -2) / math.sqrt(d)
+        # Under autocast the matmul returns half precision: mask and normalise in `compute`.
+        logits = (q.to(compute) @ k_proj.transpose(-1, -2)).to(compute) / math.sqrt(d)
         logits = logits.masked_fill(~filled[:, None, None, :], torch.finfo(compute).min)
         out = torch.softmax(logits, dim=-1) @ v_proj
         return zero_padded_queries(out, mask).to(in_dtype)

@@ -62,9 +62,10 @@ class LongformerAttention(nn.Module):
         allowed = in_band & (key_pos >= g)[:, None, :] & keep_win[:, :, None, :]  # [B, nb, b, 3b]
 
         q_blocks = q.view(B, H, nb, b, d)
-        logits_win = (q_blocks @ k_win).masked_fill(~allowed[:, None], lowest)
+        # Under autocast the matmuls return half precision: mask and normalise in `compute`.
+        logits_win = (q_blocks @ k_win).to(compute).masked_fill(~allowed[:, None], lowest)
         k_glob, v_glob = k[:, :, b : b + g], v[:, :, b : b + g]  # [B, H, g, d]
-        logits_glob = q_blocks @ k_glob[:, :, None].transpose(-1, -2)  # [B, H, nb, b, g]
+        logits_glob = (q_blocks @ k_glob[:, :, None].transpose(-1, -2)).to(compute)
         logits_glob = logits_glob.masked_fill(~keep[:, None, None, None, b : b + g], lowest)
         probs = torch.softmax(torch.cat([logits_win, logits_glob], dim=-1), dim=-1)
         out = (
@@ -74,7 +75,7 @@ class LongformerAttention(nn.Module):
 
         if g > 0:  # global queries see every key
             keys, values = k[:, :, b : b + n], v[:, :, b : b + n]
-            logits = q[:, :, :g] @ keys.transpose(-1, -2)
+            logits = (q[:, :, :g] @ keys.transpose(-1, -2)).to(compute)
             logits = logits.masked_fill(~keep[:, None, None, b : b + n], lowest)
             out = torch.cat([torch.softmax(logits, dim=-1) @ values, out[:, :, g:]], dim=2)
         return zero_padded_queries(out, mask).to(in_dtype)

@@ -111,15 +111,18 @@ class NystromAttention(nn.Module):
         k_land = kp.view(B, H, m, seg, d).sum(dim=3) / denom
         filled = counts > 0  # [B, m]: landmarks with at least one real token
 
-        kernel_1 = _masked_softmax(qp @ k_land.transpose(-1, -2), filled[:, None, None, :])
-        kernel_2 = _masked_softmax(q_land @ k_land.transpose(-1, -2), filled[:, None, None, :])
-        # Dropped landmarks: identity rows and columns, so they leave the rest of the inverse alone.
-        eye = torch.eye(m, dtype=compute, device=q.device)
-        both = (filled[:, :, None] & filled[:, None, :])[:, None]
-        kernel_2 = torch.where(both, kernel_2, eye)
-        kernel_3 = _masked_softmax(q_land @ kp.transpose(-1, -2), keep_p[:, None, None, :])
-
-        out = kernel_1 @ (iterative_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ vp))
+        # The pseudo-inverse and the products around it lose too much in half precision: no
+        # autocast here (the O(n m d) matmuls are cheap next to the projections around them).
+        with torch.autocast(q.device.type, enabled=False):
+            landmark_keep = filled[:, None, None, :]
+            kernel_1 = _masked_softmax(qp @ k_land.transpose(-1, -2), landmark_keep)
+            kernel_2 = _masked_softmax(q_land @ k_land.transpose(-1, -2), landmark_keep)
+            # Dropped landmarks: identity rows and columns, leaving the rest of the inverse alone.
+            eye = torch.eye(m, dtype=compute, device=q.device)
+            both = (filled[:, :, None] & filled[:, None, :])[:, None]
+            kernel_2 = torch.where(both, kernel_2, eye)
+            kernel_3 = _masked_softmax(q_land @ kp.transpose(-1, -2), keep_p[:, None, None, :])
+            out = kernel_1 @ (iterative_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ vp))
         if self.conv is not None:
             out = out + self.conv(vp.to(self.conv.weight.dtype)).to(compute)
         return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)

@@ -48,7 +48,8 @@ def positive_features(
     keep=None: queries, stabilised per row. keep [B, n] bool: keys, stabilised over the real keys
     and all features of each slice, padded keys set to zero.
     """
-    logits = x @ features.transpose(0, 1) - x.square().sum(dim=-1, keepdim=True) / 2
+    projected = (x @ features.transpose(0, 1)).to(x.dtype)  # exp in x's dtype, even under autocast
+    logits = projected - x.square().sum(dim=-1, keepdim=True) / 2
     with torch.no_grad():
         if keep is None:
             stab = logits.amax(dim=-1, keepdim=True)

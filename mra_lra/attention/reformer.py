@@ -78,7 +78,8 @@ class ReformerAttention(nn.Module):
         keys = F.normalize(q, dim=-1, eps=1e-6)
 
         num_buckets = self.buckets_for(n)
-        with torch.no_grad():
+        # Hash in `compute` even under autocast: half precision would move tokens across buckets.
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             if num_buckets == 1:
                 buckets = torch.zeros(B, H, R, nc * c, dtype=torch.long, device=q.device)
             else:
@@ -103,7 +104,8 @@ class ReformerAttention(nn.Module):
         else:
             pos_k, keep_k = pos_s, keep_s
 
-        scores = q_s @ k_s.transpose(-1, -2)  # [B, H, R, nc, c, c or 2c]
+        # Under autocast the matmul returns half precision, too narrow for the -1e9 of padding.
+        scores = (q_s @ k_s.transpose(-1, -2)).to(compute)  # [B, H, R, nc, c, c or 2c]
         scores = scores.masked_fill(pos_s[..., :, None] == pos_k[..., None, :], SELF_SCORE)
         scores = scores.masked_fill(~keep_k[..., None, :], PAD_SCORE)
         lse = scores.logsumexp(dim=-1)

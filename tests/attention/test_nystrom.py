@@ -119,3 +119,14 @@ def test_gradients_reach_q_k_v():
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
     assert attn.conv.weight.grad.abs().sum() > 0
+
+
+def test_runs_under_autocast():
+    """Half-precision matmuls inside, masking and normalisation in float32: close to float32."""
+    q, k, v, mask = random_inputs(100, pad_from=61, dtype=torch.float32)
+    attn = build("nystrom", num_landmarks=16, num_heads=H)
+    ref = attn(q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(q, k, v, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)

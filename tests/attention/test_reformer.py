@@ -130,3 +130,16 @@ def test_gradients_reach_q_and_v_not_k():
     for t in (q, v):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
     assert k.grad is None  # shared QK: keys come from q
+
+
+def test_runs_under_autocast():
+    """Half-precision matmuls inside, masking and normalisation in float32: close to float32."""
+    q, k, v, mask = random_inputs(100, pad_from=61, dtype=torch.float32)
+    attn = build("reformer", num_hashes=2, chunk_size=16)
+    torch.manual_seed(0)
+    ref = attn(q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        out = attn(q, k, v, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)

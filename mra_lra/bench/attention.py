@@ -1,0 +1,524 @@
+"""Attention benchmark: median time and peak memory of forward and forward+backward.
+
+    python -m mra_lra.bench.attention --attn mra,mra_s,softmax --n 1024,4096,16384 --d 32 \\
+        --heads 2 --batch 2 --dtype float32,bfloat16 --device cuda --out bench_out
+    python -m mra_lra.bench.attention --profile-published --device cuda --out bench_out
+    python -m mra_lra.bench.attention --plot-from bench_out/a.csv bench_out/b.csv --out bench_out
+
+Each attention is built by `mra_lra.attention.build(name, context=...)` with the options of
+conf/attn/<name>.yaml; values Hydra would interpolate (the per-task MRA priors) keep the class
+default, and `--set key=value` or `--set name.key=value` overrides. `sdpa_flash` (SDPA restricted
+to its flash backend) is a peer outside the registry; `flex_mra`, when registered, compiles its
+FlexAttention call itself on CUDA. Inputs are random [B, H, n, d] with no padding mask (the flash
+backend takes none); modules run in eval mode (no dropout).
+
+Time: median over --repeats runs after --warmup runs (compilation, autotuning), synchronised on
+CUDA. Memory: on CUDA, torch.cuda.max_memory_allocated during one step above what was allocated
+before it (so inputs are excluded, saved activations and gradients are not); on CPU (Linux,
+glibc), how much the peak resident set (VmHWM, reset through /proc/self/clear_refs) grows during
+one step run with malloc's mmap threshold at 128 KiB, so that big blocks get fresh pages: an
+estimate, blocks under 128 KiB may reuse freed memory unseen. Out-of-memory and other failures
+become rows with a status; after an out-of-memory error longer lengths are skipped. Rows reach
+the CSV as they finish, so a run cut short keeps what it measured.
+
+--profile-published repeats the published code's profiling setup: one layer, 12 heads of 64,
+block_per_row 8, float32, n = 4096, the batch at half the largest power of two that fits
+(searched with forward+backward), time per instance. The layer is a pre-LN encoder block of
+width 768 (FFN 3072) around the attention; rows for the attention alone come at the same batch.
+
+Imports only torch, pyyaml (and matplotlib for the plot) besides mra_lra.attention, so it runs
+on a bare GPU image with PYTHONPATH set to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import inspect
+import itertools
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from mra_lra.attention import build, get, names
+from mra_lra.attention.mra import resolve_backend
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "attn"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PASSES = ("fwd", "fwd+bwd")
+FIELDS = (
+    "attn impl scope device dtype batch heads n d pass ms ms_per_instance peak_mib status".split()
+)
+MRA_NAMES = ("mra", "mra_s")
+IMPL_LABELS = {"flex_mra": "flex"}  # registered methods that do not run as plain torch
+M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+
+Step = Callable[[], None]
+
+
+class SDPAFlash(nn.Module):
+    """Exact attention on SDPA's flash backend only (it takes no mask; benchmarks pass none)."""
+
+    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+
+class EncoderLayer(nn.Module):
+    """A pre-LN Transformer block around `attention`: the unit the published profiling timed."""
+
+    def __init__(self, attention: nn.Module, heads: int, head_dim: int, ffn_mult: int = 4):
+        super().__init__()
+        width = heads * head_dim
+        self.heads, self.head_dim, self.attention = heads, head_dim, attention
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.ffn = nn.Sequential(
+            nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        y = self.attention(q, k, v, None).transpose(1, 2).reshape(B, n, width)
+        x = x + self.proj(y)
+        return x + self.ffn(self.norm2(x))
+
+
+class Recorder:
+    """Prints each row and appends it to the CSV at once."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+        with path.open("w", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writeheader()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerow(
+                {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}
+            )
+        ms = f"{row['ms']:.3f} ms" if "ms" in row else ""
+        mem = f"{row['peak_mib']:.1f} MiB" if "peak_mib" in row else ""
+        print(
+            f"{row['attn']:>11} {row['impl']:>15} {row['scope']:>9} {row['dtype']:>8} "
+            f"B={row['batch']:<4} n={row['n']:<6} {row['pass']:>7} {ms:>13} {mem:>13}  "
+            f"{row['status']}",
+            flush=True,
+        )
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """`key=value` (every attention taking `key`) or `name.key=value` -> {name or "*": {key: v}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value or name.key=value, got {item!r}")
+        name, _, key = key.rpartition(".")
+        out.setdefault(name or "*", {})[key] = yaml.safe_load(value)
+    return out
+
+
+def config_options(name: str, overrides: dict[str, dict], backend: str) -> dict:
+    """Options from conf/attn/<name>.yaml without Hydra interpolations, plus overrides."""
+    path = CONF_DIR / f"{name}.yaml"
+    options = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    options.pop("name", None)
+    options = {k: v for k, v in options.items() if not (isinstance(v, str) and "${" in v)}
+    accepted = set(inspect.signature(get(name).__init__).parameters)
+    if "backend" in accepted:
+        options["backend"] = backend
+    options.update({k: v for k, v in overrides.get("*", {}).items() if k in accepted})
+    options.update(overrides.get(name, {}))
+    return options
+
+
+def build_attention(
+    name: str, *, heads: int, n: int, d: int, device: torch.device, args: argparse.Namespace
+) -> tuple[nn.Module, str]:
+    """The module and a label of how it runs (torch, triton, sdpa-flash, flex)."""
+    if name == "sdpa_flash":
+        return SDPAFlash(), "sdpa-flash"
+    if name not in names():
+        raise LookupError(f"{name!r} is not registered (registered: {', '.join(names())})")
+    options = config_options(name, args.overrides, args.backend)
+    context = {"head_dim": d, "num_heads": heads, "max_length": n}
+    module = build(name, context=context, **options).to(device).eval()
+    if "backend" in options:
+        return module, resolve_backend(options["backend"], device)
+    return module, IMPL_LABELS.get(name, "torch")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE).group(1))
+
+
+def peak_mib(step: Step, device: torch.device) -> float:
+    """Memory one step needs beyond what is allocated before it (see the module docstring)."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return math.nan
+    # glibc serves big blocks from its heap and keeps them after free, where a new step reuses
+    # them unseen; during this step, every block over 128 KiB gets fresh pages instead.
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
+    libc.malloc_trim(0)
+    try:
+        rss = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        step()
+        return (_status_kib("VmHWM") - rss) / 1024
+    except (OSError, AttributeError):
+        return math.nan
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's largest dynamic threshold
+
+
+def measure(step: Step, device: torch.device, args: argparse.Namespace) -> tuple[float, float]:
+    """(median milliseconds, peak MiB). Fewer repeats when they would take over max_seconds."""
+    last = 0.0
+    for _ in range(args.warmup):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        last = time.perf_counter() - start
+    repeats = max(1, min(args.repeats, int(args.max_seconds / max(last, 1e-9))))
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), peak_mib(step, device)
+
+
+def attention_steps(module: nn.Module, q, k, v) -> dict[str, Step]:
+    grad = torch.randn_like(q)
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(q, k, v, None)
+
+    def forward_backward() -> None:
+        out = module(q, k, v, None)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def layer_steps(layer: nn.Module, x: torch.Tensor) -> dict[str, Step]:
+    grad = torch.randn_like(x)
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def forward_backward() -> None:
+        out = layer(x)
+        torch.autograd.grad(out, [x, *layer.parameters()], grad)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return (
+        isinstance(error, torch.cuda.OutOfMemoryError | MemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
+
+
+def describe(error: BaseException) -> str:
+    if is_oom(error):
+        return "oom"
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"error: {type(error).__name__}: {first_line[:160]}"
+
+
+def measure_rows(steps: dict[str, Step], base: dict, device, args, rec: Recorder) -> list[str]:
+    """One row per pass; a failure fails the passes after it the same way. Returns statuses."""
+    status, statuses = None, []
+    for pass_name in args.passes if base["scope"] == "attention" else PASSES:
+        row = dict(base, **{"pass": pass_name})
+        if status is None:
+            try:
+                ms, peak = measure(steps[pass_name], device, args)
+                row.update(ms=ms, ms_per_instance=ms / base["batch"], peak_mib=peak)
+            except Exception as e:  # every failure becomes a row
+                status = describe(e)
+        statuses.append(status or "ok")
+        rec.add(dict(row, status=statuses[-1]))
+    return statuses
+
+
+def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
+    device = torch.device(args.device)
+    for dtype_name, name in itertools.product(args.dtype, args.attn):
+        for query_rows in args.query_rows if name in MRA_NAMES else [None]:
+            if query_rows is not None:
+                os.environ["MRA_TRITON_QUERY_ROWS"] = str(query_rows)
+            oom_at = None
+            for n in args.n:
+                base = dict(
+                    attn=name,
+                    impl="",
+                    scope="attention",
+                    device=device.type,
+                    dtype=dtype_name,
+                    batch=args.batch,
+                    heads=args.heads,
+                    n=n,
+                    d=args.d,
+                )
+                if oom_at is not None:
+                    skipped = f"skipped (out of memory at n={oom_at})"
+                    for pass_name in args.passes:
+                        rec.add(dict(base, status=skipped, **{"pass": pass_name}))
+                    continue
+                statuses = run_length(args, device, base, query_rows, rec)
+                free(device)
+                if "oom" in statuses:
+                    oom_at = n
+
+
+def run_length(args, device: torch.device, base: dict, query_rows, rec: Recorder) -> list[str]:
+    """Rows of one attention at one length; returns their statuses."""
+    n, name = base["n"], base["attn"]
+    try:
+        module, impl = build_attention(
+            name, heads=args.heads, n=n, d=args.d, device=device, args=args
+        )
+        base["impl"] = impl + (f"(q{32 * query_rows})" if impl == "triton" and query_rows else "")
+        shape = (args.batch, args.heads, n, args.d)
+        dtype = DTYPES[base["dtype"]]
+        q, k, v = (
+            torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in "qkv"
+        )
+    except Exception as e:  # every failure becomes a row
+        for pass_name in args.passes:
+            rec.add(dict(base, status=describe(e), **{"pass": pass_name}))
+        return [describe(e)]
+    return measure_rows(attention_steps(module, q, k, v), base, device, args, rec)
+
+
+def largest_fitting_batch(make_step: Callable[[int], Step], device, max_batch: int) -> int:
+    """The largest power of two up to max_batch whose forward+backward step runs (0: none)."""
+    fits, batch = 0, 1
+    while batch <= max_batch:
+        try:
+            make_step(batch)()
+            sync(device)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            break
+        finally:
+            free(device)
+        fits, batch = batch, 2 * batch
+    return fits
+
+
+def profile_published(args: argparse.Namespace, rec: Recorder) -> None:
+    device, heads, d, n = torch.device(args.device), 12, 64, args.profile_n
+    args.overrides = {**args.overrides, "*": {"block_per_row": 8, **args.overrides.get("*", {})}}
+    for name in args.attn:
+        base = dict(attn=name, impl="", device=device.type, dtype="float32", heads=heads, n=n, d=d)
+        try:
+            steps = profile_one(name, base, device, heads, d, n, args)
+        except Exception as e:  # every failure becomes a row
+            for pass_name in PASSES:
+                rec.add(
+                    dict(base, scope="layer", batch="", status=describe(e), **{"pass": pass_name})
+                )
+            continue
+        for scope, scope_steps in steps.items():
+            measure_rows(scope_steps, dict(base, scope=scope), device, args, rec)
+        steps = None
+        free(device)
+
+
+def profile_one(name, base, device, heads, d, n, args) -> dict[str, dict[str, Step]]:
+    """Search the batch; fill base's impl and batch; steps for the layer and the attention."""
+    attention, base["impl"] = build_attention(name, heads=heads, n=n, d=d, device=device, args=args)
+    layer = EncoderLayer(attention, heads, d).to(device)
+
+    def make_step(batch: int) -> Step:
+        x = torch.randn(batch, n, heads * d, device=device, requires_grad=True)
+        return layer_steps(layer, x)["fwd+bwd"]
+
+    fits = largest_fitting_batch(make_step, device, args.max_batch)
+    if fits == 0:
+        raise MemoryError("out of memory at batch 1")
+    base["batch"] = max(1, fits // 2)
+    print(f"{name}: largest batch that fits {fits} (cap {args.max_batch}), using {base['batch']}")
+    x = torch.randn(base["batch"], n, heads * d, device=device, requires_grad=True)
+    qkv = [
+        torch.randn(base["batch"], heads, n, d, device=device, requires_grad=True) for _ in "qkv"
+    ]
+    return {"layer": layer_steps(layer, x), "attention": attention_steps(attention, *qkv)}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["n"] = int(row["n"])
+        if row["ms"]:
+            row["ms"] = float(row["ms"])
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time against length, log-log: one panel per (dtype, pass), one line per attention."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("scope") == "attention"]
+    if not ok:
+        return
+    dtypes = sorted({r["dtype"] for r in ok})
+    labels = sorted({(r["attn"], r["impl"]) for r in ok})
+    colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    lengths = sorted({r["n"] for r in ok})
+    fig, axes = plt.subplots(
+        len(dtypes), len(PASSES), figsize=(5.5 * len(PASSES), 4 * len(dtypes)), squeeze=False
+    )
+    for (i, dtype), (j, pass_name) in itertools.product(enumerate(dtypes), enumerate(PASSES)):
+        ax = axes[i][j]
+        for c, label in enumerate(labels):
+            line = sorted(
+                (r["n"], r["ms"])
+                for r in ok
+                if (r["attn"], r["impl"]) == label
+                and r["dtype"] == dtype
+                and r["pass"] == pass_name
+            )
+            if line:
+                ax.plot(
+                    *zip(*line, strict=True), "o-", color=colors(c), label="{} [{}]".format(*label)
+                )
+        ax.set(xscale="log", yscale="log", xlabel="n (tokens)", ylabel="ms")
+        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_title(f"{dtype}, {pass_name}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    first = ok[0]
+    fig.suptitle(
+        f"attention time vs length ({first['device']}, B={first['batch']}, "
+        f"H={first['heads']}, d={first['d']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _list(kind: Callable[[str], object]) -> Callable[[str], list]:
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mra_lra.bench.attention",
+        description="Time and peak memory of attentions against sequence length.",
+    )
+    p.add_argument("--attn", type=_list(str), default=["mra", "mra_s", "softmax"])
+    p.add_argument("--n", type=_list(int), default=[1024, 4096, 16384])
+    p.add_argument("--d", type=int, default=32, help="head dim")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtype", type=_list(str), default=["float32"], help=", ".join(DTYPES))
+    p.add_argument("--passes", type=_list(str), default=list(PASSES), help="fwd,fwd+bwd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument(
+        "--query-rows",
+        type=_list(int),
+        default=[1],
+        help="block rows per MRA Triton query tile to compare (1, 2, 4: 32, 64, 128 rows)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--name", default=None, help="file stem (default attention / published)")
+    p.add_argument("--profile-published", action="store_true")
+    p.add_argument("--profile-n", type=int, default=4096)
+    p.add_argument("--max-batch", type=int, default=None, help="default 1024 (CUDA), 4 (CPU)")
+    p.add_argument("--plot-from", type=Path, nargs="+", default=None, metavar="CSV")
+    args = p.parse_args(argv)
+    if any(t not in DTYPES for t in args.dtype) or any(x not in PASSES for x in args.passes):
+        p.error(f"--dtype takes {', '.join(DTYPES)}; --passes takes {', '.join(PASSES)}")
+    if args.max_batch is None:
+        args.max_batch = 1024 if args.device.startswith("cuda") else 4
+    if args.name is None:
+        args.name = "published" if args.profile_published else "attention"
+    args.overrides = parse_overrides(args.set)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot_from:
+        plot(
+            [row for path in args.plot_from for row in read_csv(path)],
+            args.out / f"{args.name}.png",
+        )
+        return
+    torch.manual_seed(0)
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""
+    print(f"device {args.device}{gpu}, torch {torch.__version__}", flush=True)
+    rec = Recorder(args.out / f"{args.name}.csv")
+    if args.profile_published:
+        profile_published(args, rec)
+    else:
+        run_grid(args, rec)
+        plot(rec.rows, args.out / f"{args.name}.png")
+    print(f"wrote {rec.path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mra_lra.attention import build
-from mra_lra.attention.yoso import expectation_cumulation, lsh_cumulation
+from mra_lra.attention.yoso import compact_codes, expectation_cumulation, lsh_cumulation
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "yoso.yaml"
@@ -146,3 +146,13 @@ def test_gradients_reach_q_k_v(expectation):
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
         assert (t.grad[1, :, 33:] == 0).all()
+
+
+def test_compact_codes_keep_which_codes_are_equal():
+    g = torch.Generator().manual_seed(5)
+    codes_q = torch.randint(0, 64, (3, 20, 4), generator=g)
+    codes_k = torch.randint(0, 64, (3, 30, 4), generator=g)
+    new_q, new_k, num_buckets = compact_codes(codes_q, codes_k)
+    assert num_buckets == 50 and new_q.max() < 50 and new_k.max() < 50
+    same = codes_q[:, :, None, :] == codes_k[:, None, :, :]
+    assert torch.equal(new_q[:, :, None, :] == new_k[:, None, :, :], same)

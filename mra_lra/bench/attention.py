@@ -288,8 +288,9 @@ def measure_rows(steps: dict[str, Step], base: dict, device, args, rec: Recorder
 
 def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
     device = torch.device(args.device)
+    on_triton = resolve_backend(args.backend, device) == "triton"
     for dtype_name, name in itertools.product(args.dtype, args.attn):
-        for query_rows in args.query_rows if name in MRA_NAMES else [None]:
+        for query_rows in args.query_rows if name in MRA_NAMES and on_triton else [None]:
             if query_rows is not None:
                 os.environ["MRA_TRITON_QUERY_ROWS"] = str(query_rows)
             oom_at = None
@@ -442,7 +443,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.minorticks_off()
         ax.set_title(f"{dtype}, {pass_name}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     first = ok[0]
     fig.suptitle(
         f"attention time vs length ({first['device']}, B={first['batch']}, "

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# GPU check, one command on a CUDA machine (about 5 minutes on an H100, 7.5 at most):
+#   1. the gpu-marked tests: compiled Triton kernels against the torch path in float32, float16
+#      and bfloat16 (MRA-2, MRA-2-s, 32/64/128-row query tiles, a 65,536-token run), FlexAttention;
+#   2. the attention benchmark: MRA-2 and MRA-2-s on Triton against SDPA (flash) and softmax,
+#      n = 1k..64k, bfloat16 and float32, forward and forward+backward;
+#   3. flex_mra (FlexAttention over MRA's blocks, compiled) in bfloat16;
+#   4. the published code's profiling setup (one layer, 12 x 64 heads, float32, n = 4096).
+# Needs python3 with torch, triton, numpy, pytest, pyyaml and matplotlib; no install step (the
+# package is used from this checkout through PYTHONPATH). Writes gpu_check.log, attention.csv,
+# attention.png, flex.csv, flex.png and published.csv to $OUT (default ./bench_out).
+# Each step runs under `timeout` within a total budget, so one hang cannot eat the rest.
+# A CPU dry run of the plumbing: DEVICE=cpu BENCH_N=256,512 PROFILE_N=256 bash scripts/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-./bench_out}
+BUDGET_S=${BUDGET_S:-450}
+DEVICE=${DEVICE:-cuda}
+BENCH_N=${BENCH_N:-1024,4096,16384,65536}
+PROFILE_N=${PROFILE_N:-4096}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0
+
+START=$SECONDS
+FAILED=()
+
+log() { echo "$@" | tee -a "$LOG"; }
+
+# step NAME CAP_SECONDS COMMAND...: run under timeout min(CAP, budget left), log, remember failures.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - (SECONDS - START)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then
+        log "=== $name: skipped, the ${BUDGET_S}s budget is spent"
+        FAILED+=("$name (skipped)")
+        return
+    fi
+    log "=== $name (at most ${limit}s; $((SECONDS - START))s elapsed)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    if ((rc == 124 || rc == 137)); then
+        log "=== $name: timed out after ${limit}s"
+        FAILED+=("$name (timeout)")
+    elif ((rc != 0)); then
+        log "=== $name: exit code $rc"
+        FAILED+=("$name (exit $rc)")
+    fi
+}
+
+log "=== GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+step versions 60 "$PYTHON" -c "
+import torch, triton
+print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')
+assert torch.cuda.is_available(), 'no CUDA device visible to torch'
+"
+
+# pyproject's addopts deselect gpu tests; -m gpu on the command line replaces that. Test modules
+# that need training-only packages (hydra, lightning) may fail to collect on a bare image.
+step "gpu tests" 240 "$PYTHON" -m pytest tests/attention -m gpu -p no:cacheprovider \
+    --continue-on-collection-errors -q -s -rfEs
+
+BENCH=("$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 --heads 8 --batch 1
+    --n "$BENCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT")
+step "benchmark: MRA on Triton vs SDPA" 130 "${BENCH[@]}" --name attention \
+    --attn mra,mra_s,sdpa_flash,softmax --dtype bfloat16,float32 --query-rows 1,2,4
+step "benchmark: flex_mra" 70 "${BENCH[@]}" --name flex --attn flex_mra --dtype bfloat16
+step "benchmark: published profiling setup" 60 "$PYTHON" -m mra_lra.bench.attention \
+    --device "$DEVICE" --profile-published --profile-n "$PROFILE_N" --attn mra,mra_s,softmax \
+    --repeats 3 --out "$OUT"
+# One plot of everything measured, also when a benchmark step was cut short.
+CSVS=()
+for f in "$OUT/attention.csv" "$OUT/flex.csv"; do [[ -s $f ]] && CSVS+=("$f"); done
+if ((${#CSVS[@]})); then
+    step plot 60 "$PYTHON" -m mra_lra.bench.attention --out "$OUT" --name attention \
+        --plot-from "${CSVS[@]}"
+fi
+
+log "=== done in $((SECONDS - START))s; files in $OUT:"
+ls -l "$OUT" | tee -a "$LOG"
+if ((${#FAILED[@]})); then
+    log "=== FAILED: ${FAILED[*]}"
+    exit 1
+fi
+log "=== all steps passed"

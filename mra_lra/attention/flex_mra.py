@@ -1,0 +1,171 @@
+"""MRA-2-s through PyTorch FlexAttention: a BlockMask built from MRA's chosen blocks.
+
+MRA-2-s (spec/mra.md, sparse mode) is softmax attention restricted to the k_sel blocks of
+block_size x block_size that MRA's selection picks (one global top-k over the coarse block scores,
+with the task's priors). This module reuses that selection (`mra.selection.pad_to_blocks` and
+`prepare`) and hands the chosen set to FlexAttention as a BlockMask:
+
+    kv_num_blocks / kv_indices             chosen blocks whose key block has padding (partial)
+    full_kv_num_blocks / full_kv_indices   chosen blocks whose key block is all real (full)
+    mask_mod(b, h, i, j) = chosen[b, h, i // bs, j // bs] and key j is real
+
+so the compiled kernel visits only the chosen blocks, and skips the mask on full ones. The
+mask_mod repeats the block pattern so that FlexAttention's unfused path, which applies mask_mod
+over the whole matrix and ignores the block lists, computes the same function. A query row with
+no chosen block (or only padded keys in it) outputs zero, as in MRA-2-s.
+
+Devices:
+- CUDA: flex_attention compiled with torch.compile (fused, block-sparse; forward and backward),
+  with Triton tiles of gcd(block_size, 64) so that they divide the MRA blocks (block_size must be a
+  multiple of 16 there).
+- CPU: FlexAttention's unfused eager path, forward only (it materialises the n x n scores; torch
+  has no FlexAttention backward on CPU). For training on CPU use attn=mra_s: the same function.
+The function equals attn=mra_s up to MRA-2-s's 1e-6 in the denominator.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mra_lra.attention.mra import selection
+from mra_lra.attention.registry import register
+from mra_lra.attention.softmax import zero_padded_queries
+
+_compiled_flex: Callable | None = None
+
+
+def _flex_api() -> tuple[Callable, type]:
+    """flex_attention and BlockMask, or a RuntimeError naming what is missing."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError as err:
+        raise RuntimeError(
+            f"attn=flex_mra needs torch.nn.attention.flex_attention (torch >= 2.5), which this "
+            f"torch {torch.__version__} does not provide; use attn=mra_s (the same function, "
+            f"MRA's own torch and Triton paths) or upgrade torch"
+        ) from err
+    return flex_attention, BlockMask
+
+
+def _kernel_options(block_size: int) -> dict[str, int]:
+    """Triton tiles that divide the MRA block (the compiled kernel requires it), 16 to 64."""
+    tile = math.gcd(block_size, 64)
+    if tile < 16:
+        raise ValueError(
+            f"attn=flex_mra on CUDA needs block_size a multiple of 16 (the kernel's tiles must "
+            f"divide it), got {block_size}; use attn=mra_s for other block sizes"
+        )
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+    return dict.fromkeys(names, tile)
+
+
+def _run_flex(flex_attention: Callable, q, k, v, block_mask, block_size: int) -> torch.Tensor:
+    global _compiled_flex
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex(
+            q, k, v, block_mask=block_mask, kernel_options=_kernel_options(block_size)
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            f"attn=flex_mra cannot train on {q.device.type}: torch {torch.__version__} has no "
+            f"FlexAttention backward there. Train on a CUDA device, or use attn=mra_s (the same "
+            f"function with a CPU path); flex_mra's CPU forward runs under torch.no_grad()"
+        )
+    with warnings.catch_warnings():
+        # The unfused path warns that it is unfused; on CPU that is the point (tests, inference).
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _block_lists(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, nb, nb] bool -> counts [B, H, nb] and indices [B, H, nb, nb] (chosen first), int32."""
+    counts = table.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(table.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts, order.to(torch.int32)
+
+
+def chosen_block_table(block_idx: torch.Tensor, num_block_rows: int) -> torch.Tensor:
+    """Flat chosen-block indices I * nb + J [B, H, k_sel] -> bool table [B, H, nb, nb]."""
+    B, H, _ = block_idx.shape
+    nb = num_block_rows
+    table = torch.zeros(B, H, nb * nb, dtype=torch.bool, device=block_idx.device)
+    return table.scatter_(-1, block_idx, True).view(B, H, nb, nb)
+
+
+@register("flex_mra")
+class FlexMRAAttention(nn.Module):
+    """MRA-2-s with FlexAttention; k_sel = min(nb * block_per_row, nb * nb) per slice."""
+
+    def __init__(
+        self,
+        block_per_row: int = 8,
+        initial_prior_first_n_blocks: int = 0,
+        initial_prior_diagonal_n_blocks: int = 0,
+        block_size: int = 32,
+    ):
+        super().__init__()
+        if block_per_row < 1:
+            raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_per_row = block_per_row
+        self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
+        self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
+        self.block_size = block_size
+
+    def num_blocks(self, n: int) -> int:
+        nb = -(-n // self.block_size)
+        return min(nb * self.block_per_row, nb * nb)
+
+    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        flex_attention, BlockMask = _flex_api()
+        B, H, n, d = q.shape
+        bs = self.block_size
+        qp, kp, vp, keep = selection.pad_to_blocks(q, k, v, mask, bs)
+        n_pad = qp.shape[2]
+        nb = n_pad // bs
+        with torch.no_grad():
+            # Selection as in mra2_attention: in float32 at least, whatever the input dtype.
+            compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+            sel, _, _ = selection.prepare(
+                qp.detach().to(compute),
+                kp.detach().to(compute),
+                keep.to(compute),
+                num_blocks=self.num_blocks(n),
+                block_size=bs,
+                initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
+                initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
+            )
+            chosen = chosen_block_table(sel.block_idx, nb)
+            key_real = keep.bool()
+            key_block_full = (sel.counts == bs)[:, None, None, :]  # [B, 1, 1, nb]
+            partial_num, partial_idx = _block_lists(chosen & ~key_block_full)
+            full_num, full_idx = _block_lists(chosen & key_block_full)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return chosen[b, h, q_idx // bs, kv_idx // bs] & key_real[b, kv_idx]
+
+        block_mask = BlockMask.from_kv_blocks(
+            partial_num,
+            partial_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=bs,
+            mask_mod=mask_mod,
+            seq_lengths=(n_pad, n_pad),
+        )
+        out = _run_flex(flex_attention, qp, kp, vp, block_mask, bs)
+        return zero_padded_queries(out[:, :, :n], mask).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_per_row={self.block_per_row}, priors=({self.initial_prior_first_n_blocks}, "
+            f"{self.initial_prior_diagonal_n_blocks}), block_size={self.block_size}"
+        )

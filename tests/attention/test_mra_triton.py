@@ -158,6 +158,18 @@ def test_priors_choose_their_blocks(first, diagonal, num_blocks, allowed):
     assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_autocast_keeps_statistics_in_float32(mode):
+    """Under bfloat16 autocast (mixed-precision training) the result equals the torch path on
+    the same bfloat16 inputs outside autocast."""
+    q, k, v, mask, cot = inputs(1, 2, 96, 32, torch.bfloat16, pad=20)
+    kw = dict(num_blocks=5, approx_mode=mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(mra("triton"), q, k, v, mask, cot, **kw)
+    want = run(mra("torch"), q, k, v, mask, cot, **kw)
+    assert_close(got, want, TOLERANCE[torch.bfloat16])
+
+
 def test_backward_is_deterministic():
     q, k, v, mask, cot = inputs(1, 2, 96, 16, pad=10)
     first = run(mra("triton"), q, k, v, mask, cot, num_blocks=6, approx_mode="full")[1]

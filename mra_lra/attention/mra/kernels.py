@@ -35,6 +35,10 @@ Query tiles: a program handles ROWS consecutive block rows (BLOCK_M = ROWS * blo
 rows) over the union of their key blocks; a bit per block row says which rows chose each block.
 ROWS = 1 is the plain 32 x 32 tile; 2 or 4 feed the tensor cores better (set with `query_rows` or
 the MRA_TRITON_QUERY_ROWS environment variable, to benchmark on a GPU).
+
+Launch settings: num_warps and num_stages follow the tile size (`_launch_settings`), so each
+kernel compiles once per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them
+instead, at the price of compiling several variants.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY
 # triton.jit picks the interpreter when it decorates, from the same variable; the interpreter
 # runs on CPU tensors and cannot autotune.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+AUTOTUNE = os.environ.get("MRA_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 MAX_HEAD_DIM = 128
 
 _EPS = tl.constexpr(EPS)
@@ -68,7 +73,7 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 
 def _autotuned(kernel, key: list[str]):
-    if INTERPRET:
+    if not AUTOTUNE:
         return kernel
     configs = [
         triton.Config({}, num_warps=w, num_stages=s) for w, s in ((2, 2), (4, 2), (4, 3), (8, 2))
@@ -111,11 +116,11 @@ def _mra_fwd_kernel(
     FULL: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = ROWS * BLOCK
     tile = tl.program_id(0)
     g = tl.program_id(1)
     batch = g // num_heads
@@ -192,11 +197,11 @@ def _mra_bwd_dq_kernel(
     stride_n,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = ROWS * BLOCK
     tile = tl.program_id(0)
     g = tl.program_id(1)
     batch = g // num_heads
@@ -263,11 +268,11 @@ def _mra_bwd_dkdv_kernel(
     stride_n,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = ROWS * BLOCK
     key_block = tl.program_id(0)
     g = tl.program_id(1)
     batch = g // num_heads
@@ -380,6 +385,7 @@ def _coarse_weights(
 
 def _launch_config(q: torch.Tensor, block_size: int, rows: int) -> dict:
     B, H, n_pad, d = q.shape
+    d_pad = max(16, triton.next_power_of_2(d))
     return dict(
         sm_scale=1.0 / math.sqrt(d),
         num_heads=H,
@@ -390,10 +396,21 @@ def _launch_config(q: torch.Tensor, block_size: int, rows: int) -> dict:
         stride_n=d,
         BLOCK=block_size,
         ROWS=rows,
-        D_PAD=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=rows * block_size,  # query rows per tile
+        D_PAD=d_pad,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET,
+        **({} if AUTOTUNE else _launch_settings(rows * block_size, d_pad, q.element_size())),
     )
+
+
+def _launch_settings(block_m: int, d_pad: int, element_size: int) -> dict:
+    """num_warps by tile size; one pipeline stage less when a stage's two [block_m, d_pad] tiles
+    (the dK/dV kernel's q and dO) would pass 64 KiB of shared memory."""
+    tile = block_m * d_pad
+    num_warps = 2 if tile <= 32 * 64 else 4 if tile <= 64 * 128 else 8
+    num_stages = 2 if 2 * tile * element_size <= 64 * 2**10 else 1
+    return dict(num_warps=num_warps, num_stages=num_stages)
 
 
 class _MRA2Triton(torch.autograd.Function):
@@ -447,52 +464,58 @@ class _MRA2Triton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse, mask, row_max, A, vbar = ctx.saved_tensors
-        lists, cfg, b = ctx.lists, ctx.cfg, ctx.block_size
-        B, H, n_pad, d = q.shape
-        nb = n_pad // b
-        # Padded queries output constant zeros: no gradient flows back from them.
-        do = (dout * mask[:, None, :, None].to(dout.dtype)).contiguous()
-        delta = (do.float() * out.float()).sum(dim=-1)
-        dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-        rows = cfg["ROWS"]
-        _mra_bwd_dq[(-(-nb // rows), B * H)](
-            q,
-            k,
-            v,
-            do,
-            dq,
-            lse,
-            delta,
-            mask,
-            lists.tile_ptr,
-            lists.tile_cols,
-            lists.tile_bits,
-            **cfg,
-        )
-        _mra_bwd_dkdv[(nb, B * H)](
-            q,
-            k,
-            v,
-            do,
-            dk,
-            dv,
-            lse,
-            delta,
-            mask,
-            lists.key_ptr,
-            lists.key_tiles,
-            lists.key_bits,
-            **cfg,
-        )
-        dcoarse = dvbar = None
-        if A is not None:
-            weight = torch.exp(row_max[..., None] - lse.view(B, H, nb, b))  # [B, H, nb, b]
-            u = torch.matmul(weight[..., None, :], do.float().view(B, H, nb, b, d)).squeeze(-2)
-            w = (weight * delta.view(B, H, nb, b)).sum(dim=-1)
-            dcoarse = A * (torch.matmul(u, vbar.transpose(-1, -2)) - w[..., None])
-            dvbar = torch.matmul(A.transpose(-1, -2), u)
-        return dq, dk, dv, dcoarse, dvbar, None, None, None, None, None
+        with torch.autocast(device_type=dout.device.type, enabled=False):
+            return _backward(ctx, dout)
+
+
+def _backward(ctx, dout: torch.Tensor) -> tuple:
+    """dq, dk, dv from the kernels; d(coarse), d(vbar) from the small matrices (full mode)."""
+    q, k, v, out, lse, mask, row_max, A, vbar = ctx.saved_tensors
+    lists, cfg, b = ctx.lists, ctx.cfg, ctx.block_size
+    B, H, n_pad, d = q.shape
+    nb = n_pad // b
+    # Padded queries output constant zeros: no gradient flows back from them.
+    do = (dout * mask[:, None, :, None].to(dout.dtype)).contiguous()
+    delta = (do.float() * out.float()).sum(dim=-1)
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    rows = cfg["ROWS"]
+    _mra_bwd_dq[(-(-nb // rows), B * H)](
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        mask,
+        lists.tile_ptr,
+        lists.tile_cols,
+        lists.tile_bits,
+        **cfg,
+    )
+    _mra_bwd_dkdv[(nb, B * H)](
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        mask,
+        lists.key_ptr,
+        lists.key_tiles,
+        lists.key_bits,
+        **cfg,
+    )
+    dcoarse = dvbar = None
+    if A is not None:
+        weight = torch.exp(row_max[..., None] - lse.view(B, H, nb, b))  # [B, H, nb, b]
+        u = torch.matmul(weight[..., None, :], do.float().view(B, H, nb, b, d)).squeeze(-2)
+        w = (weight * delta.view(B, H, nb, b)).sum(dim=-1)
+        dcoarse = A * (torch.matmul(u, vbar.transpose(-1, -2)) - w[..., None])
+        dvbar = torch.matmul(A.transpose(-1, -2), u)
+    return dq, dk, dv, dcoarse, dvbar, None, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -543,33 +566,35 @@ def mra2_triton(
         raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
     full = approx_mode == "full"
     n = q.shape[2]
-    qp, kp, vp, mask_p = selection.pad_to_blocks(q, k, v, mask, block_size)
-    mask_p = mask_p.float().contiguous()
-    # The same float32 statistics as the torch path, so both backends choose the same blocks.
-    # Only full mode differentiates through them (the coarse part).
-    with torch.set_grad_enabled(torch.is_grad_enabled() and full):
-        sel, _, _ = selection.prepare(
-            qp.float(),
-            kp.float(),
+    # Statistics and the coarse part are float32 math: keep autocast from rounding them.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qp, kp, vp, mask_p = selection.pad_to_blocks(q, k, v, mask, block_size)
+        mask_p = mask_p.float().contiguous()
+        # The same float32 statistics as the torch path, so both backends choose the same
+        # blocks. Only full mode differentiates through them (the coarse part).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and full):
+            sel, _, _ = selection.prepare(
+                qp.float(),
+                kp.float(),
+                mask_p,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+                initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            )
+            coarse = sel.coarse if full else None
+            vbar = selection.block_means(vp.float(), sel.counts, block_size) if full else None
+        lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows)
+        out = _MRA2Triton.apply(
+            qp.contiguous(),
+            kp.contiguous(),
+            vp.contiguous(),
+            coarse,
+            vbar,
             mask_p,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            sel,
+            lists,
+            block_size,
+            query_rows,
         )
-        coarse = sel.coarse if full else None
-        vbar = selection.block_means(vp.float(), sel.counts, block_size) if full else None
-    lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows)
-    out = _MRA2Triton.apply(
-        qp.contiguous(),
-        kp.contiguous(),
-        vp.contiguous(),
-        coarse,
-        vbar,
-        mask_p,
-        sel,
-        lists,
-        block_size,
-        query_rows,
-    )
     return out[:, :, :n]

@@ -76,7 +76,8 @@ def _autotuned(kernel, key: list[str]):
     if not AUTOTUNE:
         return kernel
     configs = [
-        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((2, 2), (4, 2), (4, 3), (8, 2))
+        triton.Config({}, num_warps=w, num_stages=s)
+        for w, s in ((2, 2), (4, 2), (4, 3), (8, 2), (8, 1))
     ]
     return triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_configs}

@@ -64,9 +64,12 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 assert torch.cuda.is_available(), 'no CUDA device visible to torch'
 "
 
-# pyproject's addopts deselect gpu tests; -m gpu on the command line replaces that. Test modules
-# that need training-only packages (hydra, lightning) may fail to collect on a bare image.
-step "gpu tests" 240 "$PYTHON" -m pytest tests/attention -m gpu -p no:cacheprovider \
+# The test files with gpu-marked tests; pyproject's addopts deselect gpu tests and -m gpu on the
+# command line replaces that. A file that imports a training-only package (hydra, omegaconf,
+# lightning) at module level cannot be collected on a bare image: the others still run.
+mapfile -t GPU_TESTS < <(grep -rl --include='*.py' "pytest.mark.gpu" tests | sort)
+log "=== gpu test files: ${GPU_TESTS[*]}"
+step "gpu tests" 240 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m gpu -p no:cacheprovider \
     --continue-on-collection-errors -q -s -rfEs
 
 BENCH=("$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 --heads 8 --batch 1

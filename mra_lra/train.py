@@ -135,6 +135,7 @@ def run(cfg: DictConfig) -> dict:
         else:
             log.warning("no validation ran, so there is no best checkpoint; test_acc is null")
 
+    majority = getattr(datamodule, "majority_baseline", None)
     peak_mb, peak_kind = _peak_memory_mb()
     attn_options = OmegaConf.to_container(cfg.attn, resolve=True)
     results = {
@@ -146,6 +147,7 @@ def run(cfg: DictConfig) -> dict:
         "test_acc": test_acc,
         "test_acc_last": test_acc_last,
         "val_acc_best": val_acc_best,
+        "majority_class_test_acc": majority() if majority and datamodule.datasets else None,
         "best_step": best_step,
         "steps": steps,
         "wall_seconds": time.perf_counter() - start,
@@ -166,4 +168,10 @@ def run(cfg: DictConfig) -> dict:
         )
         logger.save()
     log.info("results: %s", json.dumps({k: results[k] for k in ("test_acc", "val_acc_best")}))
+    print(
+        f"{results['task']} / {results['attn']}: test accuracy {test_acc} at the best validation "
+        f"step {best_step} ({test_acc_last} at the last step {steps}); majority-class baseline "
+        f"{results['majority_class_test_acc']}; results in {out_dir / 'results.json'}",
+        flush=True,
+    )
     return results

@@ -311,6 +311,11 @@ class ListOpsDataModule(pl.LightningDataModule):
         )
         self.datasets = {split: ListOpsDataset(entry, split) for split in SPLITS}
 
+    def majority_baseline(self, split: str = "test") -> float:
+        """Accuracy of always predicting the most frequent label of `split` (after setup)."""
+        labels = np.asarray(self.datasets[split].arrays["label"])
+        return float(np.bincount(labels).max() / max(len(labels), 1))
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError("ListOpsDataModule: call setup() before asking for a dataloader")

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from mra_lra.attention import names
 from mra_lra.train import run
 
 REQUIRED = [
@@ -78,3 +79,14 @@ def test_resume_from_last_matches_uninterrupted(compose_cfg, tmp_path, conftest_
     w_b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     for name, tensor in w_a["state_dict"].items():
         torch.testing.assert_close(w_b["state_dict"][name], tensor, msg=name)
+
+
+@pytest.mark.parametrize("attn", [a for a in names() if a != "flex_mra"])
+def test_every_attention_trains_listops_at_512(compose_cfg, tmp_path, conftest_tiny, attn):
+    # flex_mra has no FlexAttention backward on CPU; its own tests check the message.
+    overrides = [*conftest_tiny, f"attn={attn}", "data.max_length=512", "trainer.max_steps=3"]
+    overrides += ["trainer.val_check_interval=3", "scheduler.warmup_steps=1", "logger=none"]
+    overrides += ["test=false"]
+    results = run(compose_cfg(overrides, run_dir=tmp_path / "run"))
+    assert results["steps"] == 3 and results["attn"] == attn
+    assert results["val_acc_best"] is not None

@@ -8,22 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from mra_lra.attention import build
+from tests.attention.dense import dense_softmax
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "bigbird.yaml"
-
-
-def dense_softmax(q, k, v, mask, allowed=None):
-    """float64 masked softmax attention over `allowed` [H, n, n] pairs; padded queries output 0."""
-    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    # A padded query may see no real key: give it zero weights instead of NaN (zeroed below).
-    probs = torch.softmax(logits.nan_to_num(neginf=-1e300), dim=-1) * torch.isfinite(logits)
-    out = torch.einsum("bhij,bhjd->bhid", probs, v)
-    return out * mask[:, None, :, None]
 
 
 def expected_blocks(nb, window, num_global, random_blocks_of_row):

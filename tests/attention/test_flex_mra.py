@@ -4,7 +4,6 @@ On CPU FlexAttention runs forward only (unfused); the gradient checks run on a C
 (`gpu` mark, scripts/gpu_check.sh).
 """
 
-import math
 import sys
 from pathlib import Path
 
@@ -12,18 +11,10 @@ import pytest
 import torch
 
 from mra_lra.attention import build
+from tests.attention.dense import dense_softmax
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "flex_mra.yaml"
-
-
-def dense_softmax(q, k, v, mask):
-    """float64 masked softmax attention; padded queries output 0."""
-    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
-    return out * mask[:, None, :, None]
 
 
 def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None, device="cpu"):

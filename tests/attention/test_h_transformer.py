@@ -9,18 +9,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mra_lra.attention import build
+from tests.attention.dense import dense_softmax
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "h_transformer.yaml"
-
-
-def dense_softmax(q, k, v, mask):
-    """float64 masked softmax attention; padded queries output 0."""
-    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
-    return out * mask[:, None, :, None]
 
 
 def dense_hierarchical(q, k, v, mask, b):

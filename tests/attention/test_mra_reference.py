@@ -7,17 +7,9 @@ import torch
 
 from mra_lra.attention import build
 from mra_lra.attention.mra import mra2_attention, selection
+from tests.attention.dense import dense_softmax
 
 B, H, D = 2, 2, 16
-
-
-def dense_softmax(q, k, v, mask):
-    """float64 masked softmax attention; padded queries output 0."""
-    q, k, v = q.double(), k.double(), v.double()
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
-    return out * mask[:, None, :, None].double()
 
 
 def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):

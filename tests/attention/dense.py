@@ -1,0 +1,18 @@
+"""Independent dense references shared by the attention tests (float64, O(n^2))."""
+
+import math
+
+import torch
+
+
+def dense_softmax(q, k, v, mask, allowed=None):
+    """float64 masked softmax attention over `allowed` pairs (broadcast to [B, H, n, n]);
+    padded keys get no weight, and padded queries (or rows with no allowed key) output 0."""
+    q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits.nan_to_num(neginf=-1e300), dim=-1) * torch.isfinite(logits)
+    out = torch.einsum("bhij,bhjd->bhid", probs, v)
+    return out * mask[:, None, :, None]

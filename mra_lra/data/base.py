@@ -1,0 +1,248 @@
+"""What every LRA datamodule shares: cached arrays -> batches, and the prepare/setup split.
+
+A task's datamodule says three things (see `LRADataModule`): where its source files are (finding,
+extracting or generating them in `ensure_sources`), which options decide its arrays
+(`cache_options`), and how to build them (`build_arrays`). The base class caches the arrays under
+`<data_dir>/cache/<task>/<key>/` (mra_lra/data/cache.py), memory-maps them in `setup`, and serves
+batches.
+
+Arrays of a cache entry, per split `<s>` in train/val/test:
+
+    <s>_input_ids   uint8/uint16 [N, L]   token ids, padded with 0
+    <s>_length      int32 [N]             real length (mask = positions < length)
+    <s>_label       uint8 [N]
+    <s>_input_ids_2, <s>_length_2         the second document of pair tasks (Retrieval)
+
+Batches are cut with one numpy fancy-index per batch (`__getitems__`), not item by item, so that
+loading from the cache keeps up with a GPU on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mra_lra.data.cache import ensure_array_cache, find_array_cache, load_arrays
+from mra_lra.data.sampling import EpochShuffleSampler
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+DATA_DIR_FIX = "Set data.data_dir=<a writable folder> or the LRA_DATA_DIR environment variable."
+MASK_MODES = ("length", "nonzero")
+
+
+class CachedArrayDataset(Dataset):
+    """One split of a cache entry as batches of `{"input_ids", "mask", "label"}` (plus
+    `input_ids_2`, `mask_2` for pairs).
+
+    `mask_mode="length"` masks positions past each sequence's length; `"nonzero"` masks every
+    token id 0 (the LRA reference's treatment of black pixels, a fidelity switch). `order`, a
+    permutation of positions, reorders every sequence (e.g. pixels into patch order).
+
+    The arrays are memory-mapped on first use in each process, so that worker processes started
+    by spawn or forkserver map the files instead of receiving a pickled copy of them."""
+
+    def __init__(
+        self,
+        entry: str | os.PathLike,
+        split: str,
+        mask_mode: str = "length",
+        order: np.ndarray | None = None,
+    ) -> None:
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        self.entry = Path(entry)
+        self.split = split
+        self.mask_mode = mask_mode
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            prefix = f"{self.split}_"
+            self._arrays = {
+                name[len(prefix) :]: array
+                for name, array in load_arrays(self.entry).items()
+                if name.startswith(prefix)
+            }
+        return self._arrays
+
+    @property
+    def is_pair(self) -> bool:
+        return "input_ids_2" in self.arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["label"])
+
+    def _tower(self, index: np.ndarray, suffix: str) -> dict[str, torch.Tensor]:
+        ids = np.asarray(self.arrays[f"input_ids{suffix}"][index])
+        if self.order is not None:
+            ids = ids[:, self.order]
+        if self.mask_mode == "nonzero":
+            mask = ids != 0
+        else:
+            lengths = np.asarray(self.arrays[f"length{suffix}"][index])
+            mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        return {
+            f"input_ids{suffix}": torch.from_numpy(ids.astype(np.int64)),
+            f"mask{suffix}": torch.from_numpy(mask.astype(np.float32)),
+        }
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        # Sorted reads are faster on a memory map; the batch keeps the sampler's order.
+        index = np.asarray(indices, dtype=np.int64)
+        batch = self._tower(index, "")
+        if self.is_pair:
+            batch.update(self._tower(index, "_2"))
+        batch["label"] = torch.from_numpy(np.asarray(self.arrays["label"][index]).astype(np.int64))
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
+
+
+class LRADataModule(pl.LightningDataModule):
+    """Base datamodule: subclasses set `task`, `num_classes`, and implement `ensure_sources`,
+    `cache_options` and `build_arrays` (and `dataset_options` when items need more than the
+    defaults). `max_length` is the model's fixed sequence length, to which every batch is padded.
+    """
+
+    task: str = ""
+    num_classes: int = 0
+    # A split served by another one's arrays (IMDB has no validation split: val reads test).
+    split_aliases: Mapping[str, str] = {}
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        max_length: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        source: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.source = Path(source).expanduser() if source else None
+        self.datasets: dict[str, CachedArrayDataset] = {}
+
+    # -- what a task provides ------------------------------------------------------------
+    def ensure_sources(self) -> None:
+        """Find (extract, or generate) the task's source files; raise a clear error naming what
+        to obtain and where to put it when they are missing. Called once, by `prepare_data`."""
+        raise NotImplementedError
+
+    def cache_options(self) -> dict[str, Any]:
+        """Everything that changes the arrays (file fingerprints, lengths, vocab version...)."""
+        raise NotImplementedError
+
+    def build_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of every split (names as in the module docstring)."""
+        raise NotImplementedError
+
+    def dataset_options(self) -> dict[str, Any]:
+        """Keyword arguments of `CachedArrayDataset` (mask mode, position order)."""
+        return {}
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def cache_root(self) -> Path:
+        return self.data_dir / "cache" / self.task
+
+    def ensure_cache(self) -> Path:
+        """Sources, then the cached arrays; returns the cache entry. What `prepare` calls."""
+        self.ensure_sources()
+        return ensure_array_cache(
+            self.cache_root, self.cache_options(), self.build_arrays, DATA_DIR_FIX
+        )
+
+    def prepare_data(self) -> None:
+        self.ensure_cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        entry = find_array_cache(
+            self.cache_root,
+            self.cache_options(),
+            f"Run `python -m mra_lra.data.prepare task={self.task}` (or call prepare_data(); "
+            "the Trainer does).",
+        )
+        options = self.dataset_options()
+        self.datasets = {
+            split: CachedArrayDataset(entry, self.split_aliases.get(split, split), **options)
+            for split in SPLITS
+        }
+        for split, alias in self.split_aliases.items():
+            log.warning("%s has no %s split: %s uses the %s split", self.task, split, split, alias)
+
+    def majority_baseline(self, split: str = "test") -> float:
+        """Accuracy of always predicting the most frequent label of `split` (after setup)."""
+        labels = np.asarray(self.datasets[split].arrays["label"])
+        return float(np.bincount(labels).max() / max(len(labels), 1))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(
+                f"{type(self).__name__}: call setup() before asking for a dataloader"
+            )
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset)) if shuffle else None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def pad_sequences(
+    sequences: Sequence[np.ndarray], max_length: int, dtype: Any, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (with 0) and truncate token sequences to `[N, max_length]`; returns the ids and the
+    lengths before truncation. One warning counts the truncated rows of `what` (a split name)."""
+    ids = np.zeros((len(sequences), max_length), dtype=dtype)
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences))
+    for row, seq in enumerate(sequences):
+        kept = seq[:max_length]
+        ids[row, : len(kept)] = kept
+    truncated = int((lengths > max_length).sum())
+    if truncated:
+        log.warning(
+            "%s: %d of %d sequences longer than %d were truncated",
+            what,
+            truncated,
+            len(lengths),
+            max_length,
+        )
+    return ids, lengths

@@ -1,0 +1,138 @@
+"""Finding the files users hold, and reading them the same way from a folder or an archive.
+
+Users hold LRA data in many shapes: the `lra_release.gz` tar (a gzip tar despite the name, with a
+nested `lra_release/lra_release/` top folder), that tar extracted once or twice, the `aclImdb`
+folder or its tarball, the CIFAR-10 archive or its folder. A task names the *anchor* of its files
+(e.g. `listops-1000/` or `cifar-10-batches-py/`); `SourceTree` finds files by the path below the
+anchor wherever the anchor sits, so every one of those shapes reads the same.
+
+Archives are read in one streaming pass (`SourceTree.iter_files`), never extracted in full: the
+release is 19 GB unpacked and Pathfinder alone is 200k small PNGs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".gz")
+
+
+class SourceError(RuntimeError):
+    """A source file is missing, unreadable or truncated; the message says what to do."""
+
+
+def _after_anchor(name: str, anchor: str) -> str | None:
+    """The part of `name` below the path components `anchor` (e.g. 'listops-1000'), or None."""
+    parts = name.replace("\\", "/").strip("/").split("/")
+    anchor_parts = anchor.strip("/").split("/")
+    k = len(anchor_parts)
+    for i in range(len(parts) - k, -1, -1):
+        if parts[i : i + k] == anchor_parts:
+            rest = "/".join(parts[i + k :])
+            return rest or None
+    return None
+
+
+class SourceTree:
+    """The files below `anchor` inside a folder or a tar archive, by their path below it.
+
+    `anchor` may span several components (`pathfinder32/curv_contour_length_14`)."""
+
+    def __init__(self, path: str | os.PathLike, anchor: str) -> None:
+        self.path = Path(path)
+        self.anchor = anchor.strip("/")
+        self.is_archive = self.path.is_file()
+
+    def __repr__(self) -> str:
+        return f"SourceTree({str(self.path)!r}, anchor={self.anchor!r})"
+
+    def iter_files(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+        """(path below the anchor, contents) of every file for which `wanted(path)` is true, in
+        archive order (folders: sorted). A truncated or corrupt archive raises SourceError."""
+        if not self.is_archive:
+            root = find_anchor_dir(self.path, self.anchor)
+            if root is None:
+                raise SourceError(f"{self.path} holds no {self.anchor}/ folder")
+            for file in sorted(root.rglob("*")):
+                rel = file.relative_to(root).as_posix()
+                if file.is_file() and wanted(rel):
+                    yield rel, file.read_bytes()
+            return
+        try:
+            with tarfile.open(self.path, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    rel = _after_anchor(member.name, self.anchor)
+                    if rel is None or not wanted(rel):
+                        continue
+                    f = tar.extractfile(member)
+                    yield rel, f.read() if f is not None else b""
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise SourceError(
+                f"{self.path} is truncated or corrupt ({type(err).__name__}: {err}). Download it "
+                "again (compare its size with the original) and rerun; nothing was cached from it."
+            ) from err
+
+    def read_text_files(self, names: Sequence[str]) -> dict[str, str]:
+        """The UTF-8 text of the named files (paths below the anchor); a missing one raises
+        SourceError listing it."""
+        wanted = set(names)
+        found = {rel: data.decode("utf-8") for rel, data in self.iter_files(wanted.__contains__)}
+        missing = sorted(wanted - found.keys())
+        if missing:
+            raise SourceError(f"{self} lacks {', '.join(missing)}")
+        return found
+
+
+def find_anchor_dir(path: Path, anchor: str, max_depth: int = 3) -> Path | None:
+    """The folder `anchor` at `path` or up to `max_depth` levels below it (the release nests
+    `lra_release/lra_release/`), without walking the whole tree."""
+    anchor = anchor.strip("/")
+    if path.as_posix().endswith("/" + anchor) or path.name == anchor:
+        return path if path.is_dir() else None
+    for depth in range(max_depth + 1):
+        pattern = "/".join(["*"] * depth + [anchor])
+        for match in sorted(path.glob(pattern)):
+            if match.is_dir():
+                return match
+    return None
+
+
+def locate_source(
+    data_dir: str | os.PathLike,
+    source: str | os.PathLike | None,
+    anchor: str,
+    candidates: Sequence[str],
+    how_to_get: str,
+) -> SourceTree:
+    """Where a task's files are: `source` when given (a folder or an archive holding `anchor`),
+    else the first of `candidates` (paths relative to data_dir: an archive, or a folder with
+    `anchor` at most three levels down) that exists. When nothing is
+    found, raise FileNotFoundError with `how_to_get` (which file to obtain, where to put it)."""
+    data_dir = Path(data_dir)
+    if source is not None:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"source={path} does not exist. {how_to_get}")
+        if path.is_dir() and find_anchor_dir(path, anchor) is None:
+            raise FileNotFoundError(
+                f"source={path} is a folder without {anchor}/ inside it. {how_to_get}"
+            )
+        return SourceTree(path, anchor)
+    for candidate in candidates:
+        path = data_dir / candidate
+        if path.is_file() or (path.is_dir() and find_anchor_dir(path, anchor) is not None):
+            log.info("reading %s from %s", anchor, path)
+            return SourceTree(path, anchor)
+    tried = ", ".join(str(data_dir / c) for c in candidates)
+    raise FileNotFoundError(
+        f"no files for this task under {data_dir} (looked for {tried}). {how_to_get}"
+    )

@@ -1,0 +1,566 @@
+"""LRA results report: the paper's table (attention x task, mean ± std over seeds) from run folders.
+
+    python -m mra_lra.bench.report runs/reproduce/listops --out report.md --plot acc_vs_speed.png
+    python -m mra_lra.bench.report runs/2026-11-27/*_listops_mra runs/multirun/2026-11-28
+
+Every `results.json` below the given paths (run folders, Hydra multirun folders with their
+numbered subfolders, or any folder above them) is one run; runs are grouped by (attention, task)
+and each cell is `mean ± std (n)` in percent over the group's seeds (sample std, ddof=1; a single
+run shows no std). Tables: test accuracy at the best-validation checkpoint (`test_acc`), at the
+last step (`test_acc_last`), then training throughput and peak memory per cell. Avg is the mean of
+a row's task means, as in the LRA paper, and is left out (marked) for a row that lacks a task
+another row has, so averages over different task sets are never set side by side.
+
+Nothing is dropped silently. A cell is marked † when its runs differ in anything but the seed:
+config.yaml (the resolved Hydra config train.py writes next to results.json) is compared key by
+key, minus IGNORED_CONFIG_KEYS; without config.yaml, the results.json fields in FALLBACK_FIELDS
+are compared instead. A cell is marked ‡ when a seed appears twice in it. Runs whose results.json
+is unreadable or lacks a known task, an attention or a seed are listed as skipped; runs without a
+value for one table are listed under that table's name. The notes at the end say which and why.
+
+Imports only the standard library and pyyaml (and matplotlib for --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Task names as train.py writes them (cfg.task.name) -> the paper's column titles, in its order.
+TASKS = {
+    "listops": "ListOps",
+    "text": "Text",
+    "retrieval": "Retrieval",
+    "image": "Image",
+    "pathfinder": "Pathfinder",
+    "pathx": "Path-X",
+}
+TASK_ALIASES = {"path_x": "pathx", "path-x": "pathx"}
+# Rows: the exact baseline, then the paper's two MRA variants, then every other attention A-Z.
+FIRST_ATTNS = ("softmax", "mra", "mra_s")
+
+ACCURACY_TITLES = {
+    "test_acc": "Test accuracy (%) at the best-validation checkpoint",
+    "test_acc_last": "Test accuracy (%) at the last step",
+    "val_acc_best": "Best validation accuracy (%)",
+}
+# Why train.py writes null for these.
+NULL_CAUSES = {
+    "test_acc": " (test=false, or no validation ran so there was no best checkpoint)",
+    "test_acc_last": " (the run had test=false)",
+    "val_acc_best": " (no validation ran)",
+}
+THROUGHPUT = "train_tokens_per_second"
+MEMORY = "peak_memory_mb"
+
+# config.yaml keys that do not change what a run measures, so runs differing only in them are
+# still seeds of one setting. A pattern matches a key and everything below it (`*`: any part).
+IGNORED_CONFIG_KEYS = (
+    "seed",  # what a group is meant to vary
+    "paths",  # output_dir, log_dir: where the run was written
+    "trainer.default_root_dir",
+    "callbacks.*.dirpath",
+    "data.data_dir",  # where the data was read from, not what it is
+    # Batches do not depend on the worker count: the order comes from EpochShuffleSampler and no
+    # datamodule draws random numbers in its workers.
+    "data.num_workers",
+    "logger",  # which loggers ran (wandb's run name even holds the seed)
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "optimized_metric",  # what a sweeper maximises
+    "test",  # whether testing ran: a run without test accuracy is listed on its own anyway
+    # A resumed run is the same run: resuming from last.ckpt is exact (tests/test_train.py).
+    "ckpt_path",
+    "model.attn",  # conf/model/lra.yaml copies `attn`, which is compared itself
+)
+# Compared when a run has no config.yaml: the settings results.json records itself.
+FALLBACK_FIELDS = ("attn_options", "max_length", "precision")
+# Compared always: what the run did (steps) and where (throughput and memory depend on it).
+OUTCOME_FIELDS = ("steps", "device")
+
+MIXED = "†"
+DUPLICATE = "‡"
+ABSENT = "<absent>"
+
+
+class ReportError(ValueError):
+    """Bad input to the report: the message names the problem and what fixes it."""
+
+
+@dataclass
+class Run:
+    """One results.json and the config.yaml next to it (None when absent or unreadable)."""
+
+    path: Path  # the run folder
+    results: dict
+    config: dict | None = None
+    config_problem: str | None = None  # why config is None, when a config.yaml was expected
+
+    @property
+    def task(self) -> str:
+        return self.results["task"]
+
+    @property
+    def attn(self) -> str:
+        return self.results["attn"]
+
+    @property
+    def seed(self) -> int:
+        return self.results["seed"]
+
+
+@dataclass
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class Collection:
+    runs: list[Run]
+    skipped: list[Skipped]
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # None for a single run
+    n: int
+
+
+@dataclass
+class Group:
+    """The runs of one (attention, task) cell and what is wrong with them as a set of seeds."""
+
+    attn: str
+    task: str
+    runs: list[Run]
+    # key -> {value as written: seeds that have it}, for every compared key that differs.
+    differing: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    duplicate_seeds: dict[int, list[Path]] = field(default_factory=dict)
+    # Runs without a usable config.yaml (their settings were compared on results.json fields).
+    without_config: list[Run] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    tasks: list[str]  # present ones, in the paper's order
+    attns: list[str]  # rows, in report order
+    groups: dict[tuple[str, str], Group]  # (attn, task) -> group
+    metrics: tuple[str, ...]  # accuracy tables, in order
+    # field -> (attn, task) -> Stat, for the accuracy metrics, THROUGHPUT and MEMORY.
+    tables: dict[str, dict[tuple[str, str], Stat]]
+    # field -> runs left out of that table, with the reason.
+    left_out: dict[str, list[Skipped]]
+    skipped: list[Skipped]
+    memory_kinds: list[str]
+    devices: dict[str, int]  # device -> run count
+
+
+def collect_runs(paths: Iterable[str | Path]) -> Collection:
+    """Every results.json at or below `paths`, read and checked; bad ones become `Skipped`."""
+    found: dict[Path, Path] = {}  # resolved -> as reached from the given path (for messages)
+    for root in map(Path, paths):
+        if not root.exists():
+            raise ReportError(
+                f"{root} does not exist: pass run folders or multirun folders "
+                "(train.py writes them under runs/ unless hydra.run.dir / hydra.sweep.dir say "
+                "otherwise)"
+            )
+        files = [root] if root.is_file() else sorted(root.rglob("results.json"))
+        for file in files:
+            found.setdefault(file.resolve(), file)
+    if not found:
+        raise ReportError(
+            f"no results.json under {', '.join(map(str, paths))}: a run writes it when training "
+            "and testing finish (python train.py task=<task> attn=<attn> seed=<s>)"
+        )
+    runs, skipped = [], []
+    for file in sorted(found.values()):
+        run = _read_run(file)
+        (runs if isinstance(run, Run) else skipped).append(run)
+    return Collection(runs, skipped)
+
+
+def _read_run(file: Path) -> Run | Skipped:
+    folder = file.parent
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return Skipped(folder, f"unreadable results.json ({error}); rerun this run or delete it")
+    if not isinstance(results, dict):
+        return Skipped(folder, "results.json is not a JSON object")
+    for key, kind in (("task", str), ("attn", str), ("seed", int)):
+        value = results.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return Skipped(folder, f"results.json has no {kind.__name__} `{key}` (got {value!r})")
+    task = TASK_ALIASES.get(results["task"], results["task"])
+    if task not in TASKS:
+        return Skipped(
+            folder, f"unknown task {results['task']!r} (known: {', '.join(TASKS)}); add it to TASKS"
+        )
+    results = {**results, "task": task}
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        return Run(folder, results, None, "no config.yaml")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        return Run(folder, results, None, f"unreadable config.yaml ({type(error).__name__})")
+    if not isinstance(config, dict):
+        return Run(folder, results, None, "config.yaml is not a mapping")
+    return Run(folder, results, config)
+
+
+def summarise(
+    collection: Collection, metrics: Sequence[str] = ("test_acc", "test_acc_last")
+) -> Summary:
+    """Group runs by (attention, task), compare their settings, and compute every cell."""
+    unknown = [m for m in metrics if m not in ACCURACY_TITLES]
+    if unknown:
+        raise ReportError(f"unknown metric {unknown}: choose from {', '.join(ACCURACY_TITLES)}")
+    if not collection.runs:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in collection.skipped)
+        raise ReportError(f"no usable runs: {reasons}")
+    by_cell: dict[tuple[str, str], list[Run]] = {}
+    for run in collection.runs:
+        by_cell.setdefault((run.attn, run.task), []).append(run)
+    groups = {cell: _group(*cell, runs) for cell, runs in by_cell.items()}
+
+    tables: dict[str, dict[tuple[str, str], Stat]] = {}
+    left_out: dict[str, list[Skipped]] = {}
+    for name in (*metrics, THROUGHPUT, MEMORY):
+        tables[name], left_out[name] = {}, []
+        for cell, group in groups.items():
+            values = []
+            for run in group.runs:
+                value, problem = _value(run.results, name)
+                if problem:
+                    left_out[name].append(Skipped(run.path, problem))
+                else:
+                    values.append(value)
+            if values:
+                tables[name][cell] = _stat(values)
+
+    attns = {run.attn for run in collection.runs}
+    devices: dict[str, int] = {}
+    for run in collection.runs:
+        device = str(run.results.get("device", "unknown"))
+        devices[device] = devices.get(device, 0) + 1
+    return Summary(
+        tasks=[t for t in TASKS if any(run.task == t for run in collection.runs)],
+        attns=[a for a in FIRST_ATTNS if a in attns] + sorted(attns - set(FIRST_ATTNS)),
+        groups=groups,
+        metrics=tuple(metrics),
+        tables=tables,
+        left_out=left_out,
+        skipped=list(collection.skipped),
+        memory_kinds=sorted(
+            {str(r.results.get("peak_memory_kind") or "kind unknown") for r in collection.runs}
+        ),
+        devices=devices,
+    )
+
+
+def _value(results: dict, name: str) -> tuple[float, str | None]:
+    """(value, None), or (nan, why it cannot be used). Accuracies come back in percent."""
+    value = results.get(name)
+    if value is None:
+        if name not in results:
+            return math.nan, f"results.json has no {name}"
+        return math.nan, f"{name} is null" + NULL_CAUSES.get(name, "")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return math.nan, f"{name} is not a finite number ({value!r})"
+    if name in ACCURACY_TITLES:
+        if not 0 <= value <= 1:
+            return math.nan, f"{name} = {value!r} is not a fraction in [0, 1]"
+        return 100 * value, None
+    if value < 0:
+        return math.nan, f"{name} = {value!r} is negative"
+    return float(value), None
+
+
+def _stat(values: list[float]) -> Stat:
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return Stat(statistics.fmean(values), std, len(values))
+
+
+def _group(attn: str, task: str, runs: list[Run]) -> Group:
+    group = Group(attn, task, sorted(runs, key=lambda r: (r.seed, str(r.path))))
+    group.without_config = [r for r in group.runs if r.config is None]
+    settings = [_settings(r, use_config=not group.without_config) for r in group.runs]
+    for key in sorted(set().union(*settings)):
+        seeds_by_value: dict[str, list[int]] = {}
+        for run, setting in zip(group.runs, settings, strict=True):
+            seeds_by_value.setdefault(setting.get(key, ABSENT), []).append(run.seed)
+        if len(seeds_by_value) > 1:
+            group.differing[key] = seeds_by_value
+    paths_by_seed: dict[int, list[Path]] = {}
+    for run in group.runs:
+        paths_by_seed.setdefault(run.seed, []).append(run.path)
+    group.duplicate_seeds = {s: p for s, p in paths_by_seed.items() if len(p) > 1}
+    return group
+
+
+def _settings(run: Run, use_config: bool) -> dict[str, str]:
+    """Flat {key: value as JSON} of what should be equal across the seeds of one cell."""
+    flat: dict[str, str] = {}
+    if use_config:
+        _flatten(run.config, "", flat)
+    else:
+        for name in FALLBACK_FIELDS:
+            _flatten({f"results.{name}": run.results.get(name)}, "", flat)
+    for name in OUTCOME_FIELDS:
+        flat[f"results.{name}"] = json.dumps(run.results.get(name))
+    return {k: v for k, v in flat.items() if not _ignored(k)}
+
+
+def _flatten(value: object, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = json.dumps(value, sort_keys=True)
+
+
+def _ignored(key: str) -> bool:
+    parts = key.split(".")
+    for pattern in IGNORED_CONFIG_KEYS:
+        depth = pattern.count(".") + 1
+        if len(parts) >= depth and fnmatch.fnmatchcase(".".join(parts[:depth]), pattern):
+            return True
+    return False
+
+
+def format_markdown(summary: Summary) -> str:
+    """The report: accuracy tables in the paper's layout, throughput and memory, then notes."""
+    runs = sum(len(g.runs) for g in summary.groups.values())
+    devices = ", ".join(f"{d} ({n} runs)" for d, n in sorted(summary.devices.items()))
+    lines = [
+        "# LRA results",
+        "",
+        f"{runs} runs, {len(summary.skipped)} skipped. Cells: mean ± sample std (n runs) over "
+        "seeds. Devices: " + devices + ".",
+    ]
+    for metric in summary.metrics:
+        lines += ["", f"## {ACCURACY_TITLES[metric]}", ""]
+        lines += _table(summary, metric, lambda s: _cell(s, ".2f"), average=True)
+    memory = ", ".join(summary.memory_kinds)
+    for name, title, spec in (
+        (THROUGHPUT, "Training throughput (tokens/s)", ",.0f"),
+        (MEMORY, f"Peak memory (MiB, {memory})", ",.0f"),
+    ):
+        lines += ["", f"## {title}", ""]
+        lines += _table(summary, name, lambda s, spec=spec: _cell(s, spec), average=False)
+    notes = _notes(summary)
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(stat: Stat, spec: str) -> str:
+    if stat.std is None:
+        return f"{stat.mean:{spec}} ({stat.n})"
+    return f"{stat.mean:{spec}} ± {stat.std:{spec}} ({stat.n})"
+
+
+def _marks(group: Group | None) -> str:
+    if group is None:
+        return ""
+    return (MIXED if group.differing else "") + (DUPLICATE if group.duplicate_seeds else "")
+
+
+def _table(summary: Summary, name: str, fmt, average: bool) -> list[str]:
+    stats = summary.tables[name]
+    header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
+    # The tasks some row has in this table: a row missing one of them gets no average.
+    present = [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+    rows = []
+    for attn in summary.attns:
+        row = [attn]
+        for task in summary.tasks:
+            stat = stats.get((attn, task))
+            marks = _marks(summary.groups.get((attn, task)))
+            row.append((fmt(stat) if stat else "—") + (f" {marks}" if marks else ""))
+        if average:
+            missing = [TASKS[t] for t in present if (attn, t) not in stats]
+            if len(missing) == len(present):
+                row.append("—")
+            elif missing:
+                row.append(f"— (no {', '.join(missing)})")
+            else:
+                row.append(f"{statistics.fmean(stats[attn, t].mean for t in present):.2f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [
+        line(r) for r in rows
+    ]
+
+
+def _seeds(seeds: list[int]) -> str:
+    counts = Counter(seeds)
+    listed = ", ".join(f"{s} ×{n}" if n > 1 else str(s) for s, n in sorted(counts.items()))
+    return ("seed " if len(counts) == 1 else "seeds ") + listed
+
+
+def _notes(summary: Summary) -> list[str]:
+    notes = []
+    cells = [
+        summary.groups[a, t]
+        for a in summary.attns
+        for t in summary.tasks
+        if (a, t) in summary.groups
+    ]
+    for group in cells:
+        where = f"{group.attn} / {TASKS[group.task]}"
+        if group.differing:
+            diffs = "; ".join(
+                f"`{key}` = "
+                + " vs ".join(f"{value} ({_seeds(seeds)})" for value, seeds in values.items())
+                for key, values in group.differing.items()
+            )
+            notes.append(f"- {MIXED} {where}: runs differ in more than the seed: {diffs}.")
+        for seed, paths in group.duplicate_seeds.items():
+            notes.append(
+                f"- {DUPLICATE} {where}: seed {seed} appears {len(paths)} times (all counted): "
+                + ", ".join(f"`{p}`" for p in paths)
+                + "."
+            )
+        if group.without_config:
+            notes.append(
+                f"- {where}: settings compared on results.json fields "
+                f"({', '.join(FALLBACK_FIELDS + OUTCOME_FIELDS)}) only, as "
+                + ", ".join(f"`{r.path}` has {r.config_problem}" for r in group.without_config)
+                + "."
+            )
+    for name, left in summary.left_out.items():
+        by_reason: dict[str, list[Path]] = {}
+        for item in left:
+            by_reason.setdefault(item.reason, []).append(item.path)
+        for reason, paths in by_reason.items():
+            listed = ", ".join(f"`{p}`" for p in paths)
+            notes.append(f"- Left out of the {name} table, as {reason}: {listed}.")
+    for item in summary.skipped:
+        notes.append(f"- Skipped: `{item.path}`: {item.reason}.")
+    return notes
+
+
+def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
+    """Accuracy against training throughput: one labelled point per attention and task
+    (marker shape = task), error bars = std over seeds. Written atomically as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import FuncFormatter
+    except ImportError as error:
+        raise ReportError("--plot needs matplotlib: pip install matplotlib") from error
+    if metric not in summary.metrics:
+        raise ReportError(f"{metric} is not among the summarised metrics {summary.metrics}")
+    acc, speed = summary.tables[metric], summary.tables[THROUGHPUT]
+    cells = [
+        (a, t) for a in summary.attns for t in summary.tasks if (a, t) in acc and (a, t) in speed
+    ]
+    if not cells:
+        raise ReportError(f"nothing to plot: no cell has both {metric} and {THROUGHPUT}")
+    markers = dict(zip(summary.tasks, "osD^vP", strict=False))
+    colors = plt.get_cmap("tab10" if len(summary.attns) <= 10 else "tab20")
+    color = {a: colors(i) for i, a in enumerate(summary.attns)}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for attn, task in cells:
+        x, y = speed[attn, task].mean, acc[attn, task]
+        ax.errorbar(
+            x, y.mean, yerr=y.std or 0, fmt=markers[task], color=color[attn], capsize=3, ms=7
+        )
+        ax.annotate(attn, (x, y.mean), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    ax.set(
+        xscale="log",
+        xlabel="training throughput (tokens/s, mean over seeds)",
+        ylabel=f"{ACCURACY_TITLES[metric]}",
+        title="LRA: accuracy vs training speed",
+    )
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
+    ax.grid(True, which="both", alpha=0.3)
+    used = {t for _, t in cells}
+    handles = [
+        Line2D([], [], marker=markers[t], color="grey", linestyle="", label=TASKS[t])
+        for t in summary.tasks
+        if t in used
+    ]
+    ax.legend(handles=handles, fontsize=8, title="task")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mra_lra.bench.report",
+        description="LRA results table (attention x task, mean ± std over seeds) from run folders.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, help="run folders or multirun folders")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    p.add_argument("--plot", type=Path, default=None, help="accuracy vs tokens/s PNG")
+    p.add_argument(
+        "--metric",
+        default="test_acc",
+        choices=list(ACCURACY_TITLES),
+        help="accuracy for the plot (val_acc_best also adds its table)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    metrics = ("test_acc", "test_acc_last")
+    if args.metric not in metrics:
+        metrics += (args.metric,)
+    try:
+        summary = summarise(collect_runs(args.paths), metrics)
+        text = format_markdown(summary)
+        print(text, end="", flush=True)
+        for path in (args.out, args.plot):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        if args.out:
+            _write_text(args.out, text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        if args.plot:
+            plot(summary, args.plot, args.metric)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,17 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from mra_lra.data.cache import (
-    ensure_array_cache,
-    ensure_writable_dir,
-    file_fingerprint,
-    find_array_cache,
-    load_arrays,
-)
+from mra_lra.data.base import DATA_DIR_FIX, LRADataModule, pad_sequences
+from mra_lra.data.cache import ensure_array_cache, ensure_writable_dir, file_fingerprint
 from mra_lra.data.listops_generator import (
     OPERATORS,
     SIDECAR_NAME,
@@ -39,7 +31,7 @@ from mra_lra.data.listops_generator import (
     split_path,
     write_listops_files,
 )
-from mra_lra.data.sampling import EpochShuffleSampler
+from mra_lra.data.sources import SourceTree, locate_source
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +46,14 @@ VOCAB_VERSION = 1
 _LABELS = {str(d): d for d in range(10)}
 _DROP_PARENTHESES = str.maketrans("", "", "()")
 
-DATA_DIR_FIX = "Set data.data_dir=<a writable folder> or the LRA_DATA_DIR environment variable."
+ANCHOR = "listops-1000"
+# Where the release may sit under data_dir besides lra_release/listops-1000 itself.
+RELEASE_CANDIDATES = ("lra_release", "lra_release.gz", "lra_release.tar.gz")
+HOW_TO_GET = (
+    "Get lra_release.gz from https://storage.googleapis.com/long-range-arena/lra_release.gz and "
+    "put it at <data_dir>/lra_release.gz (or extract it there), or pass source=<its path>; "
+    "without it, ListOps is generated."
+)
 
 
 def listops_dir(data_dir: str | os.PathLike) -> Path:
@@ -120,67 +119,79 @@ def ensure_listops_files(
     )
 
 
-def read_listops_tsv(path: str | os.PathLike) -> tuple[list[np.ndarray], list[int]]:
-    """Token ids (uint8, without padding) and labels of each row of a release-format TSV. A
-    malformed row raises ValueError naming the file and line."""
-    path = Path(path)
+def parse_listops_tsv(text: str, name: str) -> tuple[list[np.ndarray], list[int]]:
+    """Token ids (uint8, without padding) and labels of each row of a release-format TSV; `name`
+    is the file shown in errors. A malformed row raises ValueError naming the file and line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    header = lines[0].rstrip("\r") if lines else ""
+    if header != TSV_HEADER:
+        raise ValueError(f"{name}:1: expected the header {TSV_HEADER!r}, found {header!r}")
     token_ids, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n")
-        if header != TSV_HEADER:
-            raise ValueError(f"{path}:1: expected the header {TSV_HEADER!r}, found {header!r}")
-        for line_no, line in enumerate(f, start=2):
-            columns = line.rstrip("\n").split("\t")
-            if len(columns) != 2:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 2 tab-separated columns (Source, Target), "
-                    f"found {len(columns)}"
-                )
-            source, target = columns
-            if target not in _LABELS:
-                raise ValueError(f"{path}:{line_no}: the label {target!r} is not an integer 0-9")
-            words = source.translate(_DROP_PARENTHESES).split()
-            try:
-                ids = np.fromiter(map(VOCAB.__getitem__, words), dtype=np.uint8, count=len(words))
-            except KeyError as err:
-                raise ValueError(
-                    f"{path}:{line_no}: unknown token {err.args[0]!r}; "
-                    f"valid tokens are {' '.join(VOCAB)} and parentheses"
-                ) from None
-            token_ids.append(ids)
-            labels.append(_LABELS[target])
+    for line_no, line in enumerate(lines[1:], start=2):
+        columns = line.rstrip("\r").split("\t")
+        if len(columns) != 2:
+            raise ValueError(
+                f"{name}:{line_no}: expected 2 tab-separated columns (Source, Target), "
+                f"found {len(columns)}"
+            )
+        source, target = columns
+        if target not in _LABELS:
+            raise ValueError(f"{name}:{line_no}: the label {target!r} is not an integer 0-9")
+        words = source.translate(_DROP_PARENTHESES).split()
+        try:
+            ids = np.fromiter(map(VOCAB.__getitem__, words), dtype=np.uint8, count=len(words))
+        except KeyError as err:
+            raise ValueError(
+                f"{name}:{line_no}: unknown token {err.args[0]!r}; "
+                f"valid tokens are {' '.join(VOCAB)} and parentheses"
+            ) from None
+        token_ids.append(ids)
+        labels.append(_LABELS[target])
     return token_ids, labels
 
 
-def tokenise_split(path: str | os.PathLike, max_length: int, split: str) -> dict[str, np.ndarray]:
+def read_listops_tsv(path: str | os.PathLike) -> tuple[list[np.ndarray], list[int]]:
+    """`parse_listops_tsv` of a file."""
+    return parse_listops_tsv(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[str, np.ndarray]:
     """Arrays of one split: `input_ids` uint8 [N, max_length] padded with PAD_ID and truncated
     to max_length (one warning counts the truncated rows), `label` uint8 [N] and `length` int32
     [N], the length before truncation."""
-    token_ids, labels = read_listops_tsv(path)
-    input_ids = np.full((len(token_ids), max_length), PAD_ID, dtype=np.uint8)
-    lengths = np.array([len(ids) for ids in token_ids], dtype=np.int32)
-    for row, ids in enumerate(token_ids):
-        kept = ids[:max_length]
-        input_ids[row, : len(kept)] = kept
-    num_truncated = int((lengths > max_length).sum())
-    if num_truncated:
-        log.warning(
-            "%s: %d of %d sequences longer than %d were truncated",
-            split,
-            num_truncated,
-            len(lengths),
-            max_length,
-        )
+    token_ids, labels = parse_listops_tsv(text, name)
+    input_ids, lengths = pad_sequences(token_ids, max_length, np.uint8, split)
     return {"input_ids": input_ids, "label": np.array(labels, dtype=np.uint8), "length": lengths}
 
 
-def _cache_options(files_dir: Path, max_length: int) -> dict[str, Any]:
+def _as_tree(files: SourceTree | str | os.PathLike) -> SourceTree:
+    return files if isinstance(files, SourceTree) else SourceTree(files, ANCHOR)
+
+
+def _cache_options(tree: SourceTree, max_length: int) -> dict[str, Any]:
+    if tree.is_archive:
+        files = {"archive": file_fingerprint(tree.path)}
+    else:
+        files = {split: file_fingerprint(split_path(tree.root, split)) for split in SPLITS}
     return {
         "task": "listops",
         "vocab_version": VOCAB_VERSION,
         "max_length": max_length,
-        "files": {split: file_fingerprint(split_path(files_dir, split)) for split in SPLITS},
+        "files": files,
     }
+
+
+def _build_arrays(tree: SourceTree, max_length: int) -> dict[str, np.ndarray]:
+    names = {split_path(Path(), split).name: split for split in SPLITS}
+    texts = tree.read_text_files(list(names))
+    arrays = {}
+    for file_name, split in names.items():
+        where = f"{tree.path}:{file_name}" if tree.is_archive else str(tree.root / file_name)
+        for key, array in tokenise_split(texts[file_name], where, max_length, split).items():
+            arrays[f"{split}_{key}"] = array
+    return arrays
 
 
 def _cache_root(data_dir: str | os.PathLike) -> Path:
@@ -188,70 +199,28 @@ def _cache_root(data_dir: str | os.PathLike) -> Path:
 
 
 def ensure_listops_cache(
-    data_dir: str | os.PathLike, files_dir: str | os.PathLike, max_length: int
+    data_dir: str | os.PathLike, files: SourceTree | str | os.PathLike, max_length: int
 ) -> Path:
-    """Tokenise the three splits in `files_dir` into `<data_dir>/cache/listops/<key>/` unless
-    an entry for the same files and max_length is there already; return the entry's folder."""
-    files_dir = Path(files_dir)
-
-    def build() -> dict[str, np.ndarray]:
-        arrays = {}
-        for split in SPLITS:
-            for name, array in tokenise_split(
-                split_path(files_dir, split), max_length, split
-            ).items():
-                arrays[f"{split}_{name}"] = array
-        return arrays
-
+    """Tokenise the three splits in `files` (a folder or a `SourceTree`) into
+    `<data_dir>/cache/listops/<key>/` unless an entry for the same files and max_length is there
+    already; return the entry's folder."""
+    tree = _as_tree(files)
     return ensure_array_cache(
-        _cache_root(data_dir), _cache_options(files_dir, max_length), build, DATA_DIR_FIX
+        _cache_root(data_dir),
+        _cache_options(tree, max_length),
+        lambda: _build_arrays(tree, max_length),
+        DATA_DIR_FIX,
     )
 
 
-class ListOpsDataset(Dataset):
-    """One split of a cache entry as `{"input_ids", "mask", "label"}` items.
+class ListOpsDataModule(LRADataModule):
+    """ListOps from the release's files, or generated into `<data_dir>/lra_release/listops-1000`.
 
-    The arrays are memory-mapped on first use in each process, so that worker processes started
-    by spawn or forkserver map the files instead of receiving a pickled copy of them."""
+    Files are looked for at `source` when given, else in `<data_dir>/lra_release/listops-1000`,
+    then in a nested `lra_release/lra_release/` or the `lra_release.gz` archive under data_dir;
+    when there are none, they are generated with the `gen_*` / `num_*` settings."""
 
-    def __init__(self, entry: str | os.PathLike, split: str) -> None:
-        self.entry = Path(entry)
-        self.split = split
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None}
-
-    @property
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            arrays = load_arrays(self.entry)
-            self._arrays = {
-                name: arrays[f"{self.split}_{name}"] for name in ("input_ids", "label", "length")
-            }
-        return self._arrays
-
-    def __len__(self) -> int:
-        return len(self.arrays["label"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        arrays = self.arrays
-        max_length = arrays["input_ids"].shape[1]
-        mask = torch.zeros(max_length, dtype=torch.float32)
-        mask[: min(int(arrays["length"][index]), max_length)] = 1.0
-        return {
-            "input_ids": torch.from_numpy(arrays["input_ids"][index].astype(np.int64)),
-            "mask": mask,
-            "label": torch.tensor(int(arrays["label"][index]), dtype=torch.long),
-        }
-
-
-class ListOpsDataModule(pl.LightningDataModule):
-    """ListOps from `<data_dir>/lra_release/listops-1000`, generated there when absent.
-
-    `gen_*` and `num_*` are the generator's settings (used only when the files are generated);
-    `max_length` is the model's fixed sequence length, to which every batch is padded."""
-
+    task = "listops"
     num_classes = 10
     vocab_size = len(VOCAB) + 1
 
@@ -268,72 +237,59 @@ class ListOpsDataModule(pl.LightningDataModule):
         gen_max_length: int,
         seed: int,
         pin_memory: bool = False,
+        source: str | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.num_workers = num_workers
+        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
         self.num_train = num_train
         self.num_val = num_val
         self.num_test = num_test
         self.gen_min_length = gen_min_length
         self.gen_max_length = gen_max_length
         self.seed = seed
-        self.pin_memory = pin_memory
-        self.datasets: dict[str, ListOpsDataset] = {}
+        self._tree: SourceTree | None = None
 
-    def prepare_data(self) -> None:
-        files_dir = ensure_listops_files(
-            self.data_dir,
-            self.num_train,
-            self.num_val,
-            self.num_test,
-            self.gen_min_length,
-            self.gen_max_length,
-            self.seed,
-        )
-        ensure_listops_cache(self.data_dir, files_dir, self.max_length)
-
-    def setup(self, stage: str | None = None) -> None:
-        files_dir = listops_dir(self.data_dir)
-        missing = [p for p in (split_path(files_dir, s) for s in SPLITS) if not p.exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"{', '.join(map(str, missing))} not found; call prepare_data() first "
-                "(the Trainer does), or check data.data_dir"
+    def _find_tree(self, generate: bool) -> SourceTree:
+        if self.source is not None:
+            return locate_source(self.data_dir, self.source, ANCHOR, (), HOW_TO_GET)
+        direct = listops_dir(self.data_dir)
+        if not direct.exists():
+            try:
+                return locate_source(self.data_dir, None, ANCHOR, RELEASE_CANDIDATES, HOW_TO_GET)
+            except FileNotFoundError:
+                if not generate:
+                    raise
+        if generate:
+            ensure_listops_files(
+                self.data_dir,
+                self.num_train,
+                self.num_val,
+                self.num_test,
+                self.gen_min_length,
+                self.gen_max_length,
+                self.seed,
             )
-        entry = find_array_cache(
-            _cache_root(self.data_dir),
-            _cache_options(files_dir, self.max_length),
-            "Call prepare_data() first (the Trainer does).",
-        )
-        self.datasets = {split: ListOpsDataset(entry, split) for split in SPLITS}
+        return SourceTree(direct, ANCHOR)
 
-    def majority_baseline(self, split: str = "test") -> float:
-        """Accuracy of always predicting the most frequent label of `split` (after setup)."""
-        labels = np.asarray(self.datasets[split].arrays["label"])
-        return float(np.bincount(labels).max() / max(len(labels), 1))
+    def ensure_sources(self) -> None:
+        self._tree = self._find_tree(generate=True)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError("ListOpsDataModule: call setup() before asking for a dataloader")
-        dataset = self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset)) if shuffle else None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    def cache_options(self) -> dict[str, Any]:
+        if self._tree is None:
+            try:
+                self._tree = self._find_tree(generate=False)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(
+                    f"{err} Or call prepare_data() first (the Trainer does)."
+                ) from None
+        tree = self._tree
+        if not tree.is_archive:
+            missing = [p for p in (split_path(tree.root, s) for s in SPLITS) if not p.exists()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{', '.join(map(str, missing))} not found; call prepare_data() first "
+                    "(the Trainer does), or check data.data_dir"
+                )
+        return _cache_options(tree, self.max_length)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def build_arrays(self) -> dict[str, np.ndarray]:
+        return _build_arrays(self._tree, self.max_length)

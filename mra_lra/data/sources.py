@@ -49,6 +49,8 @@ class SourceTree:
         self.path = Path(path)
         self.anchor = anchor.strip("/")
         self.is_archive = self.path.is_file()
+        # For a folder, the anchor folder itself (None when it is not there).
+        self.root = None if self.is_archive else find_anchor_dir(self.path, self.anchor)
 
     def __repr__(self) -> str:
         return f"SourceTree({str(self.path)!r}, anchor={self.anchor!r})"
@@ -57,11 +59,10 @@ class SourceTree:
         """(path below the anchor, contents) of every file for which `wanted(path)` is true, in
         archive order (folders: sorted). A truncated or corrupt archive raises SourceError."""
         if not self.is_archive:
-            root = find_anchor_dir(self.path, self.anchor)
-            if root is None:
+            if self.root is None:
                 raise SourceError(f"{self.path} holds no {self.anchor}/ folder")
-            for file in sorted(root.rglob("*")):
-                rel = file.relative_to(root).as_posix()
+            for file in sorted(self.root.rglob("*")):
+                rel = file.relative_to(self.root).as_posix()
                 if file.is_file() and wanted(rel):
                     yield rel, file.read_bytes()
             return

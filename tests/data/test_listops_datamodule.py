@@ -257,3 +257,53 @@ def test_setup_without_prepare_data_says_so(tmp_path) -> None:
     write_release(tmp_path)
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         make_dm(tmp_path).setup()
+
+
+def write_release_archive(path: Path, tmp: Path) -> Path:
+    """The release as distributed: a gzip tar with a nested lra_release/lra_release/ folder."""
+    import tarfile
+
+    write_release(tmp / "lra_release")  # -> tmp/lra_release/lra_release/listops-1000
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tmp / "lra_release", arcname="lra_release")
+    return path
+
+
+@pytest.mark.parametrize("where", ["archive", "nested_folder", "source_archive"])
+def test_release_read_from_archive_or_nested_folder(tmp_path, where: str) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    staging = tmp_path / "staging"
+    overrides = {}
+    if where == "archive":
+        write_release_archive(data_dir / "lra_release.gz", staging)
+    elif where == "nested_folder":
+        write_release(data_dir / "lra_release")
+    else:
+        overrides["source"] = str(write_release_archive(tmp_path / "elsewhere.gz", staging))
+    dm = make_dm(data_dir, **overrides)
+    dm.prepare_data()
+    dm.setup()
+    # Read where it is: nothing generated or copied into lra_release/listops-1000.
+    assert not (data_dir / "lra_release" / "listops-1000").exists()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["label"].tolist() == [4, 6]
+    ids = IDS[ROWS["val"][0][0]]
+    assert batch["input_ids"][0, : len(ids)].tolist() == ids
+    # A fresh datamodule finds the same cache entry without preparing again.
+    fresh = make_dm(data_dir, **overrides)
+    fresh.setup()
+    assert fresh.datasets["test"].entry == dm.datasets["test"].entry
+
+
+def test_truncated_archive_is_an_error_and_caches_nothing(tmp_path) -> None:
+    from mra_lra.data.sources import SourceError
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    whole = write_release_archive(tmp_path / "whole.gz", tmp_path / "staging").read_bytes()
+    (data_dir / "lra_release.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SourceError, match="truncated or corrupt.*Download it again"):
+        make_dm(data_dir).prepare_data()
+    root = data_dir / "cache" / "listops"
+    assert not root.exists() or not any(root.iterdir())

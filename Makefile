@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo test test-slow bench gpu-check lint
+.PHONY: install train demo data test test-slow bench gpu-check lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ train: $(STAMP)
 # A ListOps run sized for a 2-core CPU: generates a small ListOps set, trains, prints accuracy.
 demo: $(STAMP)
 	$(BIN)/python train.py experiment=demo $(ARGS)
+
+# Find (or generate), verify and cache one task's data: make data TASK=text SOURCE=~/aclImdb_v1.tar.gz
+TASK ?= listops
+SOURCE ?=
+data: $(STAMP)
+	$(BIN)/python -m mra_lra.data.prepare task=$(TASK) $(if $(SOURCE),source=$(SOURCE)) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -1,0 +1,102 @@
+"""`python -m mra_lra.data.prepare`: the same cache the training run reads, errors, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mra_lra.data import listops, prepare
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_LISTOPS = [
+    "data.num_train=12",
+    "data.num_val=4",
+    "data.num_test=4",
+    "data.gen_min_length=5",
+    "data.gen_max_length=40",
+    "data.max_length=48",
+]
+
+
+def entries(data_dir: Path, task: str) -> list[Path]:
+    root = data_dir / "cache" / task
+    return sorted(p for p in root.iterdir()) if root.exists() else []
+
+
+def test_prepare_builds_the_cache_training_reads(tmp_path, compose_cfg, capsys) -> None:
+    assert prepare.main(["task=listops", f"data.data_dir={tmp_path}", *TINY_LISTOPS]) == 0
+    (entry,) = entries(tmp_path, "listops")
+    assert f"listops: ready, cached arrays in {entry}" in capsys.readouterr().out
+    labels = np.load(entry / "train_label.npy")
+    assert len(labels) == 12
+
+    # The training config with the same overrides finds that entry without building anything.
+    import hydra
+
+    cfg = compose_cfg(["task=listops", *TINY_LISTOPS], data_dir=tmp_path)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    assert datamodule.datasets["train"].entry == entry
+
+
+def test_interrupted_preparation_leaves_nothing_and_resumes(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # after one split is tokenised, as if the user pressed Ctrl-C
+            raise KeyboardInterrupt
+        return tokenise(*args, **kwargs)
+
+    tokenise = listops.tokenise_split
+    monkeypatch.setattr(listops, "tokenise_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(["task=listops", f"data.data_dir={tmp_path}", *TINY_LISTOPS])
+    # Nothing a later run would trust: no entry, no temporary folder left behind.
+    assert entries(tmp_path, "listops") == []
+    monkeypatch.setattr(listops, "tokenise_split", tokenise)
+    assert prepare.main(["task=listops", f"data.data_dir={tmp_path}", *TINY_LISTOPS]) == 0
+    (entry,) = entries(tmp_path, "listops")
+    assert (entry / "manifest.json").is_file()
+
+
+def test_source_that_does_not_exist_names_it(tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "lra_release.gz"
+    with pytest.raises(SystemExit, match=f"listops: source={missing} does not exist"):
+        prepare.main(["task=listops", f"data.data_dir={tmp_path}", f"source={missing}"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "say which task"),
+        (["task=imagenet"], "unknown task 'imagenet'"),
+        (["listops"], "not key=value"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(argv, message) -> None:
+    with pytest.raises(SystemExit, match=message):
+        prepare.main(argv)
+
+
+def test_command_line_entry_point(tmp_path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mra_lra.data.prepare",
+            "task=listops",
+            f"data.data_dir={tmp_path}",
+            *TINY_LISTOPS,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "listops: ready" in result.stdout

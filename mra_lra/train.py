@@ -6,32 +6,75 @@ with configs composed through Hydra's compose API.
 
 from __future__ import annotations
 
+import configparser
+import functools
 import json
 import logging
+import netrc
 import os
 import platform
-import resource
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader, SequentialSampler
 
-from mra_lra.models.module import LRALitModule
+from mra_lra.models.module import LRALitModule, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
 
+def _wandb_settings() -> dict[str, str]:
+    """The [default] section of wandb's settings files: the global one (`wandb login --host`,
+    `wandb enabled`) and the one in ./wandb (`wandb offline` typed in this directory)."""
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read([config_dir.expanduser() / "settings", Path("wandb") / "settings"])
+    return dict(parser["default"]) if parser.has_section("default") else {}
+
+
+def _wandb_logged_in(settings: dict[str, str]) -> bool:
+    """Whether wandb would find credentials: the environment, its settings, or a netrc entry for
+    its host (`wandb login` writes one to ~/.netrc, or to $NETRC)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    if settings.get("api_key"):
+        return True
+    base_url = (
+        os.environ.get("WANDB_BASE_URL") or settings.get("base_url") or "https://api.wandb.ai"
+    )
+    host = urlsplit(base_url).netloc
+    paths = [Path(os.environ["NETRC"])] if os.environ.get("NETRC") else []
+    paths += [Path.home() / ".netrc", Path.home() / "_netrc"]
+    path = next((p.expanduser() for p in paths if p.expanduser().is_file()), None)
+    if path is None:
+        return False
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False  # wandb itself ignores an unreadable netrc, with a warning
+
+
 def _wandb_mode_default() -> None:
-    """wandb works without an account: offline unless the user logged in or chose a mode."""
-    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+    """wandb works without an account: offline unless the user logged in or chose a mode.
+
+    A mode chosen by WANDB_MODE or by `wandb offline/online/disabled` is kept; otherwise, with no
+    credentials, WANDB_MODE=offline, so that wandb.init neither prompts nor waits on the network.
+    Offline runs land in <run dir>/wandb/offline-run-*; `wandb sync <that folder>` uploads one.
+    """
+    if os.environ.get("WANDB_MODE"):
         return
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-    if not logged_in:
-        os.environ["WANDB_MODE"] = "offline"
+    settings = _wandb_settings()
+    if settings.get("mode") or _wandb_logged_in(settings):
+        return
+    os.environ["WANDB_MODE"] = "offline"
 
 
 def protocol_card(cfg: DictConfig) -> str:
@@ -40,22 +83,22 @@ def protocol_card(cfg: DictConfig) -> str:
     lines = [
         f"task={cfg.task.name} attn={attn.pop('name')} seed={cfg.seed}",
         f"attention options: {attn}",
-        f"data: dir={cfg.data.data_dir} max_length={cfg.data.max_length} "
-        f"batch_size={cfg.data.batch_size}",
+        # Every data setting, fidelity switches included (text length, pixel_zero_is_pad, patch
+        # order, generator sizes): they decide which variant of a task a number is on.
+        "data: "
+        + " ".join(
+            f"{k}={v}"
+            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("_target_", "num_workers", "pin_memory")
+        ),
         f"model: d_model={cfg.model.d_model} layers={cfg.model.n_layers} heads={cfg.model.n_heads}"
-        f" d_ffn={cfg.model.d_ffn} dropout={cfg.model.dropout} pooling={cfg.model.pooling}",
+        f" d_ffn={cfg.model.d_ffn} dropout={cfg.model.dropout} pooling={cfg.model.pooling}"
+        f" input_encoding={cfg.model.get('input_encoding', 'tokens')}",
         f"optimiser: lr={cfg.optimizer.lr} warmup={cfg.scheduler.warmup_steps} "
         f"steps={cfg.trainer.max_steps} eval_every={cfg.trainer.val_check_interval} "
         f"precision={cfg.trainer.precision}",
     ]
     return "\n".join(lines)
-
-
-def _peak_memory_mb() -> tuple[float, str]:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return kb / 1024, "cpu_max_rss"
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -75,7 +118,11 @@ def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
         if cb.monitor is not None and cb.best_model_path:
             best = cb.best_model_path
     last = out_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file() or _checkpoint_step(last) != trainer.global_step:
+    # Rank 0 decides for all: save_checkpoint waits at a barrier that every rank must reach.
+    stale = trainer.strategy.broadcast(
+        not last.is_file() or _checkpoint_step(last) != trainer.global_step
+    )
+    if stale:
         trainer.save_checkpoint(last)
     return best, str(last)
 
@@ -84,13 +131,54 @@ def _checkpoint_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
 
 
+def _unpadded_eval_shards(datamodule: pl.LightningDataModule, trainer: pl.Trainer) -> None:
+    """Under DDP, give each rank every world_size-th val/test example, with no padding.
+
+    Lightning's DistributedSampler pads a split to a multiple of the world size by repeating its
+    first examples, which would count them twice in val/acc and test/acc. Unpadded shards may
+    differ by one batch between ranks; that is safe in evaluation (no per-step collective; the
+    torchmetrics states are summed across ranks once, at the end)."""
+    for hook in ("val_dataloader", "test_dataloader"):
+        make_loader = getattr(datamodule, hook)
+
+        @functools.wraps(make_loader)
+        def sharded(make_loader=make_loader):
+            loader = make_loader()
+            plain = isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler)
+            if trainer.world_size == 1 or not plain:
+                return loader
+            sampler = UnrepeatedDistributedSampler(
+                loader.dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=False,
+            )
+            return DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                sampler=sampler,
+                collate_fn=loader.collate_fn,
+                num_workers=loader.num_workers,
+                pin_memory=loader.pin_memory,
+                persistent_workers=loader.persistent_workers,
+            )
+
+        setattr(datamodule, hook, sharded)
+
+
 def run(cfg: DictConfig) -> dict:
-    """Train and test one configuration; returns the results written to results.json."""
+    """Train and test one configuration; returns the results written to results.json.
+
+    Under DDP every rank runs this function; rank 0 alone writes config.yaml and results.json
+    (checkpoints and loggers are rank-0-only in Lightning already)."""
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("protocol card\n%s", protocol_card(cfg))
+    # The launch environment (torchrun, SLURM, Lightning's own re-launch) names the rank before
+    # the trainer exists; ddp_spawn starts its ranks inside fit, so this process is rank 0.
+    if rank_zero_only.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("protocol card\n%s", protocol_card(cfg))
     pl.seed_everything(cfg.seed, workers=True)
     if "wandb" in cfg.logger:
         _wandb_mode_default()
@@ -108,13 +196,21 @@ def run(cfg: DictConfig) -> dict:
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks
     )
+    _unpadded_eval_shards(datamodule, trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     steps = trainer.global_step
-    fit_tokens_per_second = module.train_tokens / max(module.train_seconds, 1e-9)
+    # Throughput of all ranks together: every rank trains one batch per step, in lockstep.
+    tokens, seconds = (
+        trainer.strategy.reduce(
+            torch.tensor(float(value), device=trainer.strategy.root_device), reduce_op=op
+        ).item()
+        for value, op in ((module.train_tokens, "sum"), (module.train_seconds, "max"))
+    )
+    fit_tokens_per_second = tokens / max(seconds, 1e-9)
     val_acc_best = (
         module.val_acc_best.compute().item() if module.val_acc_best.update_count else None
     )
@@ -136,7 +232,10 @@ def run(cfg: DictConfig) -> dict:
             log.warning("no validation ran, so there is no best checkpoint; test_acc is null")
 
     majority = getattr(datamodule, "majority_baseline", None)
-    peak_mb, peak_kind = _peak_memory_mb()
+    peak_mb, peak_kind = peak_memory_mb()
+    peak_mb = trainer.strategy.reduce(
+        torch.tensor(peak_mb, device=trainer.strategy.root_device), reduce_op="max"
+    ).item()
     attn_options = OmegaConf.to_container(cfg.attn, resolve=True)
     results = {
         "task": cfg.task.name,
@@ -152,8 +251,9 @@ def run(cfg: DictConfig) -> dict:
         "steps": steps,
         "wall_seconds": time.perf_counter() - start,
         "train_tokens_per_second": fit_tokens_per_second,
-        "peak_memory_mb": peak_mb,
+        "peak_memory_mb": peak_mb,  # the largest over ranks
         "peak_memory_kind": peak_kind,
+        "world_size": trainer.world_size,
         "params": sum(p.numel() for p in net.parameters()),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -161,12 +261,17 @@ def run(cfg: DictConfig) -> dict:
         "torch": torch.__version__,
         "precision": str(cfg.trainer.precision),
     }
+    if not trainer.is_global_zero:
+        return results
     _write_json(out_dir / "results.json", results)
     for logger in loggers:
         logger.log_metrics(
             {f"final/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=steps
         )
         logger.save()
+        if isinstance(logger, WandbLogger):
+            # Close the wandb run: the next run in this process (a sweep trial) starts its own.
+            logger.experiment.finish()
     log.info("results: %s", json.dumps({k: results[k] for k in ("test_acc", "val_acc_best")}))
     print(
         f"{results['task']} / {results['attn']}: test accuracy {test_acc} at the best validation "

@@ -53,3 +53,15 @@ def test_unknown_attention_option_lists_valid_ones(compose_cfg):
     cfg = compose_cfg(["attn=mra", "+attn.blocks_per_row=4"])
     with pytest.raises(Exception, match="valid options"):
         hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+def test_protocol_card_names_every_data_setting(compose_cfg):
+    from mra_lra.train import protocol_card
+
+    cfg = compose_cfg(["data.max_length=1024", "data.num_train=123", "model.dropout=0.25"])
+    card = protocol_card(cfg)
+    assert "task=listops attn=mra seed=42" in card
+    data_line = next(line for line in card.splitlines() if line.startswith("data: "))
+    assert "max_length=1024" in data_line and "num_train=123" in data_line
+    assert "_target_" not in data_line
+    assert "dropout=0.25" in card

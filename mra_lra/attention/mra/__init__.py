@@ -6,6 +6,8 @@ kernels (CUDA tensors only). `MRAAttention` is the module registered as `mra` an
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -101,8 +103,28 @@ def mra2_attention(
     return out[:, :, :n].to(in_dtype)
 
 
+def patch_order(n: int, patch_shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Positions of a square image of n = side * side tokens (row-major) reordered so that each
+    run of ph * pw tokens is one ph x pw patch: reshape (side/ph, ph, side/pw, pw), swap the
+    middle axes, flatten. `x[:, :, order]` reorders; `y[:, :, argsort(order)]` undoes it."""
+    ph, pw = patch_shape
+    side = math.isqrt(n)
+    if side * side != n or side % ph or side % pw:
+        raise ValueError(
+            f"attn.patch_shape={list(patch_shape)} needs a square image whose side is a multiple "
+            f"of {ph} and {pw}, but the sequence has {n} tokens; set attn.patch_shape=null for "
+            "non-image tasks"
+        )
+    grid = torch.arange(n, device=device).view(side // ph, ph, side // pw, pw)
+    return grid.transpose(1, 2).reshape(n)
+
+
 class MRAAttention(nn.Module):
-    """MRA-2 as an attention module; k_sel = min(nb * block_per_row, nb * nb) per slice."""
+    """MRA-2 as an attention module; k_sel = min(nb * block_per_row, nb * nb) per slice.
+
+    `patch_shape` (e.g. [4, 8], the MRA recipe on image tasks) reorders the tokens of a square
+    image before attention so that each 32-token block is a 4 x 8 patch, and restores the order on
+    the output; the attention is then a different approximation of the same softmax."""
 
     default_mode = "full"
 
@@ -114,12 +136,16 @@ class MRAAttention(nn.Module):
         initial_prior_diagonal_n_blocks: int = 0,
         block_size: int = 32,
         backend: str = "auto",
+        patch_shape: list[int] | tuple[int, int] | None = None,
     ):
         super().__init__()
         approx_mode = approx_mode or self.default_mode
         _check(approx_mode, backend, block_size)
         if block_per_row < 1:
             raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
+        if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
+            raise ValueError(f"attn.patch_shape must be [rows, columns] or null, got {patch_shape}")
+        self.patch_shape = tuple(patch_shape) if patch_shape is not None else None
         self.block_per_row = block_per_row
         self.approx_mode = approx_mode
         self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
@@ -132,6 +158,15 @@ class MRAAttention(nn.Module):
         return min(nb * self.block_per_row, nb * nb)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.patch_shape is None:
+            return self._attend(q, k, v, mask)
+        order = patch_order(q.shape[2], self.patch_shape, q.device)
+        if mask is not None:
+            mask = mask[:, order]
+        out = self._attend(q[:, :, order], k[:, :, order], v[:, :, order], mask)
+        return out[:, :, torch.argsort(order)]
+
+    def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return mra2_attention(
             q,
             k,
@@ -149,7 +184,8 @@ class MRAAttention(nn.Module):
         return (
             f"approx_mode={self.approx_mode}, block_per_row={self.block_per_row}, "
             f"priors=({self.initial_prior_first_n_blocks}, "
-            f"{self.initial_prior_diagonal_n_blocks}), backend={self.backend}"
+            f"{self.initial_prior_diagonal_n_blocks}), backend={self.backend}, "
+            f"patch_shape={self.patch_shape}"
         )
 
 

@@ -86,8 +86,11 @@ IGNORED_CONFIG_KEYS = (
 )
 # Compared when a run has no config.yaml: the settings results.json records itself.
 FALLBACK_FIELDS = ("attn_options", "max_length", "precision")
-# Compared always: what the run did (steps) and where (throughput and memory depend on it).
-OUTCOME_FIELDS = ("steps", "device")
+# Compared always: what the run did (steps) and where (throughput and memory depend on it;
+# throughput is of all ranks together).
+OUTCOME_FIELDS = ("steps", "device", "world_size")
+# results.json written before train.py recorded world_size came from one-device runs.
+DEFAULTS = {"world_size": 1}
 
 MIXED = "†"
 DUPLICATE = "‡"
@@ -257,6 +260,9 @@ def summarise(
     devices: dict[str, int] = {}
     for run in collection.runs:
         device = str(run.results.get("device", "unknown"))
+        world_size = run.results.get("world_size", DEFAULTS["world_size"])
+        if world_size != 1:
+            device += f" ×{world_size}"
         devices[device] = devices.get(device, 0) + 1
     return Summary(
         tasks=[t for t in TASKS if any(run.task == t for run in collection.runs)],
@@ -322,7 +328,7 @@ def _settings(run: Run, use_config: bool) -> dict[str, str]:
         for name in FALLBACK_FIELDS:
             _flatten({f"results.{name}": run.results.get(name)}, "", flat)
     for name in OUTCOME_FIELDS:
-        flat[f"results.{name}"] = json.dumps(run.results.get(name))
+        flat[f"results.{name}"] = json.dumps(run.results.get(name, DEFAULTS.get(name)))
     return {k: v for k, v in flat.items() if not _ignored(k)}
 
 
@@ -346,11 +352,11 @@ def _ignored(key: str) -> bool:
 def format_markdown(summary: Summary) -> str:
     """The report: accuracy tables in the paper's layout, throughput and memory, then notes."""
     runs = sum(len(g.runs) for g in summary.groups.values())
-    devices = ", ".join(f"{d} ({n} runs)" for d, n in sorted(summary.devices.items()))
+    devices = ", ".join(f"{d} ({_runs(n)})" for d, n in sorted(summary.devices.items()))
     lines = [
         "# LRA results",
         "",
-        f"{runs} runs, {len(summary.skipped)} skipped. Cells: mean ± sample std (n runs) over "
+        f"{_runs(runs)}, {len(summary.skipped)} skipped. Cells: mean ± sample std (n runs) over "
         "seeds. Devices: " + devices + ".",
     ]
     for metric in summary.metrics:
@@ -367,6 +373,10 @@ def format_markdown(summary: Summary) -> str:
     if notes:
         lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
 
 
 def _cell(stat: Stat, spec: str) -> str:

@@ -13,6 +13,10 @@ from torch import nn
 from mra_lra.attention import build
 
 POOLINGS = ("mean", "cls")
+# How token ids enter the model: `tokens` looks each id up in an embedding table; `continuous`
+# reads it as a pixel intensity, id / 255, through Linear(1, d_model) (pixel tasks only).
+INPUT_ENCODINGS = ("tokens", "continuous")
+PIXEL_MAX = 255.0
 
 
 class MultiHeadAttention(nn.Module):
@@ -59,7 +63,8 @@ class Block(nn.Module):
 
 
 class LRAEncoder(nn.Module):
-    """Token ids [B, n] and mask [B, n] -> pooled features [B, d_model]."""
+    """Token ids [B, n] and mask [B, n] -> pooled features [B, d_model]. `input_encoding` is one
+    of INPUT_ENCODINGS."""
 
     def __init__(
         self,
@@ -72,20 +77,30 @@ class LRAEncoder(nn.Module):
         dropout: float,
         pooling: str,
         attn: dict,
+        input_encoding: str = "tokens",
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
+        if input_encoding not in INPUT_ENCODINGS:
+            raise ValueError(
+                f"model.input_encoding must be one of {INPUT_ENCODINGS}, got {input_encoding!r}"
+            )
         self.max_length = max_length
         self.pooling = pooling
-        self.embed = nn.Embedding(vocab_size, d_model)
+        self.input_encoding = input_encoding
+        if input_encoding == "tokens":
+            self.embed = nn.Embedding(vocab_size, d_model)
+        else:
+            self.embed = nn.Linear(1, d_model)
         self.pos = nn.Embedding(max_length, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(d_model, n_heads, d_ffn, dropout, max_length, attn) for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        if input_encoding == "tokens":
+            nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +110,11 @@ class LRAEncoder(nn.Module):
                 f"sequence length {n} exceeds the model's max_length {self.max_length}"
             )
         mask = mask.to(self.embed.weight.dtype)
-        x = self.embed(input_ids) + self.pos.weight[:n]
+        if self.input_encoding == "tokens":
+            x = self.embed(input_ids)
+        else:
+            x = self.embed((input_ids.to(self.embed.weight.dtype) / PIXEL_MAX)[..., None])
+        x = x + self.pos.weight[:n]
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask)
@@ -123,11 +142,21 @@ class LRAClassifier(nn.Module):
         attn: dict,
         two_tower: bool = False,
         head_hidden: int = 128,
+        input_encoding: str = "tokens",
     ):
         super().__init__()
         self.two_tower = two_tower
         self.encoder = LRAEncoder(
-            vocab_size, max_length, d_model, n_layers, n_heads, d_ffn, dropout, pooling, attn
+            vocab_size,
+            max_length,
+            d_model,
+            n_layers,
+            n_heads,
+            d_ffn,
+            dropout,
+            pooling,
+            attn,
+            input_encoding,
         )
         features = 4 * d_model if two_tower else d_model
         self.head = nn.Sequential(

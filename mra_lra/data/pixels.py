@@ -1,0 +1,84 @@
+"""What the pixel tasks (Image, Pathfinder, Path-X) share: the position order and the mask.
+
+Both are fidelity switches applied when batches are cut from the cached arrays (the cache keeps
+pixels in raster order, so one cache entry serves every setting):
+
+- `patch_order: [ph, pw]` reorders an H x W image so that each run of ph * pw consecutive tokens is
+  one ph x pw patch (patches in raster order, pixels in raster order inside a patch). With the MRA
+  paper's [4, 8] every 32-token block of MRA covers a 4 x 8 patch of the image instead of one
+  image row; on 128 x 128 (Path-X) the same patch shape keeps that property.
+- `pixel_zero_is_pad: true` masks every black pixel, as the LRA reference code does by treating
+  token id 0 as padding (most of a Pathfinder image is black).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def patch_permutation(height: int, width: int, patch: Sequence[int]) -> np.ndarray:
+    """Positions in patch order: `order[p]` is the raster index of the pixel placed at `p`."""
+    if len(patch) != 2:
+        raise ValueError(f"data.patch_order must be [rows, columns], got {list(patch)}")
+    ph, pw = (int(v) for v in patch)
+    if ph <= 0 or pw <= 0 or height % ph or width % pw:
+        raise ValueError(
+            f"data.patch_order={[ph, pw]} must divide the {height} x {width} image "
+            "(e.g. [4, 8]), or be null for raster order"
+        )
+    raster = np.arange(height * width, dtype=np.int64)
+    return raster.reshape(height // ph, ph, width // pw, pw).transpose(0, 2, 1, 3).reshape(-1)
+
+
+def pixel_dataset_options(
+    height: int,
+    width: int,
+    max_length: int,
+    pixel_zero_is_pad: bool,
+    patch_order: Sequence[int] | None,
+) -> dict[str, Any]:
+    """`CachedArrayDataset` keyword arguments for the two fidelity switches. Positions past the
+    image (when max_length > height * width) stay where they are."""
+    options: dict[str, Any] = {"mask_mode": "nonzero" if pixel_zero_is_pad else "length"}
+    if patch_order is not None:
+        num_pixels = height * width
+        if max_length < num_pixels:
+            raise ValueError(
+                f"data.patch_order needs the whole {height} x {width} image, but "
+                f"data.max_length={max_length} < {num_pixels}; raise data.max_length or set "
+                "data.patch_order=null"
+            )
+        tail = np.arange(num_pixels, max_length, dtype=np.int64)
+        options["order"] = np.concatenate([patch_permutation(height, width, patch_order), tail])
+    return options
+
+
+def pixel_arrays(
+    images: np.ndarray, labels: np.ndarray, max_length: int, what: str
+) -> dict[str, np.ndarray]:
+    """The cache arrays of one split from uint8 images [N, H*W] in raster order: `input_ids`
+    [N, max_length] (pixel value = token id, zero-padded or truncated), `length` [N] (the pixel
+    count, so the default mask covers the whole image) and `label` uint8 [N]."""
+    num, num_pixels = images.shape
+    kept = min(num_pixels, max_length)
+    if kept < num_pixels:
+        log.warning(
+            "%s: data.max_length=%d keeps only the first %d of %d pixels of every image",
+            what,
+            max_length,
+            kept,
+            num_pixels,
+        )
+    input_ids = np.zeros((num, max_length), dtype=np.uint8)
+    input_ids[:, :kept] = images[:, :kept]
+    return {
+        "input_ids": input_ids,
+        "length": np.full(num, num_pixels, dtype=np.int32),
+        "label": np.asarray(labels, dtype=np.uint8),
+    }

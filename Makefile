@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data test test-slow bench gpu-check lint
+.PHONY: install train demo data reproduce test test-slow bench gpu-check lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,15 @@ TASK ?= listops
 SOURCE ?=
 data: $(STAMP)
 	$(BIN)/python -m mra_lra.data.prepare task=$(TASK) $(if $(SOURCE),source=$(SOURCE)) $(ARGS)
+
+# One row group of the paper table: softmax, MRA-2 and MRA-2-s on TASK with seeds 0-2 (the MRA paper's
+# recipe, experiment=lra/<task>_<attn>), then the report. On a CPU-only machine add ARGS=trainer=cpu.
+REPRO_DIR ?= runs/reproduce/$(TASK)
+reproduce: $(STAMP)
+	$(BIN)/python train.py -m experiment=lra/$(TASK)_softmax,lra/$(TASK)_mra,lra/$(TASK)_mra_s \
+		seed=0,1,2 hydra.sweep.dir=$(REPRO_DIR) $(ARGS)
+	$(BIN)/python -m mra_lra.bench.report $(REPRO_DIR) --out $(REPRO_DIR)/report.md \
+		--plot $(REPRO_DIR)/acc_vs_speed.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

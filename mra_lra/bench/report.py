@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,13 +173,18 @@ class Summary:
 
 def collect_runs(paths: Iterable[str | Path]) -> Collection:
     """Every results.json at or below `paths`, read and checked; bad ones become `Skipped`."""
+    paths = [Path(p) for p in paths]
     found: dict[Path, Path] = {}  # resolved -> as reached from the given path (for messages)
-    for root in map(Path, paths):
+    for root in paths:
         if not root.exists():
             raise ReportError(
                 f"{root} does not exist: pass run folders or multirun folders "
                 "(train.py writes them under runs/ unless hydra.run.dir / hydra.sweep.dir say "
                 "otherwise)"
+            )
+        if root.is_file() and root.name != "results.json":
+            raise ReportError(
+                f"{root} is a file: pass run folders, multirun folders or results.json"
             )
         files = [root] if root.is_file() else sorted(root.rglob("results.json"))
         for file in files:
@@ -211,7 +216,9 @@ def _read_run(file: Path) -> Run | Skipped:
     task = TASK_ALIASES.get(results["task"], results["task"])
     if task not in TASKS:
         return Skipped(
-            folder, f"unknown task {results['task']!r} (known: {', '.join(TASKS)}); add it to TASKS"
+            folder,
+            f"unknown task {results['task']!r} (known: {', '.join(TASKS)}); "
+            f"add it to TASKS in {__name__}",
         )
     results = {**results, "task": task}
     config_file = folder / "config.yaml"
@@ -391,7 +398,7 @@ def _marks(group: Group | None) -> str:
     return (MIXED if group.differing else "") + (DUPLICATE if group.duplicate_seeds else "")
 
 
-def _table(summary: Summary, name: str, fmt, average: bool) -> list[str]:
+def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: bool) -> list[str]:
     stats = summary.tables[name]
     header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
     # The tasks some row has in this table: a row missing one of them gets no average.
@@ -500,14 +507,15 @@ def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
             x, y.mean, yerr=y.std or 0, fmt=markers[task], color=color[attn], capsize=3, ms=7
         )
         ax.annotate(attn, (x, y.mean), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    xs = [speed[cell].mean for cell in cells]
+    # Speeds across tasks and attentions span decades; within one decade a log axis has no ticks.
     ax.set(
-        xscale="log",
+        xscale="log" if max(xs) > 10 * min(xs) else "linear",
         xlabel="training throughput (tokens/s, mean over seeds)",
         ylabel=f"{ACCURACY_TITLES[metric]}",
         title="LRA: accuracy vs training speed",
     )
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
     ax.grid(True, which="both", alpha=0.3)
     used = {t for _, t in cells}

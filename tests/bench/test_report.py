@@ -317,7 +317,7 @@ def test_unreadable_and_unknown_runs_listed_never_dropped(tmp_path):
     assert lines[2].startswith(f"- Skipped: `{tmp_path / 'broken'}`: unreadable results.json (")
     assert lines[3] == (
         f"- Skipped: `{tmp_path / 'cifar'}`: unknown task 'cifar' (known: listops, text, "
-        "retrieval, image, pathfinder, pathx); add it to TASKS."
+        "retrieval, image, pathfinder, pathx); add it to TASKS in mra_lra.bench.report."
     )
     assert lines[4] == (
         f"- Skipped: `{tmp_path / 'noseed'}`: results.json has no int `seed` (got None)."
@@ -330,8 +330,11 @@ def test_nothing_usable_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no usable runs.*not a JSON object"):
         summarise(collect_runs([tmp_path]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no results.json under"):
-        collect_runs([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="no results.json under .*empty: a run writes it"):
+        collect_runs(p for p in [tmp_path / "empty"])
+    (tmp_path / "report.md").write_text("# LRA results\n")
+    with pytest.raises(ValueError, match="report.md is a file: pass run folders"):
+        collect_runs([tmp_path / "report.md"])
 
 
 def test_cli_writes_markdown_and_png(tmp_path, capsys):

@@ -12,12 +12,17 @@ release is 19 GB unpacked and Pathfinder alone is 200k small PNGs.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import logging
+import lzma
 import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,62 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".gz")
 
 class SourceError(RuntimeError):
     """A source file is missing, unreadable or truncated; the message says what to do."""
+
+
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+def _corrupt_archive(path: Path, err: BaseException) -> SourceError:
+    return SourceError(
+        f"{path} is truncated or corrupt ({type(err).__name__}: {err}). Download it "
+        "again (compare its size with the original) and rerun; nothing was cached from it."
+    )
+
+
+class _ArchiveMemberReader(io.RawIOBase):
+    """An archive member's stream whose read errors (a truncated archive) raise SourceError,
+    also when the caller reads it outside `iter_streams`."""
+
+    def __init__(self, stream: BinaryIO, archive: Path) -> None:
+        super().__init__()
+        self._stream = stream
+        self._archive = archive
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        try:
+            return self._stream.readinto(buffer)
+        except _ARCHIVE_ERRORS as err:
+            raise _corrupt_archive(self._archive, err) from err
+
+
+class _CountingReader:
+    """A binary stream that counts the bytes read from it (the tar's uncompressed size)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.count += len(data)
+        return data
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """`raw` decompressed by its magic bytes. These readers, unlike tarfile's stream mode, raise
+    EOFError on a compressed stream that ends early."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw)
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return raw
 
 
 def _after_anchor(name: str, anchor: str) -> str | None:
@@ -58,29 +119,44 @@ class SourceTree:
     def iter_files(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
         """(path below the anchor, contents) of every file for which `wanted(path)` is true, in
         archive order (folders: sorted). A truncated or corrupt archive raises SourceError."""
+        for rel, stream in self.iter_streams(wanted):
+            yield rel, stream.read()
+
+    def iter_streams(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, BinaryIO]]:
+        """As `iter_files`, but each file as a binary stream, readable until the next one is
+        asked for: for files too large to hold in memory (Retrieval's training TSV is 8 GB).
+        Stopping early ends the pass there. A truncated or corrupt archive raises SourceError,
+        from the iteration or from a stream's reads."""
         if not self.is_archive:
             if self.root is None:
                 raise SourceError(f"{self.path} holds no {self.anchor}/ folder")
             for file in sorted(self.root.rglob("*")):
                 rel = file.relative_to(self.root).as_posix()
                 if file.is_file() and wanted(rel):
-                    yield rel, file.read_bytes()
+                    with open(file, "rb") as stream:
+                        yield rel, stream
             return
         try:
-            with tarfile.open(self.path, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    rel = _after_anchor(member.name, self.anchor)
-                    if rel is None or not wanted(rel):
-                        continue
-                    f = tar.extractfile(member)
-                    yield rel, f.read() if f is not None else b""
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-            raise SourceError(
-                f"{self.path} is truncated or corrupt ({type(err).__name__}: {err}). Download it "
-                "again (compare its size with the original) and rerun; nothing was cached from it."
-            ) from err
+            with open(self.path, "rb") as raw:
+                stream = _CountingReader(_decompressed(raw))
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        rel = _after_anchor(member.name, self.anchor)
+                        if rel is None or not wanted(rel):
+                            continue
+                        member_stream = tar.extractfile(member) or io.BytesIO()
+                        yield rel, io.BufferedReader(_ArchiveMemberReader(member_stream, self.path))
+                    # tarfile takes an archive cut inside or between headers for its end; a
+                    # whole one ends with two zero blocks, and its compressed stream with a
+                    # trailer that the decompressor checks while reading up to it.
+                    while stream.read(1 << 20):
+                        pass
+                    if stream.count - tar.offset < 2 * tarfile.BLOCKSIZE:
+                        raise tarfile.ReadError("the archive ends before its end-of-archive blocks")
+        except _ARCHIVE_ERRORS as err:
+            raise _corrupt_archive(self.path, err) from err
 
     def read_text_files(self, names: Sequence[str]) -> dict[str, str]:
         """The UTF-8 text of the named files (paths below the anchor); a missing one raises

@@ -369,3 +369,22 @@ def test_plot_needs_a_cell_with_speed(tmp_path):
     with pytest.raises(ValueError, match="nothing to plot"):
         plot(summary, tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_real_configs_of_two_seeds_are_one_setting(compose_cfg, tmp_path):
+    # train.py's resolved configs for two seeds of one experiment, in separate run folders with
+    # separate data folders and wandb names: nothing but ignored keys may differ.
+    from omegaconf import OmegaConf
+
+    for seed in (0, 1):
+        run_dir = tmp_path / str(seed)
+        cfg = compose_cfg(
+            ["experiment=lra/listops_mra", f"seed={seed}", "logger=wandb"],
+            run_dir=run_dir,
+            data_dir=tmp_path / f"data{seed}",
+        )
+        write_run(run_dir, "listops", "mra", seed, 0.4, 0.4, with_config=False)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    markdown = report(tmp_path)
+    assert table_rows(markdown, BEST)["mra"] == ["40.00 ± 0.00 (2)", "40.00"]
+    assert "## Notes" not in markdown

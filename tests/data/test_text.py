@@ -168,10 +168,13 @@ def test_truncated_tarball_errors_and_caches_nothing(tmp_path) -> None:
     whole = write_tarball(tmp_path / "whole.tar.gz", tmp_path / "staging").read_bytes()
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / "aclImdb_v1.tar.gz").write_bytes(whole[: len(whole) * 2 // 3])
-    with pytest.raises(SourceError, match="truncated or corrupt"):
-        make_dm(data_dir).prepare_data()
-    assert cache_entries(data_dir) == []
+    # Every cut loses data, wherever it falls: in a review, in a tar header, between members
+    # (where tarfile alone would see an end of archive) or in the gzip trailer.
+    for cut in [*range(16, len(whole), max(1, len(whole) // 25)), len(whole) - 4]:
+        (data_dir / "aclImdb_v1.tar.gz").write_bytes(whole[:cut])
+        with pytest.raises(SourceError, match="truncated or corrupt"):
+            make_dm(data_dir).prepare_data()
+        assert cache_entries(data_dir) == [], cut
 
 
 def test_interrupted_build_leaves_no_entry_and_reruns(tmp_path, monkeypatch) -> None:

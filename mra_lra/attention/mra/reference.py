@@ -6,65 +6,250 @@ For a query i in block I (full mode), with the chosen block set from `selection.
     A(i, j) ~ exp(qbar_I . kbar_J / sqrt d)    for j in an unrefined block J        (coarse part)
     out_i = sum_j A(i, j) v_j / sum_j A(i, j)
 
-The fine part runs as one batched matmul over the k_sel chosen 32 x 32 blocks of all slices,
-gathered with index_select and summed back with index_add (both have cheap autograd rules).
-Sparse mode keeps only the fine part.
+`mra2_torch` is one autograd Function with a FlashAttention-style backward, so that a step's
+memory stays near that of q, k, v and their gradients:
+
+- Forward. The chosen blocks of all slices, in row-major order, are cut into chunks of whole
+  block rows (`BlockPlan`). Per chunk: gather the blocks' q, k, v, score them with one batched
+  matmul, take each query's stabiliser m_i = max(r_I, mu_i) (full mode; mu_i alone in sparse
+  mode), and sum exp(s_ij - m_i) v_j back per block row. The coarse part (step 8, on the small
+  nb x nb matrices) is put on the same stabiliser, which is the merge of step 9. Saved: q, k, v,
+  the output and each query's log-sum-exp lse_i = m_i + log(l_i + eps), nothing per block.
+- Backward, over the same chunks, recomputing the probabilities P_ij = exp(s_ij - lse_i):
+
+      D_i = dO_i . out_i,   dS_ij = P_ij (dO_i . v_j - D_i)
+      dq_i += sum_j dS_ij k_j / sqrt(d),   dk_j += sum_i dS_ij q_i / sqrt(d),
+      dv_j += sum_i P_ij dO_i
+
+  The coarse entries act as extra softmax entries with logit S_IJ + log c_J and value vbar_J;
+  with A_IJ = c_J exp(S_IJ - r_I) (0 for J in M), u_I = sum_{i in I} exp(r_I - lse_i) dO_i and
+  w_I = sum_{i in I} exp(r_I - lse_i) D_i:
+
+      dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I,
+
+  and autograd carries dS and dvbar back to q, k, v through the block means.
+
+Chunks bound the memory of the gathered blocks and keep them in cache; index_add on CPU runs in
+order, so the backward is deterministic.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from mra_lra.attention.mra import selection
 from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY, Selection
 
-
-def coarse_part(
-    sel: Selection, vbar: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 8: Ol [B, H, nb, d] and Nl [B, H, nb], on the stabiliser r_I (row max of S)."""
-    A = sel.counts[:, None, None, :] * torch.exp(sel.coarse - sel.row_max[..., None])
-    A = A.masked_fill(sel.excluded, 0.0)
-    return torch.matmul(A, vbar), A.sum(dim=-1)
+# Elements of one gathered [blocks, b, max(b, d)] tensor per chunk: 2 MiB in float32, which keeps
+# a chunk's working set (a handful of such tensors) inside a CPU's L2/L3 cache.
+CHUNK_ELEMENTS = 2**19
 
 
-def fine_part(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    sel: Selection,
-    block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 5-7 over the chosen blocks. Returns Oh [G*nb, b, d], Nh [G*nb, b], mu [G*nb, b].
+@dataclass
+class BlockPlan:
+    """The chosen blocks of all G = B*H slices as flat block indices, cut into chunks.
 
-    mu is the per-query max of the masked fine scores (EMPTY_ROW_MAX where a row has none).
+    rows, cols:   [T] query and key block of each chosen block, as g * nb + I (row-major order)
+    row_ids:      [U] the distinct query blocks that have a chosen block (ascending)
+    row_of_block: [T] position of each chosen block's query block in row_ids
+    chunks:       (t0, t1, u0, u1): blocks t0:t1, which are exactly the blocks of rows u0:u1
     """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_ids: torch.Tensor
+    row_of_block: torch.Tensor
+    chunks: list[tuple[int, int, int, int]]
+
+    @property
+    def max_chunk(self) -> int:
+        return max(t1 - t0 for t0, t1, _, _ in self.chunks)
+
+
+def block_plan(block_idx: torch.Tensor, nb: int, chunk_blocks: int) -> BlockPlan:
+    """Flatten [B, H, k_sel] chosen indices and cut them into chunks of whole block rows, each of
+    at most `chunk_blocks` blocks unless one block row alone has more."""
+    G = block_idx.shape[0] * block_idx.shape[1]
+    flat = block_idx.reshape(G, -1)
+    offset = (torch.arange(G, device=flat.device) * nb)[:, None]
+    rows = (flat // nb + offset).flatten()
+    cols = (flat % nb + offset).flatten()
+    row_ids, row_of_block, counts = torch.unique_consecutive(
+        rows, return_inverse=True, return_counts=True
+    )
+    chunks, t0, u0, t = [], 0, 0, 0
+    for u, count in enumerate(counts.tolist()):
+        if t + count - t0 > chunk_blocks and t > t0:
+            chunks.append((t0, t, u0, u))
+            t0, u0 = t, u
+        t += count
+    chunks.append((t0, t, u0, len(counts)))
+    return BlockPlan(rows, cols, row_ids, row_of_block, chunks)
+
+
+def coarse_weights(
+    coarse: torch.Tensor, row_max: torch.Tensor, counts: torch.Tensor, excluded: torch.Tensor
+) -> torch.Tensor:
+    """Step 8's weights A_IJ = c_J exp(S_IJ - r_I) for J not in M, 0 for J in M: [B, H, nb, nb].
+
+    The coarse part is Ol_I = sum_J A_IJ vbar_J, Nl_I = sum_J A_IJ, on the stabiliser r_I.
+    """
+    A = (coarse - row_max[..., None]).exp_().mul_(counts[:, None, None, :])
+    return A.masked_fill_(excluded, 0.0)
+
+
+class _Workspace:
+    """Chunk buffers allocated once per call and reused by every chunk (sliced to its length):
+    no allocator traffic in the loops, and a step's peak memory does not depend on chunk sizes.
+    `values` name [blocks, b, d] buffers, `scores` name [blocks, b, b] ones."""
+
+    def __init__(self, like: torch.Tensor, blocks: int, b: int, d: int, values: str, scores: str):
+        for name in values.split():
+            setattr(self, name, like.new_empty(blocks, b, d))
+        for name in scores.split():
+            setattr(self, name, like.new_empty(blocks, b, b))
+        self.bias = like.new_empty(blocks, 1, b)
+
+
+class _MRA2Torch(torch.autograd.Function):
+    """Differentiable in q, k, v (padded, zeroed, [B, H, n, d]); in full mode the gradient of the
+    coarse part reaches them through the block means, computed here (see `mra2_torch`)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        sel: Selection,
+        vbar: torch.Tensor | None,
+        plan: BlockPlan,
+        block_size: int,
+    ) -> torch.Tensor:
+        B, H, n, d = q.shape
+        b, nb, G = block_size, n // block_size, B * H
+        full = vbar is not None
+        scale = 1.0 / math.sqrt(d)
+        qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
+        key_bias = _key_bias(mask, H, b)
+        r = sel.row_max.reshape(G * nb)
+        if full:
+            # Rows without a chosen block keep the coarse part alone, on its stabiliser r_I.
+            A = coarse_weights(sel.coarse.detach(), sel.row_max, sel.counts, sel.excluded)
+            Ol = torch.matmul(A, vbar).view(G * nb, d)
+            Nl = A.sum(dim=-1).view(G * nb)
+            del A
+            out = (Ol / (Nl + EPS)[:, None])[:, None, :].expand(-1, b, -1).contiguous()
+            lse = (r + torch.log(Nl + EPS))[:, None].expand(-1, b).contiguous()
+        else:
+            out = q.new_zeros(G * nb, b, d)
+            lse = q.new_full((G * nb, b), EMPTY_ROW_MAX)
+        ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs pv", "s")
+        for t0, t1, u0, u1 in plan.chunks:
+            c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
+            row_ids, local = plan.row_ids[u0:u1], plan.row_of_block[t0:t1] - u0
+            qs, ks, vs, pv, s, bias = (x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.pv, ws.s, ws.bias))
+            torch.index_select(qf, 0, rows, out=qs)
+            torch.index_select(kf, 0, cols, out=ks)
+            torch.index_select(vf, 0, cols, out=vs)
+            torch.index_select(key_bias, 0, cols, out=bias)
+            torch.baddbmm(bias, qs, ks.transpose(1, 2), alpha=scale, out=s)
+            # Stabiliser per query: the max over its chosen entries (and r_I in full mode).
+            m = q.new_full((u1 - u0, b), EMPTY_ROW_MAX)
+            m.scatter_reduce_(0, local[:, None].expand(-1, b), s.amax(dim=-1), "amax")
+            if full:
+                torch.maximum(m, r[row_ids][:, None], out=m)
+            a = s.sub_(m[local][:, :, None]).exp_()
+            torch.bmm(a, vs, out=pv)
+            acc = q.new_zeros(u1 - u0, b, d).index_add_(0, local, pv)
+            l_sum = q.new_zeros(u1 - u0, b).index_add_(0, local, a.sum(dim=-1))
+            if full:
+                w = torch.exp(r[row_ids][:, None] - m)
+                acc.add_(Ol[row_ids][:, None, :] * w[..., None])
+                l_sum.add_(Nl[row_ids][:, None] * w)
+            l_sum.add_(EPS)
+            out.index_copy_(0, row_ids, acc.div_(l_sum[..., None]))
+            lse.index_copy_(0, row_ids, m.add_(l_sum.log_()))
+        del ws
+        out = out.view(B, H, n, d).mul_(mask[:, None, :, None])
+        ctx.save_for_backward(q, k, v, mask, vbar, out, lse, sel.row_max, sel.counts, sel.excluded)
+        ctx.plan, ctx.block_size = plan, block_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, mask, vbar, out, lse, row_max, counts, excluded = ctx.saved_tensors
+        plan, b = ctx.plan, ctx.block_size
+        B, H, n, d = q.shape
+        nb, G = n // b, B * H
+        scale = 1.0 / math.sqrt(d)
+        do = dout.reshape(G * nb, b, d)
+        # Padded queries output constant zeros: no gradient flows back from them. Their out_i is
+        # 0, so D_i is too; their dO_i is masked per chunk (not copied whole).
+        query_mask = mask.repeat_interleave(H, dim=0).view(G * nb, b)
+        delta = torch.einsum("rbd,rbd->rb", do, out.view(G * nb, b, d))
+        qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
+        key_bias = _key_bias(mask, H, b)
+        dq, dk, dv = (torch.zeros_like(qf) for _ in range(3))
+        ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs dos part", "s ds")
+        for t0, t1, _, _ in plan.chunks:
+            c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
+            qs, ks, vs, dos, part, s, ds, bias = (
+                x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.dos, ws.part, ws.s, ws.ds, ws.bias)
+            )
+            torch.index_select(qf, 0, rows, out=qs)
+            torch.index_select(kf, 0, cols, out=ks)
+            torch.index_select(vf, 0, cols, out=vs)
+            torch.index_select(do, 0, rows, out=dos)
+            dos.mul_(query_mask[rows][:, :, None])
+            torch.index_select(key_bias, 0, cols, out=bias)
+            torch.baddbmm(bias, qs, ks.transpose(1, 2), alpha=scale, out=s)
+            p = s.sub_(lse[rows][:, :, None]).exp_()
+            dv.index_add_(0, cols, torch.bmm(p.transpose(1, 2), dos, out=part))
+            torch.bmm(dos, vs.transpose(1, 2), out=ds)
+            ds.sub_(delta[rows][:, :, None]).mul_(p)
+            dq.index_add_(0, rows, torch.bmm(ds, ks, out=part), alpha=scale)
+            dk.index_add_(0, cols, torch.bmm(ds.transpose(1, 2), qs, out=part), alpha=scale)
+        del ws
+        if vbar is not None:
+            _coarse_backward(
+                q, k, do, delta, lse, query_mask, vbar, row_max, counts, excluded, dq, dk, dv, b
+            )
+        shape = (B, H, n, d)
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+
+def _coarse_backward(
+    q, k, do, delta, lse, query_mask, vbar, row_max, counts, excluded, dq, dk, dv, b
+):
+    """Add the coarse part's gradient to dq, dk, dv (in place), through S and the block means."""
     B, H, n, d = q.shape
-    b, nb, G = block_size, n // block_size, B * H
-    k_sel = sel.block_idx.shape[-1]
-    offset = (torch.arange(G, device=q.device) * nb)[:, None]
-    flat = sel.block_idx.reshape(G, k_sel)
-    rows = (flat // nb + offset).flatten()  # query block of each chosen block, over all slices
-    cols = (flat % nb + offset).flatten()  # key block
+    nb = n // b
+    qbar = selection.block_means(q, counts, b)
+    kbar = selection.block_means(k, counts, b)
+    S, _ = selection.coarse_logits(qbar, kbar, counts)
+    A = coarse_weights(S, row_max, counts, excluded)
+    weight = torch.exp(row_max.reshape(-1, 1) - lse).mul_(query_mask)  # exp(r_I - lse_i)
+    u = torch.bmm(weight[:, None, :], do).view(B, H, nb, d)
+    w = (weight * delta).sum(dim=-1).view(B, H, nb)
+    dS = torch.matmul(u, vbar.transpose(-1, -2)).sub_(w[..., None]).mul_(A)
+    inv_counts = 1.0 / (counts[:, None, :, None] + EPS)  # d(block mean) / d(token)
+    dqbar = torch.matmul(dS, kbar).mul_(inv_counts / math.sqrt(d))
+    dkbar = torch.matmul(dS.transpose(-1, -2), qbar).mul_(inv_counts / math.sqrt(d))
+    dvbar = torch.matmul(A.transpose(-1, -2), u).mul_(inv_counts)
+    for grad, gbar in ((dq, dqbar), (dk, dkbar), (dv, dvbar)):
+        grad.view(B, H, nb, b, d).add_(gbar[:, :, :, None, :])
 
-    qs = q.reshape(G * nb, b, d).index_select(0, rows)
-    ks = k.reshape(G * nb, b, d).index_select(0, cols)
-    vs = v.reshape(G * nb, b, d).index_select(0, cols)
-    key_bias = (-PAD_PENALTY * (1.0 - mask)).view(B, 1, nb, b).expand(B, H, nb, b)
-    bias = key_bias.reshape(G * nb, 1, b).index_select(0, cols)
 
-    s = torch.baddbmm(bias, qs, ks.transpose(1, 2), alpha=1.0 / math.sqrt(d))
-    with torch.no_grad():
-        mu = torch.full((G * nb, b), EMPTY_ROW_MAX, device=q.device, dtype=s.dtype)
-        index = rows[:, None].expand(-1, b)
-        mu.scatter_reduce_(0, index, s.amax(dim=-1), "amax", include_self=False)
-    a = torch.exp(s - mu.index_select(0, rows)[:, :, None])
-    Oh = torch.zeros(G * nb, b, d, device=q.device, dtype=s.dtype)
-    Oh = Oh.index_add(0, rows, torch.bmm(a, vs))
-    Nh = torch.zeros(G * nb, b, device=q.device, dtype=s.dtype).index_add(0, rows, a.sum(dim=-1))
-    return Oh, Nh, mu
+def _key_bias(mask: torch.Tensor, H: int, block_size: int) -> torch.Tensor:
+    """-1e4 at padded keys, as [G * nb, 1, b] rows to gather per key block."""
+    bias = -PAD_PENALTY * (1.0 - mask)
+    return bias.repeat_interleave(H, dim=0).view(-1, 1, block_size)
 
 
 def mra2_torch(
@@ -78,21 +263,24 @@ def mra2_torch(
     approx_mode: str,
     block_size: int,
 ) -> torch.Tensor:
-    """Steps 5-10 on padded, zeroed float inputs [B, H, n, d]; returns [B, H, n, d]."""
+    """Steps 5-10 on padded, zeroed float inputs [B, H, n, d]; returns [B, H, n, d].
+
+    `sel` and `vbar` must be `selection.prepare`'s and `selection.block_means`' results for these
+    q, k, v and mask. Gradients reach q, k, v through the fine part and, in full mode, through the
+    block means of the coarse part; that second path is computed here from q, k, v, so no gradient
+    flows into `sel.coarse` or `vbar` themselves (none through the selection, r or mu either).
+    """
     B, H, n, d = q.shape
-    b, nb = block_size, n // block_size
-    Oh, Nh, mu = fine_part(q, k, v, mask, sel, block_size)
-    Oh = Oh.view(B, H, nb, b, d)
-    Nh = Nh.view(B, H, nb, b)
-    if approx_mode == "sparse":
-        out = Oh / (Nh[..., None] + EPS)
-    else:
-        Ol, Nl = coarse_part(sel, vbar, block_size)
-        # Step 9: both parts on the common stabiliser max(r_I, mu_i).
-        delta = (sel.row_max[..., None] - mu.view(B, H, nb, b)) * mask.view(B, 1, nb, b)
-        scale_low = torch.exp(delta.clamp(max=0.0))
-        scale_high = torch.exp(-delta.clamp(min=0.0))
-        num = Oh * scale_high[..., None] + Ol[:, :, :, None, :] * scale_low[..., None]
-        den = Nh * scale_high + Nl[..., None] * scale_low
-        out = num / (den[..., None] + EPS)
-    return out.reshape(B, H, n, d) * mask[:, None, :, None]
+    chunk_blocks = max(1, CHUNK_ELEMENTS // (block_size * max(block_size, d)))
+    plan = block_plan(sel.block_idx, n // block_size, chunk_blocks)
+    full = approx_mode == "full"
+    return _MRA2Torch.apply(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        mask,
+        sel,
+        vbar.detach() if full else None,
+        plan,
+        block_size,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 
@@ -12,11 +13,21 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
+def peak_memory_mb() -> tuple[float, str]:
+    """This process's peak memory so far: CUDA's max allocated bytes, else the CPU max RSS."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / 1024, "cpu_max_rss"
+
+
 class LRALitModule(pl.LightningModule):
     """Trains `net` (an nn.Module mapping a batch dict to logits) with cross-entropy.
 
     Metric keys: train/loss, train/acc, train/lr, val/loss, val/acc, val/acc_best, test/loss,
-    test/acc, train/tokens_per_second (padded positions per second of training-step time).
+    test/acc, train/tokens_per_second (padded positions per second of training-step time) and
+    train/peak_memory_mb (see `peak_memory_mb`). Under DDP the last two are rank 0's own; the
+    accuracies and losses are torchmetrics states summed over all ranks.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class LRALitModule(pl.LightningModule):
         self.train_tokens += tokens
         if self.train_seconds > 0:
             self.log("train/tokens_per_second", self.train_tokens / self.train_seconds)
+        self.log("train/peak_memory_mb", peak_memory_mb()[0])
 
     # --- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -94,7 +106,8 @@ class LRALitModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        # The same value on every rank (val_acc's states are synced); sync_dist says so to DDP.
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, preds = self._shared_step(batch)

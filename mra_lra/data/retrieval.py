@@ -1,11 +1,12 @@
 """Retrieval (LRA): do two ACL Anthology papers cite one another? Pairs of UTF-8 byte documents.
 
-Files, read from the first place that has them (an archive is streamed, never extracted):
+Pairs are read from `source=<path>` when given (a folder or archive holding tsv_data/), else
+from the first of these under `data_dir` (an archive is streamed, never extracted):
 
-    source=<path>                                  a folder or archive holding tsv_data/
-    <data_dir>/lra_release/[lra_release/]tsv_data/new_aan_pairs.{train,eval,test}.tsv
-    <data_dir>/lra_release.gz                      the release itself
-    cache/retrieval/<key>/                         token arrays, keyed by what made them
+    lra_release/[lra_release/]tsv_data/new_aan_pairs.{train,eval,test}.tsv
+    lra_release.gz                                 the release itself
+
+and tokenised into `<data_dir>/cache/retrieval/<key>/`, keyed by what made the arrays.
 
 Each TSV row is `label<TAB>id1<TAB>id2<TAB>text1<TAB>text2` with no header and no quoting
 (a quote is an ordinary character); the label is written as a float, `0.0` or `1.0`. The

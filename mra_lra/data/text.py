@@ -1,12 +1,13 @@
 """Text (LRA): IMDB movie reviews as UTF-8 bytes, labelled positive (1) or negative (0).
 
-Sources, the first one found wins:
+Reviews are read from `source=<path>` when given (any of the shapes below), else from the
+first of these under `data_dir`:
 
-    source=<path>                                  any of the shapes below, given by the user
-    <data_dir>/aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt   the Stanford tarball, extracted
-    <data_dir>/aclImdb_v1.tar.gz                   the Stanford tarball, read without extracting
-    <data_dir>/imdb/plain_text/{train,test}-*.parquet   Hugging Face `stanfordnlp/imdb` (pyarrow)
-    cache/text/<key>/                              token arrays, keyed by what made them
+    aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt   the Stanford tarball, extracted
+    aclImdb_v1.tar.gz                                  the Stanford tarball, read without extracting
+    imdb/plain_text/{train,test}-*.parquet             Hugging Face `stanfordnlp/imdb` (pyarrow)
+
+and tokenised into `<data_dir>/cache/text/<key>/`, keyed by what made the arrays.
 
 `unsup/`, the `*.feat` bag-of-words files and the `urls_*.txt` lists are ignored. IMDB has 25,000
 train and 25,000 test reviews and no validation split: validation reads the test arrays
@@ -175,7 +176,7 @@ def source_fingerprint(source: ImdbSource) -> dict[str, Any]:
         }
     if source.is_archive:
         return {"archive": file_fingerprint(source.path)}
-    root = find_anchor_dir(source.path, source.anchor)
+    root = source.root
     reviews = sorted(
         p
         for split in SPLITS

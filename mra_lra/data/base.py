@@ -19,6 +19,7 @@ loading from the cache keeps up with a GPU on two CPU cores.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mra_lra.data.cache import ensure_array_cache, find_array_cache, load_arrays
+from mra_lra.data.cache import (
+    atomic_write_json,
+    ensure_array_cache,
+    find_array_cache,
+    load_arrays,
+)
 from mra_lra.data.sampling import EpochShuffleSampler
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DATA_DIR_FIX = "Set data.data_dir=<a writable folder> or the LRA_DATA_DIR environment variable."
 MASK_MODES = ("length", "nonzero")
+SOURCES_RECORD = "sources.json"
 
 
 class CachedArrayDataset(Dataset):
@@ -144,8 +151,51 @@ class LRADataModule(pl.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.source = Path(source).expanduser() if source else None
+        self._user_source = Path(source).expanduser() if source else None
+        self._source_looked_up = source is not None
         self.datasets: dict[str, CachedArrayDataset] = {}
+
+    @property
+    def source(self) -> Path | None:
+        """`data.source`, else the one recorded for this task under data_dir, else None."""
+        if not self._source_looked_up:
+            self._user_source = self._recorded_source()
+            self._source_looked_up = True
+        return self._user_source
+
+    # -- where the files came from ------------------------------------------------------
+    # A `source=` given once (to `prepare` or a run) is recorded in <data_dir>/sources.json, so
+    # that later runs with the same data_dir read the same files without repeating it.
+    @property
+    def sources_record(self) -> Path:
+        return self.data_dir / SOURCES_RECORD
+
+    def _recorded_source(self) -> Path | None:
+        if not self.sources_record.is_file():
+            return None
+        recorded = json.loads(self.sources_record.read_text(encoding="utf-8")).get(self.task)
+        if recorded is None:
+            return None
+        if not Path(recorded).exists():
+            log.warning(
+                "%s: the source recorded in %s, %s, is gone; looking under %s instead "
+                "(pass data.source=<path> to record another)",
+                self.task,
+                self.sources_record,
+                recorded,
+                self.data_dir,
+            )
+            return None
+        log.info("%s: reading %s (recorded in %s)", self.task, recorded, self.sources_record)
+        return Path(recorded)
+
+    def _record_source(self) -> None:
+        record = {}
+        if self.sources_record.is_file():
+            record = json.loads(self.sources_record.read_text(encoding="utf-8"))
+        if record.get(self.task) != str(self.source.resolve()):
+            record[self.task] = str(self.source.resolve())
+            atomic_write_json(self.sources_record, record)
 
     # -- what a task provides ------------------------------------------------------------
     def ensure_sources(self) -> None:
@@ -173,9 +223,12 @@ class LRADataModule(pl.LightningDataModule):
     def ensure_cache(self) -> Path:
         """Sources, then the cached arrays; returns the cache entry. What `prepare` calls."""
         self.ensure_sources()
-        return ensure_array_cache(
+        entry = ensure_array_cache(
             self.cache_root, self.cache_options(), self.build_arrays, DATA_DIR_FIX
         )
+        if self.source is not None:
+            self._record_source()
+        return entry
 
     def prepare_data(self) -> None:
         self.ensure_cache()

@@ -100,3 +100,31 @@ def test_command_line_entry_point(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "listops: ready" in result.stdout
+
+
+def test_source_given_once_is_remembered_for_that_data_dir(tmp_path, compose_cfg) -> None:
+    # The release somewhere else (a nested lra_release/ folder, as users extract it).
+    from tests.data.test_listops_datamodule import write_release
+
+    elsewhere = tmp_path / "downloads"
+    write_release(elsewhere / "lra_release")
+    data_dir = tmp_path / "data"
+    assert prepare.main(["task=listops", f"data.data_dir={data_dir}", f"source={elsewhere}"]) == 0
+    assert not (data_dir / "lra_release").exists()  # read in place, not copied or generated
+
+    # A later run without source= reads the same files (nothing generated, same cache entry).
+    import hydra
+
+    cfg = compose_cfg(["task=listops", "data.max_length=2048"], data_dir=data_dir)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert datamodule.source == elsewhere.resolve()
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert not (data_dir / "lra_release").exists()
+    assert len(datamodule.datasets["train"]) == 4  # the release fixture's four rows
+
+    # If the recorded source disappears, the usual lookup takes over with a warning.
+    import shutil
+
+    shutil.rmtree(elsewhere)
+    assert hydra.utils.instantiate(cfg.data).source is None

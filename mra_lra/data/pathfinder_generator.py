@@ -645,6 +645,9 @@ def generate_dataset(
     else:
         atomic_write_json(out_dir / MANIFEST_NAME, manifest)
 
+    # Temporary files left by a killed writer (one process per folder at a time, so none is live).
+    for stale in out_dir.glob(".*-*.npy.*.tmp"):
+        stale.unlink(missing_ok=True)
     bounds = _shard_bounds(num_images, shard_size)
     todo = [
         k

@@ -336,10 +336,11 @@ def test_interrupted_run_resumes_to_the_same_arrays(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="rerun"):
         load_dataset(out)
     monkeypatch.setattr(pg, "_generate_chunk", real_chunk)
-    # A stray temporary file from a killed writer is never taken for a shard.
+    # A temporary file left by a killed writer is never taken for a shard.
     (out / ".images-00003.npy.abc.tmp").write_bytes(b"half")
     calls["n"] = 0
     generate_dataset(out, 24, SMALL, 1, workers=1, shard_size=5, progress=False)
+    assert not list(out.glob("*.tmp"))  # and it is cleaned up
     got, want = load_dataset(out), load_dataset(reference)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 

@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import hydra
@@ -27,6 +28,9 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, SequentialSampler
 
 from mra_lra.models.module import LRALitModule, peak_memory_mb
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +170,17 @@ def _unpadded_eval_shards(datamodule: pl.LightningDataModule, trainer: pl.Traine
         setattr(datamodule, hook, sharded)
 
 
+def attn_search_space(cfg: DictConfig, trial: optuna.trial.Trial) -> None:
+    """Optuna sweeps: add `attn.<key>` to a trial's search for each key of the config's
+    `attn_search_space` that the chosen attention has (block_per_row for the MRA family).
+
+    Named by `hydra.sweeper.custom_search_space`; a plain `hydra.sweeper.params` entry would
+    break the sweep of an attention without that key."""
+    for key, choices in cfg.get("attn_search_space", {}).items():
+        if key in cfg.attn:
+            trial.suggest_categorical(f"attn.{key}", list(choices))
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; returns the results written to results.json.
 
@@ -264,6 +279,15 @@ def run(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return results
     _write_json(out_dir / "results.json", results)
+    metric = cfg.get("optimized_metric")
+    if metric and metric.replace("/", "_") not in results:
+        # train.py returns results[<metric, / read as _>] to the sweeper; a misspelt name would
+        # fail every trial of a sweep with nothing but "Got 'None'".
+        numeric = sorted(k for k, v in results.items() if isinstance(v, float))
+        raise ValueError(
+            f"optimized_metric={metric!r}: results.json has no {metric.replace('/', '_')!r}; "
+            f"use one of {numeric} (val/acc_best is read as val_acc_best)"
+        )
     for logger in loggers:
         logger.log_metrics(
             {f"final/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=steps

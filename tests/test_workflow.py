@@ -12,11 +12,15 @@ import hydra
 import pytest
 import torch
 import wandb
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from mra_lra import train as train_module
 from mra_lra.data.sampling import EpochShuffleSampler
-from mra_lra.train import run
+from mra_lra.train import attn_search_space, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -229,3 +233,108 @@ def test_ddp_two_cpu_processes(compose_cfg, tmp_path, conftest_tiny):
     expected = _evaluate(cfg, best)
     assert results["test_acc"] == pytest.approx(expected, abs=1e-6)
     assert results["test_acc"] * 15 == pytest.approx(round(results["test_acc"] * 15), abs=1e-4)
+
+
+# --- sweeps --------------------------------------------------------------------------------
+
+
+def test_optuna_sweep_three_trials(tmp_path, conftest_tiny):
+    sweep_dir = tmp_path / "sweep"
+    fixed = [o for o in conftest_tiny if not o.startswith(("trainer.", "scheduler.", "optimizer."))]
+    fixed += ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *FEW_STEPS]
+    fixed += ["data.num_train=40", f"data.data_dir={tmp_path / 'data'}", "logger=none"]
+    fixed += ["test=false"]  # the search reads val/acc_best only
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=listops_optuna"]
+    command += ["hydra.sweeper.n_trials=3", *fixed, f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    fixed_keys = {o.split("=")[0] for o in fixed} | {"hparams_search"}
+    trials = []
+    for k in range(3):
+        trial_dir = sweep_dir / str(k)
+        results = json.loads((trial_dir / "results.json").read_text())
+        config = yaml.safe_load((trial_dir / "config.yaml").read_text())
+        searched = {}
+        for override in yaml.safe_load((trial_dir / ".hydra" / "overrides.yaml").read_text()):
+            key, value = override.split("=", 1)
+            if key not in fixed_keys:
+                searched[key] = yaml.safe_load(value)
+        # The search space of hparams_search/optuna.yaml and listops_optuna.yaml (warm-up is
+        # fixed by the command line here), and each value reached the trial's config.
+        assert set(searched) == {
+            "optimizer.lr",
+            "optimizer.weight_decay",
+            "model.dropout",
+            "attn.block_per_row",
+        }
+        assert 1e-5 <= searched["optimizer.lr"] <= 3e-3
+        assert searched["optimizer.weight_decay"] in (0.0, 0.01, 0.1)
+        assert searched["model.dropout"] in (0.0, 0.1, 0.2, 0.3)
+        assert searched["attn.block_per_row"] in (2, 4, 8, 16)
+        for key, value in searched.items():
+            section, name = key.split(".")
+            assert config[section][name] == pytest.approx(value), key
+        trials.append((results["val_acc_best"], searched))
+
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    top = max(value for value, _ in trials)
+    assert best["best_value"] == pytest.approx(top)
+    assert any(best["best_params"] == params for value, params in trials if value == top)
+
+
+def test_attn_search_space_only_where_the_attention_has_the_knob(compose_cfg):
+    import optuna
+
+    for attn, searched in (("mra", {"attn.block_per_row"}), ("softmax", set())):
+        cfg = compose_cfg(["hparams_search=listops_optuna", f"attn={attn}"])
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        attn_search_space(cfg, trial)
+        assert set(trial.params) == searched, attn
+        assert trial.params.get("attn.block_per_row", 2) in (2, 4, 8, 16)
+
+
+@pytest.mark.parametrize("task", ["listops", "text", "retrieval", "image", "pathfinder", "pathx"])
+def test_every_task_optuna_config_composes(task):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", [f"hparams_search={task}_optuna"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.task.name == task and cfg.optimized_metric == "val/acc_best"
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == "maximize" and sweeper.sampler.seed is not None
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert {"optimizer.lr", "scheduler.warmup_steps", "model.dropout"} <= set(sweeper.params)
+    assert "optimizer.weight_decay" in sweeper.params
+
+
+def test_wandb_sweep_parameters_are_hydra_overrides():
+    sweep = yaml.safe_load((CONF / "sweeps" / "wandb_listops.yaml").read_text())
+    assert (ROOT / sweep["program"]).is_file()
+    assert sweep["method"] == "bayes"
+    assert sweep["metric"] == {"name": "val/acc_best", "goal": "maximize"}
+    assert sweep["command"] == ["${env}", "python", "${program}", "${args_no_hyphens}"]
+    candidates = {
+        name: [spec["value"]] if "value" in spec else spec.get("values", [spec.get("min")])
+        for name, spec in sweep["parameters"].items()
+    }
+    for name, spec in sweep["parameters"].items():
+        if "distribution" in spec:
+            candidates[name] = [spec["min"], spec["max"]]
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for name, values in candidates.items():
+            for value in values:
+                # What the agent runs: every parameter at once, as `name=value`.
+                chosen = {n: v[0] for n, v in candidates.items()} | {name: value}
+                overrides = [f"{n}={v}" for n, v in chosen.items()]
+                cfg = compose("train", overrides, return_hydra_config=True)
+                if name in groups:
+                    assert cfg.hydra.runtime.choices[name] == value, name
+                else:
+                    assert OmegaConf.select(cfg, name) == pytest.approx(value), name
+    GlobalHydra.instance().clear()

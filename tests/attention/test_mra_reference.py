@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mra_lra.attention import build
-from mra_lra.attention.mra import mra2_attention, selection
+from mra_lra.attention.mra import mra2_attention, reference, selection
 from tests.attention.dense import dense_softmax
 
 B, H, D = 2, 2, 16
@@ -183,3 +183,92 @@ def test_module_budget_and_bad_options():
         build("mra", blocks_per_row=8)
     with pytest.raises(ValueError, match="valid names"):
         build("mra3")
+
+
+def fixed_selection_op(mask, sel, mode, b=32):
+    """q, k, v -> MRA output with the chosen set, M and r held fixed but the coarse logits and
+    block means recomputed from the (perturbed) inputs: the function gradcheck differentiates."""
+
+    def op(q, k, v):
+        n = q.shape[2]
+        qp, kp, vp, mp = selection.pad_to_blocks(q, k, v, mask, b)
+        qbar = selection.block_means(qp, sel.counts, b)
+        kbar = selection.block_means(kp, sel.counts, b)
+        S, _ = selection.coarse_logits(qbar, kbar, sel.counts)
+        fixed = selection.Selection(sel.counts, S, sel.row_max, sel.block_idx, sel.excluded)
+        vbar = selection.block_means(vp, sel.counts, b) if mode == "full" else None
+        out = reference.mra2_torch(qp, kp, vp, mp, fixed, vbar, approx_mode=mode, block_size=b)
+        return out[:, :, :n]
+
+    return op
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_gradcheck_float64_with_padding_and_an_empty_row(mode):
+    # n = 66: three block rows, the last one of two tokens; batch 1 is padded from token 60, so
+    # its last block is all padding. A budget of 2 blocks per slice leaves a block row without a
+    # chosen block.
+    n, budget = 66, 2
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 1, n, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, n, dtype=torch.float64)
+    mask[1, 60:] = 0
+    sel = chosen_selection(q, k, mask, budget)
+    rows_with_blocks = torch.zeros(2, 1, 3, dtype=torch.bool).scatter_(-1, sel.block_idx // 3, True)
+    assert not rows_with_blocks.all()
+    inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
+    assert torch.autograd.gradcheck(fixed_selection_op(mask, sel, mode), inputs)
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_many_small_chunks_match_dense_reference(mode, monkeypatch):
+    # Chunks of at most 3 blocks: most block rows span several chunks' worth of blocks, so this
+    # runs the one-row-over-budget chunks and the chunk boundaries that the default size (one
+    # chunk at these lengths) never reaches.
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 3 * 32 * 32)
+    n, pad_from, budget = 224, 150, 20
+    q, k, v, mask = random_inputs(n, seed=12, pad_from=pad_from)
+    sel = chosen_selection(q, k, mask, budget)
+    plan = reference.block_plan(sel.block_idx, n // 32, 3)
+    assert len(plan.chunks) > 4 and plan.max_chunk > 3
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = mra2_attention(*inputs, mask, num_blocks=budget, approx_mode=mode, backend="torch")
+    ref = dense_mra(*ref_inputs, mask, sel, mode)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    for got, want, name in zip(inputs, ref_inputs, "qkv", strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_block_plan_cuts_chunks_at_block_rows():
+    # Two slices of nb = 3 block rows. Slice 0 chose (0,0) (0,2) (1,1) (2,0) (2,1) (2,2): rows of
+    # 2, 1 and 3 blocks; slice 1 chose (0,0) (1,0) (1,1) (1,2) (2,0) (2,2): rows of 1, 3 and 2.
+    block_idx = torch.tensor([[[0, 2, 4, 6, 7, 8], [0, 3, 4, 5, 6, 8]]])
+    plan = reference.block_plan(block_idx, nb=3, chunk_blocks=3)
+    assert plan.rows.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 5]
+    assert plan.cols.tolist() == [0, 2, 1, 0, 1, 2, 3, 3, 4, 5, 3, 5]
+    assert plan.row_ids.tolist() == [0, 1, 2, 3, 4, 5]
+    assert plan.row_of_block.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 5]
+    # Greedy, whole rows, at most 3 blocks: rows 0-1, row 2, row 3 (row 4 would make 4), 4, 5.
+    assert plan.chunks == [(0, 3, 0, 2), (3, 6, 2, 3), (6, 7, 3, 4), (7, 10, 4, 5), (10, 12, 5, 6)]
+    assert plan.max_chunk == 3
+    # A row of more blocks than the budget gets a chunk of its own.
+    plan = reference.block_plan(block_idx, nb=3, chunk_blocks=2)
+    assert plan.chunks[:3] == [(0, 2, 0, 1), (2, 3, 1, 2), (3, 6, 2, 3)]
+    assert plan.max_chunk == 3
+
+
+def test_no_mask_equals_an_all_ones_mask():
+    # Without a mask and padding, pad_to_blocks hands q, k, v through uncopied.
+    q, k, v, mask = random_inputs(96, seed=13)
+    grads = []
+    for m in (None, mask):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = mra2_attention(*inputs, m, num_blocks=4, approx_mode="full", backend="torch")
+        out.square().sum().backward()
+        grads.append([out.detach(), *(t.grad for t in inputs)])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

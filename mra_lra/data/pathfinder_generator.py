@@ -223,6 +223,8 @@ class _Layout:
         k_max = math.ceil(math.pi / (2.0 * settings.continuity * step)) - 1
         k_max = min(k_max, (NUM_DIRECTIONS - 1) // 2)
         self.turn_offsets = np.arange(-k_max, k_max + 1)
+        # candidates[k]: the directions a snake heading in direction k may take next
+        self.candidates = (np.arange(NUM_DIRECTIONS)[:, None] + self.turn_offsets) % NUM_DIRECTIONS
         self.turn_weights = np.cos(self.turn_offsets * step * settings.continuity) ** 2
         self.direction_angles = np.arange(NUM_DIRECTIONS) * step
 
@@ -275,19 +277,18 @@ class _Placer:
 
     def free(
         self,
-        xs: np.ndarray,
-        ys: np.ndarray,
+        cols: np.ndarray,
+        rows: np.ndarray,
         snake_id: int,
         centre: complex | None = None,
         reach: float = 0.0,
     ) -> np.ndarray:
-        """Which candidate paddles, given as sample points xs, ys [candidates, points] in
-        pixels, are free for snake `snake_id`. If all points lie within `reach` of `centre`,
-        saying so skips the exact test against other snakes' last paddles that are far away."""
+        """Which candidate paddles, given as sample points [candidates, points] in raster
+        coordinates (`x * cells + pad`, `y * cells + pad`), are free for snake `snake_id`. If
+        all points lie within `reach` pixels of `centre`, saying so skips the exact test against
+        other snakes' last paddles that are far away."""
         layout = self.layout
-        cols = (xs * layout.cells + layout.pad).astype(np.intp)
-        rows = (ys * layout.cells + layout.pad).astype(np.intp)
-        ok = ~self.occupied[rows, cols].any(axis=1)
+        ok = ~self.occupied[rows.astype(np.intp), cols.astype(np.intp)].any(axis=1)
         for other, i in self.pending.items():
             if other == snake_id:
                 continue
@@ -297,7 +298,8 @@ class _Placer:
                 t = ((centre - a) * ab.conjugate()).real / (ab * ab.conjugate()).real
                 if abs(centre - a - min(max(t, 0.0), 1.0) * ab) > reach + layout.gap + layout.slack:
                     continue  # every point is farther than gap + slack from that paddle
-            dist = _point_segment_distance(xs + 1j * ys, self.tails[i], self.heads[i])
+            points = (cols - layout.pad + 1j * (rows - layout.pad)) / layout.cells
+            dist = _point_segment_distance(points, self.tails[i], self.heads[i])
             ok &= dist.min(axis=1) >= layout.gap + layout.slack
         return ok
 
@@ -336,10 +338,11 @@ class _Placer:
     ) -> _Snake | None:
         """A new snake whose first paddle is the first free one among candidate tails (xs, ys)
         and directions, or None if none is free."""
-        radii = self.layout.seed_radii
+        layout = self.layout
+        radii = layout.seed_radii
         ok = self.free(
-            xs[:, None] + radii * np.cos(angles)[:, None],
-            ys[:, None] + radii * np.sin(angles)[:, None],
+            (xs[:, None] + radii * np.cos(angles)[:, None]) * layout.cells + layout.pad,
+            (ys[:, None] + radii * np.sin(angles)[:, None]) * layout.cells + layout.pad,
             snake_id,
         )
         hits = np.flatnonzero(ok)
@@ -361,8 +364,9 @@ class _Snake:
         self.end = tail + layout.length * complex(math.cos(angle), math.sin(angle))
         angles = angle + layout.direction_angles
         self.ux, self.uy = np.cos(angles), np.sin(angles)
-        self.dx = self.ux[:, None] * layout.grow_radii
-        self.dy = self.uy[:, None] * layout.grow_radii
+        # offsets of the sample points in raster cells, per direction
+        self.dx = self.ux[:, None] * (layout.grow_radii * layout.cells)
+        self.dy = self.uy[:, None] * (layout.grow_radii * layout.cells)
         placer.add(tail, self.end, snake_id)
 
     def grow(self, rng: np.random.Generator) -> bool:
@@ -370,10 +374,10 @@ class _Snake:
         placer, layout = self.placer, self.placer.layout
         k = self.direction
         pivot = self.end + layout.margin * complex(self.ux[k], self.uy[k])
-        candidates = (k + layout.turn_offsets) % NUM_DIRECTIONS
+        candidates = layout.candidates[k]
         ok = placer.free(
-            pivot.real + self.dx[candidates],
-            pivot.imag + self.dy[candidates],
+            (pivot.real * layout.cells + layout.pad) + self.dx[candidates],
+            (pivot.imag * layout.cells + layout.pad) + self.dy[candidates],
             self.snake_id,
             pivot,
             layout.margin + layout.length,

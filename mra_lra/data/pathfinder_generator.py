@@ -171,9 +171,7 @@ STAMP_BINS = 64  # paddle orientations in [0, pi) with a precomputed occupancy s
 SEED_BATCH = 16  # candidate starts tried at once
 SEED_BATCHES = 4  # batches before a snake's start counts as impossible
 DISTRACTOR_TRIES = 5  # attempts per distractor snake before it is left out (the release's 4 + 1)
-TARGET_TRIES = (
-    20_000  # attempts at the two target snakes before the settings are declared impossible
-)
+TARGET_TRIES = 20_000  # attempts at the two target snakes before the settings count as impossible
 MANIFEST_NAME = "manifest.json"
 DEFAULT_SHARD_SIZE = 5000
 
@@ -230,9 +228,10 @@ class _Layout:
 
         half_diagonal = math.sqrt(0.5) / cells
         self.mark_radius = gap + self.slack + half_diagonal
-        stamp_radius = (
-            self.mark_radius + half_diagonal + length / 2 * math.pi / (2 * STAMP_BINS)
-        )  # + snapping the midpoint to its cell's centre + the orientation to its bin
+        # A stamp is drawn for the midpoint snapped to its cell's centre and the orientation
+        # snapped to its bin: widen it by both errors.
+        snap_error = half_diagonal + length / 2 * math.pi / (2 * STAMP_BINS)
+        stamp_radius = self.mark_radius + snap_error
         self.stamp_half = h = math.ceil((length / 2 + stamp_radius) * cells) + 1
         offsets = np.arange(-h, h + 1) / cells
         grid = offsets[None, :] + 1j * offsets[:, None]
@@ -545,6 +544,13 @@ def _generate_chunk(
     return generate_images(*task)
 
 
+def _available_cores() -> int:
+    """The cores this process may run on (fewer than os.cpu_count() under a CPU limit)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """np.save through a temporary file in the same folder, renamed into place when complete."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -629,7 +635,7 @@ def generate_dataset(
             f"need num_images >= 1 and shard_size >= 1, got {num_images}, {shard_size}"
         )
     if workers is None:
-        workers = os.cpu_count() or 1
+        workers = _available_cores()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = ensure_writable_dir(out_dir, "Choose another output folder (--out).")

@@ -128,7 +128,7 @@ def test_wandb_logger_writes_an_offline_run(compose_cfg, tmp_path, conftest_tiny
     assert "exit" in kinds, "the wandb run was not finished"
 
     (header,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert header.project == "mra-lra" and header.run_group == "listops"
+    assert header.project == "mra-lra" and header.run_group == "listops_mra"
     assert header.display_name == "listops_mra_s42"
     assert set(header.tags) == {"listops", "mra"}
 
@@ -338,3 +338,24 @@ def test_wandb_sweep_parameters_are_hydra_overrides():
                 else:
                     assert OmegaConf.select(cfg, name) == pytest.approx(value), name
     GlobalHydra.instance().clear()
+
+
+# --- SLURM ---------------------------------------------------------------------------------
+
+
+def test_slurm_launcher_takes_resources_from_trainer_and_environment(monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install ".[cluster]"')
+    monkeypatch.setenv("MRA_SLURM_PARTITION", "gpu-long")
+    monkeypatch.setenv("MRA_SLURM_MEM_GB", "200")
+    monkeypatch.delenv("MRA_SLURM_ACCOUNT", raising=False)
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    # One task per GPU on each node, as DDP under SLURM expects.
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 4, 4)
+    assert launcher["partition"] == "gpu-long" and launcher["account"] is None
+    assert launcher["mem_gb"] == 200 and launcher["timeout_min"] == 720

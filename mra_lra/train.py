@@ -55,9 +55,12 @@ def _wandb_logged_in(settings: dict[str, str]) -> bool:
         os.environ.get("WANDB_BASE_URL") or settings.get("base_url") or "https://api.wandb.ai"
     )
     host = urlsplit(base_url).netloc
-    paths = [Path(os.environ["NETRC"])] if os.environ.get("NETRC") else []
-    paths += [Path.home() / ".netrc", Path.home() / "_netrc"]
-    path = next((p.expanduser() for p in paths if p.expanduser().is_file()), None)
+    # wandb's own order: $NETRC alone when set, else ~/.netrc, else ~/_netrc.
+    if os.environ.get("NETRC"):
+        paths = [Path(os.environ["NETRC"]).expanduser()]
+    else:
+        paths = [Path.home() / ".netrc", Path.home() / "_netrc"]
+    path = next((p for p in paths if p.is_file()), None)
     if path is None:
         return False
     try:

@@ -90,9 +90,47 @@ def tiny_listops(data_dir: Path) -> list[str]:
     ]
 
 
-# task -> a function writing (once per session) small data under a folder and returning the
+def tiny_text(data_dir: Path) -> list[str]:
+    from tests.data.test_text import write_aclimdb
+
+    if not (data_dir / "aclImdb").exists():
+        write_aclimdb(data_dir)
+    return ["data.max_length=64", "data.text_length=60"]
+
+
+def tiny_retrieval(data_dir: Path) -> list[str]:
+    from tests.data.test_retrieval import write_tsv_data
+
+    if not (data_dir / "lra_release").exists():
+        write_tsv_data(data_dir / "lra_release" / "lra_release" / "tsv_data")
+    return ["data.max_length=64", "data.text_length=60"]
+
+
+def tiny_image(data_dir: Path) -> list[str]:
+    from tests.data.test_image import write_archive
+
+    if not (data_dir / "cifar-10-python.tar.gz").exists():
+        write_archive(data_dir / "cifar-10-python.tar.gz")
+    return []
+
+
+def tiny_pathfinder(data_dir: Path) -> list[str]:
+    # Generated: a dozen 32 x 32 images (Path-X too: 128 x 128 at 16k tokens is too slow for
+    # fifteen CPU runs, and its length is covered by tests/data/test_pathfinder.py).
+    sizes = ["data.num_train=8", "data.num_val=2", "data.num_test=2", "data.gen_workers=1"]
+    return [*sizes, "data.resolution=32", "data.max_length=1024"]
+
+
+# task -> a function writing small data under a folder (once per session) and returning the
 # overrides that point a run at it.
-TINY_DATA = {"listops": tiny_listops}
+TINY_DATA = {
+    "listops": tiny_listops,
+    "text": tiny_text,
+    "retrieval": tiny_retrieval,
+    "image": tiny_image,
+    "pathfinder": tiny_pathfinder,
+    "pathx": tiny_pathfinder,
+}
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -678,7 +679,7 @@ def generate_dataset(
     with tqdm(
         total=num_images, initial=done, desc="Pathfinder images", unit="img", disable=not progress
     ) as bar:
-        with _chunk_results(tasks, workers) as results:
+        with _ChunkResults(tasks, workers) as results:
             for (_, _, start, stop), k, (images, labels) in zip(
                 tasks, owners, results, strict=True
             ):
@@ -700,7 +701,10 @@ def generate_dataset(
     return out_dir
 
 
-class _chunk_results:
+_IGNORE_SIGINT = (signal.SIGINT, signal.SIG_IGN)  # arguments of signal.signal
+
+
+class _ChunkResults:
     """Context manager yielding chunk results in task order, from a Pool of `workers` processes
     (or in this process for one worker); the pool is terminated on exit, also on Ctrl-C."""
 
@@ -713,7 +717,9 @@ class _chunk_results:
         # fork where there is one (fast start); spawn elsewhere works too, the worker is importable
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        self.pool = context.Pool(self.workers)
+        # Workers ignore Ctrl-C: the parent gets it, leaves the shards written so far, and
+        # terminates the pool.
+        self.pool = context.Pool(self.workers, initializer=signal.signal, initargs=_IGNORE_SIGINT)
         return self.pool.imap(_generate_chunk, self.tasks)
 
     def __exit__(self, *exc: object) -> None:
@@ -824,6 +830,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        parser.exit(
+            130,
+            f"\ninterrupted: the complete shards in {args.out} are kept; run the same "
+            "command again to finish\n",
+        )
     print(f"wrote {args.num} {args.preset} images to {out}")
     if args.grid:
         first = next(iter_shards(out))

@@ -359,7 +359,7 @@ class _Snake:
     def __init__(self, placer: _Placer, snake_id: int, tail: complex, angle: float) -> None:
         layout = placer.layout
         self.placer, self.snake_id = placer, snake_id
-        self.phase, self.direction = angle, 0
+        self.direction = 0  # index into the tables below; 0 is the first direction
         self.start = tail
         self.end = tail + layout.length * complex(math.cos(angle), math.sin(angle))
         angles = angle + layout.direction_angles
@@ -395,6 +395,7 @@ class _Snake:
 
 
 def _uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
+    """n uniform draws from [lo, hi)."""
     return lo + (hi - lo) * rng.random(n)
 
 

@@ -27,7 +27,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, SequentialSampler
 
-from mra_lra.models.module import LRALitModule, peak_memory_mb
+from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 
 if TYPE_CHECKING:
     import optuna
@@ -190,6 +190,7 @@ def run(cfg: DictConfig) -> dict:
     Under DDP every rank runs this function; rank 0 alone writes config.yaml and results.json
     (checkpoints and loggers are rank-0-only in Lightning already)."""
     start = time.perf_counter()
+    reset_peak_memory()
     out_dir = Path(cfg.paths.output_dir)
     # The launch environment (torchrun, SLURM, Lightning's own re-launch) names the rank before
     # the trainer exists; ddp_spawn starts its ranks inside fit, so this process is rank 0.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -13,10 +14,36 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
+def _vm_hwm_kib() -> int | None:
+    """The process's peak resident set (VmHWM) from /proc, or None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> None:
+    """Start peak-memory accounting afresh: several runs share a process in a Hydra multirun, and
+    each run's results must hold its own peak, not the largest of the runs before it."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> tuple[float, str]:
-    """This process's peak memory so far: CUDA's max allocated bytes, else the CPU max RSS."""
+    """Peak memory since `reset_peak_memory`: CUDA's max allocated bytes, else the CPU peak
+    resident set (VmHWM on Linux; elsewhere the process-lifetime max RSS, which cannot be reset)."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    kib = _vm_hwm_kib()
+    if kib is not None:
+        return kib / 1024, "cpu_peak_rss"
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return kb / 1024, "cpu_max_rss"
 

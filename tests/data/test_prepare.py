@@ -128,3 +128,41 @@ def test_source_given_once_is_remembered_for_that_data_dir(tmp_path, compose_cfg
 
     shutil.rmtree(elsewhere)
     assert hydra.utils.instantiate(cfg.data).source is None
+
+
+def test_prepare_all_reads_every_task_from_release_shaped_files(tmp_path, capsys) -> None:
+    """One data folder holding every task's files as users hold them: `task=all` caches each,
+    reading what is there (nothing generated), and a second run builds nothing."""
+    from tests.data import test_image, test_pathfinder, test_retrieval, test_text
+    from tests.data.test_listops_datamodule import write_release
+
+    data_dir = tmp_path / "data"
+    write_release(data_dir)
+    test_retrieval.write_tsv_data(data_dir / "lra_release" / "tsv_data")
+    for side in (32, 128):
+        test_pathfinder.write_tree(
+            data_dir / "lra_release", test_pathfinder.release_files(side=side), side=side
+        )
+    test_text.write_aclimdb(data_dir)
+    test_image.write_archive(data_dir / "cifar-10-python.tar.gz")
+
+    assert prepare.main(["task=all", f"data.data_dir={data_dir}"]) == 0
+    out = capsys.readouterr().out
+    tasks = ["image", "listops", "pathfinder", "pathx", "retrieval", "text"]
+    assert tasks == prepare.task_names()
+    built = {}
+    for task in tasks:
+        (entry,) = entries(data_dir, task)
+        assert f"{task}: ready, cached arrays in {entry}" in out
+        built[task] = (entry, (entry / "manifest.json").stat().st_mtime_ns)
+    assert not (data_dir / "generated").exists()
+    # Pathfinder and Path-X: the 20 fixture images, split 16 / 2 / 2.
+    for task in ("pathfinder", "pathx"):
+        entry = built[task][0]
+        sizes = [len(np.load(entry / f"{s}_label.npy")) for s in ("train", "val", "test")]
+        assert sizes == [16, 2, 2]
+
+    assert prepare.main(["task=all", f"data.data_dir={data_dir}"]) == 0
+    for task in tasks:
+        (entry,) = entries(data_dir, task)
+        assert (entry, (entry / "manifest.json").stat().st_mtime_ns) == built[task]

@@ -111,7 +111,6 @@ class _Workspace:
             setattr(self, name, like.new_empty(blocks, b, d))
         for name in scores.split():
             setattr(self, name, like.new_empty(blocks, b, b))
-        self.bias = like.new_empty(blocks, 1, b)
 
 
 class _MRA2Torch(torch.autograd.Function):
@@ -136,6 +135,8 @@ class _MRA2Torch(torch.autograd.Function):
         scale = 1.0 / math.sqrt(d)
         qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
         key_bias = _key_bias(mask, H, b)
+        # Per block row with a chosen block, in chunk order: the stabiliser starts at r_I (full
+        # mode: the coarse part's) or at EMPTY_ROW_MAX (sparse mode).
         r = sel.row_max.reshape(G * nb)
         if full:
             # Rows without a chosen block keep the coarse part alone, on its stabiliser r_I.
@@ -145,32 +146,32 @@ class _MRA2Torch(torch.autograd.Function):
             del A
             out = (Ol / (Nl + EPS)[:, None])[:, None, :].expand(-1, b, -1).contiguous()
             lse = (r + torch.log(Nl + EPS))[:, None].expand(-1, b).contiguous()
+            row_r, row_Ol, row_Nl = (x[plan.row_ids] for x in (r, Ol, Nl))
+            m_start = row_r[:, None].expand(-1, b)
         else:
             out = q.new_zeros(G * nb, b, d)
             lse = q.new_full((G * nb, b), EMPTY_ROW_MAX)
+            m_start = q.new_full((1, 1), EMPTY_ROW_MAX).expand(len(plan.row_ids), b)
         ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs pv", "s")
         for t0, t1, u0, u1 in plan.chunks:
             c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
             row_ids, local = plan.row_ids[u0:u1], plan.row_of_block[t0:t1] - u0
-            qs, ks, vs, pv, s, bias = (x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.pv, ws.s, ws.bias))
+            qs, ks, vs, pv, s = (x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.pv, ws.s))
             torch.index_select(qf, 0, rows, out=qs)
             torch.index_select(kf, 0, cols, out=ks)
             torch.index_select(vf, 0, cols, out=vs)
-            torch.index_select(key_bias, 0, cols, out=bias)
-            torch.baddbmm(bias, qs, ks.transpose(1, 2), alpha=scale, out=s)
+            _scores(qs, ks, key_bias, cols, scale, s)
             # Stabiliser per query: the max over its chosen entries (and r_I in full mode).
-            m = q.new_full((u1 - u0, b), EMPTY_ROW_MAX)
+            m = m_start[u0:u1].clone()
             m.scatter_reduce_(0, local[:, None].expand(-1, b), s.amax(dim=-1), "amax")
-            if full:
-                torch.maximum(m, r[row_ids][:, None], out=m)
             a = s.sub_(m[local][:, :, None]).exp_()
             torch.bmm(a, vs, out=pv)
             acc = q.new_zeros(u1 - u0, b, d).index_add_(0, local, pv)
             l_sum = q.new_zeros(u1 - u0, b).index_add_(0, local, a.sum(dim=-1))
             if full:
-                w = torch.exp(r[row_ids][:, None] - m)
-                acc.add_(Ol[row_ids][:, None, :] * w[..., None])
-                l_sum.add_(Nl[row_ids][:, None] * w)
+                w = (row_r[u0:u1, None] - m).exp_()
+                acc.addcmul_(row_Ol[u0:u1, None, :], w[..., None])
+                l_sum.addcmul_(row_Nl[u0:u1, None], w)
             l_sum.add_(EPS)
             out.index_copy_(0, row_ids, acc.div_(l_sum[..., None]))
             lse.index_copy_(0, row_ids, m.add_(l_sum.log_()))
@@ -192,6 +193,7 @@ class _MRA2Torch(torch.autograd.Function):
         # Padded queries output constant zeros: no gradient flows back from them. Their out_i is
         # 0, so D_i is too; their dO_i is masked per chunk (not copied whole).
         query_mask = mask.repeat_interleave(H, dim=0).view(G * nb, b)
+        has_padding = bool((query_mask == 0).any())
         delta = torch.einsum("rbd,rbd->rb", do, out.view(G * nb, b, d))
         qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
         key_bias = _key_bias(mask, H, b)
@@ -199,22 +201,22 @@ class _MRA2Torch(torch.autograd.Function):
         ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs dos part", "s ds")
         for t0, t1, _, _ in plan.chunks:
             c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
-            qs, ks, vs, dos, part, s, ds, bias = (
-                x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.dos, ws.part, ws.s, ws.ds, ws.bias)
+            qs, ks, vs, dos, part, s, ds = (
+                x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.dos, ws.part, ws.s, ws.ds)
             )
             torch.index_select(qf, 0, rows, out=qs)
             torch.index_select(kf, 0, cols, out=ks)
             torch.index_select(vf, 0, cols, out=vs)
             torch.index_select(do, 0, rows, out=dos)
-            dos.mul_(query_mask[rows][:, :, None])
-            torch.index_select(key_bias, 0, cols, out=bias)
-            torch.baddbmm(bias, qs, ks.transpose(1, 2), alpha=scale, out=s)
+            if has_padding:
+                dos.mul_(query_mask[rows][:, :, None])
+            _scores(qs, ks, key_bias, cols, scale, s)
             p = s.sub_(lse[rows][:, :, None]).exp_()
             dv.index_add_(0, cols, torch.bmm(p.transpose(1, 2), dos, out=part))
             torch.bmm(dos, vs.transpose(1, 2), out=ds)
-            ds.sub_(delta[rows][:, :, None]).mul_(p)
-            dq.index_add_(0, rows, torch.bmm(ds, ks, out=part), alpha=scale)
-            dk.index_add_(0, cols, torch.bmm(ds.transpose(1, 2), qs, out=part), alpha=scale)
+            ds.sub_(delta[rows][:, :, None]).mul_(p).mul_(scale)  # dS / sqrt(d)
+            dq.index_add_(0, rows, torch.bmm(ds, ks, out=part))
+            dk.index_add_(0, cols, torch.bmm(ds.transpose(1, 2), qs, out=part))
         del ws
         if vbar is not None:
             _coarse_backward(
@@ -246,10 +248,26 @@ def _coarse_backward(
         grad.view(B, H, nb, b, d).add_(gbar[:, :, :, None, :])
 
 
-def _key_bias(mask: torch.Tensor, H: int, block_size: int) -> torch.Tensor:
-    """-1e4 at padded keys, as [G * nb, 1, b] rows to gather per key block."""
+def _key_bias(mask: torch.Tensor, H: int, block_size: int) -> torch.Tensor | None:
+    """-1e4 at padded keys, as [G * nb, 1, b] rows to gather per key block (None: no padding)."""
+    if bool((mask == 1).all()):
+        return None
     bias = -PAD_PENALTY * (1.0 - mask)
     return bias.repeat_interleave(H, dim=0).view(-1, 1, block_size)
+
+
+def _scores(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    cols: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """s = qs ks^T / sqrt(d) + key bias, written into `out` ([blocks, b, b])."""
+    if key_bias is None:  # beta=0: out's old contents are ignored, no bias to copy in
+        return torch.baddbmm(out, qs, ks.transpose(1, 2), beta=0.0, alpha=scale, out=out)
+    return torch.baddbmm(key_bias[cols], qs, ks.transpose(1, 2), alpha=scale, out=out)
 
 
 def mra2_torch(

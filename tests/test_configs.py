@@ -30,13 +30,6 @@ def test_every_option_of_every_group_composes(compose_cfg, group):
         assert cfg.task.name and cfg.data.max_length > 0
 
 
-def test_experiment_configs_compose(compose_cfg):
-    for path in sorted((CONF / "experiment").rglob("*.yaml")):
-        name = path.relative_to(CONF / "experiment").with_suffix("").as_posix()
-        cfg = compose_cfg([f"experiment={name}"])
-        assert cfg.trainer.max_steps > 0
-
-
 def test_unknown_task_lists_valid_ones(compose_cfg):
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg(["task=listopz"])

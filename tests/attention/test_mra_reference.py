@@ -272,3 +272,19 @@ def test_no_mask_equals_an_all_ones_mask():
         grads.append([out.detach(), *(t.grad for t in inputs)])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_autocast_does_not_change_the_torch_path():
+    # CPU training may run under bfloat16 autocast: the torch path keeps its float32 math (the
+    # same chosen blocks, the same output and gradients) instead of failing or rounding.
+    q, k, v, mask = random_inputs(200, seed=14, dtype=torch.float32, pad_from=150)
+    results = []
+    for enabled in (False, True):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = mra2_attention(*inputs, mask, num_blocks=12, backend="torch")
+        out.square().sum().backward()
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    assert results[1][0].dtype == torch.float32
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -152,11 +152,11 @@ class _MRA2Torch(torch.autograd.Function):
             out = q.new_zeros(G * nb, b, d)
             lse = q.new_full((G * nb, b), EMPTY_ROW_MAX)
             m_start = q.new_full((1, 1), EMPTY_ROW_MAX).expand(len(plan.row_ids), b)
-        ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs pv", "s")
+        ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs", "s")
         for t0, t1, u0, u1 in plan.chunks:
             c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
             row_ids, local = plan.row_ids[u0:u1], plan.row_of_block[t0:t1] - u0
-            qs, ks, vs, pv, s = (x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.pv, ws.s))
+            qs, ks, vs, s = (x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.s))
             torch.index_select(qf, 0, rows, out=qs)
             torch.index_select(kf, 0, cols, out=ks)
             torch.index_select(vf, 0, cols, out=vs)
@@ -165,7 +165,7 @@ class _MRA2Torch(torch.autograd.Function):
             m = m_start[u0:u1].clone()
             m.scatter_reduce_(0, local[:, None].expand(-1, b), s.amax(dim=-1), "amax")
             a = s.sub_(m[local][:, :, None]).exp_()
-            torch.bmm(a, vs, out=pv)
+            pv = torch.bmm(a, vs, out=ks)  # ks is free once the scores are taken
             acc = q.new_zeros(u1 - u0, b, d).index_add_(0, local, pv)
             l_sum = q.new_zeros(u1 - u0, b).index_add_(0, local, a.sum(dim=-1))
             if full:
@@ -176,7 +176,9 @@ class _MRA2Torch(torch.autograd.Function):
             out.index_copy_(0, row_ids, acc.div_(l_sum[..., None]))
             lse.index_copy_(0, row_ids, m.add_(l_sum.log_()))
         del ws
-        out = out.view(B, H, n, d).mul_(mask[:, None, :, None])
+        out = out.view(B, H, n, d)
+        if key_bias is not None:
+            out.mul_(mask[:, None, :, None])
         ctx.save_for_backward(q, k, v, mask, vbar, out, lse, sel.row_max, sel.counts, sel.excluded)
         ctx.plan, ctx.block_size = plan, block_size
         return out
@@ -184,46 +186,51 @@ class _MRA2Torch(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, mask, vbar, out, lse, row_max, counts, excluded = ctx.saved_tensors
-        plan, b = ctx.plan, ctx.block_size
-        B, H, n, d = q.shape
-        nb, G = n // b, B * H
-        scale = 1.0 / math.sqrt(d)
-        do = dout.reshape(G * nb, b, d)
-        # Padded queries output constant zeros: no gradient flows back from them. Their out_i is
-        # 0, so D_i is too; their dO_i is masked per chunk (not copied whole).
-        query_mask = mask.repeat_interleave(H, dim=0).view(G * nb, b)
-        has_padding = bool((query_mask == 0).any())
-        delta = torch.einsum("rbd,rbd->rb", do, out.view(G * nb, b, d))
-        qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
-        key_bias = _key_bias(mask, H, b)
-        dq, dk, dv = (torch.zeros_like(qf) for _ in range(3))
-        ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs dos part", "s ds")
-        for t0, t1, _, _ in plan.chunks:
-            c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
-            qs, ks, vs, dos, part, s, ds = (
-                x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.dos, ws.part, ws.s, ws.ds)
-            )
-            torch.index_select(qf, 0, rows, out=qs)
-            torch.index_select(kf, 0, cols, out=ks)
-            torch.index_select(vf, 0, cols, out=vs)
-            torch.index_select(do, 0, rows, out=dos)
-            if has_padding:
-                dos.mul_(query_mask[rows][:, :, None])
-            _scores(qs, ks, key_bias, cols, scale, s)
-            p = s.sub_(lse[rows][:, :, None]).exp_()
-            dv.index_add_(0, cols, torch.bmm(p.transpose(1, 2), dos, out=part))
-            torch.bmm(dos, vs.transpose(1, 2), out=ds)
-            ds.sub_(delta[rows][:, :, None]).mul_(p).mul_(scale)  # dS / sqrt(d)
-            dq.index_add_(0, rows, torch.bmm(ds, ks, out=part))
-            dk.index_add_(0, cols, torch.bmm(ds.transpose(1, 2), qs, out=part))
-        del ws
-        if vbar is not None:
-            _coarse_backward(
-                q, k, do, delta, lse, query_mask, vbar, row_max, counts, excluded, dq, dk, dv, b
-            )
-        shape = (B, H, n, d)
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+        with torch.autocast(device_type=dout.device.type, enabled=False):
+            return _backward(ctx, dout)
+
+
+def _backward(ctx, dout: torch.Tensor) -> tuple:
+    """dq, dk, dv: the fine part over the chunks, then the coarse part (full mode)."""
+    q, k, v, mask, vbar, out, lse, row_max, counts, excluded = ctx.saved_tensors
+    plan, b = ctx.plan, ctx.block_size
+    B, H, n, d = q.shape
+    nb, G = n // b, B * H
+    scale = 1.0 / math.sqrt(d)
+    do = dout.reshape(G * nb, b, d)
+    # Padded queries output constant zeros: no gradient flows back from them. Their out_i is
+    # 0, so D_i is too; their dO_i is masked per chunk (not copied whole).
+    query_mask = mask.repeat_interleave(H, dim=0).view(G * nb, b)
+    has_padding = bool((query_mask == 0).any())
+    delta = torch.einsum("rbd,rbd->rb", do, out.view(G * nb, b, d))
+    qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
+    key_bias = _key_bias(mask, H, b)
+    dq, dk, dv = (torch.zeros_like(qf) for _ in range(3))
+    ws = _Workspace(q, plan.max_chunk, b, d, "qs ks vs dos", "s ds")
+    for t0, t1, _, _ in plan.chunks:
+        c, rows, cols = t1 - t0, plan.rows[t0:t1], plan.cols[t0:t1]
+        qs, ks, vs, dos, s, ds = (x[:c] for x in (ws.qs, ws.ks, ws.vs, ws.dos, ws.s, ws.ds))
+        torch.index_select(qf, 0, rows, out=qs)
+        torch.index_select(kf, 0, cols, out=ks)
+        torch.index_select(vf, 0, cols, out=vs)
+        torch.index_select(do, 0, rows, out=dos)
+        if has_padding:
+            dos.mul_(query_mask[rows][:, :, None])
+        _scores(qs, ks, key_bias, cols, scale, s)
+        p = s.sub_(lse[rows][:, :, None]).exp_()
+        torch.bmm(dos, vs.transpose(1, 2), out=ds)
+        part = vs  # free from here on: holds each block's dv, dq, dk contribution in turn
+        dv.index_add_(0, cols, torch.bmm(p.transpose(1, 2), dos, out=part))
+        ds.sub_(delta[rows][:, :, None]).mul_(p).mul_(scale)  # dS / sqrt(d)
+        dq.index_add_(0, rows, torch.bmm(ds, ks, out=part))
+        dk.index_add_(0, cols, torch.bmm(ds.transpose(1, 2), qs, out=part))
+    del ws
+    if vbar is not None:
+        _coarse_backward(
+            q, k, do, delta, lse, query_mask, vbar, row_max, counts, excluded, dq, dk, dv, b
+        )
+    shape = (B, H, n, d)
+    return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
 
 
 def _coarse_backward(
@@ -292,13 +299,16 @@ def mra2_torch(
     chunk_blocks = max(1, CHUNK_ELEMENTS // (block_size * max(block_size, d)))
     plan = block_plan(sel.block_idx, n // block_size, chunk_blocks)
     full = approx_mode == "full"
-    return _MRA2Torch.apply(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        mask,
-        sel,
-        vbar.detach() if full else None,
-        plan,
-        block_size,
-    )
+    # float math in the inputs' dtype: autocast would round the scores and clash with the
+    # float32 buffers.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _MRA2Torch.apply(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            mask,
+            sel,
+            vbar.detach() if full else None,
+            plan,
+            block_size,
+        )

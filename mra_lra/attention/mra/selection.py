@@ -144,14 +144,19 @@ def prepare(
     initial_prior_first_n_blocks: int,
     initial_prior_diagonal_n_blocks: int,
 ) -> tuple[Selection, torch.Tensor, torch.Tensor]:
-    """Steps 2-4 on padded, zeroed inputs. Returns the selection and qbar, kbar."""
+    """Steps 2-4 on padded, zeroed inputs. Returns the selection and qbar, kbar.
+
+    Runs in the inputs' dtype even under autocast, so that the coarse logits (and the chosen
+    blocks) do not depend on it.
+    """
     B, H, n, d = q.shape
     nb = n // block_size
-    counts = mask.view(B, nb, block_size).sum(dim=-1)
-    qbar = block_means(q, counts, block_size)
-    kbar = block_means(k, counts, block_size)
-    S, r = coarse_logits(qbar, kbar, counts)
-    block_idx, excluded = select_blocks(
-        S, r, num_blocks, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
-    )
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        counts = mask.view(B, nb, block_size).sum(dim=-1)
+        qbar = block_means(q, counts, block_size)
+        kbar = block_means(k, counts, block_size)
+        S, r = coarse_logits(qbar, kbar, counts)
+        block_idx, excluded = select_blocks(
+            S, r, num_blocks, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
+        )
     return Selection(counts, S, r, block_idx, excluded), qbar, kbar

@@ -288,3 +288,18 @@ def test_autocast_does_not_change_the_torch_path():
     assert results[1][0].dtype == torch.float32
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_backward_is_deterministic():
+    # Long enough for the chunk ops to run on several threads, with padding.
+    g = torch.Generator().manual_seed(15)
+    q, k, v, grad = (torch.randn(2, 2, 2048, 32, generator=g) for _ in range(4))
+    mask = torch.ones(2, 2048)
+    mask[1, 1500:] = 0
+    runs = []
+    for _ in range(2):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = mra2_attention(*inputs, mask, num_blocks=64 * 8, backend="torch")
+        runs.append(torch.autograd.grad(out, inputs, grad))
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)

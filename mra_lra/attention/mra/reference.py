@@ -27,10 +27,12 @@ memory stays near that of q, k, v and their gradients:
 
       dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I,
 
-  and autograd carries dS and dvbar back to q, k, v through the block means.
+  carried on to q, k, v here, through S = qbar kbar^T / sqrt(d) and the block means
+  (d qbar_I / d q_i = 1 / (c_I + eps) for i in I), straight into dq, dk, dv: no autograd graph
+  through sel.coarse and vbar, whose [B, H, n, d]-sized gradient copies would add to the peak.
 
-Chunks bound the memory of the gathered blocks and keep them in cache; index_add on CPU runs in
-order, so the backward is deterministic.
+Chunks bound the memory of the gathered blocks and keep them in cache; every sum runs in a fixed
+order (index_add on CPU adds in index order), so the backward is deterministic.
 """
 
 from __future__ import annotations
@@ -135,11 +137,11 @@ class _MRA2Torch(torch.autograd.Function):
         scale = 1.0 / math.sqrt(d)
         qf, kf, vf = (t.view(G * nb, b, d) for t in (q, k, v))
         key_bias = _key_bias(mask, H, b)
-        # Per block row with a chosen block, in chunk order: the stabiliser starts at r_I (full
-        # mode: the coarse part's) or at EMPTY_ROW_MAX (sparse mode).
         r = sel.row_max.reshape(G * nb)
+        # Rows without a chosen block keep the initial out and lse: the coarse part alone on its
+        # stabiliser r_I (full mode), zeros (sparse mode). The stabiliser of a row with chosen
+        # blocks starts at r_I (full) or EMPTY_ROW_MAX (sparse); row_* follow plan.row_ids.
         if full:
-            # Rows without a chosen block keep the coarse part alone, on its stabiliser r_I.
             A = coarse_weights(sel.coarse.detach(), sel.row_max, sel.counts, sel.excluded)
             Ol = torch.matmul(A, vbar).view(G * nb, d)
             Nl = A.sum(dim=-1).view(G * nb)

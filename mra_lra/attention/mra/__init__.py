@@ -87,18 +87,21 @@ def mra2_attention(
     q, k, v, mask = selection.pad_to_blocks(
         q.to(compute), k.to(compute), v.to(compute), mask, block_size
     )
-    sel, _, _ = selection.prepare(
-        q,
-        k,
-        mask,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-    )
-    vbar = None
-    if approx_mode == "full":
-        vbar = selection.block_means(v, sel.counts, block_size)
+    # The selection and the block means are values to mra2_torch, whose autograd Function
+    # differentiates the coarse part itself; no graph needs to be kept for them.
+    with torch.no_grad():
+        sel, _, _ = selection.prepare(
+            q,
+            k,
+            mask,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+        )
+        vbar = None
+        if approx_mode == "full":
+            vbar = selection.block_means(v, sel.counts, block_size)
     out = mra2_torch(q, k, v, mask, sel, vbar, approx_mode=approx_mode, block_size=block_size)
     return out[:, :, :n].to(in_dtype)
 

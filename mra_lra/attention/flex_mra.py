@@ -9,7 +9,12 @@ with the task's priors). This module reuses that selection (`mra.selection.pad_t
     full_kv_num_blocks / full_kv_indices   chosen blocks whose key block is all real (full)
     mask_mod(b, h, i, j) = chosen[b, h, i // bs, j // bs] and key j is real
 
-so the compiled kernel visits only the chosen blocks, and skips the mask on full ones. The
+so the compiled kernel visits only the chosen blocks, and skips the mask on full ones.
+`mask_block_size` (a multiple of block_size, default block_size) builds the BlockMask on coarser
+tiles instead: a tile is visited when any chosen block lies in it, and mask_mod masks the rest,
+so the function is the same. It exists because torch 2.11's compiled FlexAttention backward finds
+no kernel for 32-token mask blocks in half precision (pytorch/pytorch#176025, fixed by PR #184797);
+128 works there. The
 mask_mod repeats the block pattern so that FlexAttention's unfused path, which applies mask_mod
 over the whole matrix and ignores the block lists, computes the same function. A query row with
 no chosen block (or only padded keys in it) outputs zero, as in MRA-2-s.
@@ -69,9 +74,10 @@ def _run_flex(flex_attention: Callable, q, k, v, block_mask, block_size: int) ->
     if q.device.type == "cuda":
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention)
-        return _compiled_flex(
-            q, k, v, block_mask=block_mask, kernel_options=_kernel_options(block_size)
-        )
+        # Tiles must divide the mask blocks; FlexAttention's own choices (for 128-token mask
+        # blocks, its default) already do for multiples of 128.
+        options = None if block_size % 128 == 0 else _kernel_options(block_size)
+        return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=options)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError(
             f"attn=flex_mra cannot train on {q.device.type}: torch {torch.__version__} has no "
@@ -89,6 +95,17 @@ def _block_lists(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = table.sum(dim=-1, dtype=torch.int32)
     order = torch.argsort(table.to(torch.int8), dim=-1, descending=True, stable=True)
     return counts, order.to(torch.int32)
+
+
+def coarsen_block_table(table: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, nb, nb] bool -> (any, all) over r x r groups of blocks, [B, H, nb/r, nb/r] each
+    (broadcast dimensions of size 1 stay 1)."""
+    if r == 1:
+        return table, table
+    B, H, rows, cols = table.shape
+    rr, rc = (r if rows > 1 else 1), (r if cols > 1 else 1)
+    groups = table.reshape(B, H, rows // rr, rr, cols // rc, rc)
+    return groups.any(dim=5).any(dim=3), groups.all(dim=5).all(dim=3)
 
 
 def chosen_block_table(block_idx: torch.Tensor, num_block_rows: int) -> torch.Tensor:
@@ -109,12 +126,21 @@ class FlexMRAAttention(nn.Module):
         initial_prior_first_n_blocks: int = 0,
         initial_prior_diagonal_n_blocks: int = 0,
         block_size: int = 32,
+        mask_block_size: int | None = None,
     ):
         super().__init__()
         if block_per_row < 1:
             raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if mask_block_size is not None and (
+            mask_block_size < block_size or mask_block_size % block_size
+        ):
+            raise ValueError(
+                f"attn.mask_block_size must be a multiple of block_size={block_size} (or null), "
+                f"got {mask_block_size}"
+            )
+        self.mask_block_size = mask_block_size or block_size
         self.block_per_row = block_per_row
         self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
         self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
@@ -146,8 +172,17 @@ class FlexMRAAttention(nn.Module):
             chosen = chosen_block_table(sel.block_idx, nb)
             key_real = keep.bool()
             key_block_full = (sel.counts == bs)[:, None, None, :]  # [B, 1, 1, nb]
-            partial_num, partial_idx = _block_lists(chosen & ~key_block_full)
-            full_num, full_idx = _block_lists(chosen & key_block_full)
+            mb = self.mask_block_size
+            if n_pad % mb:
+                raise ValueError(
+                    f"attn.mask_block_size={mb} must divide the sequence length padded to "
+                    f"block_size ({n_pad}); use the default (null) for this length"
+                )
+            any_chosen, all_chosen = coarsen_block_table(chosen, mb // bs)
+            _, all_full = coarsen_block_table(key_block_full, mb // bs)
+            full = all_chosen & all_full
+            partial_num, partial_idx = _block_lists(any_chosen & ~full)
+            full_num, full_idx = _block_lists(full)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return chosen[b, h, q_idx // bs, kv_idx // bs] & key_real[b, kv_idx]
@@ -157,15 +192,16 @@ class FlexMRAAttention(nn.Module):
             partial_idx,
             full_num,
             full_idx,
-            BLOCK_SIZE=bs,
+            BLOCK_SIZE=mb,
             mask_mod=mask_mod,
             seq_lengths=(n_pad, n_pad),
         )
-        out = _run_flex(flex_attention, qp, kp, vp, block_mask, bs)
+        out = _run_flex(flex_attention, qp, kp, vp, block_mask, mb)
         return zero_padded_queries(out[:, :, :n], mask).to(q.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"block_per_row={self.block_per_row}, priors=({self.initial_prior_first_n_blocks}, "
-            f"{self.initial_prior_diagonal_n_blocks}), block_size={self.block_size}"
+            f"{self.initial_prior_diagonal_n_blocks}), block_size={self.block_size}, "
+            f"mask_block_size={self.mask_block_size}"
         )

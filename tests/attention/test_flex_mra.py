@@ -41,6 +41,7 @@ def test_config_builds_with_spec_settings():
         "initial_prior_first_n_blocks": "${task.mra_priors.sparse.first_n_blocks}",
         "initial_prior_diagonal_n_blocks": "${task.mra_priors.sparse.diagonal_n_blocks}",
         "block_size": 32,
+        "mask_block_size": None,
     }
     cfg.update(initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=0)
     attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
@@ -144,3 +145,71 @@ def test_gpu_half_precision_close_to_mra_s(dtype):
         ref = mra_s(q, k, v, mask)
     assert out.dtype == dtype
     assert (out.float() - ref).abs().max() < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_coarsen_block_table_by_hand():
+    from mra_lra.attention.flex_mra import coarsen_block_table
+
+    # 4 x 4 blocks in 2 x 2 groups: group (0, 0) fully chosen, (0, 1) one block, (1, *) none.
+    table = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    table[0, 0, :2, :2] = True
+    table[0, 0, 1, 3] = True
+    any_chosen, all_chosen = coarsen_block_table(table, 2)
+    assert any_chosen[0, 0].tolist() == [[True, True], [False, False]]
+    assert all_chosen[0, 0].tolist() == [[True, False], [False, False]]
+    # A per-key-block row [B, 1, 1, nb] keeps its size-1 dimensions.
+    keys = torch.tensor([True, True, True, False]).view(1, 1, 1, 4)
+    _, all_keys = coarsen_block_table(keys, 2)
+    assert all_keys.shape == (1, 1, 1, 2) and all_keys.flatten().tolist() == [True, False]
+
+
+def test_coarser_mask_blocks_compute_the_same_function():
+    q, k, v, mask = random_inputs(512, pad_from=450)
+    flex, mra_s = pair(block_per_row=2, initial_prior_first_n_blocks=1)
+    coarse = build("flex_mra", block_per_row=2, initial_prior_first_n_blocks=1, mask_block_size=128)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            coarse(q, k, v, mask), mra_s(q, k, v, mask), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(coarse(q, k, v, mask), flex(q, k, v, mask), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("mask_block_size", "n"), [(48, 512), (128, 480)])
+def test_bad_mask_block_size_is_a_clear_error(mask_block_size, n):
+    q, k, v, mask = random_inputs(n)
+    with pytest.raises(ValueError, match="mask_block_size"):
+        with torch.no_grad():
+            build("flex_mra", mask_block_size=mask_block_size)(q, k, v, mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "mask_block_size",
+    [
+        pytest.param(
+            None,
+            marks=pytest.mark.xfail(
+                reason="pytorch#176025: no backward kernel for 32-token mask blocks in half "
+                "precision before PR #184797",
+                strict=False,
+            ),
+        ),
+        128,
+    ],
+)
+def test_gpu_bfloat16_gradients_close_to_mra_s(mask_block_size):
+    q, k, v, mask = random_inputs(512, dtype=torch.float32, pad_from=450, device="cuda")
+    cot = torch.randn_like(q)
+    options = dict(block_per_row=2, initial_prior_first_n_blocks=1)
+    flex = build("flex_mra", mask_block_size=mask_block_size, **options)
+    mra_s = build("mra_s", backend="torch", **options)
+    results = []
+    for attn, dtype in ((flex, torch.bfloat16), (mra_s, torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attn(*leaves, mask)
+        (out.float() * cot).sum().backward()
+        results.append((out.float(), *(t.grad.float() for t in leaves)))
+    for got, want in zip(*results, strict=True):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() < 5e-2 * want.abs().max().clamp(min=1.0)

@@ -4,13 +4,15 @@
 #      and bfloat16 (MRA-2, MRA-2-s, 32/64/128-row query tiles, a 65,536-token run), FlexAttention;
 #   2. the attention benchmark: MRA-2 and MRA-2-s on Triton against SDPA (flash) and softmax,
 #      n = 1k..64k, bfloat16 and float32, forward and forward+backward;
-#   3. the published code's profiling setup (one layer, 12 x 64 heads, float32, n = 4096);
-#   4. MRA at batch 16 (bf16, fwd+bwd), where the path's fixed launch cost is shared;
-#   5. flex_mra (FlexAttention over MRA's blocks, compiled) in bfloat16, with 32- and 128-token
-#      BlockMask tiles.
+#   3. MRA replayed from a CUDA graph, and at batch 16 (bf16, fwd+bwd): the kernels' own time;
+#   4. flex_mra (FlexAttention over MRA's blocks, compiled) in bfloat16, with 128- and 32-token
+#      BlockMask tiles;
+#   5. the published code's profiling setup (one layer, 12 x 64 heads, float32, n = 4096).
+# Steps run in this order of importance; when the budget runs out, the last ones are skipped.
 # Needs python3 with torch, triton, numpy, pytest, pyyaml and matplotlib; no install step (the
 # package is used from this checkout through PYTHONPATH). Writes gpu_check.log, attention.csv,
-# attention.png, batch16.csv, flex.csv, flex128.csv and published.csv to $OUT (default ./bench_out).
+# attention.png, graph.csv, batch16.csv, flex128.csv, flex.csv and published.csv to $OUT
+# (default ./bench_out).
 # Each step runs under `timeout` within a total budget, so one hang cannot eat the rest.
 # A CPU dry run of the plumbing:
 #   DEVICE=cpu BENCH_N=256,512 BATCH_N=256 PROFILE_N=256 bash scripts/gpu_check.sh
@@ -80,22 +82,26 @@ BENCH=("$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 --heads 8 
     --n "$BENCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT")
 step "benchmark: MRA on Triton vs SDPA" 120 "${BENCH[@]}" --name attention \
     --attn mra,mra_s,sdpa_flash,softmax --dtype bfloat16,float32 --query-rows 1,2
+# The same kernels replayed from a CUDA graph: their own time, without Python and launch cost.
+step "benchmark: CUDA graph" 45 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \
+    --heads 8 --batch 1 --n "$BATCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT" \
+    --name graph --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd --cuda-graph
 # At B=1 x H=8 the MRA path is launch-bound (docs/benchmarks.md); a training-sized batch shows
 # what the kernels do once the fixed cost is shared.
 step "benchmark: batch 16" 60 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \
     --heads 8 --batch 16 --n "$BATCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT" \
     --name batch16 --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd
-step "benchmark: published profiling setup" 90 "$PYTHON" -m mra_lra.bench.attention \
-    --device "$DEVICE" --profile-published --profile-n "$PROFILE_N" --attn mra,mra_s,softmax \
-    --repeats 3 --out "$OUT"
-step "benchmark: flex_mra" 60 "${BENCH[@]}" --name flex --attn flex_mra --dtype bfloat16
 # 128-token BlockMask tiles (same function): torch 2.11's compiled backward has no kernel for
 # 32-token tiles in half precision (pytorch#176025).
 step "benchmark: flex_mra, 128-token mask tiles" 60 "${BENCH[@]}" --name flex128 \
     --attn flex_mra --set flex_mra.mask_block_size=128 --dtype bfloat16
+step "benchmark: flex_mra" 60 "${BENCH[@]}" --name flex --attn flex_mra --dtype bfloat16
+step "benchmark: published profiling setup" 90 "$PYTHON" -m mra_lra.bench.attention \
+    --device "$DEVICE" --profile-published --profile-n "$PROFILE_N" --attn mra,mra_s,softmax \
+    --repeats 3 --out "$OUT"
 # One plot of everything measured, also when a benchmark step was cut short.
 CSVS=()
-for f in "$OUT/attention.csv" "$OUT/flex.csv" "$OUT/flex128.csv"; do [[ -s $f ]] && CSVS+=("$f"); done
+for f in "$OUT/attention.csv" "$OUT/graph.csv" "$OUT/flex.csv" "$OUT/flex128.csv"; do [[ -s $f ]] && CSVS+=("$f"); done
 if ((${#CSVS[@]})); then
     step plot 30 "$PYTHON" -m mra_lra.bench.attention --out "$OUT" --name attention \
         --plot-from "${CSVS[@]}"

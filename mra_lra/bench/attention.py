@@ -240,6 +240,22 @@ def attention_steps(module: nn.Module, q, k, v) -> dict[str, Step]:
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
+def graphed(step: Step) -> Step:
+    """`step` captured once in a CUDA graph, returned as its replay. Shapes are static and the MRA
+    path reads nothing back to the host, so the graph replays the same kernels without Python or
+    launch cost: the time left is the kernels' own (what a graph-captured training step gets)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream: compilation, autotuning
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def layer_steps(layer: nn.Module, x: torch.Tensor) -> dict[str, Step]:
     grad = torch.randn_like(x)
 
@@ -334,7 +350,23 @@ def run_length(args, device: torch.device, base: dict, query_rows, rec: Recorder
         for pass_name in args.passes:
             rec.add(dict(base, status=describe(e), **{"pass": pass_name}))
         return [describe(e)]
-    return measure_rows(attention_steps(module, q, k, v), base, device, args, rec)
+    steps = attention_steps(module, q, k, v)
+    if args.cuda_graph:
+        base["impl"] += "+graph"
+        steps = {name: _lazy(graphed, step) for name, step in steps.items()}
+    return measure_rows(steps, base, device, args, rec)
+
+
+def _lazy(wrap: Callable[[Step], Step], step: Step) -> Step:
+    """wrap(step), built on the first call, so that a capture failure is the row's failure."""
+    built: list[Step] = []
+
+    def run() -> None:
+        if not built:
+            built.append(wrap(step))
+        built[0]()
+
+    return run
 
 
 def largest_fitting_batch(make_step: Callable[[int], Step], device, max_batch: int) -> int:
@@ -481,6 +513,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="block rows per MRA Triton query tile to compare (1, 2, 4: 32, 64, 128 rows)",
     )
     p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each step from a CUDA graph (CUDA only): the kernels' time without launches",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
@@ -493,6 +530,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(t not in DTYPES for t in args.dtype) or any(x not in PASSES for x in args.passes):
         p.error(f"--dtype takes {', '.join(DTYPES)}; --passes takes {', '.join(PASSES)}")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        p.error("--cuda-graph needs --device cuda")
     if args.max_batch is None:
         args.max_batch = 1024 if args.device.startswith("cuda") else 4
     if args.name is None:

@@ -26,14 +26,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mra_lra.data.base import LRADataModule
 from mra_lra.data.cache import file_fingerprint
 from mra_lra.data.sources import SourceTree, locate_source
 from mra_lra.data.text import (
-    VOCAB_SIZE,
+    ByteTextDataModule,
     byte_token_ids,
     check_split_size,
-    check_text_length,
     warn_empty,
 )
 
@@ -144,28 +142,12 @@ def read_aan_pairs(
     return pairs
 
 
-class RetrievalDataModule(LRADataModule):
+class RetrievalDataModule(ByteTextDataModule):
     """AAN citation pairs as two byte sequences (see the module docstring for where files are
     looked for). `text_length` bytes are kept per document, padded to `max_length`."""
 
     task = "retrieval"
-    num_classes = 2
-    vocab_size = VOCAB_SIZE
-
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        text_length: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        source: str | None = None,
-    ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
-        check_text_length(text_length, max_length)
-        self.text_length = text_length
-        self._tree: SourceTree | None = None
+    _tree: SourceTree | None = None
 
     def ensure_sources(self) -> None:
         tree = locate_source(

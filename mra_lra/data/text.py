@@ -251,14 +251,12 @@ def read_imdb(source: ImdbSource) -> dict[str, tuple[list[bytes], list[int]]]:
     return reviews
 
 
-class TextDataModule(LRADataModule):
-    """IMDB reviews as byte sequences (see the module docstring for where files are looked
-    for). `text_length` bytes are kept per review, padded to `max_length`."""
+class ByteTextDataModule(LRADataModule):
+    """A byte-level text task (Text, Retrieval): `text_length` bytes are kept per document and
+    padded to `max_length`; ids are byte + 1 (`byte_token_ids`)."""
 
-    task = "text"
     num_classes = 2
     vocab_size = VOCAB_SIZE
-    split_aliases = {"val": "test"}
 
     def __init__(
         self,
@@ -273,7 +271,15 @@ class TextDataModule(LRADataModule):
         super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
         check_text_length(text_length, max_length)
         self.text_length = text_length
-        self._source: ImdbSource | None = None
+
+
+class TextDataModule(ByteTextDataModule):
+    """IMDB reviews as byte sequences (see the module docstring for where files are looked
+    for). `text_length` bytes are kept per review, padded to `max_length`."""
+
+    task = "text"
+    split_aliases = {"val": "test"}
+    _source: ImdbSource | None = None
 
     def ensure_sources(self) -> None:
         self._source = locate_imdb(self.data_dir, self.source)

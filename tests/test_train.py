@@ -90,3 +90,33 @@ def test_every_attention_trains_listops_at_512(compose_cfg, tmp_path, conftest_t
     results = run(compose_cfg(overrides, run_dir=tmp_path / "run"))
     assert results["steps"] == 3 and results["attn"] == attn
     assert results["val_acc_best"] is not None
+
+
+def test_missing_data_is_one_message_and_no_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "task=image",
+            f"data.data_dir={tmp_path}",
+            "trainer=cpu",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: no files for this task" in result.stderr
+    assert "cifar-10-python.tar.gz" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -4,14 +4,16 @@
 #      and bfloat16 (MRA-2, MRA-2-s, 32/64/128-row query tiles, a 65,536-token run), FlexAttention;
 #   2. the attention benchmark: MRA-2 and MRA-2-s on Triton against SDPA (flash) and softmax,
 #      n = 1k..64k, bfloat16 and float32, forward and forward+backward;
-#   3. MRA replayed from a CUDA graph, and at batch 16 (bf16, fwd+bwd): the kernels' own time;
+#   3. MRA replayed from a CUDA graph, a profile of one step, and MRA at batch 16 (bf16,
+#      fwd+bwd): the kernels' own time and where the rest goes;
 #   4. flex_mra (FlexAttention over MRA's blocks, compiled) in bfloat16, with 128- and 32-token
 #      BlockMask tiles;
 #   5. the published code's profiling setup (one layer, 12 x 64 heads, float32, n = 4096).
 # Steps run in this order of importance; when the budget runs out, the last ones are skipped.
 # Needs python3 with torch, triton, numpy, pytest, pyyaml and matplotlib; no install step (the
 # package is used from this checkout through PYTHONPATH). Writes gpu_check.log, attention.csv,
-# attention.png, graph.csv, batch16.csv, flex128.csv, flex.csv and published.csv to $OUT
+# attention.png, graph.csv, profile_mra.txt/json, batch16.csv, flex128.csv, flex.csv and
+# published.csv to $OUT
 # (default ./bench_out).
 # Each step runs under `timeout` within a total budget, so one hang cannot eat the rest.
 # A CPU dry run of the plumbing:
@@ -86,6 +88,10 @@ step "benchmark: MRA on Triton vs SDPA" 120 "${BENCH[@]}" --name attention \
 step "benchmark: CUDA graph" 45 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \
     --heads 8 --batch 1 --n "$BATCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT" \
     --name graph --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd --cuda-graph
+# Where the B=1 step's time goes: kernels launched, their device time, the ops with the most
+# host time (profile_mra.txt, and profile_mra.json for chrome://tracing).
+step "profile: MRA-2 fwd+bwd" 40 "$PYTHON" -m mra_lra.bench.profile_mra --device "$DEVICE" \
+    --n "${BATCH_N%%,*}" --batch 1 --heads 8 --d 64 --dtype bfloat16 --out "$OUT"
 # At B=1 x H=8 the MRA path is launch-bound (docs/benchmarks.md); a training-sized batch shows
 # what the kernels do once the fixed cost is shared.
 step "benchmark: batch 16" 60 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \

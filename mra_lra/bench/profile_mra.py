@@ -1,0 +1,102 @@
+"""Where one MRA-2 forward+backward spends its time: a torch.profiler table and trace.
+
+    python -m mra_lra.bench.profile_mra --n 4096 --batch 1 --heads 8 --d 64 --dtype bfloat16 \
+        --out bench_out
+
+On the GPU, MRA-2 at B=1 x H=8 takes about the same time at every length (docs/benchmarks.md):
+it is launch-bound. This says by how much: the wall time of a step, the number of kernels it
+launches, their summed device time, and the ops with the most host time. Writes
+`profile_mra.txt` (the tables) and `profile_mra.json` (a Chrome trace) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mra_lra.attention import build
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mra_lra.bench.profile_mra", description=__doc__)
+    p.add_argument("--attn", default="mra", choices=["mra", "mra_s"])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--block-per-row", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
+    p.add_argument("--rows", type=int, default=25, help="rows of each table")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    attention = build(args.attn, block_per_row=args.block_per_row, backend=args.backend)
+    shape = (args.batch, args.heads, args.n, args.d)
+    q, k, v = (
+        torch.randn(shape, device=device, dtype=DTYPES[args.dtype], requires_grad=True)
+        for _ in "qkv"
+    )
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        out = attention(q, k, v, None)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):  # compilation, autotuning, allocator
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        sync()
+    events = prof.key_averages()
+    lines = [
+        f"{args.attn} fwd+bwd, B={args.batch} H={args.heads} n={args.n} d={args.d} "
+        f"{args.dtype} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+        f"torch {torch.__version__}",
+        f"wall time per step (unprofiled): {wall_ms:.3f} ms",
+    ]
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_us = sum(e.device_time for e in kernels) / args.steps
+        lines += [
+            f"device kernels per step: {len(kernels) / args.steps:.0f}, their summed time: "
+            f"{device_us / 1e3:.3f} ms ({100 * device_us / 1e3 / wall_ms:.0f}% of the wall time)",
+            "",
+            events.table(sort_by="self_cuda_time_total", row_limit=args.rows),
+        ]
+    lines += ["", events.table(sort_by="self_cpu_time_total", row_limit=args.rows)]
+    text = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_mra.txt").write_text(text + "\n")
+    prof.export_chrome_trace(str(args.out / "profile_mra.json"))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

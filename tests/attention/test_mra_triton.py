@@ -94,6 +94,17 @@ def test_matches_torch_path(mode, dtype, n, d, pad, num_blocks):
 
 
 @pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_forward_without_gradients_matches_torch_path(mode):
+    """Eval and inference: no grad, so the transposed lists are not built."""
+    q, k, v, mask, _ = inputs(1, 2, 100, 32, pad=30)
+    kw = dict(num_blocks=7, approx_mode=mode)
+    with torch.no_grad():
+        got = mra("triton")(q, k, v, mask, **kw)
+        want = mra("torch")(q, k, v, mask, **kw)
+    assert rel_err(got, want) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
 @pytest.mark.parametrize("rows", [2, 4])
 def test_multi_row_query_tiles_match_torch_path(mode, rows):
     """64- and 128-row query tiles over the union of their blocks, with a partial last tile."""
@@ -199,6 +210,10 @@ def test_block_lists():
     assert lists.key_ptr.tolist() == [0, 1, 2, 3]
     assert lists.key_tiles[:3].tolist() == [1, 0, 0]
     assert lists.key_bits[:3].tolist() == [0b01, 0b11, 0b01]
+    # Without gradients the transposed lists are left out; the forward ones are the same.
+    forward_only = block_lists(idx, 3, rows=2, transposed=False)
+    assert forward_only.key_ptr is None and forward_only.key_tiles is None
+    assert forward_only.tile_ptr.tolist() == [0, 2, 3]
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -338,9 +338,9 @@ class BlockLists:
     tile_ptr: torch.Tensor
     tile_cols: torch.Tensor
     tile_bits: torch.Tensor
-    key_ptr: torch.Tensor
-    key_tiles: torch.Tensor
-    key_bits: torch.Tensor
+    key_ptr: torch.Tensor | None
+    key_tiles: torch.Tensor | None
+    key_bits: torch.Tensor | None
 
 
 def _compress(
@@ -364,15 +364,20 @@ def _compress(
     return counts.cumsum(0).int(), cols.int(), out_bits.int()
 
 
-def block_lists(block_idx: torch.Tensor, num_block_rows: int, rows: int = 1) -> BlockLists:
-    """Forward and transposed lists from chosen flat indices I * nb + J, [B, H, k_sel]."""
+def block_lists(
+    block_idx: torch.Tensor, num_block_rows: int, rows: int = 1, transposed: bool = True
+) -> BlockLists:
+    """Forward and transposed lists from chosen flat indices I * nb + J, [B, H, k_sel].
+    `transposed=False` leaves the transposed (backward-only) lists out, as None."""
     nb = num_block_rows
     num_tiles = -(-nb // rows)
     flat = block_idx.reshape(-1, block_idx.shape[-1]).long()
     I, J = flat // nb, flat % nb
     bits = torch.ones_like(I) << (I % rows)
     tile_ptr, tile_cols, tile_bits = _compress(I // rows, J, bits, num_tiles, nb)
-    key_ptr, key_tiles, key_bits = _compress(J, I // rows, bits, nb, num_tiles)
+    key_ptr = key_tiles = key_bits = None
+    if transposed:
+        key_ptr, key_tiles, key_bits = _compress(J, I // rows, bits, nb, num_tiles)
     return BlockLists(tile_ptr, tile_cols, tile_bits, key_ptr, key_tiles, key_bits)
 
 
@@ -585,7 +590,10 @@ def mra2_triton(
             )
             coarse = sel.coarse if full else None
             vbar = selection.block_means(vp.float(), sel.counts, block_size) if full else None
-        lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows)
+        # The transposed lists serve the backward only: a forward without gradients (eval,
+        # inference) skips their sorts and scatters.
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows, needs_grad)
         out = _MRA2Triton.apply(
             qp.contiguous(),
             kp.contiguous(),

@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from mra_lra.data.base import LRADataModule
-from mra_lra.data.pixels import pixel_arrays, pixel_dataset_options
+from mra_lra.data.pixels import PixelDataModule, pixel_arrays
 
 
-class RandomPixels(LRADataModule):
+class RandomPixels(PixelDataModule):
     """Random `side` x `side` images in the cache layout of the pixel tasks."""
 
     task = "bench_loading"
@@ -40,22 +39,22 @@ class RandomPixels(LRADataModule):
         pixel_zero_is_pad: bool,
         patch_order: list[int] | None,
     ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers)
+        super().__init__(
+            data_dir,
+            batch_size,
+            max_length,
+            num_workers,
+            side=side,
+            pixel_zero_is_pad=pixel_zero_is_pad,
+            patch_order=patch_order,
+        )
         self.num_images = num_images
-        self.side = side
-        self.pixel_zero_is_pad = pixel_zero_is_pad
-        self.patch_order = patch_order
 
     def ensure_sources(self) -> None:
         pass
 
     def cache_options(self) -> dict[str, Any]:
         return {"num_images": self.num_images, "side": self.side, "max_length": self.max_length}
-
-    def dataset_options(self) -> dict[str, Any]:
-        return pixel_dataset_options(
-            self.side, self.side, self.max_length, self.pixel_zero_is_pad, self.patch_order
-        )
 
     def build_arrays(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)

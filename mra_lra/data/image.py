@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mra_lra.data.base import LRADataModule
 from mra_lra.data.cache import file_fingerprint
-from mra_lra.data.pixels import pixel_arrays, pixel_dataset_options
+from mra_lra.data.pixels import PixelDataModule, pixel_arrays
 from mra_lra.data.sources import SourceError, SourceTree, locate_source
 
 log = logging.getLogger(__name__)
@@ -98,14 +97,13 @@ def read_cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data, labels.astype(np.uint8)
 
 
-class ImageDataModule(LRADataModule):
+class ImageDataModule(PixelDataModule):
     """CIFAR-10 grayscale from `cifar-10-python.tar.gz` or `cifar-10-batches-py/` under data_dir
     (or `source`). `split_seed` draws the validation tenth of the training batches;
     `pixel_zero_is_pad` and `patch_order` are the fidelity switches of mra_lra/data/pixels.py."""
 
     task = "image"
     num_classes = 10
-    vocab_size = 256
 
     def __init__(
         self,
@@ -120,12 +118,18 @@ class ImageDataModule(LRADataModule):
         pixel_zero_is_pad: bool,
         patch_order: Sequence[int] | None,
     ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
+        super().__init__(
+            data_dir,
+            batch_size,
+            max_length,
+            num_workers,
+            pin_memory,
+            source,
+            side=SIDE,
+            pixel_zero_is_pad=pixel_zero_is_pad,
+            patch_order=patch_order,
+        )
         self.split_seed = split_seed
-        self.pixel_zero_is_pad = pixel_zero_is_pad
-        self.patch_order = None if patch_order is None else [int(v) for v in patch_order]
-        # Fail at construction, not after the cache is built.
-        self.dataset_options()
         self._tree: SourceTree | None = None
 
     @property
@@ -160,11 +164,6 @@ class ImageDataModule(LRADataModule):
             "split_seed": self.split_seed,
             "val_fraction": VAL_FRACTION,
         }
-
-    def dataset_options(self) -> dict[str, Any]:
-        return pixel_dataset_options(
-            SIDE, SIDE, self.max_length, self.pixel_zero_is_pad, self.patch_order
-        )
 
     def _read_batches(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         wanted = {*TRAIN_FILES, TEST_FILE}

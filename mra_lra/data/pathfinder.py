@@ -43,9 +43,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from mra_lra.data import pathfinder_generator
-from mra_lra.data.base import LRADataModule
 from mra_lra.data.cache import cache_key, file_fingerprint
-from mra_lra.data.pixels import pixel_arrays, pixel_dataset_options
+from mra_lra.data.pixels import PixelDataModule, pixel_arrays
 from mra_lra.data.sources import SourceTree, locate_source
 
 log = logging.getLogger(__name__)
@@ -144,13 +143,12 @@ def _warn_skipped(what: str, reason: str, skipped: list[str]) -> None:
         log.warning("%s: skipped %d images %s: %s", what, len(skipped), reason, examples)
 
 
-class PathfinderDataModule(LRADataModule):
+class PathfinderDataModule(PixelDataModule):
     """Pathfinder (`resolution` 32) or Path-X (128) of one `difficulty`, from the release or
     generated (see the module docstring). `split_seed` splits the release 80/10/10; `num_*`,
     `gen_seed` and `gen_workers` (None: all cores) apply to generated sets only."""
 
     num_classes = 2
-    vocab_size = 256
 
     def __init__(
         self,
@@ -172,11 +170,21 @@ class PathfinderDataModule(LRADataModule):
         pixel_zero_is_pad: bool,
         patch_order: Sequence[int] | None,
     ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"data.difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         if resolution < 1:
             raise ValueError(f"data.resolution must be a positive image side, got {resolution}")
+        super().__init__(
+            data_dir,
+            batch_size,
+            max_length,
+            num_workers,
+            pin_memory,
+            source,
+            side=resolution,
+            pixel_zero_is_pad=pixel_zero_is_pad,
+            patch_order=patch_order,
+        )
         if min(num_train, num_val, num_test) < 0 or num_train + num_val + num_test < 1:
             raise ValueError(
                 "data.num_train, data.num_val, data.num_test must be >= 0 and not all 0, got "
@@ -191,9 +199,6 @@ class PathfinderDataModule(LRADataModule):
         self.num_test = num_test
         self.gen_seed = gen_seed
         self.gen_workers = gen_workers
-        self.pixel_zero_is_pad = pixel_zero_is_pad
-        self.patch_order = None if patch_order is None else [int(v) for v in patch_order]
-        self.dataset_options()  # fail at construction, not after the cache is built
         self.anchor = f"pathfinder{resolution}/{difficulty}"
         self._tree: SourceTree | None = None
         self._located = False
@@ -304,12 +309,6 @@ class PathfinderDataModule(LRADataModule):
         else:
             options["split_seed"] = self.split_seed
         return options
-
-    def dataset_options(self) -> dict[str, Any]:
-        side = self.resolution
-        return pixel_dataset_options(
-            side, side, self.max_length, self.pixel_zero_is_pad, self.patch_order
-        )
 
     def build_arrays(self) -> dict[str, np.ndarray]:
         splits = self._release_splits() if self.tree is not None else self._generated_splits()

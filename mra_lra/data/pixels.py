@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mra_lra.data.base import LRADataModule
+
 log = logging.getLogger(__name__)
 
 
@@ -82,3 +84,34 @@ def pixel_arrays(
         "length": np.full(num, num_pixels, dtype=np.int32),
         "label": np.asarray(labels, dtype=np.uint8),
     }
+
+
+class PixelDataModule(LRADataModule):
+    """A grayscale image task (Image, Pathfinder, Path-X): one token per pixel (0-255) of a
+    `side` x `side` image, with the two fidelity switches above applied to its batches."""
+
+    vocab_size = 256
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        max_length: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        source: str | None = None,
+        *,
+        side: int,
+        pixel_zero_is_pad: bool,
+        patch_order: Sequence[int] | None,
+    ) -> None:
+        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
+        self.side = side
+        self.pixel_zero_is_pad = pixel_zero_is_pad
+        self.patch_order = None if patch_order is None else [int(v) for v in patch_order]
+        self.dataset_options()  # fail at construction, not after the cache is built
+
+    def dataset_options(self) -> dict[str, Any]:
+        return pixel_dataset_options(
+            self.side, self.side, self.max_length, self.pixel_zero_is_pad, self.patch_order
+        )

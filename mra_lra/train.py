@@ -27,6 +27,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, SequentialSampler
 
+from mra_lra.data.cache import atomic_write_json
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 
 if TYPE_CHECKING:
@@ -106,12 +107,6 @@ def protocol_card(cfg: DictConfig) -> str:
         f"precision={cfg.trainer.precision}",
     ]
     return "\n".join(lines)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
@@ -282,7 +277,7 @@ def run(cfg: DictConfig) -> dict:
     }
     if not trainer.is_global_zero:
         return results
-    _write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "results.json", results)
     metric = cfg.get("optimized_metric")
     if metric and metric.replace("/", "_") not in results:
         # train.py returns results[<metric, / read as _>] to the sweeper; a misspelt name would

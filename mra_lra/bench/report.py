@@ -18,7 +18,7 @@ are compared instead. A cell is marked ‡ when a seed appears twice in it. Runs
 is unreadable or lacks a known task, an attention or a seed are listed as skipped; runs without a
 value for one table are listed under that table's name. The notes at the end say which and why.
 
-Imports only the standard library and pyyaml (and matplotlib for --plot).
+Imports the standard library, pyyaml and our atomic writers (and matplotlib for --plot).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import fnmatch
 import json
 import math
-import os
 import statistics
 import sys
 from collections import Counter
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from mra_lra.data.cache import atomic_open, atomic_write_text
 
 # Task names as train.py writes them (cfg.task.name) -> the paper's column titles, in its order.
 TASKS = {
@@ -526,17 +527,9 @@ def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
     ]
     ax.legend(handles=handles, fontsize=8, title="task")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_open(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -569,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
         if args.out:
-            _write_text(args.out, text)
+            atomic_write_text(args.out, text)
             print(f"wrote {args.out}", file=sys.stderr)
         if args.plot:
             plot(summary, args.plot, args.metric)

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -27,15 +27,16 @@ MANIFEST_NAME = "manifest.json"
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
-    """Open `path` for writing text through a temporary file in the same folder that replaces
-    `path` (os.replace) only when the block ends without an error, so readers see either no
-    file, the old one, or the complete new one."""
+def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[TextIO | BinaryIO]:
+    """Open `path` for writing (UTF-8 text, or bytes with `binary=True`) through a temporary file
+    in the same folder that replaces `path` (os.replace) only when the block ends without an
+    error, so readers see either no file, the old one, or the complete new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text_mode = {} if binary else {"encoding": "utf-8", "newline": "\n"}
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file should not be
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, "wb" if binary else "w", **text_mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

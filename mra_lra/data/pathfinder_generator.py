@@ -48,7 +48,6 @@ import math
 import multiprocessing
 import os
 import signal
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from mra_lra.data.cache import atomic_write_json, ensure_writable_dir
+from mra_lra.data.cache import atomic_open, atomic_write_json, ensure_writable_dir
 
 
 @dataclass(frozen=True)
@@ -554,18 +553,9 @@ def _available_cores() -> int:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save through a temporary file in the same folder, renamed into place when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file should not be
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """np.save through `atomic_open`: the file appears only when complete."""
+    with atomic_open(path, binary=True) as f:
+        np.save(f, array)
 
 
 def _shard_paths(out_dir: Path, k: int) -> tuple[Path, Path]:

@@ -168,6 +168,7 @@ class FlexMRAAttention(nn.Module):
                 block_size=bs,
                 initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
                 initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
+                padded=mask is not None or n % bs != 0,
             )
             chosen = chosen_block_table(sel.block_idx, nb)
             key_real = keep.bool()

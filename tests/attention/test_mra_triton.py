@@ -216,6 +216,23 @@ def test_block_lists():
     assert forward_only.tile_ptr.tolist() == [0, 2, 3]
 
 
+@pytest.mark.parametrize("nb, k_sel", [(1, 1), (5, 7), (9, 30), (16, 256)])
+def test_row_lists_equal_the_general_construction(nb, k_sel):
+    """One row per tile takes a shortcut (searchsorted over the sorted indices, no dedupe);
+    it must give the general builder's lists, including block rows and columns left empty."""
+    gen = torch.Generator().manual_seed(nb)
+    idx = torch.stack([torch.randperm(nb * nb, generator=gen)[:k_sel] for _ in range(6)])
+    idx = idx.sort(dim=-1).values.view(2, 3, k_sel)
+    fast = kernels._row_lists(idx, nb, transposed=True)
+    flat = idx.reshape(6, k_sel)
+    I, J = flat // nb, flat % nb
+    ones = torch.ones_like(I)
+    general = kernels._compress(I, J, ones, nb, nb) + kernels._compress(J, I, ones, nb, nb)
+    mine = (fast.tile_ptr, fast.tile_cols, fast.key_ptr, fast.key_tiles)
+    for got, want in zip(mine, general[:2] + general[3:5], strict=True):
+        assert got.dtype == torch.int32 and got.tolist() == want.tolist()
+
+
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRET", False)
     q = torch.zeros(1, 1, 32, 16)
@@ -245,26 +262,44 @@ from mra_lra.attention.mra import kernels as K
 DTYPE_PTR = {"float32": "*fp32", "bfloat16": "*bf16"}
 IO = {
     K._mra_fwd_kernel: ("Q K V Out", "Lse Mask RowMax Ol Nl", "TilePtr TileCols TileBits"),
-    K._mra_bwd_dq_kernel: ("Q K V DO DQ", "Lse Delta Mask", "TilePtr TileCols TileBits"),
-    K._mra_bwd_dkdv_kernel: ("Q K V DO DK DV", "Lse Delta Mask", "KeyPtr KeyTiles KeyBits"),
+    K._mra_bwd_dq_kernel: (
+        "Q K V DO DQ", "Lse Delta Mask Counts DQbar", "TilePtr TileCols TileBits"
+    ),
+    K._mra_bwd_dkdv_kernel: (
+        "Q K V DO DK DV", "Lse Delta Mask Counts DKbar DVbar", "KeyPtr KeyTiles KeyBits"
+    ),
 }
+
+
+def compile_kernel(fn, types, const, options):
+    signature = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
+    try:
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=const)
+    except TypeError as error:  # another Triton's ahead-of-time API
+        raise SystemExit(f"SKIP {error}")
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, const)
+
+
 for dtype, rows, d_pad in [("bfloat16", 1, 64), ("float32", 2, 128), ("bfloat16", 4, 32)]:
     for fn, (native, fp32, int32) in IO.items():
         const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, D_PAD=d_pad, UPCAST=False,
-                     PRECISION="ieee" if dtype == "float32" else "tf32")
-        if fn is K._mra_fwd_kernel:
-            const["FULL"] = rows != 2
+                     PRECISION="ieee" if dtype == "float32" else "tf32", FULL=rows != 2)
         types = {**dict.fromkeys(native.split(), DTYPE_PTR[dtype]),
-                 **dict.fromkeys(fp32.split(), "*fp32"), **dict.fromkeys(int32.split(), "*i32")}
-        signature = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
-        signature["sm_scale"] = "fp32"
-        try:
-            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=const)
-        except TypeError as error:  # another Triton's ahead-of-time API
-            raise SystemExit(f"SKIP {error}")
+                 **dict.fromkeys(fp32.split(), "*fp32"), **dict.fromkeys(int32.split(), "*i32"),
+                 "sm_scale": "fp32"}
         options = K._launch_settings(32 * rows, d_pad, 4 if dtype == "float32" else 2)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, dtype, rows, d_pad)
+        compile_kernel(fn, types, const, options)
+    for full in (True, False):
+        types = {"Out": DTYPE_PTR[dtype], "DO": DTYPE_PTR[dtype],
+                 **dict.fromkeys("Mask Lse RowMax Delta U W".split(), "*fp32")}
+        compile_kernel(K._bwd_pre_kernel, types, dict(FULL=full, BLOCK=32, D_PAD=d_pad),
+                       dict(num_warps=2))
+    for store in (True, False):
+        types = {**dict.fromkeys("S RowMax Counts Vbar A Ol Nl".split(), "*fp32"),
+                 "Excluded": "*u8"}
+        const = dict(STORE_A=store, BLOCK_I=K.COARSE_TILE, BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
+        compile_kernel(K._coarse_fwd_kernel, types, const, dict(num_warps=4))
 print("compiled")
 """
 

@@ -98,6 +98,7 @@ def mra2_attention(
             block_size=block_size,
             initial_prior_first_n_blocks=initial_prior_first_n_blocks,
             initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            padded=mask is not None or n % block_size != 0,
         )
         vbar = None
         if approx_mode == "full":

@@ -1,8 +1,13 @@
 """MRA-2 and MRA-2-s on Triton: the fine part as a block-sparse FlashAttention, both directions.
 
 Selection (block statistics, coarse logits, global top-k) stays in torch (`selection.py`), so both
-backends choose the same blocks. The kernels walk lists of chosen blocks; the coarse part of full
-mode lives on the small nb x nb matrices and is done in torch, both ways.
+backends choose the same blocks. Everything after it is a few launches, because at moderate sizes
+the op count, not the arithmetic, sets the time:
+
+    forward   lists of chosen blocks (`block_lists`: one searchsorted for 32-row tiles),
+              `_coarse_fwd_kernel` (full mode: A, Ol = A vbar, Nl = A 1), `_mra_fwd_kernel`
+    backward  `_bwd_pre_kernel` (D_i, and u_I, w_I in full mode), four batched matmuls on the
+              nb x nb matrices (full mode), `_mra_bwd_dq_kernel`, `_mra_bwd_dkdv_kernel`
 
 Forward, for a query i in block row I (spec/mra.md, steps 5-10 in one pass):
 
@@ -29,7 +34,9 @@ u_I = sum_{i in I} exp(r_I - lse_i) dO_i and w_I = sum_{i in I} exp(r_I - lse_i)
     dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I,
     A_IJ = c_J exp(S_IJ - r_I) for J not in M, else 0,
 
-and torch autograd carries dS and dvbar back to q, k, v through the block means.
+and dqbar = dS kbar / sqrt(d), dkbar = dS^T qbar / sqrt(d) reach every token of a block through
+the block means (d qbar_I / d q_i = 1 / (c_I + eps)): the dq and dK/dV kernels add them in their
+epilogues, so no autograd graph is kept for the selection.
 
 Query tiles: a program handles ROWS consecutive block rows (BLOCK_M = ROWS * block_size query
 rows) over the union of their key blocks; a bit per block row says which rows chose each block.
@@ -43,6 +50,7 @@ instead, at the price of compiling several variants.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -186,6 +194,8 @@ def _mra_bwd_dq_kernel(
     Lse,
     Delta,
     Mask,
+    Counts,
+    DQbar,
     TilePtr,
     TileCols,
     TileBits,
@@ -196,6 +206,7 @@ def _mra_bwd_dq_kernel(
     head_dim,
     stride_g,
     stride_n,
+    FULL: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -217,11 +228,14 @@ def _mra_bwd_dq_kernel(
     base = g.to(tl.int64) * stride_g
     q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :]
     q = _load(Q + q_offs, tile_ok, UPCAST)
-    do = _load(DO + q_offs, tile_ok, UPCAST)
+    # Padded queries output constant zeros: no gradient flows back from them.
+    query_real = tl.load(Mask + batch * n_pad + offs_m, mask=row_ok, other=0.0) > 0.5
+    do = _load(DO + q_offs, tile_ok & query_real[:, None], UPCAST)
     row_offs = g.to(tl.int64) * n_pad + offs_m
     lse = tl.load(Lse + row_offs, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
-    row_bit = offs_m // BLOCK - tile * ROWS
+    block_row = offs_m // BLOCK
+    row_bit = block_row - tile * ROWS
 
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     list_ptr = TilePtr + g * num_tiles + tile
@@ -242,6 +256,12 @@ def _mra_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
+    if FULL:
+        # The coarse part reaches q_i through qbar_I = sum_{i in I} q_i / (c_I + eps).
+        stat = g.to(tl.int64) * num_block_rows + block_row
+        inv_count = 1.0 / (tl.load(Counts + batch * num_block_rows + block_row, mask=row_ok) + _EPS)
+        dqbar = tl.load(DQbar + stat[:, None] * head_dim + offs_d[None, :], mask=tile_ok, other=0.0)
+        dq += dqbar * inv_count[:, None]
     dq = dq * sm_scale
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
@@ -257,6 +277,9 @@ def _mra_bwd_dkdv_kernel(
     Lse,
     Delta,
     Mask,
+    Counts,
+    DKbar,
+    DVbar,
     KeyPtr,
     KeyTiles,
     KeyBits,
@@ -267,6 +290,7 @@ def _mra_bwd_dkdv_kernel(
     head_dim,
     stride_g,
     stride_n,
+    FULL: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -300,7 +324,8 @@ def _mra_bwd_dkdv_kernel(
         tile_ok = row_ok[:, None] & d_ok[None, :]
         q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :]
         q = _load(Q + q_offs, tile_ok, UPCAST)
-        do = _load(DO + q_offs, tile_ok, UPCAST)
+        query_real = tl.load(Mask + batch * n_pad + offs_m, mask=row_ok, other=0.0) > 0.5
+        do = _load(DO + q_offs, tile_ok & query_real[:, None], UPCAST)
         row_offs = g.to(tl.int64) * n_pad + offs_m
         lse = tl.load(Lse + row_offs, mask=row_ok, other=0.0)
         delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
@@ -315,14 +340,116 @@ def _mra_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
+    if FULL:
+        # ... and k_j, v_j through kbar_J and vbar_J (sums over J divided by c_J + eps).
+        stat = (g.to(tl.int64) * num_block_rows + key_block) * head_dim + offs_d
+        inv_count = 1.0 / (tl.load(Counts + batch * num_block_rows + key_block) + _EPS)
+        dk += tl.load(DKbar + stat, mask=d_ok, other=0.0)[None, :] * inv_count
+        dv += tl.load(DVbar + stat, mask=d_ok, other=0.0)[None, :] * inv_count
     dk = dk * sm_scale
     tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
     tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
 
+@triton.jit
+def _coarse_fwd_kernel(
+    S,
+    RowMax,
+    Excluded,
+    Counts,
+    Vbar,
+    A,
+    Ol,
+    Nl,
+    num_heads,
+    num_block_rows,
+    head_dim,
+    STORE_A: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """Step 8 for BLOCK_I block rows: A_IJ = c_J exp(S_IJ - r_I) off M, Ol = A vbar, Nl = A 1."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+    nb = num_block_rows
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, D_PAD)
+    i_ok = offs_i < nb
+    d_ok = offs_d < head_dim
+    row_max = tl.load(RowMax + g * nb + offs_i, mask=i_ok, other=0.0)
+    grid_rows = g.to(tl.int64) * nb * nb + offs_i[:, None] * nb
+    acc = tl.zeros([BLOCK_I, D_PAD], tl.float32)
+    nl = tl.zeros([BLOCK_I], tl.float32)
+    for j0 in range(0, nb, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < nb
+        ok = i_ok[:, None] & j_ok[None, :]
+        s = tl.load(S + grid_rows + offs_j[None, :], mask=ok, other=0.0)
+        excluded = tl.load(Excluded + grid_rows + offs_j[None, :], mask=ok, other=1)
+        count = tl.load(Counts + batch * nb + offs_j, mask=j_ok, other=0.0)
+        a = tl.where(excluded == 0, count[None, :] * tl.exp(s - row_max[:, None]), 0.0)
+        if STORE_A:
+            tl.store(A + grid_rows + offs_j[None, :], a, mask=ok)
+        nl += tl.sum(a, 1)
+        vbar_ptrs = Vbar + (g.to(tl.int64) * nb + offs_j)[:, None] * head_dim + offs_d[None, :]
+        vbar = tl.load(vbar_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.dot(a, vbar, input_precision="ieee")
+    stat = g.to(tl.int64) * nb + offs_i
+    tl.store(
+        Ol + stat[:, None] * head_dim + offs_d[None, :], acc, mask=i_ok[:, None] & d_ok[None, :]
+    )
+    tl.store(Nl + stat, nl, mask=i_ok)
+
+
+@triton.jit
+def _bwd_pre_kernel(
+    Out,
+    DO,
+    Mask,
+    Lse,
+    RowMax,
+    Delta,
+    U,
+    W,
+    num_heads,
+    n_pad,
+    num_block_rows,
+    head_dim,
+    stride_g,
+    stride_n,
+    FULL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """Per block row I: D_i = dO_i . out_i and, in full mode, u_I = sum_i exp(r_I - lse_i) dO_i,
+    w_I = sum_i exp(r_I - lse_i) D_i (dO zero at padded queries)."""
+    block_row = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+    offs_m = block_row * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < head_dim
+    offs = g.to(tl.int64) * stride_g + offs_m[:, None] * stride_n + offs_d[None, :]
+    query_real = tl.load(Mask + batch * n_pad + offs_m) > 0.5
+    do = tl.load(DO + offs, mask=d_ok[None, :] & query_real[:, None], other=0.0).to(tl.float32)
+    out = tl.load(Out + offs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+    delta = tl.sum(do * out, 1)
+    row_offs = g.to(tl.int64) * n_pad + offs_m
+    tl.store(Delta + row_offs, delta)
+    if FULL:
+        stat = g.to(tl.int64) * num_block_rows + block_row
+        weight = tl.exp(tl.load(RowMax + stat) - tl.load(Lse + row_offs))
+        tl.store(U + stat * head_dim + offs_d, tl.sum(weight[:, None] * do, 0), mask=d_ok)
+        tl.store(W + stat, tl.sum(weight * delta, 0))
+
+
 _mra_fwd = _autotuned(_mra_fwd_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
-_mra_bwd_dq = _autotuned(_mra_bwd_dq_kernel, ["BLOCK", "ROWS", "D_PAD"])
-_mra_bwd_dkdv = _autotuned(_mra_bwd_dkdv_kernel, ["BLOCK", "ROWS", "D_PAD"])
+_mra_bwd_dq = _autotuned(_mra_bwd_dq_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
+_mra_bwd_dkdv = _autotuned(_mra_bwd_dkdv_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
+_coarse_fwd = _coarse_fwd_kernel
+_bwd_pre = _bwd_pre_kernel
 
 
 @dataclass
@@ -364,12 +491,46 @@ def _compress(
     return counts.cumsum(0).int(), cols.int(), out_bits.int()
 
 
+@functools.lru_cache(maxsize=32)
+def _list_constants(
+    num_slices: int, num_block_rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice offsets g * nb^2 [G, 1] and row bounds r * nb [G * nb + 1] (int64), made once per
+    shape: the 32-row lists are then a handful of ops and no sort (`_row_lists`)."""
+    nb = num_block_rows
+    with torch.inference_mode(False), torch.no_grad():
+        offsets = torch.arange(num_slices, device=device)[:, None] * (nb * nb)
+        bounds = torch.arange(num_slices * nb + 1, device=device) * nb
+    return offsets, bounds
+
+
+def _row_lists(block_idx: torch.Tensor, num_block_rows: int, transposed: bool) -> BlockLists:
+    """One block row per tile: the chosen flat indices I * nb + J are already sorted row-major,
+    so the forward lists are J = idx mod nb with row pointers from one `searchsorted` over the
+    slices' indices made globally increasing; the transposed lists sort J * nb + I once."""
+    nb = num_block_rows
+    flat = block_idx.reshape(-1, block_idx.shape[-1])
+    offsets, bounds = _list_constants(flat.shape[0], nb, flat.device)
+    cols = flat % nb
+    tile_ptr = torch.searchsorted((flat + offsets).view(-1), bounds, out_int32=True)
+    tile_cols = cols.int().view(-1)
+    key_ptr = key_tiles = None
+    if transposed:
+        by_key = torch.sort(cols * nb + torch.div(flat, nb, rounding_mode="floor"), dim=-1).values
+        key_ptr = torch.searchsorted((by_key + offsets).view(-1), bounds, out_int32=True)
+        key_tiles = (by_key % nb).int().view(-1)
+    # With one row per tile the kernels never read the bits: any int32 tensor will do.
+    return BlockLists(tile_ptr, tile_cols, tile_cols, key_ptr, key_tiles, key_tiles)
+
+
 def block_lists(
     block_idx: torch.Tensor, num_block_rows: int, rows: int = 1, transposed: bool = True
 ) -> BlockLists:
-    """Forward and transposed lists from chosen flat indices I * nb + J, [B, H, k_sel].
-    `transposed=False` leaves the transposed (backward-only) lists out, as None."""
+    """Forward and transposed lists from chosen flat indices I * nb + J, [B, H, k_sel] (sorted
+    ascending per slice). `transposed=False` leaves the transposed (backward-only) lists out."""
     nb = num_block_rows
+    if rows == 1:
+        return _row_lists(block_idx, nb, transposed)
     num_tiles = -(-nb // rows)
     flat = block_idx.reshape(-1, block_idx.shape[-1]).long()
     I, J = flat // nb, flat % nb
@@ -379,14 +540,6 @@ def block_lists(
     if transposed:
         key_ptr, key_tiles, key_bits = _compress(J, I // rows, bits, nb, num_tiles)
     return BlockLists(tile_ptr, tile_cols, tile_bits, key_ptr, key_tiles, key_bits)
-
-
-def _coarse_weights(
-    coarse: torch.Tensor, row_max: torch.Tensor, counts: torch.Tensor, excluded: torch.Tensor
-) -> torch.Tensor:
-    """Step 8: A_IJ = c_J exp(S_IJ - r_I), zero on M. [B, H, nb, nb]."""
-    A = counts[:, None, None, :] * torch.exp(coarse - row_max[..., None])
-    return A.masked_fill(excluded, 0.0)
 
 
 def _launch_config(q: torch.Tensor, block_size: int, rows: int) -> dict:
@@ -419,9 +572,13 @@ def _launch_settings(block_m: int, d_pad: int, element_size: int) -> dict:
     return dict(num_warps=num_warps, num_stages=num_stages)
 
 
+COARSE_TILE = 32  # block rows (and block columns per step) of the coarse kernel's tiles
+
+
 class _MRA2Triton(torch.autograd.Function):
-    """Differentiable in (q, k, v, coarse, vbar): padded, zeroed q, k, v [B, H, n_pad, d] in the
-    input dtype; coarse S [B, H, nb, nb] and vbar [B, H, nb, d] in float32 (None in sparse mode)."""
+    """Differentiable in q, k, v: padded, zeroed [B, H, n_pad, d] in the input dtype. The
+    selection and the float32 block means (qbar, kbar, vbar; None in sparse mode) are values:
+    the backward carries the coarse part's gradient back through the block means itself."""
 
     @staticmethod
     def forward(
@@ -429,25 +586,48 @@ class _MRA2Triton(torch.autograd.Function):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        coarse: torch.Tensor | None,
-        vbar: torch.Tensor | None,
         mask: torch.Tensor,
         sel: selection.Selection,
+        qbar: torch.Tensor | None,
+        kbar: torch.Tensor | None,
+        vbar: torch.Tensor | None,
         lists: BlockLists,
         block_size: int,
         rows: int,
     ) -> torch.Tensor:
         B, H, n_pad, d = q.shape
         nb = n_pad // block_size
-        full = coarse is not None
+        full = vbar is not None
         cfg = _launch_config(q, block_size, rows)
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, n_pad, device=q.device, dtype=torch.float32)
+        row_max = sel.row_max.contiguous()
         A = ol = nl = None
         if full:
-            A = _coarse_weights(coarse, sel.row_max, sel.counts, sel.excluded)
-            ol, nl = torch.matmul(A, vbar).contiguous(), A.sum(dim=-1).contiguous()
-        grid = (-(-nb // rows), B * H)
+            # Step 8 in one kernel: A (kept for the backward), Ol = A vbar and Nl = A 1.
+            ol = torch.empty(B, H, nb, d, device=q.device, dtype=torch.float32)
+            nl = torch.empty(B, H, nb, device=q.device, dtype=torch.float32)
+            if any(ctx.needs_input_grad[:3]):
+                A = torch.empty(B, H, nb, nb, device=q.device, dtype=torch.float32)
+            _coarse_fwd[(triton.cdiv(nb, COARSE_TILE), B * H)](
+                sel.coarse.contiguous(),
+                row_max,
+                sel.excluded.contiguous().view(torch.uint8),
+                sel.counts.contiguous(),
+                vbar.contiguous(),
+                nl if A is None else A,
+                ol,
+                nl,
+                H,
+                nb,
+                d,
+                STORE_A=A is not None,
+                BLOCK_I=COARSE_TILE,
+                BLOCK_J=COARSE_TILE,
+                D_PAD=cfg["D_PAD"],
+                num_warps=4,
+            )
+        grid = (triton.cdiv(nb, rows), B * H)
         _mra_fwd[grid](
             q,
             k,
@@ -455,7 +635,7 @@ class _MRA2Triton(torch.autograd.Function):
             out,
             lse,
             mask,
-            sel.row_max.contiguous(),
+            row_max,
             ol,
             nl,
             lists.tile_ptr,
@@ -464,7 +644,7 @@ class _MRA2Triton(torch.autograd.Function):
             FULL=full,
             **cfg,
         )
-        ctx.save_for_backward(q, k, v, out, lse, mask, sel.row_max, A, vbar)
+        ctx.save_for_backward(q, k, v, out, lse, mask, row_max, sel.counts, A, qbar, kbar, vbar)
         ctx.lists, ctx.cfg, ctx.block_size = lists, cfg, block_size
         return out
 
@@ -475,17 +655,52 @@ class _MRA2Triton(torch.autograd.Function):
 
 
 def _backward(ctx, dout: torch.Tensor) -> tuple:
-    """dq, dk, dv from the kernels; d(coarse), d(vbar) from the small matrices (full mode)."""
-    q, k, v, out, lse, mask, row_max, A, vbar = ctx.saved_tensors
+    """dq, dk, dv from three kernels; full mode adds the coarse part, whose gradient on the small
+    matrices is a few batched matmuls:
+
+        dS = A * (u vbar^T - w),  dvbar = A^T u,  dqbar = dS kbar,  dkbar = dS^T qbar
+
+    (u, w from the preprocessing kernel; the kernels' epilogues add dqbar_I / (c_I + eps) to
+    every q_i of block I, the same for k and v, and apply 1/sqrt(d) where it belongs)."""
+    q, k, v, out, lse, mask, row_max, counts, A, qbar, kbar, vbar = ctx.saved_tensors
     lists, cfg, b = ctx.lists, ctx.cfg, ctx.block_size
     B, H, n_pad, d = q.shape
-    nb = n_pad // b
-    # Padded queries output constant zeros: no gradient flows back from them.
-    do = (dout * mask[:, None, :, None].to(dout.dtype)).contiguous()
-    delta = (do.float() * out.float()).sum(dim=-1)
+    G, nb = B * H, n_pad // b
+    full = A is not None
+    do = dout.contiguous()
+    f32 = dict(device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, H, n_pad, **f32)
+    u = torch.empty(B, H, nb, d, **f32) if full else delta
+    w = torch.empty(B, H, nb, **f32) if full else delta
+    shared = {key: cfg[key] for key in ("num_heads", "n_pad", "num_block_rows", "head_dim")}
+    _bwd_pre[(nb, G)](
+        out,
+        do,
+        mask,
+        lse,
+        row_max,
+        delta,
+        u,
+        w,
+        **shared,
+        stride_g=cfg["stride_g"],
+        stride_n=cfg["stride_n"],
+        FULL=full,
+        BLOCK=b,
+        D_PAD=cfg["D_PAD"],
+        num_warps=2,
+    )
+    dqbar = dkbar = dvbar = delta  # placeholders in sparse mode: the kernels never read them
+    if full:
+        A, u = A.view(G, nb, nb), u.view(G, nb, d)
+        dS = torch.baddbmm(w.view(G, nb, 1), u, vbar.view(G, nb, d).transpose(1, 2), beta=-1.0)
+        dS.mul_(A)
+        dvbar = torch.bmm(A.transpose(1, 2), u)
+        dqbar = torch.bmm(dS, kbar.view(G, nb, d))
+        dkbar = torch.bmm(dS.transpose(1, 2), qbar.view(G, nb, d))
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     rows = cfg["ROWS"]
-    _mra_bwd_dq[(-(-nb // rows), B * H)](
+    _mra_bwd_dq[(triton.cdiv(nb, rows), G)](
         q,
         k,
         v,
@@ -494,12 +709,15 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         lse,
         delta,
         mask,
+        counts,
+        dqbar,
         lists.tile_ptr,
         lists.tile_cols,
         lists.tile_bits,
+        FULL=full,
         **cfg,
     )
-    _mra_bwd_dkdv[(nb, B * H)](
+    _mra_bwd_dkdv[(nb, G)](
         q,
         k,
         v,
@@ -509,19 +727,16 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         lse,
         delta,
         mask,
+        counts,
+        dkbar,
+        dvbar,
         lists.key_ptr,
         lists.key_tiles,
         lists.key_bits,
+        FULL=full,
         **cfg,
     )
-    dcoarse = dvbar = None
-    if A is not None:
-        weight = torch.exp(row_max[..., None] - lse.view(B, H, nb, b))  # [B, H, nb, b]
-        u = torch.matmul(weight[..., None, :], do.float().view(B, H, nb, b, d)).squeeze(-2)
-        w = (weight * delta.view(B, H, nb, b)).sum(dim=-1)
-        dcoarse = A * (torch.matmul(u, vbar.transpose(-1, -2)) - w[..., None])
-        dvbar = torch.matmul(A.transpose(-1, -2), u)
-    return dq, dk, dv, dcoarse, dvbar, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -577,9 +792,9 @@ def mra2_triton(
         qp, kp, vp, mask_p = selection.pad_to_blocks(q, k, v, mask, block_size)
         mask_p = mask_p.float().contiguous()
         # The same float32 statistics as the torch path, so both backends choose the same
-        # blocks. Only full mode differentiates through them (the coarse part).
-        with torch.set_grad_enabled(torch.is_grad_enabled() and full):
-            sel, _, _ = selection.prepare(
+        # blocks. They are values here: the backward differentiates the coarse part itself.
+        with torch.no_grad():
+            sel, qbar, kbar = selection.prepare(
                 qp.float(),
                 kp.float(),
                 mask_p,
@@ -587,21 +802,24 @@ def mra2_triton(
                 block_size=block_size,
                 initial_prior_first_n_blocks=initial_prior_first_n_blocks,
                 initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+                padded=mask is not None or n % block_size != 0,
             )
-            coarse = sel.coarse if full else None
             vbar = selection.block_means(vp.float(), sel.counts, block_size) if full else None
+        if not full:
+            qbar = kbar = None
         # The transposed lists serve the backward only: a forward without gradients (eval,
-        # inference) skips their sorts and scatters.
+        # inference) skips them.
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows, needs_grad)
         out = _MRA2Triton.apply(
             qp.contiguous(),
             kp.contiguous(),
             vp.contiguous(),
-            coarse,
-            vbar,
             mask_p,
             sel,
+            qbar,
+            kbar,
+            vbar,
             lists,
             block_size,
             query_rows,

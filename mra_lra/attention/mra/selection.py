@@ -6,6 +6,7 @@ the selection live on the nb x nb grid of blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -76,25 +77,37 @@ class Selection:
 
 
 def coarse_logits(
-    qbar: torch.Tensor, kbar: torch.Tensor, counts: torch.Tensor
+    qbar: torch.Tensor, kbar: torch.Tensor, counts: torch.Tensor, padded: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: S = qbar kbar^T / sqrt(d), r = row max before masking, then the padding penalty."""
+    """Step 3: S = qbar kbar^T / sqrt(d), r = row max before masking, then the padding penalty.
+    `padded=False` promises that every block is full (no mask, n a multiple of the block size):
+    the penalty is then zero and is skipped."""
     d = qbar.shape[-1]
-    S = torch.matmul(qbar, kbar.transpose(-1, -2)) / math.sqrt(d)
+    S = torch.matmul(qbar, kbar.transpose(-1, -2)).div_(math.sqrt(d))
     r = S.detach().amax(dim=-1)
-    empty = (counts[:, :, None] * counts[:, None, :]) < 0.5  # [B, nb, nb]
-    S = S - PAD_PENALTY * empty[:, None].to(S.dtype)
+    if padded:
+        empty = (counts[:, :, None] * counts[:, None, :]) < 0.5  # [B, nb, nb]
+        S = S - PAD_PENALTY * empty[:, None].to(S.dtype)
     return S, r
 
 
+@functools.lru_cache(maxsize=32)
 def prior_bonus(
     nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Step 4 priors as an [nb, nb] additive bonus (None when there are no priors)."""
+    """Step 4 priors as an [nb, nb] additive bonus (None when there are no priors); made once
+    per shape and device (treat it as read-only)."""
     if first_n_blocks < 0 or diagonal_n_blocks < 0:
         raise ValueError("prior block counts must be >= 0")
     if first_n_blocks == 0 and diagonal_n_blocks == 0:
         return None
+    with torch.inference_mode(False), torch.no_grad():
+        return _prior_bonus(nb, first_n_blocks, diagonal_n_blocks, device)
+
+
+def _prior_bonus(
+    nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
+) -> torch.Tensor:
     bonus = torch.zeros(nb, nb, device=device)
     if diagonal_n_blocks > 0:
         idx = torch.arange(nb, device=device)
@@ -126,7 +139,7 @@ def select_blocks(
     P = (coarse - row_max[..., None]).float()
     bonus = prior_bonus(nb, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks, P.device)
     if bonus is not None:
-        P = P + bonus
+        P += bonus
     flat = P.flatten(-2)
     values, idx = torch.topk(flat, k_sel, dim=-1, sorted=False)
     threshold = values.amin(dim=-1, keepdim=True)
@@ -143,19 +156,21 @@ def prepare(
     block_size: int,
     initial_prior_first_n_blocks: int,
     initial_prior_diagonal_n_blocks: int,
+    padded: bool = True,
 ) -> tuple[Selection, torch.Tensor, torch.Tensor]:
     """Steps 2-4 on padded, zeroed inputs. Returns the selection and qbar, kbar.
 
     Runs in the inputs' dtype even under autocast, so that the coarse logits (and the chosen
-    blocks) do not depend on it.
+    blocks) do not depend on it. `padded=False`: see `coarse_logits`.
     """
     B, H, n, d = q.shape
     nb = n // block_size
     with torch.autocast(device_type=q.device.type, enabled=False):
         counts = mask.view(B, nb, block_size).sum(dim=-1)
-        qbar = block_means(q, counts, block_size)
-        kbar = block_means(k, counts, block_size)
-        S, r = coarse_logits(qbar, kbar, counts)
+        denominator = (counts + EPS)[:, None, :, None]
+        qbar = q.view(B, H, nb, block_size, d).sum(dim=3) / denominator
+        kbar = k.view(B, H, nb, block_size, d).sum(dim=3) / denominator
+        S, r = coarse_logits(qbar, kbar, counts, padded)
         block_idx, excluded = select_blocks(
             S, r, num_blocks, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
         )

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU check, one command on a CUDA machine (about 5 minutes on an H100, under 8 at most):
 #   1. the gpu-marked tests: compiled Triton kernels against the torch path in float32, float16
-#      and bfloat16 (MRA-2, MRA-2-s, 32/64/128-row query tiles, a 65,536-token run), FlexAttention;
+#      and bfloat16 (MRA-2, MRA-2-s, 32/64/128-row query tiles, gathered loop steps, a
+#      65,536-token run), FlexAttention;
 #   2. the attention benchmark: MRA-2 and MRA-2-s on Triton against SDPA (flash) and softmax,
 #      n = 1k..64k, bfloat16 and float32, forward and forward+backward;
 #   3. MRA replayed from a CUDA graph, a profile of one step, and MRA at batch 16 (bf16,
-#      fwd+bwd): the kernels' own time and where the rest goes;
+#      fwd+bwd, 1, 2 and 4 chosen blocks per kernel loop step): the kernels' own time and
+#      where the rest goes;
 #   4. flex_mra (FlexAttention over MRA's blocks, compiled) in bfloat16, with 128- and 32-token
 #      BlockMask tiles;
 #   5. the published code's profiling setup (one layer, 12 x 64 heads, float32, n = 4096).
@@ -87,16 +89,18 @@ step "benchmark: MRA on Triton vs SDPA" 120 "${BENCH[@]}" --name attention \
 # The same kernels replayed from a CUDA graph: their own time, without Python and launch cost.
 step "benchmark: CUDA graph" 45 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \
     --heads 8 --batch 1 --n "$BATCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT" \
-    --name graph --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd --cuda-graph
+    --name graph --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd --cuda-graph \
+    --blocks-per-step 1,4
 # Where the B=1 step's time goes: kernels launched, their device time, the ops with the most
 # host time (profile_mra.txt, and profile_mra.json for chrome://tracing).
 step "profile: MRA-2 fwd+bwd" 40 "$PYTHON" -m mra_lra.bench.profile_mra --device "$DEVICE" \
     --n "${BATCH_N%%,*}" --batch 1 --heads 8 --d 64 --dtype bfloat16 --out "$OUT"
-# At B=1 x H=8 the MRA path is launch-bound (docs/benchmarks.md); a training-sized batch shows
-# what the kernels do once the fixed cost is shared.
-step "benchmark: batch 16" 60 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \
+# At B=1 x H=8 the MRA path was launch-bound (docs/benchmarks.md); a training-sized batch shows
+# what the kernels do once the fixed cost is shared, with 32, 64 and 128 keys per loop step.
+step "benchmark: batch 16" 90 "$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 \
     --heads 8 --batch 16 --n "$BATCH_N" --repeats 5 --warmup 2 --max-seconds 10 --out "$OUT" \
-    --name batch16 --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd
+    --name batch16 --attn mra,mra_s,sdpa_flash --dtype bfloat16 --passes fwd+bwd \
+    --blocks-per-step 1,2,4
 # 128-token BlockMask tiles (same function): torch 2.11's compiled backward has no kernel for
 # 32-token tiles in half precision (pytorch#176025).
 step "benchmark: flex_mra, 128-token mask tiles" 60 "${BENCH[@]}" --name flex128 \

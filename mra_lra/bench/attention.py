@@ -306,9 +306,15 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
     device = torch.device(args.device)
     on_triton = resolve_backend(args.backend, device) == "triton"
     for dtype_name, name in itertools.product(args.dtype, args.attn):
-        for query_rows in args.query_rows if name in MRA_NAMES and on_triton else [None]:
-            if query_rows is not None:
-                os.environ["MRA_TRITON_QUERY_ROWS"] = str(query_rows)
+        tiles = (
+            list(itertools.product(args.query_rows, args.blocks_per_step))
+            if name in MRA_NAMES and on_triton
+            else [None]
+        )
+        for tile in tiles:
+            if tile is not None:
+                os.environ["MRA_TRITON_QUERY_ROWS"] = str(tile[0])
+                os.environ["MRA_TRITON_BLOCKS_PER_STEP"] = str(tile[1])
             oom_at = None
             for n in args.n:
                 base = dict(
@@ -327,20 +333,23 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
                     for pass_name in args.passes:
                         rec.add(dict(base, status=skipped, **{"pass": pass_name}))
                     continue
-                statuses = run_length(args, device, base, query_rows, rec)
+                statuses = run_length(args, device, base, tile, rec)
                 free(device)
                 if "oom" in statuses:
                     oom_at = n
 
 
-def run_length(args, device: torch.device, base: dict, query_rows, rec: Recorder) -> list[str]:
-    """Rows of one attention at one length; returns their statuses."""
+def run_length(args, device: torch.device, base: dict, tile, rec: Recorder) -> list[str]:
+    """Rows of one attention at one length; returns their statuses. `tile`: (query rows,
+    blocks per step) of the MRA Triton kernels, or None."""
     n, name = base["n"], base["attn"]
     try:
         module, impl = build_attention(
             name, heads=args.heads, n=n, d=args.d, device=device, args=args
         )
-        base["impl"] = impl + (f"(q{32 * query_rows})" if impl == "triton" and query_rows else "")
+        if impl == "triton" and tile:
+            impl += f"(q{32 * tile[0]},k{32 * tile[1]})"
+        base["impl"] = impl
         shape = (args.batch, args.heads, n, args.d)
         dtype = DTYPES[base["dtype"]]
         q, k, v = (
@@ -512,6 +521,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1],
         help="block rows per MRA Triton query tile to compare (1, 2, 4: 32, 64, 128 rows)",
     )
+    p.add_argument(
+        "--blocks-per-step",
+        type=_list(int),
+        default=[1],
+        help="chosen blocks per MRA Triton kernel loop step to compare (1, 2, 4: 32 to 128 "
+        "keys); impl labels read triton(q<query rows>,k<keys per step>)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE")
     p.add_argument(
         "--cuda-graph",
@@ -530,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(t not in DTYPES for t in args.dtype) or any(x not in PASSES for x in args.passes):
         p.error(f"--dtype takes {', '.join(DTYPES)}; --passes takes {', '.join(PASSES)}")
+    if not {*args.query_rows, *args.blocks_per_step} <= {1, 2, 4}:
+        p.error("--query-rows and --blocks-per-step take 1, 2 or 4")
     if args.cuda_graph and not args.device.startswith("cuda"):
         p.error("--cuda-graph needs --device cuda")
     if args.max_batch is None:

@@ -116,6 +116,19 @@ def test_multi_row_query_tiles_match_torch_path(mode, rows):
 
 
 @pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("rows, per_step", [(1, 2), (1, 4), (2, 4)])
+def test_gathered_steps_match_torch_path(mode, rows, per_step):
+    """Several chosen blocks per loop step; list lengths (1 to 4 here) that are not multiples of
+    the group leave slots past the list's end."""
+    q, k, v, mask, cot = inputs(1, 2, 200, 32, pad=40)
+    kw = dict(num_blocks=13, approx_mode=mode, initial_prior_diagonal_n_blocks=1)
+    per = dict(query_rows=rows, blocks_per_step=per_step)
+    got = run(kernels.mra2_triton, q, k, v, mask, cot, **per, **kw)
+    want = run(mra("torch"), q, k, v, mask, cot, **kw)
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
 @pytest.mark.parametrize("pad", [0, 45])
 def test_every_block_chosen_is_softmax(mode, pad):
     q, k, v, mask, cot = inputs(2, 1, 96, 32, pad=pad)
@@ -281,14 +294,17 @@ def compile_kernel(fn, types, const, options):
     assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, const)
 
 
-for dtype, rows, d_pad in [("bfloat16", 1, 64), ("float32", 2, 128), ("bfloat16", 4, 32)]:
+CASES = [("bfloat16", 1, 64, 1), ("bfloat16", 1, 128, 4), ("float32", 2, 128, 2),
+         ("bfloat16", 4, 32, 1), ("float32", 1, 64, 4)]
+for dtype, rows, d_pad, group in CASES:
     for fn, (native, fp32, int32) in IO.items():
-        const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, D_PAD=d_pad, UPCAST=False,
-                     PRECISION="ieee" if dtype == "float32" else "tf32", FULL=rows != 2)
+        const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, GROUP=group, D_PAD=d_pad,
+                     UPCAST=False, PRECISION="ieee" if dtype == "float32" else "tf32",
+                     FULL=rows != 2)
         types = {**dict.fromkeys(native.split(), DTYPE_PTR[dtype]),
                  **dict.fromkeys(fp32.split(), "*fp32"), **dict.fromkeys(int32.split(), "*i32"),
                  "sm_scale": "fp32"}
-        options = K._launch_settings(32 * rows, d_pad, 4 if dtype == "float32" else 2)
+        options = K._launch_settings(32 * rows * group, d_pad, 4 if dtype == "float32" else 2)
         compile_kernel(fn, types, const, options)
     for full in (True, False):
         types = {"Out": DTYPE_PTR[dtype], "DO": DTYPE_PTR[dtype],

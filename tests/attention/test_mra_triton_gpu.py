@@ -91,6 +91,18 @@ def test_multi_row_query_tiles(rows, dtype, mode, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("rows, per_step", [(1, 2), (1, 4), (2, 2)])
+@pytest.mark.parametrize("dtype, mode", [(torch.float32, "full"), (torch.bfloat16, "sparse")])
+def test_gathered_steps(rows, per_step, dtype, mode, monkeypatch):
+    """Several chosen blocks per kernel loop step (MRA_TRITON_BLOCKS_PER_STEP)."""
+    monkeypatch.setenv("MRA_TRITON_QUERY_ROWS", str(rows))
+    monkeypatch.setenv("MRA_TRITON_BLOCKS_PER_STEP", str(per_step))
+    q, k, v, mask, cot = inputs(2, 2, 4000, 64, dtype, pad=300)
+    check_against_torch(
+        q, k, v, mask, cot, TOLERANCE[dtype], num_blocks=125 * BLOCK_PER_ROW, approx_mode=mode
+    )
+
+
 def test_priors():
     q, k, v, mask, cot = inputs(1, 4, 2048, 64, torch.bfloat16, pad=40)
     kw = dict(num_blocks=64 * 4, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=1)

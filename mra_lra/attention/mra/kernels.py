@@ -43,6 +43,12 @@ rows) over the union of their key blocks; a bit per block row says which rows ch
 ROWS = 1 is the plain 32 x 32 tile; 2 or 4 feed the tensor cores better (set with `query_rows` or
 the MRA_TRITON_QUERY_ROWS environment variable, to benchmark on a GPU).
 
+Gathered steps: each inner-loop step takes GROUP consecutive list entries at once (pointer
+arithmetic gathers any blocks as cheaply as contiguous ones), so a 32-row query tile meets
+32 * GROUP keys per step, as FlashAttention's 64- or 128-key steps do, with 1/GROUP the rescales
+of the online softmax; the dK/dV kernel gathers GROUP query tiles the same way. Entries past the
+list's end score -inf. Set with `blocks_per_step` or MRA_TRITON_BLOCKS_PER_STEP (1, 2, 4).
+
 Launch settings: num_warps and num_stages follow the tile size (`_launch_settings`), so each
 kernel compiles once per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them
 instead, at the price of compiling several variants.
@@ -102,6 +108,19 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _keep_chosen(s, Bits, entry, entry_ok, row_bit, ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """Scores with GROUP gathered list entries along the columns (entry, entry_ok: [N]): -inf
+    past the list's end and, with ROWS > 1, where the query's block row (its bit, `row_bit`,
+    broadcast against s) did not choose the entry's block."""
+    if ROWS > 1:
+        bits = tl.load(Bits + entry, mask=entry_ok, other=0)
+        s = tl.where(((bits[None, :] >> row_bit) & 1) == 1, s, float("-inf"))
+    elif GROUP > 1:
+        s = tl.where(entry_ok[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _mra_fwd_kernel(
     Q,
     K,
@@ -126,6 +145,7 @@ def _mra_fwd_kernel(
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -136,7 +156,8 @@ def _mra_fwd_kernel(
     num_tiles = tl.cdiv(num_block_rows, ROWS)
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, GROUP * BLOCK)  # keys of GROUP chosen blocks, gathered
+    slot = offs_n // BLOCK
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_pad
     d_ok = offs_d < head_dim
@@ -160,16 +181,16 @@ def _mra_fwd_kernel(
     list_ptr = TilePtr + g * num_tiles + tile
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
-    for e in range(start, end):
-        offs_k = tl.load(TileCols + e) * BLOCK + offs_n
+    for e in range(start, end, GROUP):
+        entry = e + slot
+        entry_ok = entry < end
+        offs_k = tl.load(TileCols + entry, mask=entry_ok, other=0) * BLOCK + offs_n % BLOCK
         kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-        k = _load(K + kv_offs, d_ok[None, :], UPCAST)
-        v = _load(V + kv_offs, d_ok[None, :], UPCAST)
+        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
         key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-        if ROWS > 1:
-            chosen = ((tl.load(TileBits + e) >> row_bit) & 1) == 1
-            s = tl.where(chosen[:, None], s, float("-inf"))
+        s = _keep_chosen(s, TileBits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -210,6 +231,7 @@ def _mra_bwd_dq_kernel(
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -220,7 +242,8 @@ def _mra_bwd_dq_kernel(
     num_tiles = tl.cdiv(num_block_rows, ROWS)
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, GROUP * BLOCK)  # keys of GROUP chosen blocks, gathered
+    slot = offs_n // BLOCK
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_pad
     d_ok = offs_d < head_dim
@@ -241,16 +264,16 @@ def _mra_bwd_dq_kernel(
     list_ptr = TilePtr + g * num_tiles + tile
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
-    for e in range(start, end):
-        offs_k = tl.load(TileCols + e) * BLOCK + offs_n
+    for e in range(start, end, GROUP):
+        entry = e + slot
+        entry_ok = entry < end
+        offs_k = tl.load(TileCols + entry, mask=entry_ok, other=0) * BLOCK + offs_n % BLOCK
         kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-        k = _load(K + kv_offs, d_ok[None, :], UPCAST)
-        v = _load(V + kv_offs, d_ok[None, :], UPCAST)
+        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
         key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-        if ROWS > 1:
-            chosen = ((tl.load(TileBits + e) >> row_bit) & 1) == 1
-            s = tl.where(chosen[:, None], s, float("-inf"))
+        s = _keep_chosen(s, TileBits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -294,6 +317,7 @@ def _mra_bwd_dkdv_kernel(
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -303,7 +327,8 @@ def _mra_bwd_dkdv_kernel(
     batch = g // num_heads
 
     offs_k = key_block * BLOCK + tl.arange(0, BLOCK)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_g = tl.arange(0, GROUP * BLOCK_M)  # queries of GROUP query tiles, gathered
+    slot = offs_g // BLOCK_M
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < head_dim
     base = g.to(tl.int64) * stride_g
@@ -311,16 +336,18 @@ def _mra_bwd_dkdv_kernel(
     k = _load(K + kv_offs, d_ok[None, :], UPCAST)
     v = _load(V + kv_offs, d_ok[None, :], UPCAST)
     key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
-    row_bit = offs_m0 // BLOCK
+    row_bit = offs_g % BLOCK_M // BLOCK
 
     dk = tl.zeros([BLOCK, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK, D_PAD], tl.float32)
     list_ptr = KeyPtr + g * num_block_rows + key_block
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
-    for e in range(start, end):
-        offs_m = tl.load(KeyTiles + e) * BLOCK_M + offs_m0
-        row_ok = offs_m < n_pad
+    for e in range(start, end, GROUP):
+        entry = e + slot
+        entry_ok = entry < end
+        offs_m = tl.load(KeyTiles + entry, mask=entry_ok, other=0) * BLOCK_M + offs_g % BLOCK_M
+        row_ok = entry_ok & (offs_m < n_pad)
         tile_ok = row_ok[:, None] & d_ok[None, :]
         q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :]
         q = _load(Q + q_offs, tile_ok, UPCAST)
@@ -331,9 +358,7 @@ def _mra_bwd_dkdv_kernel(
         delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
         # Transposed scores: keys along rows, queries along columns.
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale + key_bias[:, None]
-        if ROWS > 1:
-            chosen = ((tl.load(KeyBits + e) >> row_bit) & 1) == 1
-            st = tl.where(chosen[None, :], st, float("-inf"))
+        st = _keep_chosen(st, KeyBits, entry, entry_ok, row_bit[None, :], ROWS, GROUP)
         pt = tl.exp(st - lse[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -542,7 +567,7 @@ def block_lists(
     return BlockLists(tile_ptr, tile_cols, tile_bits, key_ptr, key_tiles, key_bits)
 
 
-def _launch_config(q: torch.Tensor, block_size: int, rows: int) -> dict:
+def _launch_config(q: torch.Tensor, block_size: int, rows: int, group: int) -> dict:
     B, H, n_pad, d = q.shape
     d_pad = max(16, triton.next_power_of_2(d))
     return dict(
@@ -556,10 +581,13 @@ def _launch_config(q: torch.Tensor, block_size: int, rows: int) -> dict:
         BLOCK=block_size,
         ROWS=rows,
         BLOCK_M=rows * block_size,  # query rows per tile
+        GROUP=group,  # list entries (chosen blocks) gathered into one tile per loop step
         D_PAD=d_pad,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET,
-        **({} if AUTOTUNE else _launch_settings(rows * block_size, d_pad, q.element_size())),
+        **(
+            {} if AUTOTUNE else _launch_settings(rows * block_size * group, d_pad, q.element_size())
+        ),
     )
 
 
@@ -594,11 +622,12 @@ class _MRA2Triton(torch.autograd.Function):
         lists: BlockLists,
         block_size: int,
         rows: int,
+        group: int,
     ) -> torch.Tensor:
         B, H, n_pad, d = q.shape
         nb = n_pad // block_size
         full = vbar is not None
-        cfg = _launch_config(q, block_size, rows)
+        cfg = _launch_config(q, block_size, rows, group)
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, n_pad, device=q.device, dtype=torch.float32)
         row_max = sel.row_max.contiguous()
@@ -736,7 +765,7 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         FULL=full,
         **cfg,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -771,18 +800,26 @@ def mra2_triton(
     initial_prior_diagonal_n_blocks: int = 0,
     block_size: int = 32,
     query_rows: int | None = None,
+    blocks_per_step: int | None = None,
 ) -> torch.Tensor:
     """MRA-2 (`approx_mode="full"`) or MRA-2-s ("sparse") on Triton; the torch path's function.
 
     q, k, v: [B, H, n, d] float32 / float16 / bfloat16 (float32 accumulation), d <= 128, any n;
     mask: [B, n] (1 real, 0 pad) or None. query_rows: block rows per query tile (1, 2 or 4;
-    default from MRA_TRITON_QUERY_ROWS, else 1). Returns [B, H, n, d] in q's dtype.
+    default from MRA_TRITON_QUERY_ROWS, else 1). blocks_per_step: chosen blocks the kernels
+    gather into one tile per inner-loop step (1, 2 or 4: 32 to 128 keys in the forward and dq
+    kernels, 1 to 4 query tiles in the dK/dV kernel; default from MRA_TRITON_BLOCKS_PER_STEP,
+    else 1). Returns [B, H, n, d] in q's dtype.
     """
     _check_inputs(q, k, v, block_size)
     if query_rows is None:
         query_rows = int(os.environ.get("MRA_TRITON_QUERY_ROWS", "1"))
     if query_rows not in (1, 2, 4):
         raise ValueError(f"query_rows must be 1, 2 or 4, got {query_rows}")
+    if blocks_per_step is None:
+        blocks_per_step = int(os.environ.get("MRA_TRITON_BLOCKS_PER_STEP", "1"))
+    if blocks_per_step not in (1, 2, 4):
+        raise ValueError(f"blocks_per_step must be 1, 2 or 4, got {blocks_per_step}")
     if approx_mode not in ("full", "sparse"):
         raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
     full = approx_mode == "full"
@@ -823,5 +860,6 @@ def mra2_triton(
             lists,
             block_size,
             query_rows,
+            blocks_per_step,
         )
     return out[:, :, :n]

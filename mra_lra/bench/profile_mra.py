@@ -4,19 +4,27 @@
         --out bench_out
 
 On the GPU, MRA-2 at B=1 x H=8 takes about the same time at every length (docs/benchmarks.md):
-it is launch-bound. This says by how much: the wall time of a step, the number of kernels it
+it was launch-bound. This says by how much: the wall time of a step, the number of kernels it
 launches, their summed device time, and the ops with the most host time. Writes
 `profile_mra.txt` (the tables) and `profile_mra.json` (a Chrome trace) to --out.
+
+It also counts, per pass, the torch ops that do work (views and bare allocations aside) and the
+Triton kernels launched (`count_launches`): on any device, the Triton path included on CPU
+under TRITON_INTERPRET=1, so the launch budget is checked where no GPU is.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mra_lra.attention import build
 
@@ -38,6 +46,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     return p.parse_args(argv)
+
+
+VIEW_OPS = frozenset(
+    "view _unsafe_view reshape unsqueeze squeeze transpose t permute expand slice select alias "
+    "detach as_strided _reshape_alias".split()
+)
+ALLOC_OPS = frozenset("empty empty_like new_empty empty_strided".split())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that do work (no views, no bare allocations) while not paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in VIEW_OPS and name not in ALLOC_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountedKernel:
+    """Stands in for a Triton kernel: counts its launches; the interpreter's own torch calls
+    inside a launch are not the step's ops."""
+
+    def __init__(self, kernel, name: str, counter: _OpCounter, launches: collections.Counter):
+        self.kernel, self.name, self.counter, self.launches = kernel, name, counter, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches[self.name] += 1
+            self.counter.paused = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.counter.paused = False
+
+        return launch
+
+
+@contextlib.contextmanager
+def _counting_kernels(counter: _OpCounter, launches: collections.Counter) -> Iterator[None]:
+    try:
+        from mra_lra.attention.mra import kernels
+    except ImportError:  # no triton: nothing to count
+        yield
+        return
+    originals = {name: getattr(kernels, name) for name in kernels.LAUNCHED}
+    for name, kernel in originals.items():
+        setattr(kernels, name, _CountedKernel(kernel, name, counter, launches))
+    try:
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+
+
+def count_launches(attention, q, k, v, grad) -> dict[str, dict[str, collections.Counter]]:
+    """{"fwd" | "bwd": {"torch": ops by name, "triton": launches by kernel}} for one step after
+    one warm-up step (which fills the per-shape caches)."""
+    attention(q, k, v, None)
+    result = {}
+    counter, launches = _OpCounter(), collections.Counter()
+    with _counting_kernels(counter, launches):
+        with counter:
+            out = attention(q, k, v, None)
+        result["fwd"] = {"torch": counter.ops.copy(), "triton": launches.copy()}
+        counter.ops.clear()
+        launches.clear()
+        with counter:
+            torch.autograd.grad(out, (q, k, v), grad)
+        result["bwd"] = {"torch": counter.ops.copy(), "triton": launches.copy()}
+    return result
+
+
+def describe_launches(counts: dict[str, dict[str, collections.Counter]]) -> list[str]:
+    lines = []
+    for pass_name, label in (("fwd", "forward"), ("bwd", "backward")):
+        ops, kernels = counts[pass_name]["torch"], counts[pass_name]["triton"]
+        lines.append(
+            f"{label}: {sum(ops.values())} torch ops doing work (views, bare allocations aside), "
+            f"{sum(kernels.values())} Triton launches"
+        )
+        detail = ", ".join(f"{name} x{n}" for name, n in ops.most_common())
+        lines.append(f"  torch: {detail or '-'}")
+        if kernels:
+            lines.append("  triton: " + ", ".join(f"{n} x{c}" for n, c in kernels.items()))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -79,6 +178,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.dtype} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
         f"torch {torch.__version__}",
         f"wall time per step (unprofiled): {wall_ms:.3f} ms",
+        *describe_launches(count_launches(attention, q, k, v, grad)),
     ]
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

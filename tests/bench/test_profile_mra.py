@@ -1,5 +1,11 @@
 """The MRA profiler runs end to end (on CPU here; the GPU check runs it on CUDA)."""
 
+from collections import Counter
+
+import pytest
+import torch
+
+from mra_lra.attention import build
 from mra_lra.bench import profile_mra
 
 
@@ -29,3 +35,35 @@ def test_profile_writes_tables_and_trace(tmp_path):
     assert "_MRA2Torch" in text and "_MRA2TorchBackward" in text
     assert (out / "profile_mra.txt").read_text().strip() == text.strip()
     assert (out / "profile_mra.json").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "attn, fwd_ops, fwd_kernels, bwd_ops",
+    [("mra", 30, 2, 5), ("mra_s", 27, 1, 0)],
+)
+def test_triton_path_launch_budget(attn, fwd_ops, fwd_kernels, bwd_ops):
+    """At small sizes the Triton path's time is its launches (docs/benchmarks.md): hold the
+    count (forward: selection ~20 ops, lists, step 8 in one kernel; backward: the coarse part's
+    four matmuls and three kernels). Counted under the interpreter, as on a GPU."""
+    torch.manual_seed(0)
+    module = build(attn, block_per_row=2, backend="triton")
+    q, k, v = (torch.randn(1, 2, 256, 16, requires_grad=True) for _ in range(3))
+    counts = profile_mra.count_launches(module, q, k, v, torch.randn_like(q))
+    fwd, bwd = counts["fwd"], counts["bwd"]
+    assert 20 <= sum(fwd["torch"].values()) <= fwd_ops, fwd["torch"]
+    assert sum(fwd["triton"].values()) == fwd_kernels
+    assert fwd["torch"]["topk"] == 1  # the selection was counted
+    assert sum(bwd["torch"].values()) <= bwd_ops, bwd["torch"]
+    assert dict(bwd["triton"]) == {"_bwd_pre": 1, "_mra_bwd_dq": 1, "_mra_bwd_dkdv": 1}
+
+
+def test_launch_counts_are_described():
+    ops = {"fwd": {"torch": Counter(sum=2), "triton": Counter(_mra_fwd=1)}}
+    ops["bwd"] = {"torch": Counter(), "triton": Counter()}
+    assert profile_mra.describe_launches(ops) == [
+        "forward: 2 torch ops doing work (views, bare allocations aside), 1 Triton launches",
+        "  torch: sum x2",
+        "  triton: _mra_fwd x1",
+        "backward: 0 torch ops doing work (views, bare allocations aside), 0 Triton launches",
+        "  torch: -",
+    ]

@@ -121,6 +121,45 @@ def _keep_chosen(s, Bits, entry, entry_ok, row_bit, ROWS: tl.constexpr, GROUP: t
 
 
 @triton.jit
+def _gathered_scores(
+    q,
+    K,
+    V,
+    Mask,
+    TileCols,
+    TileBits,
+    e,
+    end,
+    offs_n,
+    row_bit,
+    offs_d,
+    d_ok,
+    base,
+    mask_base,
+    sm_scale,
+    stride_n,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One loop step of the forward and dq kernels: the keys and values of list entries
+    e .. e + GROUP - 1 gathered into one tile (offs_n = arange(GROUP * BLOCK)), and the scores
+    of the query tile q against them, -1e4 at padded keys and -inf where not chosen."""
+    entry = e + offs_n // BLOCK
+    entry_ok = entry < end
+    offs_k = tl.load(TileCols + entry, mask=entry_ok, other=0) * BLOCK + offs_n % BLOCK
+    kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+    k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+    v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+    key_bias = _PAD_PENALTY * (tl.load(Mask + mask_base + offs_k) - 1.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
+    s = _keep_chosen(s, TileBits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
+    return s, k, v
+
+
+@triton.jit
 def _mra_fwd_kernel(
     Q,
     K,
@@ -157,7 +196,6 @@ def _mra_fwd_kernel(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, GROUP * BLOCK)  # keys of GROUP chosen blocks, gathered
-    slot = offs_n // BLOCK
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_pad
     d_ok = offs_d < head_dim
@@ -182,15 +220,29 @@ def _mra_fwd_kernel(
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
     for e in range(start, end, GROUP):
-        entry = e + slot
-        entry_ok = entry < end
-        offs_k = tl.load(TileCols + entry, mask=entry_ok, other=0) * BLOCK + offs_n % BLOCK
-        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-        s = _keep_chosen(s, TileBits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
+        s, k, v = _gathered_scores(
+            q,
+            K,
+            V,
+            Mask,
+            TileCols,
+            TileBits,
+            e,
+            end,
+            offs_n,
+            row_bit,
+            offs_d,
+            d_ok,
+            base,
+            batch * n_pad,
+            sm_scale,
+            stride_n,
+            BLOCK,
+            ROWS,
+            GROUP,
+            PRECISION,
+            UPCAST,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -243,7 +295,6 @@ def _mra_bwd_dq_kernel(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, GROUP * BLOCK)  # keys of GROUP chosen blocks, gathered
-    slot = offs_n // BLOCK
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_pad
     d_ok = offs_d < head_dim
@@ -265,15 +316,29 @@ def _mra_bwd_dq_kernel(
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
     for e in range(start, end, GROUP):
-        entry = e + slot
-        entry_ok = entry < end
-        offs_k = tl.load(TileCols + entry, mask=entry_ok, other=0) * BLOCK + offs_n % BLOCK
-        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-        s = _keep_chosen(s, TileBits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
+        s, k, v = _gathered_scores(
+            q,
+            K,
+            V,
+            Mask,
+            TileCols,
+            TileBits,
+            e,
+            end,
+            offs_n,
+            row_bit,
+            offs_d,
+            d_ok,
+            base,
+            batch * n_pad,
+            sm_scale,
+            stride_n,
+            BLOCK,
+            ROWS,
+            GROUP,
+            PRECISION,
+            UPCAST,
+        )
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

@@ -120,3 +120,21 @@ def test_missing_data_is_one_message_and_no_traceback(tmp_path):
     assert "error: no files for this task" in result.stderr
     assert "cifar-10-python.tar.gz" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_triton_backend_trains_like_the_torch_path(compose_cfg, tmp_path, conftest_tiny):
+    """attn.backend=triton through the whole training stack (padded ListOps batches, the
+    Lightning module, AdamW), kernels under the interpreter: the same losses as the torch path."""
+    overrides = [*conftest_tiny, "attn=mra", "trainer.max_steps=3", "data.max_length=96"]
+    overrides += ["trainer.val_check_interval=3", "trainer.log_every_n_steps=1"]
+    overrides += ["scheduler.warmup_steps=1", "test=false", "trainer.num_sanity_val_steps=0"]
+    overrides += ["trainer.limit_val_batches=1", "data.batch_size=4"]
+
+    def losses(backend):
+        run_dir = tmp_path / backend
+        run(compose_cfg([*overrides, f"attn.backend={backend}"], run_dir=run_dir))
+        return [float(r["train/loss"]) for r in read_metrics(run_dir) if r.get("train/loss")]
+
+    torch_losses, triton_losses = losses("torch"), losses("triton")
+    assert len(torch_losses) == 3
+    assert triton_losses == pytest.approx(torch_losses, rel=1e-4)

@@ -158,17 +158,18 @@ class FlexMRAAttention(nn.Module):
         n_pad = qp.shape[2]
         nb = n_pad // bs
         with torch.no_grad():
-            # Selection as in mra2_attention: in float32 at least, whatever the input dtype.
-            compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-            sel, _, _ = selection.prepare(
-                qp.detach().to(compute),
-                kp.detach().to(compute),
-                keep.to(compute),
+            # Selection as in mra2_attention (on a GPU, the same kernels: the same blocks).
+            sel, _, _, _ = selection.choose(
+                qp.detach(),
+                kp.detach(),
+                vp.detach(),
+                keep,
                 num_blocks=self.num_blocks(n),
                 block_size=bs,
                 initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
                 initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
                 padded=mask is not None or n % bs != 0,
+                with_vbar=False,
             )
             chosen = chosen_block_table(sel.block_idx, nb)
             key_real = keep.bool()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 
-from mra_lra.attention.mra import kernels, mra2_attention
+from mra_lra.attention.mra import kernels, mra2_attention, selection
 from mra_lra.attention.mra.kernels import block_lists
 
 B = 32  # MRA block size
@@ -206,14 +206,50 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+@pytest.mark.parametrize(
+    "n, pad, first, diagonal, dtype",
+    [
+        (96, 0, 0, 0, torch.float32),  # no padding: the penalty is skipped
+        (200, 40, 1, 1, torch.float32),
+        (1100, 70, 1, 0, torch.float32),  # 35 block rows: a full and a partial coarse tile
+        (160, 20, 0, 3, torch.bfloat16),
+    ],
+)
+def test_fused_selection_equals_torch_selection(n, pad, first, diagonal, dtype):
+    """The statistics kernels (every MRA path's on a GPU) against selection.prepare."""
+    q, k, v, mask, _ = inputs(2, 2, n, 32, dtype, pad=pad)
+    qp, kp, vp, mp = selection.pad_to_blocks(q, k, v, None if pad == 0 else mask, B)
+    nb = qp.shape[2] // B
+    kw = dict(
+        num_blocks=3 * nb,
+        block_size=B,
+        initial_prior_first_n_blocks=first,
+        initial_prior_diagonal_n_blocks=diagonal,
+        padded=pad > 0,
+    )
+    got_sel, *got = selection.choose(qp, kp, vp, mp, kernels=True, **kw)
+    want_sel, *want = selection.choose(qp, kp, vp, mp, kernels=False, **kw)
+    assert torch.equal(got_sel.block_idx, want_sel.block_idx)
+    assert torch.equal(got_sel.excluded, want_sel.excluded)
+    assert torch.equal(got_sel.counts, want_sel.counts)
+    for name in ("coarse", "row_max"):
+        torch.testing.assert_close(getattr(got_sel, name), getattr(want_sel, name))
+    for a, b in zip(got, want, strict=True):  # qbar, kbar, vbar
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)
+
+
 def test_block_lists():
     # One slice, nb = 3, chosen blocks (I, J): (0, 1), (0, 2), (1, 1), (2, 0).
     idx = torch.tensor([[[0 * 3 + 1, 0 * 3 + 2, 1 * 3 + 1, 2 * 3 + 0]]])
     lists = block_lists(idx, 3)
-    assert lists.tile_ptr.tolist() == [0, 2, 3, 4]
-    assert lists.tile_cols.tolist() == [1, 2, 1, 0]
-    assert lists.key_ptr.tolist() == [0, 1, 3, 4]
-    assert lists.key_tiles.tolist() == [2, 0, 1, 0]
+    # One row per tile: the sorted flat indices are the forward list; a stable sort by key
+    # block gives the transposed one (J = entry mod 3, I = entry div 3).
+    assert lists.indexed and (lists.ptr_stride, lists.list_stride) == (4, 4)
+    assert lists.tile_ptr.tolist() == [[0, 2, 3, 4]]
+    assert (lists.tile_cols % 3).tolist() == [[1, 2, 1, 0]]
+    assert lists.key_ptr.tolist() == [[0, 1, 3, 4]]
+    assert (lists.key_tiles // 3).tolist() == [[2, 0, 1, 0]]
     # Two block rows per tile: tile 0 = rows {0, 1}, tile 1 = row {2}.
     lists = block_lists(idx, 3, rows=2)
     # Entries past the last pointer are unused (room for k_sel entries per slice).
@@ -229,21 +265,40 @@ def test_block_lists():
     assert forward_only.tile_ptr.tolist() == [0, 2, 3]
 
 
+def global_csr(ptr, entries, lists, key):
+    """A row-path list (per-slice pointers, flat-index entries) as the general builder lays it
+    out: one CSR over all slices, block / tile numbers."""
+    G, k = entries.shape
+    starts = ptr[:, :-1].long() + lists.list_stride * torch.arange(G)[:, None]
+    flat_ptr = torch.cat([starts.flatten(), torch.tensor([G * k])])
+    nb = ptr.shape[1] - 1
+    values = entries % nb if key == "cols" else entries // nb
+    return flat_ptr.tolist(), values.flatten().tolist()
+
+
 @pytest.mark.parametrize("nb, k_sel", [(1, 1), (5, 7), (9, 30), (16, 256)])
 def test_row_lists_equal_the_general_construction(nb, k_sel):
-    """One row per tile takes a shortcut (searchsorted over the sorted indices, no dedupe);
-    it must give the general builder's lists, including block rows and columns left empty."""
+    """One row per tile takes a shortcut (searchsorted over the sorted indices, a stable sort
+    for the transposed lists, no dedupe); it must give the general builder's lists, including
+    block rows and columns left empty."""
     gen = torch.Generator().manual_seed(nb)
     idx = torch.stack([torch.randperm(nb * nb, generator=gen)[:k_sel] for _ in range(6)])
     idx = idx.sort(dim=-1).values.view(2, 3, k_sel)
     fast = kernels._row_lists(idx, nb, transposed=True)
+    assert fast.indexed and fast.tile_ptr.dtype == fast.key_ptr.dtype == torch.int32
     flat = idx.reshape(6, k_sel)
     I, J = flat // nb, flat % nb
     ones = torch.ones_like(I)
-    general = kernels._compress(I, J, ones, nb, nb) + kernels._compress(J, I, ones, nb, nb)
-    mine = (fast.tile_ptr, fast.tile_cols, fast.key_ptr, fast.key_tiles)
-    for got, want in zip(mine, general[:2] + general[3:5], strict=True):
-        assert got.dtype == torch.int32 and got.tolist() == want.tolist()
+    tile_ptr, tile_cols, _ = kernels._compress(I, J, ones, nb, nb)
+    key_ptr, key_tiles, _ = kernels._compress(J, I, ones, nb, nb)
+    assert global_csr(fast.tile_ptr, fast.tile_cols, fast, "cols") == (
+        tile_ptr.tolist(),
+        tile_cols.tolist(),
+    )
+    assert global_csr(fast.key_ptr, fast.key_tiles, fast, "tiles") == (
+        key_ptr.tolist(),
+        key_tiles.tolist(),
+    )
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
@@ -298,12 +353,15 @@ CASES = [("bfloat16", 1, 64, 1), ("bfloat16", 1, 128, 4), ("float32", 2, 128, 2)
          ("bfloat16", 4, 32, 1), ("float32", 1, 64, 4)]
 for dtype, rows, d_pad, group in CASES:
     for fn, (native, fp32, int32) in IO.items():
+        indexed = rows == 1  # one row per tile: lists of flat int64 block indices
         const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, GROUP=group, D_PAD=d_pad,
                      UPCAST=False, PRECISION="ieee" if dtype == "float32" else "tf32",
-                     FULL=rows != 2)
+                     FULL=rows != 2, INDEXED=indexed)
+        entries = "*i64" if indexed else "*i32"
+        lists = int32.split()
         types = {**dict.fromkeys(native.split(), DTYPE_PTR[dtype]),
-                 **dict.fromkeys(fp32.split(), "*fp32"), **dict.fromkeys(int32.split(), "*i32"),
-                 "sm_scale": "fp32"}
+                 **dict.fromkeys(fp32.split(), "*fp32"), lists[0]: "*i32",
+                 **dict.fromkeys(lists[1:], entries), "sm_scale": "fp32"}
         options = K._launch_settings(32 * rows * group, d_pad, 4 if dtype == "float32" else 2)
         compile_kernel(fn, types, const, options)
     for full in (True, False):
@@ -311,6 +369,14 @@ for dtype, rows, d_pad, group in CASES:
                  **dict.fromkeys("Mask Lse RowMax Delta U W".split(), "*fp32")}
         compile_kernel(K._bwd_pre_kernel, types, dict(FULL=full, BLOCK=32, D_PAD=d_pad),
                        dict(num_warps=2))
+    stats = {**dict.fromkeys("Q K V".split(), DTYPE_PTR[dtype]),
+             **dict.fromkeys("Mask Qbar Kbar Vbar Counts".split(), "*fp32")}
+    compile_kernel(K._block_stats_kernel, stats, dict(WITH_V=rows == 1, BLOCK=32, D_PAD=d_pad),
+                   dict(num_warps=2))
+    logits = {**dict.fromkeys("Qbar Kbar Counts S P RowMax".split(), "*fp32"), "sm_scale": "fp32"}
+    const = dict(PADDED=group != 2, PRIORS=rows != 4, BLOCK_I=K.COARSE_TILE,
+                 BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
+    compile_kernel(K._coarse_logits_kernel, logits, const, dict(num_warps=4))
     for store in (True, False):
         types = {**dict.fromkeys("S RowMax Counts Vbar A Ol Nl".split(), "*fp32"),
                  "Excluded": "*u8"}

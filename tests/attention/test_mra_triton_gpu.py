@@ -1,8 +1,9 @@
 """Compiled Triton kernels against the torch path on a CUDA device, in every dtype.
 
 Run by scripts/gpu_check.sh (`TRITON_INTERPRET=0 python3 -m pytest -m gpu`); skipped without CUDA.
-Both paths choose the same blocks (selection is shared torch code), so they compute the same
-function; the torch path computes in float32 whatever the input dtype.
+Both paths choose the same blocks (on CUDA both take the selection statistics from the same
+fused kernels, `selection.choose`), so they compute the same function; the torch path computes in
+float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mra_lra.attention.mra import kernels, mra2_attention
+from mra_lra.attention.mra import kernels, mra2_attention, selection
 
 pytestmark = [
     pytest.mark.gpu,
@@ -107,6 +108,29 @@ def test_priors():
     q, k, v, mask, cot = inputs(1, 4, 2048, 64, torch.bfloat16, pad=40)
     kw = dict(num_blocks=64 * 4, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=1)
     check_against_torch(q, k, v, mask, cot, TOLERANCE[torch.bfloat16], approx_mode="full", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_selection_against_torch_selection(dtype):
+    """The statistics kernels against selection.prepare's torch ops on the GPU: the same values
+    up to float32 rounding, and (with 16k tokens, 262,144 candidate blocks per slice) the same
+    chosen blocks except where two candidates are within rounding of the threshold."""
+    q, k, v, mask, _ = inputs(2, 2, 16384, 64, dtype, pad=700)
+    qp, kp, vp, mp = selection.pad_to_blocks(q, k, v, mask, 32)
+    kw = dict(
+        num_blocks=512 * BLOCK_PER_ROW,
+        block_size=32,
+        initial_prior_first_n_blocks=1,
+        initial_prior_diagonal_n_blocks=1,
+    )
+    got, *got_stats = selection.choose(qp, kp, vp, mp, kernels=True, **kw)
+    want, *want_stats = selection.choose(qp, kp, vp, mp, kernels=False, **kw)
+    for a, b in zip(got_stats, want_stats, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.coarse, want.coarse, rtol=1e-5, atol=1e-4)
+    differ = (got.excluded != want.excluded).sum().item()
+    print(f"{dtype}: {differ} of {got.excluded.numel()} block decisions differ")
+    assert differ <= 8
 
 
 def test_backward_is_deterministic():

@@ -39,18 +39,19 @@ def test_profile_writes_tables_and_trace(tmp_path):
 
 @pytest.mark.parametrize(
     "attn, fwd_ops, fwd_kernels, bwd_ops",
-    [("mra", 30, 2, 5), ("mra_s", 27, 1, 0)],
+    [("mra", 10, 4, 5), ("mra_s", 10, 3, 0)],
 )
 def test_triton_path_launch_budget(attn, fwd_ops, fwd_kernels, bwd_ops):
     """At small sizes the Triton path's time is its launches (docs/benchmarks.md): hold the
-    count (forward: selection ~20 ops, lists, step 8 in one kernel; backward: the coarse part's
-    four matmuls and three kernels). Counted under the interpreter, as on a GPU."""
+    count (forward: statistics and coarse logits in two kernels, the top-k, the lists in a few
+    ops, step 8 in one kernel; backward: the coarse part's four matmuls and three kernels).
+    Counted under the interpreter, as on a GPU."""
     torch.manual_seed(0)
     module = build(attn, block_per_row=2, backend="triton")
     q, k, v = (torch.randn(1, 2, 256, 16, requires_grad=True) for _ in range(3))
     counts = profile_mra.count_launches(module, q, k, v, torch.randn_like(q))
     fwd, bwd = counts["fwd"], counts["bwd"]
-    assert 20 <= sum(fwd["torch"].values()) <= fwd_ops, fwd["torch"]
+    assert 6 <= sum(fwd["torch"].values()) <= fwd_ops, fwd["torch"]
     assert sum(fwd["triton"].values()) == fwd_kernels
     assert fwd["torch"]["topk"] == 1  # the selection was counted
     assert sum(bwd["torch"].values()) <= bwd_ops, bwd["torch"]

@@ -84,25 +84,32 @@ def mra2_attention(
         )
     in_dtype = q.dtype
     compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-    q, k, v, mask = selection.pad_to_blocks(
-        q.to(compute), k.to(compute), v.to(compute), mask, block_size
-    )
+    padded = mask is not None or n % block_size != 0
+    fused = selection.fused_available(q)
+    if fused:  # pad in the input dtype: the fused statistics read what the Triton path reads
+        qp, kp, vp, mask = selection.pad_to_blocks(q, k, v, mask, block_size)
+        q, k, v = qp.to(compute), kp.to(compute), vp.to(compute)
+    else:
+        q, k, v, mask = selection.pad_to_blocks(
+            q.to(compute), k.to(compute), v.to(compute), mask, block_size
+        )
+        qp, kp, vp = q, k, v
+    mask = mask.to(compute)
     # The selection and the block means are values to mra2_torch, whose autograd Function
     # differentiates the coarse part itself; no graph needs to be kept for them.
-    with torch.no_grad():
-        sel, _, _ = selection.prepare(
-            q,
-            k,
-            mask,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-            padded=mask is not None or n % block_size != 0,
-        )
-        vbar = None
-        if approx_mode == "full":
-            vbar = selection.block_means(v, sel.counts, block_size)
+    sel, _, _, vbar = selection.choose(
+        qp.detach(),
+        kp.detach(),
+        vp.detach(),
+        mask,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+        padded=padded,
+        with_vbar=approx_mode == "full",
+        kernels=fused,
+    )
     out = mra2_torch(q, k, v, mask, sel, vbar, approx_mode=approx_mode, block_size=block_size)
     return out[:, :, :n].to(in_dtype)
 

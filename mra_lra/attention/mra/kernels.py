@@ -1,11 +1,14 @@
 """MRA-2 and MRA-2-s on Triton: the fine part as a block-sparse FlashAttention, both directions.
 
-Selection (block statistics, coarse logits, global top-k) stays in torch (`selection.py`), so both
-backends choose the same blocks. Everything after it is a few launches, because at moderate sizes
-the op count, not the arithmetic, sets the time:
+Everything is a few launches, because at moderate sizes the op count, not the arithmetic, sets
+the time:
 
-    forward   lists of chosen blocks (`block_lists`: one searchsorted for 32-row tiles),
-              `_coarse_fwd_kernel` (full mode: A, Ol = A vbar, Nl = A 1), `_mra_fwd_kernel`
+    selection `_block_stats_kernel` (c, qbar, kbar, vbar), `_coarse_logits_kernel` (S, r, P),
+              torch's top-k (`prepare_fused`; on a GPU every MRA path selects this way, so all
+              choose the same blocks, see `selection.choose`)
+    forward   lists of chosen blocks (`block_lists`: for 32-row tiles the sorted indices
+              themselves, one searchsorted, one stable sort), `_coarse_fwd_kernel` (full mode:
+              A, Ol = A vbar, Nl = A 1), `_mra_fwd_kernel`
     backward  `_bwd_pre_kernel` (D_i, and u_I, w_I in full mode), four batched matmuls on the
               nb x nb matrices (full mode), `_mra_bwd_dq_kernel`, `_mra_bwd_dkdv_kernel`
 
@@ -66,7 +69,7 @@ import triton
 import triton.language as tl
 
 from mra_lra.attention.mra import selection
-from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY
+from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY, PRIOR_BOOST
 
 # triton.jit picks the interpreter when it decorates, from the same variable; the interpreter
 # runs on CPU tensors and cannot autotune.
@@ -77,6 +80,7 @@ MAX_HEAD_DIM = 128
 _EPS = tl.constexpr(EPS)
 _PAD_PENALTY = tl.constexpr(PAD_PENALTY)
 _EMPTY_ROW_MAX = tl.constexpr(EMPTY_ROW_MAX)
+_PRIOR_BOOST = tl.constexpr(PRIOR_BOOST)
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -138,18 +142,24 @@ def _gathered_scores(
     mask_base,
     sm_scale,
     stride_n,
+    num_block_rows,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     GROUP: tl.constexpr,
+    INDEXED: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One loop step of the forward and dq kernels: the keys and values of list entries
     e .. e + GROUP - 1 gathered into one tile (offs_n = arange(GROUP * BLOCK)), and the scores
-    of the query tile q against them, -1e4 at padded keys and -inf where not chosen."""
+    of the query tile q against them, -1e4 at padded keys and -inf where not chosen. INDEXED:
+    the entries are flat block indices I * nb + J, else key blocks J."""
     entry = e + offs_n // BLOCK
     entry_ok = entry < end
-    offs_k = tl.load(TileCols + entry, mask=entry_ok, other=0) * BLOCK + offs_n % BLOCK
+    col = tl.load(TileCols + entry, mask=entry_ok, other=0)
+    if INDEXED:
+        col = col % num_block_rows
+    offs_k = col * BLOCK + offs_n % BLOCK
     kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
     k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
     v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
@@ -180,11 +190,14 @@ def _mra_fwd_kernel(
     head_dim,
     stride_g,
     stride_n,
+    ptr_stride,
+    list_stride,
     FULL: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
+    INDEXED: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -192,7 +205,6 @@ def _mra_fwd_kernel(
     tile = tl.program_id(0)
     g = tl.program_id(1)
     batch = g // num_heads
-    num_tiles = tl.cdiv(num_block_rows, ROWS)
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, GROUP * BLOCK)  # keys of GROUP chosen blocks, gathered
@@ -216,7 +228,7 @@ def _mra_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
-    list_ptr = TilePtr + g * num_tiles + tile
+    list_ptr = TilePtr + g * ptr_stride + tile
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
     for e in range(start, end, GROUP):
@@ -225,8 +237,8 @@ def _mra_fwd_kernel(
             K,
             V,
             Mask,
-            TileCols,
-            TileBits,
+            TileCols + g * list_stride,
+            TileBits + g * list_stride,
             e,
             end,
             offs_n,
@@ -237,9 +249,11 @@ def _mra_fwd_kernel(
             batch * n_pad,
             sm_scale,
             stride_n,
+            num_block_rows,
             BLOCK,
             ROWS,
             GROUP,
+            INDEXED,
             PRECISION,
             UPCAST,
         )
@@ -279,11 +293,14 @@ def _mra_bwd_dq_kernel(
     head_dim,
     stride_g,
     stride_n,
+    ptr_stride,
+    list_stride,
     FULL: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
+    INDEXED: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -291,7 +308,6 @@ def _mra_bwd_dq_kernel(
     tile = tl.program_id(0)
     g = tl.program_id(1)
     batch = g // num_heads
-    num_tiles = tl.cdiv(num_block_rows, ROWS)
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, GROUP * BLOCK)  # keys of GROUP chosen blocks, gathered
@@ -312,7 +328,7 @@ def _mra_bwd_dq_kernel(
     row_bit = block_row - tile * ROWS
 
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    list_ptr = TilePtr + g * num_tiles + tile
+    list_ptr = TilePtr + g * ptr_stride + tile
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
     for e in range(start, end, GROUP):
@@ -321,8 +337,8 @@ def _mra_bwd_dq_kernel(
             K,
             V,
             Mask,
-            TileCols,
-            TileBits,
+            TileCols + g * list_stride,
+            TileBits + g * list_stride,
             e,
             end,
             offs_n,
@@ -333,9 +349,11 @@ def _mra_bwd_dq_kernel(
             batch * n_pad,
             sm_scale,
             stride_n,
+            num_block_rows,
             BLOCK,
             ROWS,
             GROUP,
+            INDEXED,
             PRECISION,
             UPCAST,
         )
@@ -378,11 +396,14 @@ def _mra_bwd_dkdv_kernel(
     head_dim,
     stride_g,
     stride_n,
+    ptr_stride,
+    list_stride,
     FULL: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
+    INDEXED: tl.constexpr,
     D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -405,13 +426,18 @@ def _mra_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK, D_PAD], tl.float32)
-    list_ptr = KeyPtr + g * num_block_rows + key_block
+    list_ptr = KeyPtr + g * ptr_stride + key_block
+    key_tiles = KeyTiles + g * list_stride
+    key_bits = KeyBits + g * list_stride
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
     for e in range(start, end, GROUP):
         entry = e + slot
         entry_ok = entry < end
-        offs_m = tl.load(KeyTiles + entry, mask=entry_ok, other=0) * BLOCK_M + offs_g % BLOCK_M
+        query_tile = tl.load(key_tiles + entry, mask=entry_ok, other=0)
+        if INDEXED:  # flat block indices I * nb + J (one block row per tile)
+            query_tile = query_tile // num_block_rows
+        offs_m = query_tile * BLOCK_M + offs_g % BLOCK_M
         row_ok = entry_ok & (offs_m < n_pad)
         tile_ok = row_ok[:, None] & d_ok[None, :]
         q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :]
@@ -423,7 +449,7 @@ def _mra_bwd_dkdv_kernel(
         delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)
         # Transposed scores: keys along rows, queries along columns.
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale + key_bias[:, None]
-        st = _keep_chosen(st, KeyBits, entry, entry_ok, row_bit[None, :], ROWS, GROUP)
+        st = _keep_chosen(st, key_bits, entry, entry_ok, row_bit[None, :], ROWS, GROUP)
         pt = tl.exp(st - lse[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -535,23 +561,148 @@ def _bwd_pre_kernel(
         tl.store(W + stat, tl.sum(weight * delta, 0))
 
 
+@triton.jit
+def _block_stats_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    Qbar,
+    Kbar,
+    Vbar,
+    Counts,
+    num_heads,
+    n_pad,
+    num_block_rows,
+    head_dim,
+    stride_g,
+    stride_n,
+    WITH_V: tl.constexpr,
+    BLOCK: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """Step 2 for block J of slice g: c_J and the float32 block means of (zeroed) q, k, v."""
+    block = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+    offs_m = block * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < head_dim
+    count = tl.sum(tl.load(Mask + batch * n_pad + offs_m), 0)
+    denominator = count + _EPS
+    offs = g.to(tl.int64) * stride_g + offs_m[:, None] * stride_n + offs_d[None, :]
+    stat = (g.to(tl.int64) * num_block_rows + block) * head_dim + offs_d
+    q = tl.load(Q + offs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(Qbar + stat, tl.sum(q, 0) / denominator, mask=d_ok)
+    k = tl.load(K + offs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(Kbar + stat, tl.sum(k, 0) / denominator, mask=d_ok)
+    if WITH_V:
+        v = tl.load(V + offs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(Vbar + stat, tl.sum(v, 0) / denominator, mask=d_ok)
+    tl.store(Counts + batch * num_block_rows + block, count, mask=g % num_heads == 0)
+
+
+@triton.jit
+def _coarse_logits_kernel(
+    Qbar,
+    Kbar,
+    Counts,
+    S,
+    P,
+    RowMax,
+    num_heads,
+    num_block_rows,
+    head_dim,
+    sm_scale,
+    first_n_blocks,
+    diagonal_reach,
+    PADDED: tl.constexpr,
+    PRIORS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """Steps 3-4 up to the top-k, for BLOCK_I block rows: S = qbar kbar^T / sqrt(d), r = its row
+    max before the padding penalty, S after it, and P = S - r + prior bonus. Two passes over the
+    block columns (the first finds r), recomputing S: it is small next to reading it back."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    batch = g // num_heads
+    nb = num_block_rows
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, D_PAD)
+    i_ok = offs_i < nb
+    d_ok = offs_d < head_dim
+    stat_i = g.to(tl.int64) * nb + offs_i
+    qbar = tl.load(
+        Qbar + stat_i[:, None] * head_dim + offs_d[None, :],
+        mask=i_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    row_max = tl.full([BLOCK_I], float("-inf"), tl.float32)
+    for j0 in range(0, nb, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < nb
+        kbar_ptrs = Kbar + (g.to(tl.int64) * nb + offs_j)[:, None] * head_dim + offs_d[None, :]
+        kbar = tl.load(kbar_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(qbar, tl.trans(kbar), input_precision="ieee") * sm_scale
+        row_max = tl.maximum(row_max, tl.max(tl.where(j_ok[None, :], s, float("-inf")), 1))
+    count_i = tl.load(Counts + batch * nb + offs_i, mask=i_ok, other=0.0)
+    grid_rows = g.to(tl.int64) * nb * nb + offs_i[:, None] * nb
+    for j0 in range(0, nb, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < nb
+        kbar_ptrs = Kbar + (g.to(tl.int64) * nb + offs_j)[:, None] * head_dim + offs_d[None, :]
+        kbar = tl.load(kbar_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(qbar, tl.trans(kbar), input_precision="ieee") * sm_scale
+        if PADDED:
+            count_j = tl.load(Counts + batch * nb + offs_j, mask=j_ok, other=0.0)
+            empty = (count_i[:, None] * count_j[None, :]) < 0.5
+            s = s - _PAD_PENALTY * empty.to(tl.float32)
+        p = s - row_max[:, None]
+        if PRIORS:
+            reach = offs_i[:, None] - offs_j[None, :]
+            near = (reach <= diagonal_reach) & (reach >= -diagonal_reach)
+            bonus = tl.where(near, _PRIOR_BOOST, 0.0)
+            bonus += tl.where((offs_i < first_n_blocks)[:, None], _PRIOR_BOOST, 0.0)
+            bonus += tl.where((offs_j < first_n_blocks)[None, :], _PRIOR_BOOST, 0.0)
+            p = p + bonus
+        ok = i_ok[:, None] & j_ok[None, :]
+        tl.store(S + grid_rows + offs_j[None, :], s, mask=ok)
+        tl.store(P + grid_rows + offs_j[None, :], p, mask=ok)
+    tl.store(RowMax + stat_i, row_max, mask=i_ok)
+
+
 _mra_fwd = _autotuned(_mra_fwd_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
 _mra_bwd_dq = _autotuned(_mra_bwd_dq_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
 _mra_bwd_dkdv = _autotuned(_mra_bwd_dkdv_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
 _coarse_fwd = _coarse_fwd_kernel
 _bwd_pre = _bwd_pre_kernel
+_block_stats = _block_stats_kernel
+_coarse_logits = _coarse_logits_kernel
 # The kernels launched from the host, by module attribute (bench.profile_mra counts them).
-LAUNCHED = ("_coarse_fwd", "_mra_fwd", "_bwd_pre", "_mra_bwd_dq", "_mra_bwd_dkdv")
+LAUNCHED = (
+    "_block_stats",
+    "_coarse_logits",
+    "_coarse_fwd",
+    "_mra_fwd",
+    "_bwd_pre",
+    "_mra_bwd_dq",
+    "_mra_bwd_dkdv",
+)
 
 
 @dataclass
 class BlockLists:
-    """The chosen blocks of all G slices in two compressed-row layouts (int32, flat over slices).
+    """The chosen blocks of all G slices in two compressed-row layouts.
 
-    Forward: query tile t of slice g (ROWS block rows) owns entries tile_ptr[g * T + t] ..
-    tile_ptr[g * T + t + 1] - 1 of tile_cols (key blocks J, ascending) and tile_bits (bit r set
-    when block row t * ROWS + r chose J). Transposed: key block J of slice g owns entries
-    key_ptr[g * nb + J] .. of key_tiles (query tiles) and key_bits.
+    Forward: query tile t of slice g (ROWS block rows) owns entries tile_ptr[g * ptr_stride + t]
+    .. tile_ptr[g * ptr_stride + t + 1] - 1, counted from g * list_stride, of tile_cols (its key
+    blocks, ascending) and tile_bits (bit r set when block row t * ROWS + r chose the block).
+    Transposed: key block J of slice g owns entries key_ptr[g * key_ptr_stride + J] .. of
+    key_tiles (its query tiles) and key_bits. `indexed`: the entries are flat indices I * nb + J
+    (key block J = entry mod nb, query tile I = entry div nb; one row per tile, bits unused),
+    else the block and tile numbers themselves.
     """
 
     tile_ptr: torch.Tensor
@@ -560,6 +711,10 @@ class BlockLists:
     key_ptr: torch.Tensor | None
     key_tiles: torch.Tensor | None
     key_bits: torch.Tensor | None
+    ptr_stride: int
+    key_ptr_stride: int
+    list_stride: int
+    indexed: bool
 
 
 def _compress(
@@ -584,35 +739,34 @@ def _compress(
 
 
 @functools.lru_cache(maxsize=32)
-def _list_constants(
+def _bounds(
     num_slices: int, num_block_rows: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slice offsets g * nb^2 [G, 1] and row bounds r * nb [G * nb + 1] (int64), made once per
-    shape: the 32-row lists are then a handful of ops and no sort (`_row_lists`)."""
+    """[G, nb + 1] (int64): the first flat index of each block row, r * nb, and r itself; made
+    once per shape, so that the 32-row lists are a handful of ops (`_row_lists`)."""
     nb = num_block_rows
     with torch.inference_mode(False), torch.no_grad():
-        offsets = torch.arange(num_slices, device=device)[:, None] * (nb * nb)
-        bounds = torch.arange(num_slices * nb + 1, device=device) * nb
-    return offsets, bounds
+        rows = torch.arange(nb + 1, device=device).expand(num_slices, nb + 1).contiguous()
+        return rows * nb, rows
 
 
 def _row_lists(block_idx: torch.Tensor, num_block_rows: int, transposed: bool) -> BlockLists:
-    """One block row per tile: the chosen flat indices I * nb + J are already sorted row-major,
-    so the forward lists are J = idx mod nb with row pointers from one `searchsorted` over the
-    slices' indices made globally increasing; the transposed lists sort J * nb + I once."""
+    """One block row per tile. The chosen flat indices I * nb + J of a slice are sorted, hence
+    grouped by row: they are the forward lists as they are, with row pointers from one
+    `searchsorted`. A stable sort by J groups them by key block with I ascending: the
+    transposed lists."""
     nb = num_block_rows
     flat = block_idx.reshape(-1, block_idx.shape[-1])
-    offsets, bounds = _list_constants(flat.shape[0], nb, flat.device)
-    cols = flat % nb
-    tile_ptr = torch.searchsorted((flat + offsets).view(-1), bounds, out_int32=True)
-    tile_cols = cols.int().view(-1)
-    key_ptr = key_tiles = None
+    row_starts, rows = _bounds(flat.shape[0], nb, flat.device)
+    tile_ptr = torch.searchsorted(flat, row_starts, out_int32=True)
+    key_ptr = key_entries = None
     if transposed:
-        by_key = torch.sort(cols * nb + torch.div(flat, nb, rounding_mode="floor"), dim=-1).values
-        key_ptr = torch.searchsorted((by_key + offsets).view(-1), bounds, out_int32=True)
-        key_tiles = (by_key % nb).int().view(-1)
-    # With one row per tile the kernels never read the bits: any int32 tensor will do.
-    return BlockLists(tile_ptr, tile_cols, tile_cols, key_ptr, key_tiles, key_tiles)
+        cols, order = torch.sort(flat % nb, dim=-1, stable=True)
+        key_entries = flat.gather(-1, order)
+        key_ptr = torch.searchsorted(cols, rows, out_int32=True)
+    return BlockLists(
+        tile_ptr, flat, flat, key_ptr, key_entries, key_entries, nb + 1, nb + 1, flat.shape[1], True
+    )
 
 
 def block_lists(
@@ -631,7 +785,9 @@ def block_lists(
     key_ptr = key_tiles = key_bits = None
     if transposed:
         key_ptr, key_tiles, key_bits = _compress(J, I // rows, bits, nb, num_tiles)
-    return BlockLists(tile_ptr, tile_cols, tile_bits, key_ptr, key_tiles, key_bits)
+    return BlockLists(
+        tile_ptr, tile_cols, tile_bits, key_ptr, key_tiles, key_bits, num_tiles, nb, 0, False
+    )
 
 
 def _launch_config(q: torch.Tensor, block_size: int, rows: int, group: int) -> dict:
@@ -737,7 +893,10 @@ class _MRA2Triton(torch.autograd.Function):
             lists.tile_ptr,
             lists.tile_cols,
             lists.tile_bits,
+            ptr_stride=lists.ptr_stride,
+            list_stride=lists.list_stride,
             FULL=full,
+            INDEXED=lists.indexed,
             **cfg,
         )
         ctx.save_for_backward(q, k, v, out, lse, mask, row_max, sel.counts, A, qbar, kbar, vbar)
@@ -810,7 +969,10 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         lists.tile_ptr,
         lists.tile_cols,
         lists.tile_bits,
+        ptr_stride=lists.ptr_stride,
+        list_stride=lists.list_stride,
         FULL=full,
+        INDEXED=lists.indexed,
         **cfg,
     )
     _mra_bwd_dkdv[(nb, G)](
@@ -829,10 +991,85 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         lists.key_ptr,
         lists.key_tiles,
         lists.key_bits,
+        ptr_stride=lists.key_ptr_stride,
+        list_stride=lists.list_stride,
         FULL=full,
+        INDEXED=lists.indexed,
         **cfg,
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def prepare_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_blocks: int,
+    block_size: int,
+    initial_prior_first_n_blocks: int,
+    initial_prior_diagonal_n_blocks: int,
+    padded: bool = True,
+    with_vbar: bool = True,
+) -> tuple[selection.Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`selection.prepare` plus vbar in two kernels and the top-k: (selection, qbar, kbar,
+    vbar or None), all float32. q, k, v: padded, zeroed, contiguous [B, H, n_pad, d] in float32,
+    float16 or bfloat16 (accumulated in float32); mask: contiguous float32 [B, n_pad]."""
+    first, diagonal = initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
+    if first < 0 or diagonal < 0:
+        raise ValueError("prior block counts must be >= 0")
+    B, H, n_pad, d = q.shape
+    nb = n_pad // block_size
+    d_pad = max(16, triton.next_power_of_2(d))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    qbar, kbar = torch.empty(B, H, nb, d, **f32), torch.empty(B, H, nb, d, **f32)
+    vbar = torch.empty(B, H, nb, d, **f32) if with_vbar else None
+    counts = torch.empty(B, nb, **f32)
+    _block_stats[(nb, B * H)](
+        q,
+        k,
+        v,
+        mask,
+        qbar,
+        kbar,
+        qbar if vbar is None else vbar,
+        counts,
+        H,
+        n_pad,
+        nb,
+        d,
+        n_pad * d,
+        d,
+        WITH_V=with_vbar,
+        BLOCK=block_size,
+        D_PAD=d_pad,
+        num_warps=2,
+    )
+    S, P = torch.empty(B, H, nb, nb, **f32), torch.empty(B, H, nb, nb, **f32)
+    row_max = torch.empty(B, H, nb, **f32)
+    _coarse_logits[(triton.cdiv(nb, COARSE_TILE), B * H)](
+        qbar,
+        kbar,
+        counts,
+        S,
+        P,
+        row_max,
+        H,
+        nb,
+        d,
+        1.0 / math.sqrt(d),
+        first,
+        diagonal // 2 if diagonal > 0 else -1,  # |I - J| <= D // 2 gets the diagonal prior
+        PADDED=padded,
+        PRIORS=first > 0 or diagonal > 0,
+        BLOCK_I=COARSE_TILE,
+        BLOCK_J=COARSE_TILE,
+        D_PAD=d_pad,
+        num_warps=4,
+    )
+    block_idx, excluded = selection.top_blocks(P, num_blocks)
+    return selection.Selection(counts, S, row_max, block_idx, excluded), qbar, kbar, vbar
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -894,21 +1131,23 @@ def mra2_triton(
     # Statistics and the coarse part are float32 math: keep autocast from rounding them.
     with torch.autocast(device_type=q.device.type, enabled=False):
         qp, kp, vp, mask_p = selection.pad_to_blocks(q, k, v, mask, block_size)
+        qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
         mask_p = mask_p.float().contiguous()
-        # The same float32 statistics as the torch path, so both backends choose the same
-        # blocks. They are values here: the backward differentiates the coarse part itself.
-        with torch.no_grad():
-            sel, qbar, kbar = selection.prepare(
-                qp.float(),
-                kp.float(),
-                mask_p,
-                num_blocks=num_blocks,
-                block_size=block_size,
-                initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-                initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-                padded=mask is not None or n % block_size != 0,
-            )
-            vbar = selection.block_means(vp.float(), sel.counts, block_size) if full else None
+        # Float32 statistics from the fused kernels, the same as every MRA path on a GPU
+        # (selection.choose). They are values here: the backward differentiates the coarse part.
+        sel, qbar, kbar, vbar = selection.choose(
+            qp.detach(),
+            kp.detach(),
+            vp.detach(),
+            mask_p,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            padded=mask is not None or n % block_size != 0,
+            with_vbar=full,
+            kernels=True,
+        )
         if not full:
             qbar = kbar = None
         # The transposed lists serve the backward only: a forward without gradients (eval,
@@ -916,9 +1155,9 @@ def mra2_triton(
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         lists = block_lists(sel.block_idx, sel.num_block_rows, query_rows, needs_grad)
         out = _MRA2Triton.apply(
-            qp.contiguous(),
-            kp.contiguous(),
-            vp.contiguous(),
+            qp,
+            kp,
+            vp,
             mask_p,
             sel,
             qbar,

@@ -133,13 +133,21 @@ def select_blocks(
     excluded set M = {P >= smallest chosen value} as a bool [B, H, nb, nb].
     """
     nb = coarse.shape[-1]
-    k_sel = min(int(num_blocks), nb * nb)
-    if k_sel < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     P = (coarse - row_max[..., None]).float()
     bonus = prior_bonus(nb, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks, P.device)
     if bonus is not None:
         P += bonus
+    return top_blocks(P, num_blocks)
+
+
+@torch.no_grad()
+def top_blocks(P: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of step 4 on the row-normalised, prior-boosted P [B, H, nb, nb]: chosen flat
+    indices [B, H, k_sel] (ascending) and the excluded set M."""
+    nb = P.shape[-1]
+    k_sel = min(int(num_blocks), nb * nb)
+    if k_sel < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     flat = P.flatten(-2)
     values, idx = torch.topk(flat, k_sel, dim=-1, sorted=False)
     threshold = values.amin(dim=-1, keepdim=True)
@@ -175,3 +183,62 @@ def prepare(
             S, r, num_blocks, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
         )
     return Selection(counts, S, r, block_idx, excluded), qbar, kbar
+
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_available(x: torch.Tensor) -> bool:
+    """Whether `choose` takes the fused Triton kernels for x by default: CUDA tensors of a
+    dtype they take, with triton installed."""
+    if not (x.is_cuda and x.dtype in FUSED_DTYPES):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def choose(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_blocks: int,
+    block_size: int,
+    initial_prior_first_n_blocks: int,
+    initial_prior_diagonal_n_blocks: int,
+    padded: bool = True,
+    with_vbar: bool = True,
+    kernels: bool | None = None,
+) -> tuple[Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Steps 2-4 and the value block means for every MRA path: (selection, qbar, kbar, vbar or
+    None), no gradient. q, k, v: padded, zeroed [B, H, n_pad, d] in the input dtype (statistics
+    in float32 at least); mask [B, n_pad].
+
+    `kernels=True` runs `kernels.prepare_fused` (two Triton kernels and the top-k), False the
+    torch ops above, None the kernels for CUDA tensors (`fused_available`) and torch otherwise.
+    On a GPU every backend (and flex_mra) thus computes the same statistics the same way and
+    chooses the same blocks even where two candidates tie to the last bit; both ways compute the
+    same function up to float32 rounding."""
+    kw = dict(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+        padded=padded,
+    )
+    if kernels is None:
+        kernels = fused_available(q)
+    if kernels:
+        from mra_lra.attention.mra.kernels import prepare_fused
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return prepare_fused(q, k, v, mask.float().contiguous(), with_vbar=with_vbar, **kw)
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    sel, qbar, kbar = prepare(q.to(compute), k.to(compute), mask.to(compute), **kw)
+    vbar = block_means(v.to(compute), sel.counts, block_size) if with_vbar else None
+    return sel, qbar, kbar, vbar

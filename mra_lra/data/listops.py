@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mra_lra.data.base import DATA_DIR_FIX, LRADataModule, pad_sequences
-from mra_lra.data.cache import ensure_array_cache, ensure_writable_dir, file_fingerprint
+from mra_lra.data.cache import ensure_writable_dir, file_fingerprint
 from mra_lra.data.listops_generator import (
     OPERATORS,
     SIDECAR_NAME,
@@ -166,10 +166,6 @@ def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[st
     return {"input_ids": input_ids, "label": np.array(labels, dtype=np.uint8), "length": lengths}
 
 
-def _as_tree(files: SourceTree | str | os.PathLike) -> SourceTree:
-    return files if isinstance(files, SourceTree) else SourceTree(files, ANCHOR)
-
-
 def _cache_options(tree: SourceTree, max_length: int) -> dict[str, Any]:
     if tree.is_archive:
         files = {"archive": file_fingerprint(tree.path)}
@@ -192,25 +188,6 @@ def _build_arrays(tree: SourceTree, max_length: int) -> dict[str, np.ndarray]:
         for key, array in tokenise_split(texts[file_name], where, max_length, split).items():
             arrays[f"{split}_{key}"] = array
     return arrays
-
-
-def _cache_root(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / "cache" / "listops"
-
-
-def ensure_listops_cache(
-    data_dir: str | os.PathLike, files: SourceTree | str | os.PathLike, max_length: int
-) -> Path:
-    """Tokenise the three splits in `files` (a folder or a `SourceTree`) into
-    `<data_dir>/cache/listops/<key>/` unless an entry for the same files and max_length is there
-    already; return the entry's folder."""
-    tree = _as_tree(files)
-    return ensure_array_cache(
-        _cache_root(data_dir),
-        _cache_options(tree, max_length),
-        lambda: _build_arrays(tree, max_length),
-        DATA_DIR_FIX,
-    )
 
 
 class ListOpsDataModule(LRADataModule):

@@ -13,12 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from mra_lra.data import listops
-from mra_lra.data.listops import (
-    ListOpsDataModule,
-    ensure_listops_cache,
-    ensure_listops_files,
-    read_listops_tsv,
-)
+from mra_lra.data.listops import ListOpsDataModule, ensure_listops_files, read_listops_tsv
 
 # Hand-written rows with hand-computed labels and token ids (pad 0, digit d -> d + 1,
 # [MIN 11, [MAX 12, [MED 13, [SM 14, ] 15).
@@ -214,9 +209,9 @@ def test_wrong_header_is_an_error(tmp_path) -> None:
 
 
 def test_truncation_warned_once_per_split(tmp_path, caplog) -> None:
-    directory = write_release(tmp_path)
+    write_release(tmp_path)
     with caplog.at_level(logging.WARNING, logger=listops.__name__):
-        ensure_listops_cache(tmp_path, directory, max_length=5)
+        make_dm(tmp_path, max_length=5).ensure_cache()
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [
         "train: 2 of 4 sequences longer than 5 were truncated",
@@ -236,20 +231,20 @@ def test_cache_reused_and_rebuilt_when_options_change(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(
         listops, "tokenise_split", lambda *a, **k: calls.append(a) or tokenise(*a, **k)
     )
-    first = ensure_listops_cache(tmp_path, directory, max_length=16)
+    first = make_dm(tmp_path, max_length=16).ensure_cache()
     assert len(calls) == 3
     manifest = json.loads((first / "manifest.json").read_text())
     assert manifest["options"]["max_length"] == 16
-    assert ensure_listops_cache(tmp_path, directory, max_length=16) == first
+    assert make_dm(tmp_path, max_length=16).ensure_cache() == first
     assert len(calls) == 3
 
-    second = ensure_listops_cache(tmp_path, directory, max_length=32)
+    second = make_dm(tmp_path, max_length=32).ensure_cache()
     assert second != first and len(calls) == 6
     assert cache_entries(tmp_path) == sorted([first, second])
 
     path = directory / "basic_val.tsv"
     path.write_text(path.read_text() + "( ( ( [MAX 0 ) 1 ) ] )\t1\n")
-    third = ensure_listops_cache(tmp_path, directory, max_length=32)
+    third = make_dm(tmp_path, max_length=32).ensure_cache()
     assert third not in (first, second) and len(calls) == 9
 
 

@@ -18,6 +18,7 @@ from mra_lra.data.image import ImageDataModule, rgb_to_grayscale
 from mra_lra.data.pixels import patch_permutation
 from mra_lra.data.sources import SourceError
 from mra_lra.models.encoder import LRAClassifier
+from tests.data.helpers import cache_entries, ready
 
 SIDE = 32
 PER_TRAIN_BATCH = 4  # 5 batches -> 20 train+val images -> 18 train / 2 val
@@ -100,17 +101,6 @@ def make_dm(data_dir: Path, **overrides) -> ImageDataModule:
     return ImageDataModule(**{**args, **overrides})
 
 
-def ready(dm: ImageDataModule) -> ImageDataModule:
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
-def entries(data_dir: Path) -> list[Path]:
-    root = data_dir / "cache" / "image"
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
-
-
 def image_ids(batch: dict[str, torch.Tensor]) -> list[int]:
     """Which fixture image each row is (its last pixel is grey index + 10 -> gray index + 9)."""
     return [v - 9 for v in batch["input_ids"][:, 1023].tolist()]
@@ -169,7 +159,7 @@ def test_split_is_seeded_and_partitions_the_training_batches(tmp_path) -> None:
     assert image_ids(next(iter(again.val_dataloader()))) == splits["val"]
     other = ready(make_dm(tmp_path, split_seed=1))
     assert image_ids(next(iter(other.val_dataloader()))) != splits["val"]
-    assert len(entries(tmp_path)) == 2  # the seed is part of the cache key
+    assert len(cache_entries(tmp_path, "image")) == 2  # the seed is part of the cache key
 
 
 def test_other_split_sizes_warn(tmp_path, caplog) -> None:
@@ -201,7 +191,7 @@ def test_corrupt_batch_names_the_file(tmp_path) -> None:
     write_archive(tmp_path / "cifar-10-python.tar.gz", files)
     with pytest.raises(SourceError, match="data_batch_3 is not a CIFAR-10 python batch"):
         make_dm(tmp_path).prepare_data()
-    assert entries(tmp_path) == []
+    assert cache_entries(tmp_path, "image") == []
 
 
 def test_truncated_archive_errors_and_caches_nothing(tmp_path) -> None:
@@ -214,7 +204,7 @@ def test_truncated_archive_errors_and_caches_nothing(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(SourceError, match="truncated or corrupt"):
         make_dm(tmp_path).prepare_data()
-    assert entries(tmp_path) == []
+    assert cache_entries(tmp_path, "image") == []
 
 
 def test_interrupted_build_leaves_no_entry_and_a_rerun_succeeds(tmp_path, monkeypatch) -> None:
@@ -230,10 +220,10 @@ def test_interrupted_build_leaves_no_entry_and_a_rerun_succeeds(tmp_path, monkey
     monkeypatch.setattr(image, "rgb_to_grayscale", fail_on_second_split)
     with pytest.raises(KeyboardInterrupt):
         make_dm(tmp_path).prepare_data()
-    assert entries(tmp_path) == [] and not list((tmp_path / "cache" / "image").iterdir())
+    assert cache_entries(tmp_path, "image", hidden=True) == []  # no temporary folder left
     monkeypatch.undo()
     dm = ready(make_dm(tmp_path))
-    assert len(dm.datasets["train"]) == 18 and len(entries(tmp_path)) == 1
+    assert len(dm.datasets["train"]) == 18 and len(cache_entries(tmp_path, "image")) == 1
 
 
 # -- fidelity switches --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from mra_lra.data import listops
 from mra_lra.data.listops import ListOpsDataModule, ensure_listops_files, read_listops_tsv
+from tests.data.helpers import cache_entries
 
 # Hand-written rows with hand-computed labels and token ids (pad 0, digit d -> d + 1,
 # [MIN 11, [MAX 12, [MED 13, [SM 14, ] 15).
@@ -59,11 +60,6 @@ def make_dm(data_dir: Path, max_length: int = 16, **overrides) -> ListOpsDataMod
         seed=GEN["seed"],
     )
     return ListOpsDataModule(**{**args, **overrides})
-
-
-def cache_entries(data_dir: Path) -> list[Path]:
-    root = data_dir / "cache" / "listops"
-    return sorted(p for p in root.iterdir() if not p.name.startswith("."))
 
 
 def test_release_files_as_batches(tmp_path) -> None:
@@ -240,7 +236,7 @@ def test_cache_reused_and_rebuilt_when_options_change(tmp_path, monkeypatch) -> 
 
     second = make_dm(tmp_path, max_length=32).ensure_cache()
     assert second != first and len(calls) == 6
-    assert cache_entries(tmp_path) == sorted([first, second])
+    assert cache_entries(tmp_path, "listops") == sorted([first, second])
 
     path = directory / "basic_val.tsv"
     path.write_text(path.read_text() + "( ( ( [MAX 0 ) 1 ) ] )\t1\n")

@@ -18,6 +18,7 @@ from mra_lra.data import pathfinder, pathfinder_generator
 from mra_lra.data.pathfinder import PathfinderDataModule, parse_metadata, split_indices
 from mra_lra.data.pixels import pixel_dataset_options
 from mra_lra.data.sources import SourceError
+from tests.data.helpers import cache_entries, ready
 
 HARD = "curv_contour_length_14"
 # Metadata files 0, 1, 2 and 10: read numerically (0, 1, 2, 10), not as strings (0, 1, 10, 2).
@@ -105,23 +106,12 @@ def make_dm(data_dir: Path, **overrides) -> PathfinderDataModule:
     return PathfinderDataModule(**{**args, **overrides})
 
 
-def ready(dm: PathfinderDataModule) -> PathfinderDataModule:
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
 def split_batch(dm: PathfinderDataModule, split: str) -> dict[str, torch.Tensor]:
     return next(iter(dm._loader(split, shuffle=False)))
 
 
 def idents(batch: dict[str, torch.Tensor]) -> list[int]:
     return batch["input_ids"][:, 0].tolist()
-
-
-def entries(data_dir: Path, task: str = "pathfinder") -> list[Path]:
-    root = data_dir / "cache" / task
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
 
 
 # -- metadata -----------------------------------------------------------------------------------
@@ -207,7 +197,7 @@ def test_malformed_metadata_names_file_and_line(tmp_path) -> None:
     write_tree(tmp_path / "lra_release", files)
     with pytest.raises(ValueError, match=r"metadata/2.npy:2: expected"):
         make_dm(tmp_path).prepare_data()
-    assert entries(tmp_path) == []
+    assert cache_entries(tmp_path, "pathfinder") == []
 
 
 def test_truncated_archive_errors_and_caches_nothing(tmp_path) -> None:
@@ -215,7 +205,7 @@ def test_truncated_archive_errors_and_caches_nothing(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(SourceError, match="truncated or corrupt"):
         make_dm(tmp_path).prepare_data()
-    assert entries(tmp_path) == []
+    assert cache_entries(tmp_path, "pathfinder") == []
 
 
 def test_interrupted_build_leaves_no_entry_and_a_rerun_succeeds(tmp_path, monkeypatch) -> None:
@@ -231,10 +221,10 @@ def test_interrupted_build_leaves_no_entry_and_a_rerun_succeeds(tmp_path, monkey
     monkeypatch.setattr(pathfinder, "decode_png", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_dm(tmp_path).prepare_data()
-    assert entries(tmp_path) == [] and not list((tmp_path / "cache" / "pathfinder").iterdir())
+    assert cache_entries(tmp_path, "pathfinder", hidden=True) == []  # no temporary folder left
     monkeypatch.undo()
     dm = ready(make_dm(tmp_path))
-    assert len(dm.datasets["train"]) == 16 and len(entries(tmp_path)) == 1
+    assert len(dm.datasets["train"]) == 16 and len(cache_entries(tmp_path, "pathfinder")) == 1
 
 
 def test_folder_changes_select_a_new_cache_entry(tmp_path) -> None:
@@ -242,7 +232,7 @@ def test_folder_changes_select_a_new_cache_entry(tmp_path) -> None:
     ready(make_dm(tmp_path))
     shutil.rmtree(base / "imgs" / "10")
     dm = ready(make_dm(tmp_path))
-    assert len(entries(tmp_path)) == 2 and dm.skipped["missing"] == 5
+    assert len(cache_entries(tmp_path, "pathfinder")) == 2 and dm.skipped["missing"] == 5
 
 
 def test_bad_settings_and_missing_sources(tmp_path) -> None:
@@ -263,7 +253,7 @@ def test_pathx_release_and_patch_order(tmp_path) -> None:
     files = release_files(side=128, numbers=(0, 1), per_file=5)
     write_archive(tmp_path / "lra_release.gz", files, side=128)
     dm = ready(make_dm(tmp_path, resolution=128, max_length=16384, patch_order=[4, 8]))
-    assert dm.task == "pathx" and len(entries(tmp_path, "pathx")) == 1
+    assert dm.task == "pathx" and len(cache_entries(tmp_path, "pathx")) == 1
     batch = split_batch(dm, "train")
     assert batch["input_ids"].shape == (8, 16384)
     # [4, 8] patches of a 128-wide image: tokens 0-31 are rows 0-3 x columns 0-7, so pixel (0, 1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mra_lra.data import listops, prepare
+from tests.data.helpers import cache_entries
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LISTOPS = [
@@ -22,14 +23,9 @@ TINY_LISTOPS = [
 ]
 
 
-def entries(data_dir: Path, task: str) -> list[Path]:
-    root = data_dir / "cache" / task
-    return sorted(p for p in root.iterdir()) if root.exists() else []
-
-
 def test_prepare_builds_the_cache_training_reads(tmp_path, compose_cfg, capsys) -> None:
     assert prepare.main(["task=listops", f"data.data_dir={tmp_path}", *TINY_LISTOPS]) == 0
-    (entry,) = entries(tmp_path, "listops")
+    (entry,) = cache_entries(tmp_path, "listops", hidden=True)
     assert f"listops: ready, cached arrays in {entry}" in capsys.readouterr().out
     labels = np.load(entry / "train_label.npy")
     assert len(labels) == 12
@@ -57,10 +53,10 @@ def test_interrupted_preparation_leaves_nothing_and_resumes(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         prepare.main(["task=listops", f"data.data_dir={tmp_path}", *TINY_LISTOPS])
     # Nothing a later run would trust: no entry, no temporary folder left behind.
-    assert entries(tmp_path, "listops") == []
+    assert cache_entries(tmp_path, "listops", hidden=True) == []
     monkeypatch.setattr(listops, "tokenise_split", tokenise)
     assert prepare.main(["task=listops", f"data.data_dir={tmp_path}", *TINY_LISTOPS]) == 0
-    (entry,) = entries(tmp_path, "listops")
+    (entry,) = cache_entries(tmp_path, "listops", hidden=True)
     assert (entry / "manifest.json").is_file()
 
 
@@ -152,7 +148,7 @@ def test_prepare_all_reads_every_task_from_release_shaped_files(tmp_path, capsys
     assert tasks == prepare.task_names()
     built = {}
     for task in tasks:
-        (entry,) = entries(data_dir, task)
+        (entry,) = cache_entries(data_dir, task, hidden=True)
         assert f"{task}: ready, cached arrays in {entry}" in out
         built[task] = (entry, (entry / "manifest.json").stat().st_mtime_ns)
     assert not (data_dir / "generated").exists()
@@ -164,5 +160,5 @@ def test_prepare_all_reads_every_task_from_release_shaped_files(tmp_path, capsys
 
     assert prepare.main(["task=all", f"data.data_dir={data_dir}"]) == 0
     for task in tasks:
-        (entry,) = entries(data_dir, task)
+        (entry,) = cache_entries(data_dir, task, hidden=True)
         assert (entry, (entry / "manifest.json").stat().st_mtime_ns) == built[task]

@@ -14,6 +14,7 @@ import torch
 from mra_lra.data import retrieval
 from mra_lra.data.retrieval import RetrievalDataModule, parse_aan_rows
 from mra_lra.data.sources import SourceError
+from tests.data.helpers import cache_entries
 
 # Rows as the release writes them: label as a float, two ids, two texts; quotes and commas are
 # ordinary characters (a csv reader with its default quoting would merge or strip them).
@@ -62,11 +63,6 @@ def make_dm(data_dir: Path, max_length: int = 16, text_length: int = 12, **kw):
     return RetrievalDataModule(
         data_dir=str(data_dir), batch_size=8, max_length=max_length, text_length=text_length, **kw
     )
-
-
-def cache_entries(data_dir: Path) -> list[Path]:
-    root = data_dir / "cache" / "retrieval"
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
 
 
 def padded(ids: list[int], length: int = 16) -> list[int]:
@@ -154,7 +150,7 @@ def test_malformed_file_in_folder_names_its_path(tmp_path) -> None:
     path.write_text(tsv(ROWS["test"]) + "1.0\tA\tB\tno text2\n")
     with pytest.raises(ValueError, match=f"{path}:3: expected 5"):
         make_dm(tmp_path).prepare_data()
-    assert cache_entries(tmp_path) == []
+    assert cache_entries(tmp_path, "retrieval") == []
 
 
 def test_integer_labels_and_crlf_are_read(tmp_path) -> None:
@@ -209,7 +205,7 @@ def test_truncated_archive_errors_and_caches_nothing(tmp_path) -> None:
         (data_dir / "lra_release.gz").write_bytes(whole[:cut])
         with pytest.raises(SourceError, match="truncated or corrupt"):
             make_dm(data_dir).prepare_data()
-        assert cache_entries(data_dir) == []
+        assert cache_entries(data_dir, "retrieval") == []
 
 
 def test_interrupted_build_leaves_no_entry_and_reruns(tmp_path, monkeypatch) -> None:
@@ -226,12 +222,12 @@ def test_interrupted_build_leaves_no_entry_and_reruns(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(retrieval, "byte_token_ids", fail_midway)
     with pytest.raises(RuntimeError, match="interrupted"):
         make_dm(tmp_path).prepare_data()
-    assert cache_entries(tmp_path) == []
+    assert cache_entries(tmp_path, "retrieval") == []
     monkeypatch.undo()
     dm = make_dm(tmp_path)
     dm.prepare_data()
     dm.setup()
-    assert len(cache_entries(tmp_path)) == 1
+    assert len(cache_entries(tmp_path, "retrieval")) == 1
     assert dm.datasets["test"].arrays["label"].tolist() == [1, 0]
 
 

@@ -15,6 +15,7 @@ import pytest
 from mra_lra.data import text
 from mra_lra.data.sources import SourceError
 from mra_lra.data.text import TextDataModule, byte_token_ids
+from tests.data.helpers import cache_entries
 
 # (label folder, id, rating, review bytes) per split, ids out of lexicographic order on purpose.
 REVIEWS = {
@@ -68,11 +69,6 @@ def make_dm(data_dir: Path, max_length: int = 16, text_length: int = 12, **kw) -
         text_length=text_length,
         **kw,
     )
-
-
-def cache_entries(data_dir: Path) -> list[Path]:
-    root = data_dir / "cache" / "text"
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
 
 
 def test_byte_tokeniser_hand_computed() -> None:
@@ -174,7 +170,7 @@ def test_truncated_tarball_errors_and_caches_nothing(tmp_path) -> None:
         (data_dir / "aclImdb_v1.tar.gz").write_bytes(whole[:cut])
         with pytest.raises(SourceError, match="truncated or corrupt"):
             make_dm(data_dir).prepare_data()
-        assert cache_entries(data_dir) == [], cut
+        assert cache_entries(data_dir, "text") == [], cut
 
 
 def test_interrupted_build_leaves_no_entry_and_reruns(tmp_path, monkeypatch) -> None:
@@ -190,13 +186,13 @@ def test_interrupted_build_leaves_no_entry_and_reruns(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(text, "byte_token_ids", fail_on_second_split)
     with pytest.raises(KeyboardInterrupt):
         make_dm(tmp_path).prepare_data()
-    assert cache_entries(tmp_path) == []
+    assert cache_entries(tmp_path, "text") == []
     assert not list((tmp_path / "cache" / "text").iterdir())  # no temporary folder either
     monkeypatch.undo()
     dm = make_dm(tmp_path)
     dm.prepare_data()
     dm.setup()
-    assert len(cache_entries(tmp_path)) == 1
+    assert len(cache_entries(tmp_path, "text")) == 1
     assert dm.datasets["train"].arrays["label"].tolist() == TRAIN_LABELS
 
 
@@ -207,7 +203,7 @@ def test_cache_key_follows_text_length_and_files(tmp_path) -> None:
     assert make_dm(tmp_path, text_length=8).ensure_cache() != first
     (top / "test" / "pos" / "0_7.txt").write_bytes(b"okay")  # an edited review: a new entry
     third = make_dm(tmp_path).ensure_cache()
-    assert third != first and len(cache_entries(tmp_path)) == 3
+    assert third != first and len(cache_entries(tmp_path, "text")) == 3
     manifest = json.loads((third / "manifest.json").read_text())
     assert manifest["options"]["source"]["folder"]["files"] == 7  # unsup/ is not read
 

@@ -1,0 +1,21 @@
+"""Helpers shared by the data tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cache_entries(data_dir: Path, task: str, hidden: bool = False) -> list[Path]:
+    """The entries under <data_dir>/cache/<task>/, sorted; `hidden=True` also lists dot-folders
+    (the temporary ones an interrupted build would leave)."""
+    root = data_dir / "cache" / task
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if hidden or not p.name.startswith("."))
+
+
+def ready(dm):
+    """A datamodule after prepare_data() and setup("fit"), as the Trainer leaves it."""
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm

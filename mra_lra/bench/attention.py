@@ -435,6 +435,34 @@ def profile_one(name, base, device, heads, d, n, args) -> dict[str, dict[str, St
     return {"layer": layer_steps(layer, x), "attention": attention_steps(attention, *qkv)}
 
 
+def speedups(rows: list[dict], baseline: str) -> list[dict]:
+    """Baseline time over each other row's time, for every row with a baseline row of the same
+    dtype, batch, heads, length, head dim, pass and scope: how many times faster than it."""
+    key = ("dtype", "batch", "heads", "n", "d", "pass", "scope")
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("ms")]
+    base = {tuple(r[k] for k in key): r["ms"] for r in ok if r["attn"] == baseline}
+    out = []
+    for r in ok:
+        reference = base.get(tuple(r[k] for k in key))
+        if r["attn"] != baseline and reference:
+            out.append(
+                {**{k: r[k] for k in ("attn", "impl", *key)}, "speedup": reference / r["ms"]}
+            )
+    return out
+
+
+def print_speedups(rows: list[dict], baseline: str) -> None:
+    table = speedups(rows, baseline)
+    if not table:
+        return
+    print(f"\nspeed-up over {baseline} (its time / this time):")
+    for r in table:
+        print(
+            f"{r['attn']:>11} {r['impl']:>18} {r['dtype']:>8} B={r['batch']:<4} n={r['n']:<6} "
+            f"{r['pass']:>7} {r['speedup']:8.3g}x"
+        )
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -576,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run_grid(args, rec)
         plot(rec.rows, args.out / f"{args.name}.png")
+        print_speedups(rec.rows, "sdpa_flash" if "sdpa_flash" in args.attn else "softmax")
     print(f"wrote {rec.path}")
 
 

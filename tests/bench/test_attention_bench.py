@@ -49,3 +49,23 @@ def test_triton_tile_options_each_get_a_row(tmp_path, monkeypatch):
 def test_tile_options_are_checked(option, tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args([option, "3", "--out", str(tmp_path)])
+
+
+def test_speedups_pair_rows_with_their_baseline():
+    def row(attn, n, ms, impl="", status="ok", **kw):
+        base = dict(attn=attn, impl=impl, scope="attention", dtype="bfloat16", batch=1, heads=8)
+        return {**base, "n": n, "d": 64, "pass": "fwd+bwd", "ms": ms, "status": status, **kw}
+
+    rows = [
+        row("sdpa_flash", 4096, 0.8),
+        row("mra", 4096, 0.2, impl="triton(q32,k32)"),
+        row("mra", 4096, 0.4, impl="triton(q32,k64)"),
+        row("mra", 16384, 1.0),  # no baseline at this length
+        row("mra_s", 4096, 0.1, dtype="float32"),  # nor in this dtype
+        row("mra_s", 4096, None, status="oom"),
+    ]
+    got = [(r["attn"], r["impl"], r["speedup"]) for r in bench.speedups(rows, "sdpa_flash")]
+    assert got == [
+        ("mra", "triton(q32,k32)", pytest.approx(4.0)),
+        ("mra", "triton(q32,k64)", pytest.approx(2.0)),
+    ]

@@ -75,7 +75,7 @@ from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY, PRI
 # runs on CPU tensors and cannot autotune.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 AUTOTUNE = os.environ.get("MRA_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = selection.FUSED_MAX_HEAD_DIM
 
 _EPS = tl.constexpr(EPS)
 _PAD_PENALTY = tl.constexpr(PAD_PENALTY)

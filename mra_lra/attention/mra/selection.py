@@ -186,12 +186,13 @@ def prepare(
 
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_MAX_HEAD_DIM = 128  # as the Triton attention kernels
 
 
 def fused_available(x: torch.Tensor) -> bool:
-    """Whether `choose` takes the fused Triton kernels for x by default: CUDA tensors of a
-    dtype they take, with triton installed."""
-    if not (x.is_cuda and x.dtype in FUSED_DTYPES):
+    """Whether `choose` takes the fused Triton kernels for x [B, H, n, d] by default: CUDA
+    tensors of a dtype and head dim they take, with triton installed."""
+    if not (x.is_cuda and x.dtype in FUSED_DTYPES and x.shape[-1] <= FUSED_MAX_HEAD_DIM):
         return False
     try:
         import triton  # noqa: F401

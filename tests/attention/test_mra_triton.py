@@ -301,6 +301,14 @@ def test_row_lists_equal_the_general_construction(nb, k_sel):
     )
 
 
+@pytest.mark.parametrize("rows, group, warps", [(1, 1, [2, 4]), (1, 4, [4, 8]), (4, 2, [8])])
+def test_autotune_keeps_warps_that_fit_the_tile(rows, group, warps):
+    """MRA_TRITON_AUTOTUNE (GPU only) tries num_warps between the tile's 32-row units and 4x."""
+    configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+    kept = kernels._prune_configs(configs, {"ROWS": rows}, GROUP=group)
+    assert [c.num_warps for c in kept] == warps
+
+
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRET", False)
     q = torch.zeros(1, 1, 32, 16)

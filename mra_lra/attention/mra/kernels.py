@@ -84,9 +84,10 @@ _PRIOR_BOOST = tl.constexpr(PRIOR_BOOST)
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Few warps for 32-row tiles, more for 128-row ones."""
-    rows = {**named_args, **kwargs}["ROWS"]
-    keep = [c for c in configs if rows <= c.num_warps <= 4 * rows]
+    """Few warps for 32-row (or 32-key) tiles, more for 128-row ones."""
+    args = {**named_args, **kwargs}
+    size = args["ROWS"] * args["GROUP"]
+    keep = [c for c in configs if size <= c.num_warps <= 4 * size]
     return keep or configs
 
 
@@ -673,9 +674,10 @@ def _coarse_logits_kernel(
     tl.store(RowMax + stat_i, row_max, mask=i_ok)
 
 
-_mra_fwd = _autotuned(_mra_fwd_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
-_mra_bwd_dq = _autotuned(_mra_bwd_dq_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
-_mra_bwd_dkdv = _autotuned(_mra_bwd_dkdv_kernel, ["FULL", "BLOCK", "ROWS", "D_PAD"])
+_TUNE_KEY = ["FULL", "BLOCK", "ROWS", "GROUP", "D_PAD"]
+_mra_fwd = _autotuned(_mra_fwd_kernel, _TUNE_KEY)
+_mra_bwd_dq = _autotuned(_mra_bwd_dq_kernel, _TUNE_KEY)
+_mra_bwd_dkdv = _autotuned(_mra_bwd_dkdv_kernel, _TUNE_KEY)
 _coarse_fwd = _coarse_fwd_kernel
 _bwd_pre = _bwd_pre_kernel
 _block_stats = _block_stats_kernel

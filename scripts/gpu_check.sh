@@ -79,7 +79,7 @@ assert torch.cuda.is_available(), 'no CUDA device visible to torch'
 # lightning) at module level cannot be collected on a bare image: the others still run.
 mapfile -t GPU_TESTS < <(grep -rl --include='*.py' "pytest.mark.gpu" tests | sort)
 log "=== gpu test files: ${GPU_TESTS[*]}"
-step "gpu tests" 210 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m gpu -p no:cacheprovider \
+step "gpu tests" 240 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m gpu -p no:cacheprovider \
     --continue-on-collection-errors -q -s -rfEs
 
 BENCH=("$PYTHON" -m mra_lra.bench.attention --device "$DEVICE" --d 64 --heads 8 --batch 1

@@ -92,8 +92,15 @@ def test_multi_row_query_tiles(rows, dtype, mode, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("rows, per_step", [(1, 2), (1, 4), (2, 2)])
-@pytest.mark.parametrize("dtype, mode", [(torch.float32, "full"), (torch.bfloat16, "sparse")])
+@pytest.mark.parametrize(
+    "rows, per_step, dtype, mode",
+    [
+        (1, 2, torch.float32, "full"),
+        (1, 4, torch.bfloat16, "sparse"),
+        (1, 4, torch.bfloat16, "full"),
+        (2, 2, torch.float16, "full"),
+    ],
+)
 def test_gathered_steps(rows, per_step, dtype, mode, monkeypatch):
     """Several chosen blocks per kernel loop step (MRA_TRITON_BLOCKS_PER_STEP)."""
     monkeypatch.setenv("MRA_TRITON_QUERY_ROWS", str(rows))

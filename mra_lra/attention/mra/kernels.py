@@ -366,7 +366,9 @@ def _mra_bwd_dq_kernel(
     if FULL:
         # The coarse part reaches q_i through qbar_I = sum_{i in I} q_i / (c_I + eps).
         stat = g.to(tl.int64) * num_block_rows + block_row
-        inv_count = 1.0 / (tl.load(Counts + batch * num_block_rows + block_row, mask=row_ok) + _EPS)
+        inv_count = 1.0 / (
+            tl.load(Counts + batch * num_block_rows + block_row, mask=row_ok, other=0.0) + _EPS
+        )
         dqbar = tl.load(DQbar + stat[:, None] * head_dim + offs_d[None, :], mask=tile_ok, other=0.0)
         dq += dqbar * inv_count[:, None]
     dq = dq * sm_scale

@@ -93,6 +93,18 @@ def test_matches_torch_path(mode, dtype, n, d, pad, num_blocks):
     assert_close(got, want, TOLERANCE[dtype])
 
 
+def test_more_block_rows_than_one_coarse_tile():
+    """35 block rows: the coarse kernels walk two row tiles and two column steps (every other
+    interpreter test fits in one)."""
+    q, k, v, mask, cot = inputs(1, 1, 1100, 16, pad=70)
+    kw = dict(num_blocks=35 * 3, approx_mode="full", initial_prior_first_n_blocks=1)
+    assert_close(
+        run(mra("triton"), q, k, v, mask, cot, **kw),
+        run(mra("torch"), q, k, v, mask, cot, **kw),
+        1e-5,
+    )
+
+
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 def test_forward_without_gradients_matches_torch_path(mode):
     """Eval and inference: no grad, so the transposed lists are not built."""

@@ -160,15 +160,15 @@ class FlexMRAAttention(nn.Module):
         with torch.no_grad():
             # Selection as in mra2_attention (on a GPU, the same kernels: the same blocks).
             sel, _, _, _ = selection.choose(
-                qp.detach(),
-                kp.detach(),
-                vp.detach(),
+                qp,
+                kp,
+                vp,
                 keep,
                 num_blocks=self.num_blocks(n),
                 block_size=bs,
                 initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
                 initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
-                padded=mask is not None or n % bs != 0,
+                padded=selection.has_padding(mask, n, bs),
                 with_vbar=False,
             )
             chosen = chosen_block_table(sel.block_idx, nb)

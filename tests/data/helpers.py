@@ -19,3 +19,14 @@ def ready(dm):
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+# Three training steps on CPU with one validation and no logger: the data tests' end-to-end runs.
+THREE_CPU_STEPS = [
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.enable_progress_bar=false",
+    "scheduler.warmup_steps=1",
+    "logger=none",
+]

@@ -18,7 +18,7 @@ from mra_lra.data.image import ImageDataModule, rgb_to_grayscale
 from mra_lra.data.pixels import patch_permutation
 from mra_lra.data.sources import SourceError
 from mra_lra.models.encoder import LRAClassifier
-from tests.data.helpers import cache_entries, ready
+from tests.data.helpers import THREE_CPU_STEPS, cache_entries, ready
 
 SIDE = 32
 PER_TRAIN_BATCH = 4  # 5 batches -> 20 train+val images -> 18 train / 2 val
@@ -327,12 +327,7 @@ def test_a_few_training_steps(compose_cfg, tmp_path, extra) -> None:
         "task=image",
         f"data.source={source}",
         "data.num_workers=0",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.enable_progress_bar=false",
-        "scheduler.warmup_steps=1",
-        "logger=none",
+        *THREE_CPU_STEPS,
         "test=false",
         "data.batch_size=4",
         *extra,

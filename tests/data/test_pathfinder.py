@@ -18,7 +18,7 @@ from mra_lra.data import pathfinder, pathfinder_generator
 from mra_lra.data.pathfinder import PathfinderDataModule, parse_metadata, split_indices
 from mra_lra.data.pixels import pixel_dataset_options
 from mra_lra.data.sources import SourceError
-from tests.data.helpers import cache_entries, ready
+from tests.data.helpers import THREE_CPU_STEPS, cache_entries, ready
 
 HARD = "curv_contour_length_14"
 # Metadata files 0, 1, 2 and 10: read numerically (0, 1, 2, 10), not as strings (0, 1, 10, 2).
@@ -317,12 +317,7 @@ def test_a_few_training_steps(compose_cfg, tmp_path, task, extra) -> None:
         f"data.source={source}",
         "data.num_workers=0",
         "data.batch_size=4",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.enable_progress_bar=false",
-        "scheduler.warmup_steps=1",
-        "logger=none",
+        *THREE_CPU_STEPS,
         "test=false",
         *extra,
     ]

@@ -14,7 +14,7 @@ import torch
 from mra_lra.data import retrieval
 from mra_lra.data.retrieval import RetrievalDataModule, parse_aan_rows
 from mra_lra.data.sources import SourceError
-from tests.data.helpers import cache_entries
+from tests.data.helpers import THREE_CPU_STEPS, cache_entries
 
 # Rows as the release writes them: label as a float, two ids, two texts; quotes and commas are
 # ordinary characters (a csv reader with its default quoting would merge or strip them).
@@ -255,12 +255,7 @@ def test_two_towers_train_end_to_end(compose_cfg, tmp_path) -> None:
         "data.text_length=60",
         "data.batch_size=2",
         "data.num_workers=0",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.enable_progress_bar=false",
-        "scheduler.warmup_steps=1",
-        "logger=none",
+        *THREE_CPU_STEPS,
     ]
     cfg = compose_cfg(overrides, run_dir=tmp_path / "run", data_dir=tmp_path / "data")
     results = run(cfg)

@@ -15,7 +15,7 @@ import pytest
 from mra_lra.data import text
 from mra_lra.data.sources import SourceError
 from mra_lra.data.text import TextDataModule, byte_token_ids
-from tests.data.helpers import cache_entries
+from tests.data.helpers import THREE_CPU_STEPS, cache_entries
 
 # (label folder, id, rating, review bytes) per split, ids out of lexicographic order on purpose.
 REVIEWS = {
@@ -258,12 +258,7 @@ def test_a_few_training_steps(compose_cfg, tmp_path) -> None:
         "data.text_length=100",
         "data.batch_size=2",
         "data.num_workers=0",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.enable_progress_bar=false",
-        "scheduler.warmup_steps=1",
-        "logger=none",
+        *THREE_CPU_STEPS,
     ]
     cfg = compose_cfg(overrides, run_dir=tmp_path / "run", data_dir=tmp_path / "data")
     assert cfg.attn.initial_prior_first_n_blocks == 1

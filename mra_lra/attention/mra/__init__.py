@@ -30,16 +30,8 @@ def _check(approx_mode: str, backend: str, block_size: int) -> None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "triton" if device.type == "cuda" and selection.triton_available() else "torch"
     return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def mra2_attention(
@@ -84,7 +76,7 @@ def mra2_attention(
         )
     in_dtype = q.dtype
     compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-    padded = mask is not None or n % block_size != 0
+    padded = selection.has_padding(mask, n, block_size)
     fused = selection.fused_available(q)
     if fused:  # pad in the input dtype: the fused statistics read what the Triton path reads
         qp, kp, vp, mask = selection.pad_to_blocks(q, k, v, mask, block_size)
@@ -98,9 +90,9 @@ def mra2_attention(
     # The selection and the block means are values to mra2_torch, whose autograd Function
     # differentiates the coarse part itself; no graph needs to be kept for them.
     sel, _, _, vbar = selection.choose(
-        qp.detach(),
-        kp.detach(),
-        vp.detach(),
+        qp,
+        kp,
+        vp,
         mask,
         num_blocks=num_blocks,
         block_size=block_size,

@@ -1021,8 +1021,7 @@ def prepare_fused(
     vbar or None), all float32. q, k, v: padded, zeroed, contiguous [B, H, n_pad, d] in float32,
     float16 or bfloat16 (accumulated in float32); mask: contiguous float32 [B, n_pad]."""
     first, diagonal = initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
-    if first < 0 or diagonal < 0:
-        raise ValueError("prior block counts must be >= 0")
+    selection.check_priors(first, diagonal)
     B, H, n_pad, d = q.shape
     nb = n_pad // block_size
     d_pad = max(16, triton.next_power_of_2(d))
@@ -1140,15 +1139,15 @@ def mra2_triton(
         # Float32 statistics from the fused kernels, the same as every MRA path on a GPU
         # (selection.choose). They are values here: the backward differentiates the coarse part.
         sel, qbar, kbar, vbar = selection.choose(
-            qp.detach(),
-            kp.detach(),
-            vp.detach(),
+            qp,
+            kp,
+            vp,
             mask_p,
             num_blocks=num_blocks,
             block_size=block_size,
             initial_prior_first_n_blocks=initial_prior_first_n_blocks,
             initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-            padded=mask is not None or n % block_size != 0,
+            padded=selection.has_padding(mask, n, block_size),
             with_vbar=full,
             kernels=True,
         )

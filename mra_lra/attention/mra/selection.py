@@ -30,7 +30,7 @@ def pad_to_blocks(
     Returns q, k, v of shape [B, H, n_pad, d] and a float mask [B, n_pad].
     """
     B, H, n, d = q.shape
-    if mask is None and n % block_size == 0:
+    if not has_padding(mask, n, block_size):
         # Nothing to pad or zero: skip three [B, H, n, d] copies that backward would keep alive.
         return q, k, v, q.new_ones(B, n)
     if mask is None:
@@ -45,6 +45,12 @@ def pad_to_blocks(
         mask = torch.nn.functional.pad(mask, (0, extra))
     m = mask[:, None, :, None]
     return q * m, k * m, v * m, mask
+
+
+def has_padding(mask: torch.Tensor | None, n: int, block_size: int) -> bool:
+    """Whether some block holds padding: a mask was given, or n is not a multiple of the block
+    size. False lets the coarse logits skip their (then zero) padding penalty."""
+    return mask is not None or n % block_size != 0
 
 
 def block_means(x: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -91,14 +97,18 @@ def coarse_logits(
     return S, r
 
 
+def check_priors(first_n_blocks: int, diagonal_n_blocks: int) -> None:
+    if first_n_blocks < 0 or diagonal_n_blocks < 0:
+        raise ValueError("prior block counts must be >= 0")
+
+
 @functools.lru_cache(maxsize=32)
 def prior_bonus(
     nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
 ) -> torch.Tensor | None:
     """Step 4 priors as an [nb, nb] additive bonus (None when there are no priors); made once
     per shape and device (treat it as read-only)."""
-    if first_n_blocks < 0 or diagonal_n_blocks < 0:
-        raise ValueError("prior block counts must be >= 0")
+    check_priors(first_n_blocks, diagonal_n_blocks)
     if first_n_blocks == 0 and diagonal_n_blocks == 0:
         return None
     with torch.inference_mode(False), torch.no_grad():
@@ -192,8 +202,15 @@ FUSED_MAX_HEAD_DIM = 128  # as the Triton attention kernels
 def fused_available(x: torch.Tensor) -> bool:
     """Whether `choose` takes the fused Triton kernels for x [B, H, n, d] by default: CUDA
     tensors of a dtype and head dim they take, with triton installed."""
-    if not (x.is_cuda and x.dtype in FUSED_DTYPES and x.shape[-1] <= FUSED_MAX_HEAD_DIM):
-        return False
+    return (
+        x.is_cuda
+        and x.dtype in FUSED_DTYPES
+        and x.shape[-1] <= FUSED_MAX_HEAD_DIM
+        and triton_available()
+    )
+
+
+def triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -38,7 +38,6 @@ import ctypes
 import inspect
 import itertools
 import math
-import os
 import re
 import statistics
 import time
@@ -149,14 +148,22 @@ def config_options(name: str, overrides: dict[str, dict], backend: str) -> dict:
 
 
 def build_attention(
-    name: str, *, heads: int, n: int, d: int, device: torch.device, args: argparse.Namespace
+    name: str,
+    *,
+    heads: int,
+    n: int,
+    d: int,
+    device: torch.device,
+    args: argparse.Namespace,
+    extra: dict | None = None,
 ) -> tuple[nn.Module, str]:
-    """The module and a label of how it runs (torch, triton, sdpa-flash, flex)."""
+    """The module and a label of how it runs (torch, triton, sdpa-flash, flex); `extra` options
+    go on top of the config's and --set's."""
     if name == "sdpa_flash":
         return SDPAFlash(), "sdpa-flash"
     if name not in names():
         raise LookupError(f"{name!r} is not registered (registered: {', '.join(names())})")
-    options = config_options(name, args.overrides, args.backend)
+    options = {**config_options(name, args.overrides, args.backend), **(extra or {})}
     context = {"head_dim": d, "num_heads": heads, "max_length": n}
     module = build(name, context=context, **options).to(device).eval()
     if "backend" in options:
@@ -312,9 +319,6 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
             else [None]
         )
         for tile in tiles:
-            if tile is not None:
-                os.environ["MRA_TRITON_QUERY_ROWS"] = str(tile[0])
-                os.environ["MRA_TRITON_BLOCKS_PER_STEP"] = str(tile[1])
             oom_at = None
             for n in args.n:
                 base = dict(
@@ -344,8 +348,9 @@ def run_length(args, device: torch.device, base: dict, tile, rec: Recorder) -> l
     blocks per step) of the MRA Triton kernels, or None."""
     n, name = base["n"], base["attn"]
     try:
+        extra = {"query_rows": tile[0], "blocks_per_step": tile[1]} if tile else None
         module, impl = build_attention(
-            name, heads=args.heads, n=n, d=args.d, device=device, args=args
+            name, heads=args.heads, n=n, d=args.d, device=device, args=args, extra=extra
         )
         if impl == "triton" and tile:
             impl += f"(q{32 * tile[0]},k{32 * tile[1]})"

@@ -183,6 +183,10 @@ def test_module_budget_and_bad_options():
         build("mra", blocks_per_row=8)
     with pytest.raises(ValueError, match="valid names"):
         build("mra3")
+    with pytest.raises(ValueError, match=r"attn\.query_rows must be one of \(1, 2, 4\)"):
+        build("mra", query_rows=3)
+    with pytest.raises(ValueError, match=r"attn\.blocks_per_step must be one of"):
+        build("mra_s", blocks_per_step=0)
 
 
 def fixed_selection_op(mask, sel, mode, b=32):

@@ -337,6 +337,10 @@ def test_rejects_unsupported_inputs():
         kernels.mra2_triton(big, big, big, num_blocks=1)
     with pytest.raises(TypeError, match="float32"):
         kernels.mra2_triton(q.double(), q.double(), q.double(), num_blocks=1)
+    with pytest.raises(ValueError, match=r"attn\.query_rows must be one of \(1, 2, 4\), got 3"):
+        kernels.mra2_triton(q, q, q, num_blocks=1, query_rows=3)
+    with pytest.raises(ValueError, match=r"attn\.blocks_per_step must be one of"):
+        kernels.mra2_triton(q, q, q, num_blocks=1, blocks_per_step=8)
 
 
 # The interpreter runs the Python of a kernel, not Triton's compiler: this compiles the kernels

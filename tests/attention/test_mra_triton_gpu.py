@@ -84,12 +84,10 @@ def test_matches_torch_path(dtype, n, d, mode, pad):
 
 @pytest.mark.parametrize("rows", [2, 4])
 @pytest.mark.parametrize("dtype, mode", [(torch.float32, "sparse"), (torch.bfloat16, "full")])
-def test_multi_row_query_tiles(rows, dtype, mode, monkeypatch):
-    monkeypatch.setenv("MRA_TRITON_QUERY_ROWS", str(rows))
+def test_multi_row_query_tiles(rows, dtype, mode):
     q, k, v, mask, cot = inputs(2, 2, 4000, 64, dtype, pad=300)
-    check_against_torch(
-        q, k, v, mask, cot, TOLERANCE[dtype], num_blocks=125 * BLOCK_PER_ROW, approx_mode=mode
-    )
+    kw = dict(num_blocks=125 * BLOCK_PER_ROW, approx_mode=mode, query_rows=rows)
+    check_against_torch(q, k, v, mask, cot, TOLERANCE[dtype], **kw)
 
 
 @pytest.mark.parametrize(
@@ -101,14 +99,12 @@ def test_multi_row_query_tiles(rows, dtype, mode, monkeypatch):
         (2, 2, torch.float16, "full"),
     ],
 )
-def test_gathered_steps(rows, per_step, dtype, mode, monkeypatch):
-    """Several chosen blocks per kernel loop step (MRA_TRITON_BLOCKS_PER_STEP)."""
-    monkeypatch.setenv("MRA_TRITON_QUERY_ROWS", str(rows))
-    monkeypatch.setenv("MRA_TRITON_BLOCKS_PER_STEP", str(per_step))
+def test_gathered_steps(rows, per_step, dtype, mode):
+    """Several chosen blocks per kernel loop step (attn.blocks_per_step)."""
     q, k, v, mask, cot = inputs(2, 2, 4000, 64, dtype, pad=300)
-    check_against_torch(
-        q, k, v, mask, cot, TOLERANCE[dtype], num_blocks=125 * BLOCK_PER_ROW, approx_mode=mode
-    )
+    kw = dict(num_blocks=125 * BLOCK_PER_ROW, approx_mode=mode)
+    kw.update(query_rows=rows, blocks_per_step=per_step)
+    check_against_torch(q, k, v, mask, cot, TOLERANCE[dtype], **kw)
 
 
 def test_priors():

@@ -28,10 +28,7 @@ def test_torch_path_rows_and_plot(tmp_path):
     assert (tmp_path / "attention.png").stat().st_size > 0
 
 
-def test_triton_tile_options_each_get_a_row(tmp_path, monkeypatch):
-    # The benchmark passes the options on through the environment: restore it afterwards.
-    monkeypatch.setenv("MRA_TRITON_QUERY_ROWS", "1")
-    monkeypatch.setenv("MRA_TRITON_BLOCKS_PER_STEP", "1")
+def test_triton_tile_options_each_get_a_row(tmp_path):
     args = ["--attn", "mra_s", "--n", "96", "--backend", "triton", "--passes", "fwd+bwd"]
     args += ["--query-rows", "1,2", "--blocks-per-step", "1,4", "--out", str(tmp_path)]
     bench.main([*TINY, *args])

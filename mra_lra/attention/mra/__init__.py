@@ -19,6 +19,16 @@ APPROX_MODES = ("full", "sparse")
 BACKENDS = ("auto", "torch", "triton")
 
 
+TILE_CHOICES = (1, 2, 4)
+
+
+def check_tiles(query_rows: int, blocks_per_step: int) -> None:
+    """The Triton kernels' tile settings (attn.query_rows, attn.blocks_per_step)."""
+    for name, value in (("query_rows", query_rows), ("blocks_per_step", blocks_per_step)):
+        if value not in TILE_CHOICES:
+            raise ValueError(f"attn.{name} must be one of {TILE_CHOICES}, got {value!r}")
+
+
 def _check(approx_mode: str, backend: str, block_size: int) -> None:
     if approx_mode not in APPROX_MODES:
         raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
@@ -46,13 +56,18 @@ def mra2_attention(
     initial_prior_diagonal_n_blocks: int = 0,
     block_size: int = 32,
     backend: str = "auto",
+    query_rows: int = 1,
+    blocks_per_step: int = 1,
 ) -> torch.Tensor:
     """MRA-2 attention. q, k, v: [B, H, n, d]; mask: [B, n] (1 real, 0 pad) or None.
 
     num_blocks is k_sel, the number of fine blocks each (batch, head) slice gets in total.
     Any n works (padded to a multiple of block_size inside); returns [B, H, n, d] in q's dtype.
+    query_rows and blocks_per_step are the Triton kernels' tile settings (`mra2_triton`); the
+    torch path does not use them.
     """
     _check(approx_mode, backend, block_size)
+    check_tiles(query_rows, blocks_per_step)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"q, k, v must all be [B, H, n, d], got {list(q.shape)}, {list(k.shape)}, "
@@ -73,6 +88,8 @@ def mra2_attention(
             initial_prior_first_n_blocks=initial_prior_first_n_blocks,
             initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
             block_size=block_size,
+            query_rows=query_rows,
+            blocks_per_step=blocks_per_step,
         )
     in_dtype = q.dtype
     compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
@@ -140,10 +157,13 @@ class MRAAttention(nn.Module):
         block_size: int = 32,
         backend: str = "auto",
         patch_shape: list[int] | tuple[int, int] | None = None,
+        query_rows: int = 1,
+        blocks_per_step: int = 1,
     ):
         super().__init__()
         approx_mode = approx_mode or self.default_mode
         _check(approx_mode, backend, block_size)
+        check_tiles(query_rows, blocks_per_step)
         if block_per_row < 1:
             raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
         if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
@@ -155,6 +175,8 @@ class MRAAttention(nn.Module):
         self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
         self.block_size = block_size
         self.backend = backend
+        self.query_rows = query_rows
+        self.blocks_per_step = blocks_per_step
 
     def num_blocks(self, n: int) -> int:
         nb = -(-n // self.block_size)
@@ -181,6 +203,8 @@ class MRAAttention(nn.Module):
             initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
             block_size=self.block_size,
             backend=self.backend,
+            query_rows=self.query_rows,
+            blocks_per_step=self.blocks_per_step,
         )
 
     def extra_repr(self) -> str:

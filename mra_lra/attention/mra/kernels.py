@@ -43,14 +43,14 @@ epilogues, so no autograd graph is kept for the selection.
 
 Query tiles: a program handles ROWS consecutive block rows (BLOCK_M = ROWS * block_size query
 rows) over the union of their key blocks; a bit per block row says which rows chose each block.
-ROWS = 1 is the plain 32 x 32 tile; 2 or 4 feed the tensor cores better (set with `query_rows` or
-the MRA_TRITON_QUERY_ROWS environment variable, to benchmark on a GPU).
+ROWS = 1 is the plain 32 x 32 tile; 2 or 4 feed the tensor cores better (`query_rows`, the
+config's `attn.query_rows`).
 
 Gathered steps: each inner-loop step takes GROUP consecutive list entries at once (pointer
 arithmetic gathers any blocks as cheaply as contiguous ones), so a 32-row query tile meets
 32 * GROUP keys per step, as FlashAttention's 64- or 128-key steps do, with 1/GROUP the rescales
 of the online softmax; the dK/dV kernel gathers GROUP query tiles the same way. Entries past the
-list's end score -inf. Set with `blocks_per_step` or MRA_TRITON_BLOCKS_PER_STEP (1, 2, 4).
+list's end score -inf. Set with `blocks_per_step` (`attn.blocks_per_step`: 1, 2, 4).
 
 Launch settings: num_warps and num_stages follow the tile size (`_launch_settings`), so each
 kernel compiles once per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them
@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mra_lra.attention.mra import selection
+from mra_lra.attention.mra import check_tiles, selection
 from mra_lra.attention.mra.selection import EMPTY_ROW_MAX, EPS, PAD_PENALTY, PRIOR_BOOST
 
 # triton.jit picks the interpreter when it decorates, from the same variable; the interpreter
@@ -1106,27 +1106,19 @@ def mra2_triton(
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
     block_size: int = 32,
-    query_rows: int | None = None,
-    blocks_per_step: int | None = None,
+    query_rows: int = 1,
+    blocks_per_step: int = 1,
 ) -> torch.Tensor:
     """MRA-2 (`approx_mode="full"`) or MRA-2-s ("sparse") on Triton; the torch path's function.
 
     q, k, v: [B, H, n, d] float32 / float16 / bfloat16 (float32 accumulation), d <= 128, any n;
-    mask: [B, n] (1 real, 0 pad) or None. query_rows: block rows per query tile (1, 2 or 4;
-    default from MRA_TRITON_QUERY_ROWS, else 1). blocks_per_step: chosen blocks the kernels
-    gather into one tile per inner-loop step (1, 2 or 4: 32 to 128 keys in the forward and dq
-    kernels, 1 to 4 query tiles in the dK/dV kernel; default from MRA_TRITON_BLOCKS_PER_STEP,
-    else 1). Returns [B, H, n, d] in q's dtype.
+    mask: [B, n] (1 real, 0 pad) or None. query_rows: block rows per query tile (1, 2 or 4).
+    blocks_per_step: chosen blocks the kernels gather into one tile per inner-loop step (1, 2 or
+    4: 32 to 128 keys in the forward and dq kernels, 1 to 4 query tiles in the dK/dV kernel).
+    Returns [B, H, n, d] in q's dtype.
     """
     _check_inputs(q, k, v, block_size)
-    if query_rows is None:
-        query_rows = int(os.environ.get("MRA_TRITON_QUERY_ROWS", "1"))
-    if query_rows not in (1, 2, 4):
-        raise ValueError(f"query_rows must be 1, 2 or 4, got {query_rows}")
-    if blocks_per_step is None:
-        blocks_per_step = int(os.environ.get("MRA_TRITON_BLOCKS_PER_STEP", "1"))
-    if blocks_per_step not in (1, 2, 4):
-        raise ValueError(f"blocks_per_step must be 1, 2 or 4, got {blocks_per_step}")
+    check_tiles(query_rows, blocks_per_step)
     if approx_mode not in ("full", "sparse"):
         raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
     full = approx_mode == "full"

@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data reproduce test test-slow bench gpu-check lint
+.PHONY: install train demo data reproduce test test-slow bench gpu-check triton-compat lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: $(STAMP)
 # Needs only torch, triton, numpy (no install step: GPU images carry their own torch).
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The Triton tests (interpreter, and the sm_90 compile of every kernel) under the GPU image's
+# Triton release, in a venv of their own: make triton-compat TRITON_VERSION=3.6.0
+TRITON_VERSION ?= 3.6.0
+triton-compat:
+	TRITON_VERSION=$(TRITON_VERSION) bash scripts/triton_compat.sh $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -328,6 +328,30 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         kernels.mra2_triton(q, q, q, num_blocks=1)
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, fails",
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.2.0", "2.4.0", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.4.6", False),
+        ("3.9.0", "2.4.6", False),
+        ("3.10.0", "3.0.0", False),
+        ("unknown", "2.4.6", False),
+    ],
+)
+def test_interpreter_version_check(monkeypatch, triton_version, numpy_version, fails):
+    """Triton <= 3.6's interpreter breaks on numpy >= 2.4 (seen: 3.6.0 with 2.4.6); say so."""
+    problem = kernels.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == fails
+    if fails:
+        assert "triton>=3.7" in problem and "numpy<2.4" in problem
+        monkeypatch.setattr(kernels, "interpreter_problem", lambda *_: problem)
+        q = torch.zeros(1, 1, 32, 16)
+        with pytest.raises(RuntimeError, match="numpy<2.4"):
+            kernels.mra2_triton(q, q, q, num_blocks=1)
+
+
 def test_rejects_unsupported_inputs():
     q = torch.zeros(1, 1, 32, 16)
     with pytest.raises(ValueError, match="block_size"):

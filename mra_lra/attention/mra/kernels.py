@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -1075,6 +1076,26 @@ def prepare_fused(
     return selection.Selection(counts, S, row_max, block_idx, excluded), qbar, kbar, vbar
 
 
+def _major_minor(version: str) -> tuple[int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    Triton 3.6 and older turn a runtime loop bound (`range(0, nb, BLOCK)`) into a one-element
+    numpy array, which numpy 2.4 no longer converts to an int (3.7 and newer are fine)."""
+    tv, nv = _major_minor(triton_version), _major_minor(numpy_version)
+    if tv and nv and tv < (3, 7) and nv >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run the MRA kernels with numpy "
+            f"{numpy_version} (a loop bound fails with 'only 0-dimensional arrays can be converted "
+            "to Python scalars'): install triton>=3.7, or numpy<2.4, or use backend='torch' on CPU"
+        )
+    return None
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
@@ -1082,6 +1103,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
             "(or set TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
             "interpreter)"
         )
+    if INTERPRET:
+        import numpy
+
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"mra2_triton takes float32, float16 or bfloat16, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:

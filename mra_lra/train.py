@@ -100,7 +100,9 @@ def protocol_card(cfg: DictConfig) -> str:
             if k not in ("_target_", "num_workers", "pin_memory")
         ),
         f"model: d_model={cfg.model.d_model} layers={cfg.model.n_layers} heads={cfg.model.n_heads}"
-        f" d_ffn={cfg.model.d_ffn} dropout={cfg.model.dropout} pooling={cfg.model.pooling}"
+        f" qkv_dim={cfg.model.get('qkv_dim') or cfg.model.d_model} d_ffn={cfg.model.d_ffn}"
+        f" dropout={cfg.model.dropout} pooling={cfg.model.pooling}"
+        f" positions={cfg.model.get('positions', 'learned')}"
         f" input_encoding={cfg.model.get('input_encoding', 'tokens')}",
         f"optimiser: lr={cfg.optimizer.lr} warmup={cfg.scheduler.warmup_steps} "
         f"steps={cfg.trainer.max_steps} eval_every={cfg.trainer.val_check_interval} "

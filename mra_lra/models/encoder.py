@@ -1,18 +1,28 @@
-"""The MRA paper's LRA backbone: the same small Transformer for every attention.
+"""The LRA backbone: the same Transformer for every attention.
 
-Pre-LN blocks (LayerNorm -> attention -> residual, LayerNorm -> GELU FFN -> residual), learned
-absolute positions, a final LayerNorm, pooling over real positions, and a two-layer head.
+Pre-LN blocks (LayerNorm -> attention -> residual, LayerNorm -> GELU FFN -> residual), absolute
+positions (learned, or fixed sinusoids), a final LayerNorm, pooling, and a two-layer head.
 Retrieval runs both documents through one shared encoder and classifies [u, v, u*v, u-v].
+
+The MRA paper's recipe (conf/model/lra.yaml) is small: width 64, 2 layers, mean pooling. The
+original LRA (JAX) recipe (conf/model/lra_jax.yaml and conf/experiment/lra_jax/) is wider, sets
+the attention width apart from the model width (`qkv_dim`), uses fixed sinusoidal positions and
+pools a learned CLS token that is prepended to the sequence.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from mra_lra.attention import build
 
+# mean: the mean over real tokens; cls: a learned token prepended to every sequence, read out at
+# the end (it attends to everything and is never masked).
 POOLINGS = ("mean", "cls")
+POSITIONS = ("learned", "sinusoidal")
 # How token ids enter the model: `tokens` looks each id up in an embedding table; `continuous`
 # reads it as a pixel intensity, id / 255, through Linear(1, d_model) (pixel tasks only).
 INPUT_ENCODINGS = ("tokens", "continuous")
@@ -22,35 +32,47 @@ PIXEL_MAX = 255.0
 class MultiHeadAttention(nn.Module):
     """Projections around any registered attention: [B, n, D] -> [B, n, D]."""
 
-    def __init__(self, d_model: int, n_heads: int, max_length: int, attn: dict):
+    def __init__(
+        self, d_model: int, n_heads: int, max_length: int, attn: dict, qkv_dim: int | None = None
+    ):
         super().__init__()
-        if d_model % n_heads:
+        qkv_dim = qkv_dim or d_model
+        if qkv_dim % n_heads:
             raise ValueError(
-                f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}"
+                f"the attention width ({qkv_dim}: model.qkv_dim, or model.d_model when qkv_dim is "
+                f"null) must be divisible by model.n_heads={n_heads}"
             )
         self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv_dim = qkv_dim
+        self.head_dim = qkv_dim // n_heads
+        self.qkv = nn.Linear(d_model, 3 * qkv_dim)
+        self.out = nn.Linear(qkv_dim, d_model)
         options = dict(attn)
         name = options.pop("name")
         context = {"head_dim": self.head_dim, "num_heads": n_heads, "max_length": max_length}
         self.attention = build(name, context=context, **options)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, n, D = x.shape
+        B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = self.attention(q, k, v, mask)
-        return self.out(y.transpose(1, 2).reshape(B, n, D))
+        return self.out(y.transpose(1, 2).reshape(B, n, self.qkv_dim))
 
 
 class Block(nn.Module):
     def __init__(
-        self, d_model: int, n_heads: int, d_ffn: int, dropout: float, max_length: int, attn: dict
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ffn: int,
+        dropout: float,
+        max_length: int,
+        attn: dict,
+        qkv_dim: int | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, max_length, attn)
+        self.attn = MultiHeadAttention(d_model, n_heads, max_length, attn, qkv_dim)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, d_ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
@@ -62,9 +84,19 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """Fixed positions [length, dim]: sin in even, cos in odd channels, wavelengths 2pi..1e4 2pi."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(1e4) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
 class LRAEncoder(nn.Module):
-    """Token ids [B, n] and mask [B, n] -> pooled features [B, d_model]. `input_encoding` is one
-    of INPUT_ENCODINGS."""
+    """Token ids [B, n] and mask [B, n] -> pooled features [B, d_model]. `pooling`,
+    `input_encoding` and `positions` are one of POOLINGS, INPUT_ENCODINGS and POSITIONS."""
 
     def __init__(
         self,
@@ -78,6 +110,8 @@ class LRAEncoder(nn.Module):
         pooling: str,
         attn: dict,
         input_encoding: str = "tokens",
+        qkv_dim: int | None = None,
+        positions: str = "learned",
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -86,6 +120,8 @@ class LRAEncoder(nn.Module):
             raise ValueError(
                 f"model.input_encoding must be one of {INPUT_ENCODINGS}, got {input_encoding!r}"
             )
+        if positions not in POSITIONS:
+            raise ValueError(f"model.positions must be one of {POSITIONS}, got {positions!r}")
         self.max_length = max_length
         self.pooling = pooling
         self.input_encoding = input_encoding
@@ -93,15 +129,22 @@ class LRAEncoder(nn.Module):
             self.embed = nn.Embedding(vocab_size, d_model)
         else:
             self.embed = nn.Linear(1, d_model)
-        self.pos = nn.Embedding(max_length, d_model)
+        # The CLS token takes position 0 and one more slot of every attention's length.
+        length = max_length + (pooling == "cls")
+        if pooling == "cls":
+            self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        if positions == "learned":
+            self.pos = nn.Embedding(length, d_model)
+            nn.init.normal_(self.pos.weight, std=0.02)
+        else:  # not saved in checkpoints: rebuilt from the config
+            self.register_buffer("pos_table", sinusoids(length, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ffn, dropout, max_length, attn) for _ in range(n_layers)
+            Block(d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim) for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         if input_encoding == "tokens":
             nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = input_ids.shape[1]
@@ -114,7 +157,11 @@ class LRAEncoder(nn.Module):
             x = self.embed(input_ids)
         else:
             x = self.embed((input_ids.to(self.embed.weight.dtype) / PIXEL_MAX)[..., None])
-        x = x + self.pos.weight[:n]
+        if self.pooling == "cls":
+            x = torch.cat([self.cls.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
+            mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        table = self.pos.weight if hasattr(self, "pos") else self.pos_table
+        x = x + table[: x.shape[1]].to(x.dtype)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask)
@@ -143,6 +190,8 @@ class LRAClassifier(nn.Module):
         two_tower: bool = False,
         head_hidden: int = 128,
         input_encoding: str = "tokens",
+        qkv_dim: int | None = None,
+        positions: str = "learned",
     ):
         super().__init__()
         self.two_tower = two_tower
@@ -157,6 +206,8 @@ class LRAClassifier(nn.Module):
             pooling,
             attn,
             input_encoding,
+            qkv_dim,
+            positions,
         )
         features = 4 * d_model if two_tower else d_model
         self.head = nn.Sequential(

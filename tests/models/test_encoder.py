@@ -1,0 +1,108 @@
+"""The backbone's options: attention width apart from model width, sinusoidal positions, CLS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mra_lra.models.encoder import LRAClassifier, LRAEncoder, sinusoids
+
+
+def encoder(**kw) -> LRAEncoder:
+    args = dict(
+        vocab_size=10,
+        max_length=24,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ffn=32,
+        dropout=0.0,
+        pooling="mean",
+        attn={"name": "softmax", "dropout": 0.0},
+    )
+    args.update(kw)
+    return LRAEncoder(**args).eval()
+
+
+def test_qkv_dim_sets_the_attention_width():
+    torch.manual_seed(0)
+    net = encoder(qkv_dim=24, n_heads=4)
+    attn = net.blocks[0].attn
+    assert (attn.head_dim, attn.qkv.weight.shape, attn.out.weight.shape) == (6, (72, 16), (16, 24))
+    ids = torch.randint(0, 10, (3, 24))
+    assert net(ids, torch.ones(3, 24)).shape == (3, 16)
+    # null keeps the width of the model
+    assert encoder(qkv_dim=None).blocks[0].attn.qkv.weight.shape == (48, 16)
+    with pytest.raises(ValueError, match="model.qkv_dim"):
+        encoder(qkv_dim=20, n_heads=3)
+
+
+def test_sinusoids_follow_the_formula_and_are_not_saved():
+    table = sinusoids(50, 8)
+    for pos, ch in [(0, 0), (1, 0), (1, 1), (7, 2), (7, 3), (49, 6), (49, 7)]:
+        wavelength = 10000 ** ((ch - ch % 2) / 8)
+        expected = (math.sin if ch % 2 == 0 else math.cos)(pos / wavelength)
+        assert table[pos, ch].item() == pytest.approx(expected, abs=1e-5)
+    net = encoder(positions="sinusoidal")
+    assert not any("pos" in k for k in net.state_dict())
+    assert torch.equal(net.pos_table, sinusoids(24, 16))
+    learned = encoder(positions="learned")
+    assert learned.state_dict()["pos.weight"].shape == (24, 16)
+    with pytest.raises(ValueError, match="model.positions"):
+        encoder(positions="rotary")
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_cls_token_pools_and_ignores_padding(positions):
+    """A learned token is prepended: the pooled vector is its output, so it depends on the real
+    tokens but not on padding (neither its content nor how much of it there is)."""
+    torch.manual_seed(0)
+    net = encoder(pooling="cls", positions=positions)
+    with torch.no_grad():
+        net.cls.normal_()
+    ids = torch.randint(0, 10, (2, 20))
+    mask = torch.ones(2, 20)
+    out = net(ids, mask)
+    padded = torch.cat([ids, torch.randint(0, 10, (2, 4))], dim=1)
+    pmask = torch.cat([mask, torch.zeros(2, 4)], dim=1)
+    torch.testing.assert_close(net(padded, pmask), out, rtol=1e-5, atol=1e-5)
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 10
+    assert (net(changed, mask) - out).abs().max() > 1e-4
+    # the CLS output is not the first real token's output
+    assert (encoder(pooling="mean")(ids[:, :1], mask[:, :1]) - out[:, :]).abs().max() > 1e-4
+
+
+def test_cls_token_counts_in_the_attention_length():
+    """Attentions sized by max_length (Linformer's projections) see max_length + 1 tokens."""
+    net = encoder(pooling="cls", attn={"name": "linformer", "projected_length": 8})
+    assert net(torch.randint(0, 10, (2, 24)), torch.ones(2, 24)).shape == (2, 16)
+
+
+def test_classifier_passes_the_options_through():
+    net = LRAClassifier(
+        vocab_size=10,
+        num_classes=3,
+        max_length=24,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        d_ffn=32,
+        dropout=0.0,
+        pooling="cls",
+        attn={"name": "softmax"},
+        two_tower=True,
+        head_hidden=40,
+        qkv_dim=32,
+        positions="sinusoidal",
+    )
+    assert net.encoder.blocks[0].attn.qkv_dim == 32 and hasattr(net.encoder, "cls")
+    batch = {
+        "input_ids": torch.randint(0, 10, (2, 24)),
+        "mask": torch.ones(2, 24),
+        "input_ids_2": torch.randint(0, 10, (2, 24)),
+        "mask_2": torch.ones(2, 24),
+    }
+    assert net(batch).shape == (2, 3)

@@ -35,9 +35,10 @@ def get(name: str) -> type[nn.Module]:
 def build(name: str, *, context: dict | None = None, **options) -> nn.Module:
     """Build attention `name` with `options` (from the `attn` config group).
 
-    `context` carries facts the encoder knows (head_dim, num_heads, max_length); each is passed
-    only to classes whose constructor names it, so a method takes just what it needs. Unknown
-    options are an error that lists the valid ones.
+    `context` carries facts the encoder knows (head_dim, num_heads, max_length, prefix_tokens:
+    1 when a CLS token leads the sequence); each is passed only to classes whose constructor
+    names it, so a method takes just what it needs. Unknown options are an error that lists the
+    valid ones.
     """
     cls = get(name)
     params = inspect.signature(cls.__init__).parameters

@@ -33,7 +33,13 @@ class MultiHeadAttention(nn.Module):
     """Projections around any registered attention: [B, n, D] -> [B, n, D]."""
 
     def __init__(
-        self, d_model: int, n_heads: int, max_length: int, attn: dict, qkv_dim: int | None = None
+        self,
+        d_model: int,
+        n_heads: int,
+        max_length: int,
+        attn: dict,
+        qkv_dim: int | None = None,
+        prefix_tokens: int = 0,
     ):
         super().__init__()
         qkv_dim = qkv_dim or d_model
@@ -49,7 +55,12 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(qkv_dim, d_model)
         options = dict(attn)
         name = options.pop("name")
-        context = {"head_dim": self.head_dim, "num_heads": n_heads, "max_length": max_length}
+        context = {
+            "head_dim": self.head_dim,
+            "num_heads": n_heads,
+            "max_length": max_length,
+            "prefix_tokens": prefix_tokens,
+        }
         self.attention = build(name, context=context, **options)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,10 +80,11 @@ class Block(nn.Module):
         max_length: int,
         attn: dict,
         qkv_dim: int | None = None,
+        prefix_tokens: int = 0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, max_length, attn, qkv_dim)
+        self.attn = MultiHeadAttention(d_model, n_heads, max_length, attn, qkv_dim, prefix_tokens)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, d_ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
@@ -140,7 +152,8 @@ class LRAEncoder(nn.Module):
             self.register_buffer("pos_table", sinusoids(length, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim) for _ in range(n_layers)
+            Block(d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim, int(pooling == "cls"))
+            for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         if input_encoding == "tokens":

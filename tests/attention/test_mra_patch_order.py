@@ -49,6 +49,23 @@ def test_patch_shape_makes_patch_constant_images_exact(mode):
         assert (patched - plain).abs().max() > 1e-3
 
 
+def test_a_cls_token_moves_behind_the_image():
+    """With a CLS token first (prefix_tokens=1, as the encoder passes for pooling=cls) the image's
+    patches still fill whole blocks: the patch-constant case stays exact."""
+    g = torch.Generator().manual_seed(2)
+    side, n = 32, 1025
+    cls_q, cls_k = (torch.randn(B, H, 1, D, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.cat([cls_q, patch_constant(side, 4, 8, g)], dim=2)
+    k = torch.cat([cls_k, patch_constant(side, 4, 8, g)], dim=2)
+    v = torch.randn(B, H, n, D, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, n, dtype=torch.float64)
+    options = dict(patch_shape=[4, 8], block_per_row=1, backend="torch")
+    out = build("mra", prefix_tokens=1, **options)(q, k, v, mask)
+    torch.testing.assert_close(out, dense_softmax(q, k, v, mask), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="patch_shape"):
+        build("mra", **options)(q, k, v, mask)
+
+
 def test_all_blocks_chosen_is_softmax_in_any_order():
     g = torch.Generator().manual_seed(1)
     n = 256  # a 16 x 16 image, 8 blocks of 32; block_per_row 8 chooses every block

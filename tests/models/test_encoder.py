@@ -75,10 +75,18 @@ def test_cls_token_pools_and_ignores_padding(positions):
     assert (encoder(pooling="mean")(ids[:, :1], mask[:, :1]) - out[:, :]).abs().max() > 1e-4
 
 
-def test_cls_token_counts_in_the_attention_length():
-    """Attentions sized by max_length (Linformer's projections) see max_length + 1 tokens."""
-    net = encoder(pooling="cls", attn={"name": "linformer", "projected_length": 8})
-    assert net(torch.randint(0, 10, (2, 24)), torch.ones(2, 24)).shape == (2, 16)
+@pytest.mark.parametrize(
+    "attn",
+    [
+        {"name": "linformer", "projected_length": 8},  # sized by max_length (+1 for the CLS)
+        {"name": "mra", "patch_shape": [4, 8], "block_per_row": 2, "backend": "torch"},
+    ],
+)
+def test_cls_token_counts_in_the_attention_length(attn):
+    """Attentions sized by max_length see max_length + 1 tokens; MRA's patch order on an image
+    (8 x 8 here) is told that one leading token is not a pixel."""
+    net = encoder(pooling="cls", attn=attn, max_length=64)
+    assert net(torch.randint(0, 10, (2, 64)), torch.ones(2, 64)).shape == (2, 16)
 
 
 def test_classifier_passes_the_options_through():

@@ -144,7 +144,9 @@ class MRAAttention(nn.Module):
 
     `patch_shape` (e.g. [4, 8], the MRA recipe on image tasks) reorders the tokens of a square
     image before attention so that each 32-token block is a 4 x 8 patch, and restores the order on
-    the output; the attention is then a different approximation of the same softmax."""
+    the output; the attention is then a different approximation of the same softmax.
+    `prefix_tokens` (from the encoder: 1 with a CLS token) leading tokens are not pixels: they
+    move behind the image, so the patches still start on block boundaries."""
 
     default_mode = "full"
 
@@ -159,6 +161,7 @@ class MRAAttention(nn.Module):
         patch_shape: list[int] | tuple[int, int] | None = None,
         query_rows: int = 1,
         blocks_per_step: int = 1,
+        prefix_tokens: int = 0,
     ):
         super().__init__()
         approx_mode = approx_mode or self.default_mode
@@ -177,6 +180,7 @@ class MRAAttention(nn.Module):
         self.backend = backend
         self.query_rows = query_rows
         self.blocks_per_step = blocks_per_step
+        self.prefix_tokens = prefix_tokens
 
     def num_blocks(self, n: int) -> int:
         nb = -(-n // self.block_size)
@@ -185,7 +189,10 @@ class MRAAttention(nn.Module):
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.patch_shape is None:
             return self._attend(q, k, v, mask)
-        order = patch_order(q.shape[2], self.patch_shape, q.device)
+        p = self.prefix_tokens
+        order = patch_order(q.shape[2] - p, self.patch_shape, q.device)
+        if p:
+            order = torch.cat([order + p, torch.arange(p, device=q.device)])
         if mask is not None:
             mask = mask[:, order]
         out = self._attend(q[:, :, order], k[:, :, order], v[:, :, order], mask)

@@ -19,6 +19,7 @@ EXPERIMENTS = sorted(
     for p in (CONF / "experiment").rglob("*.yaml")
 )
 LRA = [name for name in EXPERIMENTS if name.startswith("lra/")]
+LRA_JAX = [name for name in EXPERIMENTS if name.startswith("lra_jax/")]
 
 # task: (padded length, batch, lr, warm-up, steps, eval every)
 PAPER = {
@@ -77,6 +78,79 @@ def test_experiment_holds_the_paper_recipe(compose_cfg, name):
     if attn in ("mra", "mra_s"):
         expected = [4, 8] if task in PATCHED else None
         assert (list(cfg.attn.patch_shape) if cfg.attn.patch_shape else None) == expected
+
+
+# The original LRA (JAX) recipes, typed in from google-research/long-range-arena's configs and
+# train.py files (docs/lra_jax.md), again not read from our configs.
+# task: (batch, lr, steps, warm-up, schedule factors, cosine cycle, weight decay, eval every)
+JAX_RECIPE = {
+    "listops": (32, 0.05, 5000, 1000, "rsqrt_decay", None, 0.1, 20),
+    "text": (32, 0.05, 20000, 8000, "rsqrt_decay", None, 0.1, 100),
+    "retrieval": (32, 0.05, 5000, 8000, "rsqrt_decay", None, 0.1, 100),
+    "image": (256, 5e-4, 35000, 175, "cosine_decay", 35000, 0.0, 175),
+    "pathfinder": (512, 1e-3, 62400, 312, "cosine_decay", 62400, 0.0, 312),
+    "pathx": (64, 1e-3, 500000, 2500, "cosine_decay", 500000, 0.0, 2500),
+}
+# task: (emb_dim, layers, heads, qkv_dim, mlp_dim, dropout, attention dropout, length, pooling,
+#        positions)
+JAX_MODEL = {
+    "listops": (512, 6, 8, 512, 2048, 0.1, 0.1, 2000, "cls", "sinusoidal"),
+    "text": (256, 4, 4, 256, 1024, 0.1, 0.1, 1000, "cls", "sinusoidal"),
+    "retrieval": (128, 4, 4, 128, 512, 0.1, 0.1, 4000, "cls", "sinusoidal"),
+    "image": (32, 1, 1, 32, 64, 0.3, 0.2, 1024, "cls", "learned"),
+    "pathfinder": (128, 1, 4, 64, 128, 0.2, 0.1, 1024, "mean", "sinusoidal"),
+    "pathx": (32, 1, 2, 16, 32, 0.1, 0.1, 16384, "mean", "learned"),
+}
+
+
+def test_every_task_and_attention_has_an_lra_jax_experiment():
+    tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+    attns = sorted(p.stem for p in (CONF / "attn").glob("*.yaml"))
+    assert {f"lra_jax/{t}_{a}" for t in tasks for a in attns} == set(LRA_JAX)
+
+
+@pytest.mark.parametrize("name", LRA_JAX)
+def test_lra_jax_experiment_holds_the_lra_code_recipe(compose_cfg, name):
+    cfg = compose_cfg([f"experiment={name}"])
+    task, attn = cfg.task.name, cfg.attn.name
+    assert name == f"lra_jax/{task}_{attn}"
+    batch, lr, steps, warmup, decay, cycle, wd, every = JAX_RECIPE[task]
+    opt, sched, trainer, model = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.model
+    assert (cfg.data.batch_size, opt.lr, trainer.max_steps, sched.warmup_steps) == (
+        batch,
+        lr,
+        steps,
+        warmup,
+    )
+    assert sched._target_.endswith("factor_schedule")
+    assert sched.factors == f"constant * linear_warmup * {decay}"
+    if cycle is not None:
+        assert sched.steps_per_cycle == cycle
+    assert (list(opt.betas), opt.eps, opt.weight_decay) == ([0.9, 0.98], 1e-9, wd)
+    assert trainer.val_check_interval == every
+    assert trainer.gradient_clip_val == (1.0 if task == "pathx" else None)
+    emb, layers, heads, qkv, mlp, drop, attn_drop, length, pooling, positions = JAX_MODEL[task]
+    assert (model.d_model, model.n_layers, model.n_heads, model.qkv_dim, model.d_ffn) == (
+        emb,
+        layers,
+        heads,
+        qkv,
+        mlp,
+    )
+    assert (model.head_hidden, model.dropout, model.pooling, model.positions) == (
+        mlp,
+        drop,
+        pooling,
+        positions,
+    )
+    assert cfg.data.max_length == length
+    if task in ("text", "retrieval"):
+        assert cfg.data.text_length == length
+    if task in PATCHED:  # pixels are tokens 0..255, black ones padding, as in the LRA code
+        assert model.input_encoding == "tokens" and cfg.data.pixel_zero_is_pad
+    if attn == "softmax":
+        assert cfg.attn.dropout == attn_drop
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
 
 
 def tiny_listops(data_dir: Path) -> list[str]:

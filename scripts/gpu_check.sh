@@ -14,8 +14,8 @@
 # Steps run in this order of importance; when the budget runs out, the last ones are skipped.
 # Needs python3 with torch, triton, numpy, pytest, pyyaml and matplotlib; no install step (the
 # package is used from this checkout through PYTHONPATH). Writes gpu_check.log, attention.csv,
-# attention.png, graph.csv, profile_mra.txt/json, batch16.csv, flex128.csv, flex.csv and
-# published.csv to $OUT
+# attention.png, graph.csv, profile_mra.txt/json, batch16.csv, flex128.csv, flex.csv,
+# published.csv and targets.md (the targets, met or missed: mra_lra.bench.targets) to $OUT
 # (default ./bench_out).
 # Each step runs under `timeout` within a total budget, so one hang cannot eat the rest.
 # A CPU dry run of the plumbing:
@@ -116,6 +116,9 @@ if ((${#CSVS[@]})); then
     step plot 30 "$PYTHON" -m mra_lra.bench.attention --out "$OUT" --name attention \
         --plot-from "${CSVS[@]}"
 fi
+
+# The targets judged from whatever tables the steps above wrote (targets.md).
+step targets 20 "$PYTHON" -m mra_lra.bench.targets "$OUT" --out "$OUT/targets.md"
 
 log "=== done in $((SECONDS - START))s; files in $OUT:"
 ls -l "$OUT" | tee -a "$LOG"

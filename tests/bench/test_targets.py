@@ -1,0 +1,104 @@
+"""bench.targets reads the gpu-check tables and judges each target from the rows alone."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from mra_lra.bench import targets
+from mra_lra.bench.attention import FIELDS
+
+
+def row(attn, impl, ms, n, batch=1, dtype="bfloat16", pss="fwd+bwd", scope="attention", **kw):
+    r = dict(
+        attn=attn,
+        impl=impl,
+        scope=scope,
+        device="cuda",
+        dtype=dtype,
+        batch=batch,
+        heads=8,
+        n=n,
+        d=64,
+        ms=ms,
+        ms_per_instance=kw.get("per", ms / batch if ms else ""),
+        peak_mib=1.0,
+        status=kw.get("status", "ok"),
+        **{"pass": pss},
+    )
+    return r
+
+
+def write(folder: Path, name: str, rows: list[dict]) -> None:
+    with (folder / name).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_flash_targets_take_the_best_tile_and_judge_each_length(tmp_path):
+    write(
+        tmp_path,
+        "attention.csv",
+        [
+            row("sdpa_flash", "sdpa-flash", 0.8, 4096),
+            row("mra", "triton(q32,k32)", 0.4, 4096),  # 2x
+            row("mra", "triton(q64,k32)", 0.16, 4096),  # 5x: the best tile, meets 4x
+            row("mra", "torch", 0.1, 4096),  # the torch path does not count
+            row("sdpa_flash", "sdpa-flash", 6.0, 16384),
+            row("mra", "triton(q32,k32)", 1.0, 16384),  # 6x < 12x
+            row("mra", "triton(q32,k32)", 0.1, 16384, dtype="float32"),  # other dtype: ignored
+            row("mra_s", "triton(q32,k32)", 0.2, 16384),  # listed, no target
+        ],
+    )
+    rows = targets.flash_rows(tmp_path)
+    got = {(r["attn"], r["n"]): (r["impl"], round(r["speedup"], 3), r["met"]) for r in rows}
+    assert got == {
+        ("mra", 4096): ("triton(q64,k32)", 5.0, True),
+        ("mra", 16384): ("triton(q32,k32)", 6.0, False),
+        ("mra_s", 16384): ("triton(q32,k32)", 30.0, None),
+    }
+    text = targets.report(tmp_path)
+    assert "| B=1, eager | mra | 4096 | 1 | triton(q64,k32) | 5.00 | >= 4x | met |" in text
+    assert "| B=1, eager | mra | 16384 | 1 | triton(q32,k32) | 6.00 | >= 12x | missed |" in text
+
+
+def test_unmeasured_targets_are_said_so(tmp_path):
+    write(
+        tmp_path,
+        "attention.csv",
+        [
+            row("sdpa_flash", "sdpa-flash", 0.8, 4096),
+            row("mra", "triton(q32,k32)", "", 4096, status="error: out of memory"),
+        ],
+    )
+    text = targets.report(tmp_path)
+    assert "| - | mra | 4096 | - | - | - | >= 4x | not measured |" in text
+    assert "| - | mra | 16384 | - | - | - | >= 12x | not measured |" in text
+    assert text.count("not measured") == 4  # both lengths, flex, published
+    assert "met |" not in text
+
+
+def test_flex_and_published(tmp_path):
+    write(tmp_path, "attention.csv", [row("mra", "triton(q32,k32)", 2.0, 4096)])
+    write(tmp_path, "flex.csv", [row("flex_mra", "flex", 1.5, 4096)])
+    write(
+        tmp_path,
+        "flex128.csv",
+        [row("flex_mra", "flex", 3.0, 4096), row("flex_mra", "flex", 9.0, 16384)],
+    )
+    [flex] = targets.flex_rows(tmp_path)  # 16384 has no MRA row to compare with
+    assert (flex["n"], flex["flex_ms"], flex["met"]) == (4096, 1.5, False)
+    write(
+        tmp_path,
+        "published.csv",
+        [
+            row("mra", "triton", 700.0, 4096, batch=128, dtype="float32", scope="layer", per=5.47),
+            row("mra", "triton", 200.0, 4096, batch=128, dtype="float32", pss="fwd", scope="layer"),
+        ],
+    )
+    pub = targets.published_row(tmp_path)
+    assert (pub["ms"], pub["met"]) == (5.47, True)
+    out = tmp_path / "targets.md"
+    targets.main([str(tmp_path), "--out", str(out)])
+    assert "| triton | 128 | 5.47 | < 7.05 | met |" in out.read_text()

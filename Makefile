@@ -60,10 +60,11 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 # The Triton tests (interpreter, and the sm_90 compile of every kernel) under the GPU image's
-# Triton release, in a venv of their own: make triton-compat TRITON_VERSION=3.6.0
+# Triton release, in a venv of their own: make triton-compat TRITON_VERSION=3.6.0; add
+# TORCH=torch==2.11.0 for the image's torch too (a CUDA build of about 3 GB; it runs on CPU).
 TRITON_VERSION ?= 3.6.0
 triton-compat:
-	TRITON_VERSION=$(TRITON_VERSION) bash scripts/triton_compat.sh $(ARGS)
+	TORCH="$(TORCH)" TRITON_VERSION=$(TRITON_VERSION) bash scripts/triton_compat.sh $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

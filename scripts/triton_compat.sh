@@ -4,6 +4,7 @@
 # the kernels must build on both. Needs network access to PyPI (one ~190 MB wheel).
 #   make triton-compat                      # triton 3.6.0
 #   make triton-compat TRITON_VERSION=3.7.0
+#   make triton-compat TORCH=torch==2.11.0   # the GPU image's torch as well (CUDA build, ~3 GB)
 # Uses its own venv (.venv-triton<version>), so the main .venv is not touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ TORCH=${TORCH:-torch==2.13.0}
 NUMPY="numpy"
 if [[ $(printf '%s\n' "$VERSION" 3.7 | sort -V | head -1) != 3.7 ]]; then NUMPY="numpy<2.4"; fi
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q "$TORCH" "triton==$VERSION" "$NUMPY" pytest
+"$VENV/bin/pip" install -q $TORCH "triton==$VERSION" "$NUMPY" pytest
 "$VENV/bin/python" -c "import torch, triton, numpy; print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
 # PYTHONPATH uses this checkout without installing it; pytest reads pyproject.toml as usual.
 TRITON_INTERPRET=1 PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \

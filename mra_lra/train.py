@@ -257,6 +257,8 @@ def run(cfg: DictConfig) -> dict:
         "task": cfg.task.name,
         "attn": attn_options.pop("name"),
         "attn_options": attn_options,
+        # the experiment family that set the recipe (conf/lra_jax: lra_jax); null: the task's own
+        "recipe": OmegaConf.select(cfg, "recipe.family", default=None),
         "seed": cfg.seed,
         "max_length": cfg.data.max_length,
         "test_acc": test_acc,

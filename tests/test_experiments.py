@@ -235,3 +235,4 @@ def test_experiment_runs_two_steps(compose_cfg, tiny_data_dirs, name, tmp_path):
     ]
     results = run(compose_cfg(overrides, run_dir=tmp_path / "run", data_dir=data_dir))
     assert results["steps"] == 2 and results["val_acc_best"] is not None
+    assert results["recipe"] == ("lra_jax" if name.startswith("lra_jax/") else None)

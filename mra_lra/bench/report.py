@@ -5,7 +5,8 @@
 
 Every `results.json` below the given paths (run folders, Hydra multirun folders with their
 numbered subfolders, or any folder above them) is one run; runs are grouped by (attention, task)
-and each cell is `mean ± std (n)` in percent over the group's seeds (sample std, ddof=1; a single
+(the original LRA recipes, experiment=lra_jax/..., are rows of their own: "mra (lra_jax)") and each
+cell is `mean ± std (n)` in percent over the group's seeds (sample std, ddof=1; a single
 run shows no std). Tables: test accuracy at the best-validation checkpoint (`test_acc`), at the
 last step (`test_acc_last`), then training throughput and peak memory per cell. Avg is the mean of
 a row's task means, as in the LRA paper, and is left out (marked) for a row that lacks a task
@@ -120,6 +121,20 @@ class Run:
         return self.results["attn"]
 
     @property
+    def family(self) -> str | None:
+        """The experiment family that set the recipe (`recipe.family`, e.g. lra_jax), or None for
+        the task configs' own recipe (the MRA paper's, experiment=lra/...)."""
+        family = self.results.get("recipe")
+        if family is None and self.config:
+            family = (self.config.get("recipe") or {}).get("family")
+        return family if isinstance(family, str) else None
+
+    @property
+    def row(self) -> str:
+        """The table row: the attention, and the recipe family when it is not the default."""
+        return f"{self.attn} ({self.family})" if self.family else self.attn
+
+    @property
     def seed(self) -> int:
         return self.results["seed"]
 
@@ -160,7 +175,7 @@ class Group:
 @dataclass
 class Summary:
     tasks: list[str]  # present ones, in the paper's order
-    attns: list[str]  # rows, in report order
+    attns: list[str]  # rows (attention, with its recipe family if not the default), in order
     groups: dict[tuple[str, str], Group]  # (attn, task) -> group
     metrics: tuple[str, ...]  # accuracy tables, in order
     # field -> (attn, task) -> Stat, for the accuracy metrics, THROUGHPUT and MEMORY.
@@ -246,7 +261,7 @@ def summarise(
         raise ReportError(f"no usable runs: {reasons}")
     by_cell: dict[tuple[str, str], list[Run]] = {}
     for run in collection.runs:
-        by_cell.setdefault((run.attn, run.task), []).append(run)
+        by_cell.setdefault((run.row, run.task), []).append(run)
     groups = {cell: _group(*cell, runs) for cell, runs in by_cell.items()}
 
     tables: dict[str, dict[tuple[str, str], Stat]] = {}
@@ -264,7 +279,16 @@ def summarise(
             if values:
                 tables[name][cell] = _stat(values)
 
-    attns = {run.attn for run in collection.runs}
+    # Rows: the default recipe first, then each family; within one, FIRST_ATTNS, then A-Z.
+    rows = {
+        (
+            run.family or "",
+            FIRST_ATTNS.index(run.attn) if run.attn in FIRST_ATTNS else len(FIRST_ATTNS),
+            run.attn,
+            run.row,
+        )
+        for run in collection.runs
+    }
     devices: dict[str, int] = {}
     for run in collection.runs:
         device = str(run.results.get("device", "unknown"))
@@ -274,7 +298,7 @@ def summarise(
         devices[device] = devices.get(device, 0) + 1
     return Summary(
         tasks=[t for t in TASKS if any(run.task == t for run in collection.runs)],
-        attns=[a for a in FIRST_ATTNS if a in attns] + sorted(attns - set(FIRST_ATTNS)),
+        attns=[row for *_, row in sorted(rows)],
         groups=groups,
         metrics=tuple(metrics),
         tables=tables,

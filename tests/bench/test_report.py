@@ -189,6 +189,34 @@ def test_rows_softmax_mra_mra_s_then_alphabetical(tmp_path):
     assert list(rows) == ["softmax", "mra", "mra_s", "bigbird", "linformer", "yoso"]
 
 
+def test_recipe_families_get_their_own_rows(tmp_path):
+    """make reproduce writes both families under runs/reproduce: the original LRA recipe's runs
+    (recipe.family lra_jax) are rows of their own, after the default recipe's, not mixed cells."""
+    jax = {"recipe": {"family": "lra_jax", "attention_dropout": 0.1}}
+    for seed in (0, 1):
+        write_run(tmp_path / f"mra{seed}", "listops", "mra", seed, 0.5, 0.5)
+        write_run(tmp_path / f"soft{seed}", "listops", "softmax", seed, 0.4, 0.4)
+        write_run(
+            tmp_path / f"jsoft{seed}",
+            "listops",
+            "softmax",
+            seed,
+            0.6,
+            0.6,
+            config=jax,
+            recipe="lra_jax",
+        )
+    # an older results.json without the field: the family comes from config.yaml
+    write_run(tmp_path / "jmra0", "listops", "mra", 0, 0.7, 0.7, config=jax)
+    write_run(tmp_path / "jmra1", "listops", "mra", 1, 0.7, 0.7, config=jax, recipe="lra_jax")
+    text = report(tmp_path)
+    rows = table_rows(text, BEST)
+    assert list(rows) == ["softmax", "mra", "softmax (lra_jax)", "mra (lra_jax)"]
+    assert rows["mra (lra_jax)"][0] == "70.00 ± 0.00 (2)"
+    assert rows["softmax"][0] == "40.00 ± 0.00 (2)"
+    assert "†" not in text
+
+
 def test_columns_in_paper_order(tmp_path):
     for i, task in enumerate(["pathx", "image", "text", "pathfinder", "retrieval", "listops"]):
         write_run(tmp_path / str(i), task, "softmax", 0, 0.5, 0.5)

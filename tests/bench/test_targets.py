@@ -75,7 +75,7 @@ def test_unmeasured_targets_are_said_so(tmp_path):
     text = targets.report(tmp_path)
     assert "| - | mra | 4096 | - | - | - | >= 4x | not measured |" in text
     assert "| - | mra | 16384 | - | - | - | >= 12x | not measured |" in text
-    assert text.count("not measured") == 4  # both lengths, flex, published
+    assert text.count("not measured") == 5  # both lengths, flex, published, 65,536 tokens
     assert "met |" not in text
 
 
@@ -102,3 +102,22 @@ def test_flex_and_published(tmp_path):
     out = tmp_path / "targets.md"
     targets.main([str(tmp_path), "--out", str(out)])
     assert "| triton | 128 | 5.47 | < 7.05 | met |" in out.read_text()
+
+
+def test_long_sequences(tmp_path):
+    write(
+        tmp_path,
+        "attention.csv",
+        [
+            row("mra", "triton(q32,k32)", 30.0, 65536),
+            row(
+                "mra", "triton(q32,k32)", "", 65536, dtype="float32", status="error: out of memory"
+            ),
+            row("mra", "triton(q32,k32)", 9.0, 65536, pss="fwd"),  # forward only: not listed
+        ],
+    )
+    rows = targets.long_rows(tmp_path)
+    assert [(r["dtype"], r["met"]) for r in rows] == [("bfloat16", True), ("float32", False)]
+    text = targets.report(tmp_path)
+    assert "| bfloat16 | triton(q32,k32) | 30 | 1.0 | ok | met |" in text
+    assert "| float32 | triton(q32,k32) | - | 1.0 | error: out of memory | missed |" in text

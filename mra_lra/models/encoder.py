@@ -42,6 +42,8 @@ class MultiHeadAttention(nn.Module):
         prefix_tokens: int = 0,
     ):
         super().__init__()
+        if qkv_dim is not None and qkv_dim < 1:
+            raise ValueError(f"model.qkv_dim must be a positive width or null, got {qkv_dim}")
         qkv_dim = qkv_dim or d_model
         if qkv_dim % n_heads:
             raise ValueError(
@@ -136,14 +138,16 @@ class LRAEncoder(nn.Module):
             raise ValueError(f"model.positions must be one of {POSITIONS}, got {positions!r}")
         self.max_length = max_length
         self.pooling = pooling
+        self.positions = positions
         self.input_encoding = input_encoding
         if input_encoding == "tokens":
             self.embed = nn.Embedding(vocab_size, d_model)
         else:
             self.embed = nn.Linear(1, d_model)
         # The CLS token takes position 0 and one more slot of every attention's length.
-        length = max_length + (pooling == "cls")
-        if pooling == "cls":
+        prefix = int(pooling == "cls")
+        length = max_length + prefix
+        if prefix:
             self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         if positions == "learned":
             self.pos = nn.Embedding(length, d_model)
@@ -152,7 +156,7 @@ class LRAEncoder(nn.Module):
             self.register_buffer("pos_table", sinusoids(length, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim, int(pooling == "cls"))
+            Block(d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim, prefix)
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -173,7 +177,7 @@ class LRAEncoder(nn.Module):
         if self.pooling == "cls":
             x = torch.cat([self.cls.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
             mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
-        table = self.pos.weight if hasattr(self, "pos") else self.pos_table
+        table = self.pos.weight if self.positions == "learned" else self.pos_table
         x = x + table[: x.shape[1]].to(x.dtype)
         x = self.drop(x)
         for block in self.blocks:

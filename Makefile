@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data reproduce test test-slow bench gpu-check triton-compat lint
+.PHONY: install train demo data reproduce eval test test-slow bench gpu-check triton-compat lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ reproduce: $(STAMP)
 		seed=0,1,2 hydra.sweep.dir=$(REPRO_DIR) $(ARGS)
 	$(BIN)/python -m mra_lra.bench.report $(REPRO_DIR) --out $(REPRO_DIR)/report.md \
 		--plot $(REPRO_DIR)/acc_vs_speed.png
+
+# Evaluate a run's checkpoint again from its config.yaml: make eval RUN=runs/<date>/<run>
+# (ARGS: ckpt=last, split=val,test, attn=softmax, attn.block_per_row=16, data.data_dir=...).
+RUN ?=
+eval: $(STAMP)
+	$(BIN)/python eval.py run_dir=$(RUN) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -181,6 +181,19 @@ def attn_search_space(cfg: DictConfig, trial: optuna.trial.Trial) -> None:
             trial.suggest_categorical(f"attn.{key}", list(choices))
 
 
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, LRALitModule]:
+    """The datamodule and the LightningModule (classifier, optimiser, schedule) of a config;
+    training and `mra_lra.evaluate` build from the same function, so a checkpoint always fits."""
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    module = LRALitModule(
+        net=hydra.utils.instantiate(cfg.model, _convert_="all"),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        num_classes=cfg.task.num_classes,
+    )
+    return datamodule, module
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; returns the results written to results.json.
 
@@ -199,14 +212,8 @@ def run(cfg: DictConfig) -> dict:
     if "wandb" in cfg.logger:
         _wandb_mode_default()
 
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    net = hydra.utils.instantiate(cfg.model, _convert_="all")
-    module = LRALitModule(
-        net=net,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        num_classes=cfg.task.num_classes,
-    )
+    datamodule, module = build(cfg)
+    net = module.net
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer: pl.Trainer = hydra.utils.instantiate(

@@ -33,35 +33,41 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def compose_cfg(tmp_path_factory):
-    """compose_cfg(overrides, run_dir=None, data_dir=None) -> a config ready for mra_lra.train.run.
-
-    Hydra's runtime fields (output dir) are filled as `python train.py` would fill them."""
+def compose_train_cfg(overrides, run_dir, data_dir):
+    """The train config for `overrides`, ready for mra_lra.train.run: Hydra's runtime fields
+    (output dir) filled as `python train.py` would fill them."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"data.data_dir={data_dir}", *overrides],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def compose_cfg(tmp_path_factory):
+    """compose_cfg(overrides, run_dir=None, data_dir=None) -> a config ready for mra_lra.train.run
+    (a fresh run folder and this test's data folder unless given)."""
+    from hydra.core.global_hydra import GlobalHydra
+
     data_root = tmp_path_factory.mktemp("data")
 
     def _compose(overrides=(), run_dir=None, data_dir=None):
         run_dir = Path(run_dir or tmp_path_factory.mktemp("run"))
-        data_dir = Path(data_dir or data_root)
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[f"data.data_dir={data_dir}", *overrides],
-                return_hydra_config=True,
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+        return compose_train_cfg(overrides, run_dir, Path(data_dir or data_root))
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -1,0 +1,234 @@
+"""Evaluate a run's checkpoint again, here and now: `python eval.py run_dir=<run folder>`.
+
+    python eval.py run_dir=runs/2026-11-27/21-03-12_listops_mra
+    python eval.py run_dir=<run> ckpt=last split=val,test attn.backend=torch
+    python eval.py run_dir=<run> attn.block_per_row=16 out=<run>/eval_bpr16.json
+
+The model, data and attention are rebuilt from the run's own `config.yaml` (the resolved config
+train.py saved), so nothing has to be typed twice; any other `key=value` changes one of its values
+(`data.data_dir=...` after moving the data, `attn.backend=torch`, `data.batch_size=...`,
+`trainer.precision=32-true`, or an MRA setting such as `attn.block_per_row` to test a trained model
+at another budget). A key the run's config does not have is an error; `+key=value` adds one.
+`attn=<name>` swaps in another attention's config (conf/attn/<name>.yaml), e.g. exact softmax for
+a model trained with MRA, to see what the approximation costs.
+
+Options: `ckpt=best|last|<path>` (default best: checkpoints/best.ckpt, the best validation
+accuracy), `split=test|val|val,test` (default test), `out=<file>` (default
+`<run_dir>/eval_<ckpt>.json`, written atomically). Evaluation runs on one device: the run's GPU
+when there is one, else the CPU (in float32, since a GPU run's bf16-mixed autocast would run
+slowly there); `trainer.accelerator=...` and `trainer.precision=...` choose otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mra_lra.data.cache import atomic_write_json
+from mra_lra.train import build
+
+USAGE = (
+    "usage: python eval.py run_dir=<run folder> [ckpt=best|last|<path>] [split=test|val|val,test]"
+    " [out=<file>] [key=value overrides of the run's config...]"
+)
+SPLITS = ("val", "test")
+GPU_ACCELERATORS = ("gpu", "cuda")
+ATTN_CONF = Path(__file__).resolve().parents[1] / "conf" / "attn"
+
+log = logging.getLogger("mra_lra.evaluate")
+_MISSING = object()
+
+
+class EvalError(ValueError):
+    """A bad argument, run folder or checkpoint; the message names it and the fix."""
+
+
+def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """(eval options, config overrides) from `key=value` arguments."""
+    options: dict[str, str] = {"ckpt": "best", "split": "test"}
+    overrides: list[str] = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise SystemExit(f"{USAGE}\n\n{__doc__}")
+        key, sep, _ = arg.partition("=")
+        if not sep or not key:
+            raise EvalError(f"{arg!r} is not key=value. {USAGE}")
+        if key in ("run_dir", "ckpt", "split", "out"):
+            options[key] = arg[len(key) + 1 :]
+        else:
+            overrides.append(arg)
+    if "run_dir" not in options:
+        raise EvalError(f"say which run: run_dir=<folder holding config.yaml>. {USAGE}")
+    return options, overrides
+
+
+def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The run's saved config with `overrides` applied; each key must already be there (or be
+    written `+key=value`), so a misspelt key fails instead of being silently ignored."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run_dir must be a run folder written by train.py "
+            "(runs/<date>/<time>_<task>_<attn>/, or one numbered folder of a multirun)"
+        )
+    cfg = OmegaConf.load(path)
+    # config.yaml is resolved: model.attn is a copy of attn. Link it again, so that attn.<key>=...
+    # and attn=<name> reach the model.
+    if "attn" in cfg and cfg.model.get("attn") == cfg.attn:
+        cfg.model.attn = "${attn}"
+    # attn=<name> first (a whole config group), then the single keys in the order given.
+    for arg in sorted(overrides, key=lambda a: not a.startswith("attn=")):
+        key, _, text = arg.partition("=")
+        if key == "attn":
+            cfg.attn = attention_config(text)
+            continue
+        add = key.startswith("+")
+        key = key.lstrip("+")
+        if "=" not in arg or not key:
+            raise EvalError(f"{arg!r} is not key=value. {USAGE}")
+        exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
+        if not exists and not add:
+            section = key.rpartition(".")[0]
+            known = OmegaConf.select(cfg, section) if section else cfg
+            choices = sorted(known.keys()) if isinstance(known, DictConfig) else []
+            raise EvalError(
+                f"{key!r} is not in {path}"
+                + (f"; {section or 'the top level'} has {choices}" if choices else "")
+                + f". Write +{key}=... to add it."
+            )
+        if isinstance(OmegaConf.select(cfg, key, default=None), DictConfig):
+            raise EvalError(
+                f"{key!r} is a config section; set its keys one by one (e.g. {key}.<name>=...)"
+            )
+        # Values parse as on Hydra's command line (1e-4 is a float, null is None).
+        value = OmegaConf.from_dotlist([f"value={text}"]).value
+        OmegaConf.update(cfg, key, value, force_add=add)
+    return cfg
+
+
+def attention_config(name: str) -> DictConfig:
+    """conf/attn/<name>.yaml; its interpolations (per-task MRA priors) resolve against the run's
+    config when the model is built."""
+    path = ATTN_CONF / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in ATTN_CONF.glob("*.yaml"))
+        raise EvalError(f"attn={name}: no {path}; choose one of {known}")
+    return OmegaConf.load(path)
+
+
+def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
+    """best/last name the run's own checkpoints; anything else is a path."""
+    path = run_dir / "checkpoints" / f"{ckpt}.ckpt" if ckpt in ("best", "last") else Path(ckpt)
+    if not path.is_file():
+        hint = (
+            " (best.ckpt is written at the first validation: the run may have stopped before it;"
+            " try ckpt=last)"
+            if ckpt == "best"
+            else ""
+        )
+        raise FileNotFoundError(f"checkpoint {path} not found{hint}")
+    return path
+
+
+def eval_trainer(cfg: DictConfig) -> pl.Trainer:
+    """One device, no loggers, no checkpointing; a GPU run falls back to the CPU in float32 when
+    this machine has no GPU."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("accelerator") in GPU_ACCELERATORS and not torch.cuda.is_available():
+        log.warning(
+            "the run trained on a GPU (trainer.accelerator=%s) and there is none here: evaluating "
+            "on the CPU in float32 (trainer.accelerator/trainer.precision choose otherwise)",
+            trainer_cfg["accelerator"],
+        )
+        trainer_cfg.update(accelerator="cpu", precision="32-true")
+    trainer_cfg.update(
+        devices=1, num_nodes=1, logger=False, enable_checkpointing=False, callbacks=[]
+    )
+    trainer_cfg.pop("strategy", None)
+    return hydra.utils.instantiate(trainer_cfg)
+
+
+def evaluate(
+    run_dir: str | Path,
+    ckpt: str = "best",
+    splits: Sequence[str] = ("test",),
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+) -> dict:
+    """Rebuild the run's model from its config (plus overrides), load `ckpt`, and measure
+    accuracy and loss on `splits`; writes and returns the results."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise EvalError(f"split={','.join(splits)}: choose from {', '.join(SPLITS)}")
+    cfg = load_run_config(run_dir, overrides)
+    path = checkpoint_path(run_dir, ckpt)
+    datamodule, module = build(cfg)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        detail = "\n".join(str(err).splitlines()[:4])
+        raise EvalError(
+            f"{path} does not fit the model built from {run_dir / 'config.yaml'}"
+            f"{' with ' + ' '.join(overrides) if overrides else ''}: an override changed the "
+            f"model's shape, or the checkpoint is from another run.\n{detail}"
+        ) from None
+    trainer = eval_trainer(cfg)
+    results: dict = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(path),
+        "checkpoint_step": state.get("global_step"),
+        "overrides": list(overrides),
+        "task": cfg.task.name,
+        "attn": cfg.attn.name,
+    }
+    for split in splits:
+        run_split = trainer.validate if split == "val" else trainer.test
+        metrics = run_split(module, datamodule=datamodule, verbose=False)[0]
+        results[f"{split}_acc"] = metrics[f"{split}/acc"]
+        results[f"{split}_loss"] = metrics[f"{split}/loss"]
+    results["device"] = (
+        torch.cuda.get_device_name() if trainer.strategy.root_device.type == "cuda" else "cpu"
+    )
+    results["precision"] = str(trainer.precision)
+    results["wall_seconds"] = time.perf_counter() - start
+    out = Path(out) if out else run_dir / f"eval_{path.stem}.json"
+    atomic_write_json(out, results)
+    accs = ", ".join(f"{s} accuracy {results[f'{s}_acc']:.4f}" for s in splits)
+    print(
+        f"{results['task']} / {results['attn']} at step {results['checkpoint_step']} "
+        f"({path.name}): {accs}; written to {out}",
+        flush=True,
+    )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        options, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        evaluate(
+            options["run_dir"],
+            ckpt=options["ckpt"],
+            splits=[s for s in options["split"].split(",") if s],
+            overrides=overrides,
+            out=options.get("out"),
+        )
+    except (EvalError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -252,7 +252,10 @@ def run(cfg: DictConfig) -> dict:
                 "test/acc"
             ]
         else:
-            log.warning("no validation ran, so there is no best checkpoint; test_acc is null")
+            log.warning(
+                "there is no best checkpoint (no validation ran, or checkpoints were off, as "
+                "under trainer.fast_dev_run); test_acc is null"
+            )
 
     majority = getattr(datamodule, "majority_baseline", None)
     peak_mb, peak_kind = peak_memory_mb()

@@ -29,7 +29,7 @@ def test_mra_tile_settings_reach_the_attention(compose_cfg):
 
 
 @pytest.mark.parametrize(
-    "group", ["task", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks"]
+    "group", ["task", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "debug"]
 )
 def test_every_option_of_every_group_composes(compose_cfg, group):
     for option in options(group):

@@ -138,3 +138,26 @@ def test_triton_backend_trains_like_the_torch_path(compose_cfg, tmp_path, confte
     torch_losses, triton_losses = losses("torch"), losses("triton")
     assert len(torch_losses) == 3
     assert triton_losses == pytest.approx(torch_losses, rel=1e-4)
+
+
+def test_debug_configs_cut_the_run_short(compose_cfg, tmp_path, conftest_tiny):
+    """debug=fdr runs one batch of each stage; debug=limit a short run through every stage;
+    debug=overfit drives the training loss on one batch towards zero; debug=profiler writes its
+    report. Each wins over the tiny settings it shares keys with (it goes last)."""
+    fdr = run(compose_cfg([*conftest_tiny, "debug=fdr"], run_dir=tmp_path / "fdr"))
+    assert fdr["steps"] == 1 and fdr["test_acc"] is None and fdr["test_acc_last"] is not None
+
+    limit = run(compose_cfg([*conftest_tiny, "debug=limit"], run_dir=tmp_path / "limit"))
+    assert limit["steps"] == 20 and limit["best_step"] in (10, 20)
+
+    overfit_dir = tmp_path / "overfit"
+    overfit = compose_cfg(
+        [*conftest_tiny, "debug=overfit", "trainer.max_steps=80"], run_dir=overfit_dir
+    )
+    assert overfit.trainer.overfit_batches == 1 and overfit.trainer.detect_anomaly
+    run(overfit)
+    losses = [float(r["train/loss"]) for r in read_metrics(overfit_dir) if r.get("train/loss")]
+    assert losses[-1] < 0.1 and losses[-1] < losses[0] / 5, losses
+
+    run(compose_cfg([*conftest_tiny, "debug=profiler"], run_dir=tmp_path / "prof"))
+    assert "run_training_batch" in (tmp_path / "prof" / "fit-profile.txt").read_text()

@@ -1,0 +1,252 @@
+"""LRA's efficiency table: training steps per second and memory of the whole model, per attention.
+
+    python -m mra_lra.bench.efficiency --attn softmax,mra,mra_s,nystrom,performer \\
+        --n 1024,2048,3072,4096 --batch 32 --out bench_out
+    python -m mra_lra.bench.efficiency --family lra_jax --task text --override model.n_layers=2
+
+The LRA paper (Tay et al. 2021, Table 2) times each model on byte-level Text at lengths 1K-4K with
+batch 32 and reports steps per second and peak memory relative to the Transformer; this module
+does the same with our models. Each model is the one `python train.py
+experiment=<family>/<task>_<attn>` trains (the MRA paper's backbone for `--family lra`, the LRA
+code's for `lra_jax`), with `data.max_length=<n>` and any `--override` (Hydra syntax, e.g.
+`attn.backend=torch`), composed through Hydra from conf/.
+
+A training step is what Lightning runs per batch: forward on random full-length token sequences
+(no padding), cross-entropy, backward and the optimiser's step, under bf16 autocast where the
+family's trainer uses bf16-mixed and the device is CUDA (float32 otherwise). `infer` rows time
+the forward alone, without gradients, in eval mode. Time: median of --repeats after --warmup.
+Memory: what a step needs beyond what is allocated before it (weights, gradients and optimiser
+state of earlier steps excluded), measured as in `mra_lra.bench.attention`. Writes
+`<out>/efficiency.csv` as rows finish, and `<out>/efficiency.md`: steps per second and memory,
+each also relative to softmax at the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+FIELDS = (
+    "family task attn impl device precision batch n pass ms steps_per_s peak_mib status".split()
+)
+PASSES = ("train", "infer")
+MRA_NAMES = ("mra", "mra_s", "flex_mra")
+
+
+def compose_model_cfg(family: str, task: str, attn: str, n: int, overrides: list[str]):
+    """The run config `python train.py experiment=<family>/<task>_<attn> data.max_length=<n>`
+    would train, with `overrides` after it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"experiment={family}/{task}_{attn}", f"data.max_length={n}", *overrides],
+        )
+
+
+def random_batch(cfg, batch: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Full-length sequences of random non-padding tokens (and a second one for two towers)."""
+    vocab, two_tower = cfg.task.vocab_size, cfg.task.two_tower
+    out = {"label": torch.randint(cfg.task.num_classes, (batch,), device=device)}
+    for suffix in ("", "_2") if two_tower else ("",):
+        out[f"input_ids{suffix}"] = torch.randint(1, vocab, (batch, n), device=device)
+        out[f"mask{suffix}"] = torch.ones(batch, n, device=device)  # float, as the loaders give
+    return out
+
+
+def model_steps(
+    cfg, batch: dict, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Callable], str]:
+    """(model, pass -> step, precision label) for the config's model and optimiser."""
+    import hydra
+
+    model = hydra.utils.instantiate(cfg.model, _convert_="all").to(device)
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameters())
+    bf16 = device.type == "cuda" and str(cfg.trainer.precision).startswith("bf16")
+
+    def autocast():
+        if bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = model(batch)
+        F.cross_entropy(logits.float(), batch["label"]).backward()
+        optimizer.step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad(), autocast():
+            model(batch)
+
+    return model, {"train": train, "infer": infer}, "bf16-mixed" if bf16 else "32-true"
+
+
+def impl_label(cfg, device: torch.device) -> str:
+    if cfg.attn.name in ("mra", "mra_s"):
+        from mra_lra.attention.mra import resolve_backend
+
+        return resolve_backend(cfg.attn.backend, device)
+    return "flex" if cfg.attn.name == "flex_mra" else "torch"
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    path = args.out / "efficiency.csv"
+    with path.open("w", newline="") as f:
+        csv.DictWriter(f, fieldnames=FIELDS).writeheader()
+    rows = []
+    for attn in args.attn:
+        failed = None  # after an out-of-memory error, longer lengths are skipped
+        for n in args.n:
+            cfg = compose_model_cfg(args.family, args.task, attn, n, args.override)
+            base = {
+                "family": args.family,
+                "task": args.task,
+                "attn": attn,
+                "impl": impl_label(cfg, device),
+                "device": device.type,
+                "batch": args.batch,
+                "n": n,
+            }
+            steps, precision = {}, ""
+            if failed is None:
+                try:
+                    torch.manual_seed(0)
+                    _, steps, precision = model_steps(
+                        cfg, random_batch(cfg, args.batch, n, device), device
+                    )
+                except Exception as e:  # a model that cannot be built at this length
+                    failed = describe(e)
+            for pass_name in args.passes:
+                row = dict(base, precision=precision, **{"pass": pass_name})
+                status = failed
+                if status is None:
+                    try:
+                        ms, peak = measure(steps[pass_name], device, args)
+                        row.update(ms=ms, steps_per_s=1e3 / ms, peak_mib=peak)
+                    except Exception as e:  # every failure becomes a row
+                        status = describe(e)
+                        failed = status if is_oom(e) else None
+                row["status"] = status or "ok"
+                rows.append(row)
+                with path.open("a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=FIELDS).writerow(
+                        {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}
+                    )
+                print(_row_text(row), flush=True)
+            steps.clear()
+            sync(device)
+            free(device)
+    return rows
+
+
+def _row_text(row: dict) -> str:
+    timing = f"{row['ms']:9.1f} ms {row['peak_mib']:9.1f} MiB" if row["status"] == "ok" else ""
+    return (
+        f"{row['attn']:>13} {row['impl']:>6} n={row['n']:<6} {row['pass']:>5} {timing:>27}  "
+        f"{row['status']}"
+    )
+
+
+def table(rows: list[dict], pass_name: str, baseline: str = "softmax") -> str:
+    """Markdown: per attention and length, steps/s and memory, and their ratio to `baseline`
+    (speed: how many times faster; memory: how many times as much)."""
+    lengths = sorted({r["n"] for r in rows})
+    attns = list(dict.fromkeys(r["attn"] for r in rows))
+    cell = {(r["attn"], r["n"]): r for r in rows if r["pass"] == pass_name}
+
+    def ratio(value: float, base: float) -> str:
+        return f" ({value / base:.2f}x)" if base and math.isfinite(base) else ""
+
+    lines = []
+    for title, key, fmt in (("steps / s", "steps_per_s", "{:.3g}"), ("MiB", "peak_mib", "{:.0f}")):
+        lines += [
+            f"| {title} ({pass_name}) | " + " | ".join(f"n={n}" for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths),
+        ]
+        for attn in attns:
+            cells = []
+            for n in lengths:
+                r, b = cell.get((attn, n)), cell.get((baseline, n))
+                if r is None or r["status"] != "ok":
+                    cells.append(r["status"] if r else "")
+                    continue
+                ok = b is not None and b["status"] == "ok"
+                cells.append(fmt.format(r[key]) + (ratio(r[key], b[key]) if ok else ""))
+            lines.append(f"| {attn} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    first = next((r for r in rows if r["status"] == "ok"), rows[0] if rows else {})
+    head = (
+        f"# Efficiency: {args.family} recipe, task {args.task}, batch {args.batch}\n\n"
+        f"Device {args.device_name}, torch {torch.__version__}, precision "
+        f"{first.get('precision', '')}. Command: `python -m mra_lra.bench.efficiency "
+        f"{' '.join(args.argv)}`. Ratios are to softmax at the same length.\n"
+    )
+    return head + "\n" + "\n".join(table(rows, p) for p in args.passes)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mra_lra.bench.efficiency",
+        description="Training steps per second and memory of the whole LRA model, per attention.",
+    )
+    p.add_argument("--attn", type=_list(str), default=["softmax", "mra", "mra_s"])
+    p.add_argument("--n", type=_list(int), default=[1024, 2048, 3072, 4096])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--task", default="text")
+    p.add_argument("--family", default="lra", choices=["lra", "lra_jax"])
+    p.add_argument("--passes", type=_list(str), default=list(PASSES), help="train,infer")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = p.parse_args(argv)
+    if any(x not in PASSES for x in args.passes):
+        p.error(f"--passes takes {', '.join(PASSES)}")
+    experiments = CONF_DIR / "experiment" / args.family
+    missing = [a for a in args.attn if not (experiments / f"{args.task}_{a}.yaml").is_file()]
+    if missing:
+        known = sorted({f.stem.split("_", 1)[1] for f in experiments.glob(f"{args.task}_*.yaml")})
+        p.error(f"no {args.family} experiment for {args.task} with {missing}; attentions: {known}")
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {args.device_name}, torch {torch.__version__}", flush=True)
+    rows = run(args)
+    text = report(rows, args)
+    (args.out / "efficiency.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / 'efficiency.csv'} and {args.out / 'efficiency.md'}")
+
+
+if __name__ == "__main__":
+    main()

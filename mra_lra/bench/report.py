@@ -52,6 +52,18 @@ TASK_ALIASES = {"path_x": "pathx", "path-x": "pathx"}
 # Rows: the exact baseline, then the paper's two MRA variants, then every other attention A-Z.
 FIRST_ATTNS = ("softmax", "mra", "mra_s")
 
+# The LRA paper's Table 1 (from the LRA repository's leaderboard; spec/lra.md) for the attentions
+# we also run: (their model name, accuracies in PUBLISHED_TASKS order). Path-X: every model failed.
+PUBLISHED_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+PUBLISHED = {
+    "softmax": ("Transformer", (36.37, 64.27, 57.46, 42.44, 71.40)),
+    "bigbird": ("BigBird", (36.05, 64.02, 59.29, 40.83, 74.87)),
+    "performer": ("Performer", (18.01, 65.40, 53.82, 42.77, 77.05)),
+    "linformer": ("Linformer", (35.70, 53.94, 52.27, 38.56, 76.34)),
+    "reformer": ("Reformer", (37.27, 56.10, 53.40, 38.07, 68.50)),
+    "longformer": ("Longformer", (35.63, 62.85, 56.89, 42.22, 69.71)),
+}
+
 ACCURACY_TITLES = {
     "test_acc": "Test accuracy (%) at the best-validation checkpoint",
     "test_acc_last": "Test accuracy (%) at the last step",
@@ -394,6 +406,7 @@ def format_markdown(summary: Summary) -> str:
     for metric in summary.metrics:
         lines += ["", f"## {ACCURACY_TITLES[metric]}", ""]
         lines += _table(summary, metric, lambda s: _cell(s, ".2f"), average=True)
+    lines += _published(summary)
     memory = ", ".join(summary.memory_kinds)
     for name, title, spec in (
         (THROUGHPUT, "Training throughput (tokens/s)", ",.0f"),
@@ -444,6 +457,10 @@ def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: boo
             else:
                 row.append(f"{statistics.fmean(stats[attn, t].mean for t in present):.2f}")
         rows.append(row)
+    return _markdown_table(header, rows)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -451,6 +468,29 @@ def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: boo
 
     return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [
         line(r) for r in rows
+    ]
+
+
+def _published(summary: Summary) -> list[str]:
+    """The LRA paper's accuracies for the attentions and tasks of this report, if any."""
+    attns = [a for a in dict.fromkeys(a.split(" (")[0] for a in summary.attns) if a in PUBLISHED]
+    tasks = [t for t in summary.tasks if t in PUBLISHED_TASKS]
+    if not attns or not tasks:
+        return []
+    rows = [
+        [f"{attn} ({PUBLISHED[attn][0]})"]
+        + [f"{PUBLISHED[attn][1][PUBLISHED_TASKS.index(t)]:.2f}" for t in tasks]
+        + [f"{statistics.fmean(PUBLISHED[attn][1]):.2f}"]
+        for attn in attns
+    ]
+    return [
+        "",
+        "## Published test accuracy (%): LRA paper (Tay et al. 2021), Table 1",
+        "",
+        "Their models, recipes (the original LRA code) and data (the LRA release), for comparison;",
+        "Avg is theirs, over their five tasks.",
+        "",
+        *_markdown_table(["attention", *(TASKS[t] for t in tasks), "Avg (5 tasks)"], rows),
     ]
 
 

@@ -116,6 +116,15 @@ EXPECTED = """\
 | softmax   | 30.00 ± 0.00 (3) | 41.00 ± 1.00 (3) | 35.50 |
 | mra       | 37.00 ± 2.00 (3) | 40.00 ± 0.00 (3) | 38.50 |
 
+## Published test accuracy (%): LRA paper (Tay et al. 2021), Table 1
+
+Their models, recipes (the original LRA code) and data (the LRA release), for comparison;
+Avg is theirs, over their five tasks.
+
+| attention             | ListOps | Image | Avg (5 tasks) |
+|-----------------------|---------|-------|---------------|
+| softmax (Transformer) | 36.37   | 42.44 | 54.39         |
+
 ## Training throughput (tokens/s)
 
 | attention | ListOps         | Image           |
@@ -174,6 +183,25 @@ BEST = "Test accuracy (%) at the best-validation checkpoint"
 def test_table_matches_hand_computed(tmp_path):
     root = write_grid(tmp_path)
     assert report(root / "multirun", root / "runs") == EXPECTED
+
+
+def test_published_rows_only_for_attentions_and_tasks_of_the_report(tmp_path):
+    for i, (attn, task) in enumerate(
+        [("mra", "text"), ("performer", "text"), ("bigbird", "pathx"), ("softmax", "text")]
+    ):
+        write_run(tmp_path / str(i), task, attn, 0, 0.5, 0.5)
+    # The table follows the section's one-paragraph preamble.
+    section = report(tmp_path).split("Table 1\n\n", 1)[1].split("\n\n", 2)[1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()]
+    assert cells[0] == ["attention", "Text", "Avg (5 tasks)"]
+    rows = {row[0]: row[1:] for row in cells[2:]}
+    assert rows == {
+        "softmax (Transformer)": ["64.27", "54.39"],
+        "performer (Performer)": ["65.40", "51.41"],
+        "bigbird (BigBird)": ["64.02", "55.01"],
+    }
+    write_run(tmp_path / "only_mra" / "r", "listops", "mra", 0, 0.5, 0.5)
+    assert "Published" not in report(tmp_path / "only_mra")
 
 
 def test_overlapping_paths_count_each_run_once(tmp_path):

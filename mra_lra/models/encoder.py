@@ -16,6 +16,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mra_lra.attention import build
 
@@ -126,6 +127,7 @@ class LRAEncoder(nn.Module):
         input_encoding: str = "tokens",
         qkv_dim: int | None = None,
         positions: str = "learned",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -137,6 +139,7 @@ class LRAEncoder(nn.Module):
         if positions not in POSITIONS:
             raise ValueError(f"model.positions must be one of {POSITIONS}, got {positions!r}")
         self.max_length = max_length
+        self.gradient_checkpointing = gradient_checkpointing
         self.pooling = pooling
         self.positions = positions
         self.input_encoding = input_encoding
@@ -180,8 +183,14 @@ class LRAEncoder(nn.Module):
         table = self.pos.weight if self.positions == "learned" else self.pos_table
         x = x + table[: x.shape[1]].to(x.dtype)
         x = self.drop(x)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask)
+            if checkpointed:
+                # Keep only each block's input; its activations are recomputed in the backward,
+                # with the RNG state of the forward (same dropout, same random features).
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         x = self.norm(x)
         if self.pooling == "cls":
             return x[:, 0]
@@ -209,6 +218,7 @@ class LRAClassifier(nn.Module):
         input_encoding: str = "tokens",
         qkv_dim: int | None = None,
         positions: str = "learned",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.two_tower = two_tower
@@ -225,6 +235,7 @@ class LRAClassifier(nn.Module):
             input_encoding,
             qkv_dim,
             positions,
+            gradient_checkpointing,
         )
         features = 4 * d_model if two_tower else d_model
         self.head = nn.Sequential(

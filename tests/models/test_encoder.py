@@ -114,3 +114,52 @@ def test_classifier_passes_the_options_through():
         "mask_2": torch.ones(2, 24),
     }
     assert net(batch).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "attn",
+    [
+        {"name": "softmax", "dropout": 0.1},
+        {"name": "mra", "block_per_row": 1, "approx_mode": "full"},
+        {"name": "reformer", "num_hashes": 2, "chunk_size": 32},
+        {"name": "bigbird", "block_size": 32, "num_random_blocks": 1},
+    ],
+    ids=lambda a: a["name"],
+)
+def test_gradient_checkpointing_recomputes_the_same_function(attn):
+    """With gradient_checkpointing each block's forward runs again in the backward, under the
+    forward's RNG state: dropout, LSH rotations and random blocks repeat, so the loss and every
+    gradient equal those of the plain model."""
+
+    def make(checkpointing):
+        torch.manual_seed(0)
+        net = LRAClassifier(
+            vocab_size=10, num_classes=3, max_length=128, d_model=16, n_layers=2, n_heads=2,
+            d_ffn=32, dropout=0.1, pooling="mean", attn=attn,
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        return net.train()
+
+    ids = torch.randint(1, 10, (2, 128))
+    mask = torch.ones(2, 128)
+    mask[1, 100:] = 0
+    batch = {"input_ids": ids, "mask": mask}
+    results = []
+    for checkpointing in (False, True):
+        net = make(checkpointing)
+        calls = []
+        for block in net.encoder.blocks:
+            block.attn.attention.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(1)
+        loss = net(batch).logsumexp(-1).sum()
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in net.named_parameters()}, len(calls)))
+    (plain, plain_grads, plain_calls), (ckpt, ckpt_grads, ckpt_calls) = results
+    assert (plain_calls, ckpt_calls) == (2, 4)  # recomputed once per block
+    assert torch.equal(plain, ckpt)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Evaluation and no-grad forwards are left alone.
+    net = make(True).eval()
+    with torch.no_grad():
+        net(batch)

@@ -2,6 +2,7 @@
 
     python -m mra_lra.bench.report runs/reproduce/listops --out report.md --plot acc_vs_speed.png
     python -m mra_lra.bench.report runs/2026-11-27/*_listops_mra runs/multirun/2026-11-28
+    python -m mra_lra.bench.report runs/reproduce --csv cells.csv --latex table.tex
 
 Every `results.json` below the given paths (run folders, Hydra multirun folders with their
 numbered subfolders, or any folder above them) is one run; runs are grouped by (attention, task)
@@ -10,7 +11,8 @@ cell is `mean ± std (n)` in percent over the group's seeds (sample std, ddof=1;
 run shows no std). Tables: test accuracy at the best-validation checkpoint (`test_acc`), at the
 last step (`test_acc_last`), then training throughput and peak memory per cell. Avg is the mean of
 a row's task means, as in the LRA paper, and is left out (marked) for a row that lacks a task
-another row has, so averages over different task sets are never set side by side.
+another row has, so averages over different task sets are never set side by side. `--csv` writes
+every cell in long form, `--latex` the `--metric` table as a booktabs tabular (best in bold).
 
 Nothing is dropped silently. A cell is marked † when its runs differ in anything but the seed:
 config.yaml (the resolved Hydra config train.py writes next to results.json) is compared key by
@@ -25,7 +27,9 @@ Imports the standard library, pyyaml and our atomic writers (and matplotlib for 
 from __future__ import annotations
 
 import argparse
+import csv
 import fnmatch
+import io
 import json
 import math
 import statistics
@@ -420,6 +424,73 @@ def format_markdown(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_csv(summary: Summary) -> str:
+    """Every cell of every table in long form, one row per (attention, task, metric): for
+    plotting or a spreadsheet. `mixed` and `duplicate_seeds` are the † and ‡ of the markdown."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["attention", "task", "metric", "mean", "std", "n", "mixed", "duplicate_seeds"])
+    for name, stats in summary.tables.items():
+        for attn in summary.attns:
+            for task in summary.tasks:
+                stat = stats.get((attn, task))
+                if stat is None:
+                    continue
+                group = summary.groups[attn, task]
+                std = "" if stat.std is None else f"{stat.std:.6g}"
+                writer.writerow(
+                    [attn, task, name, f"{stat.mean:.6g}", std, stat.n,
+                     int(bool(group.differing)), int(bool(group.duplicate_seeds))]
+                )  # fmt: skip
+    return out.getvalue()
+
+
+def format_latex(summary: Summary, metric: str = "test_acc") -> str:
+    """The `metric` table as a LaTeX tabular (booktabs): mean ± std in percent, the best mean of
+    each column in bold, † and ‡ as in the markdown (whose notes say why), Avg as there ("--"
+    where a row lacks a task)."""
+    stats = summary.tables[metric]
+    present = [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+    averages = {
+        attn: statistics.fmean(stats[attn, t].mean for t in present)
+        for attn in summary.attns
+        if present and all((attn, t) in stats for t in present)
+    }
+    best = {t: max(stats[a, t].mean for a in summary.attns if (a, t) in stats) for t in present}
+    best_avg = max(averages.values(), default=None)
+
+    def cell(mean: float, std: float | None, top: float | None) -> str:
+        text = f"{mean:.2f}" + (f" $\\pm$ {std:.2f}" if std is not None else "")
+        return f"\\textbf{{{text}}}" if top is not None and math.isclose(mean, top) else text
+
+    def escape(text: str) -> str:
+        return text.replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")
+
+    lines = [
+        f"% {ACCURACY_TITLES[metric]}; mean $\\pm$ sample std over seeds "
+        "(python -m mra_lra.bench.report)",
+        "\\begin{tabular}{l" + "c" * (len(present) + 1) + "}",
+        "\\toprule",
+        " & ".join(["Attention", *(TASKS[t] for t in present), "Avg"]) + " \\\\",
+        "\\midrule",
+    ]
+    for attn in summary.attns:
+        cells = [escape(attn)]
+        for task in present:
+            stat = stats.get((attn, task))
+            group = summary.groups.get((attn, task))
+            marks = "".join(
+                mark for mark, on in (("\\dagger", group and group.differing),
+                                      ("\\ddagger", group and group.duplicate_seeds)) if on
+            )  # fmt: skip
+            text = cell(stat.mean, stat.std, best[task]) if stat else "--"
+            cells.append(text + (f"$^{{{marks}}}$" if stat and marks else ""))
+        cells.append(cell(averages[attn], None, best_avg) if attn in averages else "--")
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
 def _runs(n: int) -> str:
     return f"{n} run" if n == 1 else f"{n} runs"
 
@@ -604,6 +675,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("paths", nargs="+", type=Path, help="run folders or multirun folders")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     p.add_argument("--plot", type=Path, default=None, help="accuracy vs tokens/s PNG")
+    p.add_argument("--csv", type=Path, default=None, help="every cell in long form")
+    p.add_argument("--latex", type=Path, default=None, help="the --metric table as a tabular")
     p.add_argument(
         "--metric",
         default="test_acc",
@@ -622,12 +695,17 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(collect_runs(args.paths), metrics)
         text = format_markdown(summary)
         print(text, end="", flush=True)
-        for path in (args.out, args.plot):
+        for path in (args.out, args.plot, args.csv, args.latex):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-        if args.out:
-            atomic_write_text(args.out, text)
-            print(f"wrote {args.out}", file=sys.stderr)
+        for path, make in (
+            (args.out, lambda: text),
+            (args.csv, lambda: format_csv(summary)),
+            (args.latex, lambda: format_latex(summary, args.metric)),
+        ):
+            if path:
+                atomic_write_text(path, make())
+                print(f"wrote {path}", file=sys.stderr)
         if args.plot:
             plot(summary, args.plot, args.metric)
             print(f"wrote {args.plot}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The results report against tables computed by hand from hand-made run folders."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -444,3 +445,33 @@ def test_real_configs_of_two_seeds_are_one_setting(compose_cfg, tmp_path):
     markdown = report(tmp_path)
     assert table_rows(markdown, BEST)["mra"] == ["40.00 ± 0.00 (2)", "40.00"]
     assert "## Notes" not in markdown
+
+
+def test_latex_and_csv_outputs(tmp_path):
+    root = write_grid(tmp_path / "grid")
+    # A second ListOps softmax run with seed 0 again: ‡ on that cell.
+    write_run(tmp_path / "grid" / "dup", "listops", "softmax", 0, 0.37, 0.30, 1100.0, 100.0)
+    tex, table = tmp_path / "out" / "table.tex", tmp_path / "out" / "cells.csv"
+    assert main([str(root), "--latex", str(tex), "--csv", str(table)]) == 0
+    body = tex.read_text().splitlines()
+    assert body[1:5] == [
+        r"\begin{tabular}{lccc}",
+        r"\toprule",
+        r"Attention & ListOps & Image & Avg \\",
+        r"\midrule",
+    ]
+    # softmax ListOps: 38, 36, 37 and the duplicate 37 -> mean 37.00, std 0.82
+    assert body[5] == (
+        r"softmax & 37.00 $\pm$ 0.82$^{\ddagger}$ & \textbf{42.00 $\pm$ 2.00} & 39.50 \\"
+    )
+    assert body[6] == (
+        r"mra & \textbf{39.00 $\pm$ 2.65} & \textbf{42.00 $\pm$ 1.73} & \textbf{40.50} \\"
+    )
+    assert body[7:] == [r"\bottomrule", r"\end{tabular}"]
+    rows = list(csv.DictReader(table.open()))
+    cell = {(r["attention"], r["task"], r["metric"]): r for r in rows}
+    assert len(rows) == 2 * 2 * 4  # attentions x tasks x (two accuracies, throughput, memory)
+    assert cell["mra", "listops", "test_acc"]["mean"] == "39"
+    assert float(cell["mra", "listops", "test_acc"]["std"]) == pytest.approx(2.64575, rel=1e-5)
+    assert cell["softmax", "listops", "test_acc"]["duplicate_seeds"] == "1"
+    assert cell["mra", "image", "peak_memory_mb"]["n"] == "3"

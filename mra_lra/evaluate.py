@@ -14,7 +14,11 @@ a model trained with MRA, to see what the approximation costs.
 
 Options: `ckpt=best|last|<path>` (default best: checkpoints/best.ckpt, the best validation
 accuracy), `split=test|val|val,test` (default test), `out=<file>` (default
-`<run_dir>/eval_<ckpt>.json`, written atomically). Evaluation runs on one device: the run's GPU
+`<run_dir>/eval_<ckpt>.json`, written atomically), `predictions=true`: also write every
+example's prediction to `<out without .json>_<split>_predictions.csv` (index in the split,
+length = unmasked tokens, label, prediction) and add accuracy by length (four equal-width bins
+from the split's shortest to its longest input) to the results: does a model fail on the long
+inputs? Evaluation runs on one device: the run's GPU
 when there is one, else the CPU (in float32, since a GPU run's bf16-mixed autocast would run
 slowly there); `trainer.accelerator=...` and `trainer.precision=...` choose otherwise.
 """
@@ -28,16 +32,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mra_lra.data.cache import atomic_write_json
+from mra_lra.data.cache import atomic_open, atomic_write_json
 from mra_lra.train import build
 
 USAGE = (
     "usage: python eval.py run_dir=<run folder> [ckpt=best|last|<path>] [split=test|val|val,test]"
-    " [out=<file>] [key=value overrides of the run's config...]"
+    " [out=<file>] [predictions=true] [key=value overrides of the run's config...]"
 )
 SPLITS = ("val", "test")
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -61,13 +66,19 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
         key, sep, _ = arg.partition("=")
         if not sep or not key:
             raise EvalError(f"{arg!r} is not key=value. {USAGE}")
-        if key in ("run_dir", "ckpt", "split", "out"):
+        if key in ("run_dir", "ckpt", "split", "out", "predictions"):
             options[key] = arg[len(key) + 1 :]
         else:
             overrides.append(arg)
     if "run_dir" not in options:
         raise EvalError(f"say which run: run_dir=<folder holding config.yaml>. {USAGE}")
     return options, overrides
+
+
+def parse_flag(key: str, text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise EvalError(f"{key}={text}: write {key}=true or {key}=false")
+    return text.lower() == "true"
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
@@ -156,12 +167,46 @@ def eval_trainer(cfg: DictConfig) -> pl.Trainer:
     return hydra.utils.instantiate(trainer_cfg)
 
 
+def accuracy_by_length(lengths: np.ndarray, correct: np.ndarray, bins: int = 4) -> list[dict]:
+    """Accuracy in `bins` equal-width length ranges from the shortest to the longest input (one
+    range when all have the same length); empty ranges are left out."""
+    low, high = int(lengths.min()), int(lengths.max())
+    edges = np.unique(np.linspace(low, high + 1, bins + 1).astype(np.int64)) if high > low else None
+    if edges is None:
+        edges = np.array([low, high + 1])
+    rows = []
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        inside = (lengths >= start) & (lengths < stop)
+        if inside.any():
+            rows.append(
+                {"min_length": int(start), "max_length": int(stop) - 1, "n": int(inside.sum()),
+                 "acc": float(correct[inside].mean())}
+            )  # fmt: skip
+    return rows
+
+
+def write_predictions(
+    trainer: pl.Trainer, module: pl.LightningModule, loader, path: Path
+) -> dict[str, np.ndarray]:
+    """Every example's prediction, in the split's order, to `path` (CSV, atomically)."""
+    parts = trainer.predict(module, dataloaders=loader)
+    columns = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
+    columns["correct"] = (columns["prediction"] == columns["label"]).astype(np.int64)
+    names = ["index", *columns]
+    with atomic_open(path) as f:
+        f.write(",".join(names) + "\n")
+        for i, row in enumerate(zip(*columns.values(), strict=True)):
+            f.write(",".join(map(str, (i, *row))) + "\n")
+    return columns
+
+
 def evaluate(
     run_dir: str | Path,
     ckpt: str = "best",
     splits: Sequence[str] = ("test",),
     overrides: Sequence[str] = (),
     out: str | Path | None = None,
+    predictions: bool = False,
 ) -> dict:
     """Rebuild the run's model from its config (plus overrides), load `ckpt`, and measure
     accuracy and loss on `splits`; writes and returns the results."""
@@ -192,19 +237,31 @@ def evaluate(
         "task": cfg.task.name,
         "attn": cfg.attn.name,
     }
+    out = Path(out) if out else run_dir / f"eval_{path.stem}.json"
     for split in splits:
         run_split = trainer.validate if split == "val" else trainer.test
         metrics = run_split(module, datamodule=datamodule, verbose=False)[0]
         results[f"{split}_acc"] = metrics[f"{split}/acc"]
         results[f"{split}_loss"] = metrics[f"{split}/loss"]
+        if predictions:
+            loader = getattr(datamodule, f"{split}_dataloader")()
+            # The same examples as the accuracy above (a run's limit_<split>_batches included).
+            trainer.limit_predict_batches = getattr(trainer, f"limit_{split}_batches")
+            csv_path = out.with_name(f"{out.stem}_{split}_predictions.csv")
+            columns = write_predictions(trainer, module, loader, csv_path)
+            results[f"{split}_predictions"] = str(csv_path)
+            results[f"{split}_acc_by_length"] = accuracy_by_length(
+                columns["length"], columns["correct"]
+            )
     results["device"] = (
         torch.cuda.get_device_name() if trainer.strategy.root_device.type == "cuda" else "cpu"
     )
     results["precision"] = str(trainer.precision)
     results["wall_seconds"] = time.perf_counter() - start
-    out = Path(out) if out else run_dir / f"eval_{path.stem}.json"
     atomic_write_json(out, results)
     accs = ", ".join(f"{s} accuracy {results[f'{s}_acc']:.4f}" for s in splits)
+    if predictions:
+        accs += " (predictions in " + ", ".join(results[f"{s}_predictions"] for s in splits) + ")"
     print(
         f"{results['task']} / {results['attn']} at step {results['checkpoint_step']} "
         f"({path.name}): {accs}; written to {out}",
@@ -223,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             splits=[s for s in options["split"].split(",") if s],
             overrides=overrides,
             out=options.get("out"),
+            predictions=parse_flag("predictions", options.get("predictions", "false")),
         )
     except (EvalError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

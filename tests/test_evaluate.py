@@ -1,5 +1,6 @@
 """eval.py: a run's checkpoint evaluated again from its own config.yaml."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -92,6 +93,7 @@ def test_gpu_run_falls_back_to_cpu(trained, tmp_path):
         (["{run}", "ckpt=nowhere.ckpt"], "checkpoint nowhere.ckpt not found"),
         (["{run}", "model.d_model=32"], "does not fit the model built from"),
         (["{run}", "oops"], "'oops' is not key=value"),
+        (["{run}", "predictions=yes"], "write predictions=true or predictions=false"),
         (["run_dir={tmp}"], "config.yaml not found: run_dir must be a run folder"),
     ],
 )
@@ -125,3 +127,50 @@ def test_eval_py_on_the_command_line(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout
     assert json.loads(out.read_text())["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+
+
+def test_predictions_and_accuracy_by_length(trained, tmp_path):
+    run_dir, results = trained
+    out = tmp_path / "pred.json"
+    got = evaluate(run_dir, splits=["test"], out=out, predictions=True)
+    path = tmp_path / "pred_test_predictions.csv"
+    assert got["test_predictions"] == str(path)
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == list(range(16))  # the tiny test split, in order
+    correct = [int(r["prediction"] == r["label"]) for r in rows]
+    assert [int(r["correct"]) for r in rows] == correct
+    assert sum(correct) / len(rows) == pytest.approx(results["test_acc"], abs=1e-6)
+    # Lengths are the data's own (the cached arrays), not something the model reports.
+    from mra_lra.evaluate import load_run_config
+    from mra_lra.train import build
+
+    datamodule, _ = build(load_run_config(run_dir, []))
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    lengths = list(datamodule.datasets["test"].arrays["length"])
+    assert [int(r["length"]) for r in rows] == lengths
+    bins = got["test_acc_by_length"]
+    assert sum(b["n"] for b in bins) == 16
+    assert bins[0]["min_length"] == min(lengths) and bins[-1]["max_length"] == max(lengths)
+    for b in bins:
+        inside = [c for c, n in zip(correct, lengths, strict=True)
+                  if b["min_length"] <= n <= b["max_length"]]  # fmt: skip
+        assert b["n"] == len(inside) and b["acc"] == pytest.approx(sum(inside) / len(inside))
+
+
+def test_accuracy_by_length_bins():
+    import numpy as np
+
+    from mra_lra.evaluate import accuracy_by_length
+
+    lengths = np.array([10, 11, 19, 20, 40, 49])
+    correct = np.array([1, 0, 1, 1, 0, 1])
+    # Edges 10 to 50 in four: [10, 20), [20, 30), [30, 40), [40, 50); the empty one is left out.
+    assert accuracy_by_length(lengths, correct) == [
+        {"min_length": 10, "max_length": 19, "n": 3, "acc": pytest.approx(2 / 3)},
+        {"min_length": 20, "max_length": 29, "n": 1, "acc": 1.0},
+        {"min_length": 40, "max_length": 49, "n": 2, "acc": 0.5},
+    ]
+    same = accuracy_by_length(np.array([1024, 1024]), np.array([1, 0]))
+    assert same == [{"min_length": 1024, "max_length": 1024, "n": 2, "acc": 0.5}]

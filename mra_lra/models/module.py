@@ -143,6 +143,18 @@ class LRALitModule(pl.LightningModule):
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per example: predicted class, label, and unmasked tokens per input (eval.py's
+        predictions=true)."""
+        out = {
+            "prediction": self(batch).argmax(dim=-1),
+            "label": batch["label"],
+            "length": batch["mask"].sum(dim=-1).long(),
+        }
+        if "mask_2" in batch:
+            out["length_2"] = batch["mask_2"].sum(dim=-1).long()
+        return out
+
     # --- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())

@@ -18,9 +18,11 @@ accuracy), `split=test|val|val,test` (default test), `out=<file>` (default
 example's prediction to `<out without .json>_<split>_predictions.csv` (index in the split,
 length = unmasked tokens, label, prediction) and add accuracy by length (four equal-width bins
 from the split's shortest to its longest input) to the results: does a model fail on the long
-inputs? Evaluation runs on one device: the run's GPU
-when there is one, else the CPU (in float32, since a GPU run's bf16-mixed autocast would run
-slowly there); `trainer.accelerator=...` and `trainer.precision=...` choose otherwise.
+inputs?
+
+Evaluation runs on one device: the run's GPU when there is one, else the CPU (in float32, since a
+GPU run's bf16-mixed autocast would run slowly there); `trainer.accelerator=...` and
+`trainer.precision=...` choose otherwise.
 """
 
 from __future__ import annotations
@@ -171,9 +173,7 @@ def accuracy_by_length(lengths: np.ndarray, correct: np.ndarray, bins: int = 4) 
     """Accuracy in `bins` equal-width length ranges from the shortest to the longest input (one
     range when all have the same length); empty ranges are left out."""
     low, high = int(lengths.min()), int(lengths.max())
-    edges = np.unique(np.linspace(low, high + 1, bins + 1).astype(np.int64)) if high > low else None
-    if edges is None:
-        edges = np.array([low, high + 1])
+    edges = np.unique(np.linspace(low, high + 1, bins + 1).astype(np.int64))
     rows = []
     for start, stop in zip(edges[:-1], edges[1:], strict=True):
         inside = (lengths >= start) & (lengths < stop)

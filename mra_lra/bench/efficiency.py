@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import csv
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,18 +126,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "batch": args.batch,
                 "n": n,
             }
-            steps, precision = {}, ""
-            if failed is None:
+            steps, precision, status = {}, "", failed
+            if status is None:
                 try:
                     torch.manual_seed(0)
                     _, steps, precision = model_steps(
                         cfg, random_batch(cfg, args.batch, n, device), device
                     )
                 except Exception as e:  # a model that cannot be built at this length
-                    failed = describe(e)
+                    status = describe(e)
+                    failed = status if is_oom(e) else None
             for pass_name in args.passes:
                 row = dict(base, precision=precision, **{"pass": pass_name})
-                status = failed
                 if status is None:
                     try:
                         ms, peak = measure(steps[pass_name], device, args)
@@ -231,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if missing:
         known = sorted({f.stem.split("_", 1)[1] for f in experiments.glob(f"{args.task}_*.yaml")})
         p.error(f"no {args.family} experiment for {args.task} with {missing}; attentions: {known}")
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
 
 

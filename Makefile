@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data reproduce eval test test-slow bench gpu-check triton-compat lint
+.PHONY: install train demo data reproduce eval test test-slow bench gpu-check gpu-train-check gpu-wheels triton-compat lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +64,17 @@ bench: $(STAMP)
 # Needs only torch, triton, numpy (no install step: GPU images carry their own torch).
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# On a CUDA machine, after gpu-check: train.py, eval.py and LRA's efficiency table end to end on
+# the GPU (about 3 minutes). GPU images lack hydra: `make gpu-wheels` (where PyPI is reachable)
+# puts its wheels in .whl/, which the script unpacks there.
+gpu-train-check:
+	bash scripts/gpu_train_check.sh
+
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(BIN)/pip download -q --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+	$(BIN)/pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 # The Triton tests (interpreter, and the sm_90 compile of every kernel) under the GPU image's
 # Triton release, in a venv of their own: make triton-compat TRITON_VERSION=3.6.0; add

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# GPU end-to-end check, one command on a CUDA machine (about 3 minutes; run after gpu_check.sh):
+#   1. hydra-core, omegaconf and antlr4 unpacked from the wheels in .whl/ when the image lacks
+#      them (GPU images carry torch, triton and Lightning but not hydra; `make gpu-wheels` fetches
+#      the wheels on a machine with PyPI, and the device tool carries .whl/ along);
+#   2. train.py: the paper's ListOps recipe (experiment=lra/listops_<attn>, bf16-mixed, MRA on
+#      Triton) for softmax, mra and mra_s on a small generated ListOps set at length 2048;
+#   3. eval.py on mra's best checkpoint twice: as trained (Triton) and with attn.backend=torch
+#      (the same function computed by the other path: the accuracies must agree);
+#   4. bench.efficiency: LRA's efficiency table (text recipe, batch 32, n = 1k..4k) for softmax,
+#      mra and mra_s, training steps per second and memory.
+# Writes gpu_train_check.log, train_<attn>.json (results.json), eval_triton.json, eval_torch.json,
+# efficiency.csv and efficiency.md to $OUT (default ./bench_out). Every step runs under a timeout
+# within BUDGET_S (420 s), so the whole stays under 8 minutes.
+# A CPU dry run of the plumbing:
+#   TRAINER=cpu DEVICE=cpu ATTNS="mra mra_s" STEPS=6 EFF_N=256 EFF_BATCH=2 OUT=/tmp/x \
+#     bash scripts/gpu_train_check.sh
+set -u
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-./bench_out}
+TRAINER=${TRAINER:-gpu}
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-60}
+ATTNS=${ATTNS:-softmax mra mra_s}
+BUDGET_S=${BUDGET_S:-420}
+EFF_N=${EFF_N:-1024,2048,3072,4096}
+EFF_BATCH=${EFF_BATCH:-32}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_train_check.log"
+: >"$LOG"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0
+export WANDB_MODE=disabled
+
+FAILED=()
+log() { echo "$@" | tee -a "$LOG"; }
+# step NAME CAP COMMAND...: under timeout min(CAP, what is left of BUDGET_S); skipped when spent.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - SECONDS))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then
+        log "=== $name: skipped, the ${BUDGET_S}s budget is spent"
+        FAILED+=("$name (skipped)")
+        return 1
+    fi
+    log "=== $name (at most ${limit}s; ${SECONDS}s elapsed)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    if ((rc != 0)); then
+        log "=== $name: exit code $rc"
+        FAILED+=("$name (exit $rc)")
+    fi
+    return "$rc"
+}
+
+if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null; then
+    shopt -s nullglob
+    WHEELS=(.whl/*.whl)
+    if ((${#WHEELS[@]} == 0)); then
+        log "=== no hydra here and no wheels in .whl/: run \`make gpu-wheels\` where PyPI is reachable"
+        exit 1
+    fi
+    # Pure-Python wheels are zip files: unpacking them is all an install would do.
+    "$PYTHON" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
+        "$WORK/site" "${WHEELS[@]}"
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
+    log "=== hydra from ${WHEELS[*]}"
+fi
+step versions 60 "$PYTHON" -c "
+import torch, pytorch_lightning, hydra, omegaconf
+print('torch', torch.__version__, '| lightning', pytorch_lightning.__version__, '| hydra',
+      hydra.__version__, '| omegaconf', omegaconf.__version__)
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+"
+
+# A small ListOps set of the paper's lengths (500-2000 tokens, padded to 2048), generated once.
+DATA=(data.data_dir="$WORK/data" data.num_train=2000 data.num_val=256 data.num_test=256
+    data.num_workers=2)
+for attn in $ATTNS; do
+    step "train $attn" 150 "$PYTHON" train.py experiment=lra/listops_$attn trainer=$TRAINER \
+        "${DATA[@]}" trainer.max_steps="$STEPS" trainer.val_check_interval=$((STEPS / 2)) \
+        scheduler.warmup_steps=$((STEPS / 6)) trainer.enable_progress_bar=false logger=csv \
+        hydra.run.dir="$WORK/run_$attn" &&
+        cp "$WORK/run_$attn/results.json" "$OUT/train_$attn.json"
+done
+
+if [[ -f "$WORK/run_mra/checkpoints/best.ckpt" ]]; then
+    step "eval mra (as trained)" 90 "$PYTHON" eval.py run_dir="$WORK/run_mra" split=val,test \
+        out="$OUT/eval_triton.json"
+    step "eval mra (attn.backend=torch)" 90 "$PYTHON" eval.py run_dir="$WORK/run_mra" \
+        split=val,test attn.backend=torch out="$OUT/eval_torch.json"
+    step "eval: both paths agree" 30 "$PYTHON" -c "
+import json, sys
+a, b = (json.load(open(f'$OUT/eval_{p}.json')) for p in ('triton', 'torch'))
+for key in ('val_acc', 'test_acc', 'test_loss'):
+    print(f'{key}: as trained {a[key]:.6f}, torch path {b[key]:.6f}')
+# bf16 autocast around the projections; the attention itself accumulates in float32.
+sys.exit(0 if abs(a['test_acc'] - b['test_acc']) <= 0.02 and abs(a['test_loss'] - b['test_loss']) <= 0.02 else 1)
+"
+fi
+
+step "efficiency: LRA's table, text recipe" 180 "$PYTHON" -m mra_lra.bench.efficiency \
+    --device "$DEVICE" --attn softmax,mra,mra_s --n "$EFF_N" --batch "$EFF_BATCH" --repeats 5 \
+    --warmup 2 --max-seconds 10 --out "$OUT"
+
+log "=== done in ${SECONDS}s; files in $OUT:"
+ls -l "$OUT" | tee -a "$LOG"
+if ((${#FAILED[@]})); then
+    log "=== FAILED: ${FAILED[*]}"
+    exit 1
+fi
+log "=== all steps passed"

@@ -10,7 +10,9 @@ train.py saved), so nothing has to be typed twice; any other `key=value` changes
 `trainer.precision=32-true`, or an MRA setting such as `attn.block_per_row` to test a trained model
 at another budget). A key the run's config does not have is an error; `+key=value` adds one.
 `attn=<name>` swaps in another attention's config (conf/attn/<name>.yaml), e.g. exact softmax for
-a model trained with MRA, to see what the approximation costs.
+a model trained with MRA, to see what the approximation costs. A comma list evaluates each value
+(`attn.block_per_row=1,2,4,8,16`: one trained model at every budget; several lists: every
+combination), each to its own JSON, with a table of all in `<out stem>_sweep.csv`.
 
 Options: `ckpt=best|last|<path>` (default best: checkpoints/best.ckpt, the best validation
 accuracy), `split=test|val|val,test` (default test), `out=<file>` (default
@@ -27,6 +29,7 @@ GPU run's bf16-mixed autocast would run slowly there); `trainer.accelerator=...`
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -270,18 +273,69 @@ def evaluate(
     return results
 
 
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """`key=a,b,c` (a comma list, not a `[...]` value) becomes one evaluation per value; several
+    such keys, one per combination. Without a list: one evaluation with the overrides as given."""
+    choices = []
+    for arg in overrides:
+        key, _, text = arg.partition("=")
+        swept = "," in text and not text.lstrip().startswith(("[", "{"))
+        choices.append([f"{key}={v}" for v in text.split(",")] if swept else [arg])
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def evaluate_sweep(
+    run_dir: str | Path,
+    combos: list[list[str]],
+    ckpt: str,
+    splits: Sequence[str],
+    out: str | Path | None,
+    predictions: bool,
+) -> list[dict]:
+    """One `evaluate` per combination, each to `<stem>__<swept key=value...>.json`, and a table
+    of them to `<stem>_sweep.csv` (stem: `out` without .json, default <run_dir>/eval_<ckpt>)."""
+    stem = Path(out).with_suffix("") if out else Path(run_dir) / f"eval_{Path(ckpt).stem}"
+    swept = [i for i in range(len(combos[0])) if len({c[i] for c in combos}) > 1]
+    rows = []
+    for combo in combos:
+        label = "__".join(combo[i].replace("/", "_") for i in swept)
+        result = evaluate(
+            run_dir, ckpt, splits, combo, stem.with_name(f"{stem.name}__{label}.json"), predictions
+        )
+        row = {combo[i].partition("=")[0]: combo[i].partition("=")[2] for i in swept}
+        for split in splits:
+            row.update(
+                {f"{split}_acc": result[f"{split}_acc"], f"{split}_loss": result[f"{split}_loss"]}
+            )
+        rows.append({**row, "wall_seconds": result["wall_seconds"]})
+    table = stem.with_name(f"{stem.name}_sweep.csv")
+    with atomic_open(table) as f:
+        f.write(",".join(rows[0]) + "\n")
+        f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
+    print(f"sweep of {len(rows)} evaluations: {table}")
+    for row in rows:
+        print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in row.items()))  # fmt: skip
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         options, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        evaluate(
-            options["run_dir"],
-            ckpt=options["ckpt"],
-            splits=[s for s in options["split"].split(",") if s],
-            overrides=overrides,
-            out=options.get("out"),
-            predictions=parse_flag("predictions", options.get("predictions", "false")),
-        )
+        splits = [s for s in options["split"].split(",") if s]
+        predictions = parse_flag("predictions", options.get("predictions", "false"))
+        combos = expand_sweep(overrides)
+        if len(combos) == 1:
+            evaluate(
+                options["run_dir"], options["ckpt"], splits, overrides, options.get("out"),
+                predictions,
+            )  # fmt: skip
+        else:
+            evaluate_sweep(
+                options["run_dir"], combos, options["ckpt"], splits, options.get("out"),
+                predictions,
+            )  # fmt: skip
     except (EvalError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

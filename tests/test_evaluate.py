@@ -174,3 +174,44 @@ def test_accuracy_by_length_bins():
     ]
     same = accuracy_by_length(np.array([1024, 1024]), np.array([1, 0]))
     assert same == [{"min_length": 1024, "max_length": 1024, "n": 2, "acc": 0.5}]
+
+
+def test_comma_lists_evaluate_every_combination(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "budget.json"
+    args = [
+        f"run_dir={run_dir}",
+        f"out={out}",
+        "attn.block_per_row=1,4",
+        "attn.approx_mode=full,sparse",
+    ]
+    assert main(args) == 0
+    with (tmp_path / "budget_sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["attn.block_per_row"], r["attn.approx_mode"]) for r in rows] == [
+        ("1", "full"),
+        ("1", "sparse"),
+        ("4", "full"),
+        ("4", "sparse"),
+    ]
+    # Each row is the evaluation a single command gives, and has its own JSON.
+    single = evaluate(run_dir, overrides=["attn.block_per_row=1"], out=tmp_path / "one.json")
+    assert float(rows[0]["test_loss"]) == pytest.approx(single["test_loss"], rel=1e-6)
+    # With every block chosen (block_per_row 4 at 4 blocks) both modes are exact softmax; with
+    # one block per row they differ.
+    softmax = evaluate(run_dir, overrides=["attn=softmax"], out=tmp_path / "softmax.json")
+    losses = {(r["attn.block_per_row"], r["attn.approx_mode"]): float(r["test_loss"]) for r in rows}
+    assert losses["4", "full"] == pytest.approx(softmax["test_loss"], rel=1e-4)
+    assert losses["4", "sparse"] == pytest.approx(softmax["test_loss"], rel=1e-4)
+    assert losses["1", "full"] != pytest.approx(losses["1", "sparse"], rel=1e-4)
+    saved = json.loads(
+        (tmp_path / "budget__attn.block_per_row=4__attn.approx_mode=full.json").read_text()
+    )
+    assert saved["overrides"] == ["attn.block_per_row=4", "attn.approx_mode=full"]
+
+
+def test_a_list_value_is_not_a_sweep():
+    from mra_lra.evaluate import expand_sweep
+
+    assert expand_sweep(["attn.patch_shape=[4,8]", "a=1"]) == [["attn.patch_shape=[4,8]", "a=1"]]
+    assert expand_sweep(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"]]

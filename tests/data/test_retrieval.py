@@ -262,6 +262,14 @@ def test_two_towers_train_end_to_end(compose_cfg, tmp_path) -> None:
     assert results["task"] == "retrieval" and results["steps"] == 3
     assert results["val_acc_best"] is not None and 0.0 <= results["test_acc"] <= 1.0
 
+    # eval.py rebuilds the two-tower model; its predictions carry both documents' lengths.
+    from mra_lra.evaluate import evaluate
+
+    again = evaluate(tmp_path / "run", out=tmp_path / "eval.json", predictions=True)
+    assert again["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    header = (tmp_path / "eval_test_predictions.csv").read_text().splitlines()[0]
+    assert header == "index,prediction,label,length,length_2,correct"
+
     # The batched 2B-sequence pass equals encoding each document on its own, with the head on
     # [u, v, u*v, u-v] (spec/lra.md).
     net = hydra.utils.instantiate(cfg.model, _convert_="all").eval()

@@ -450,9 +450,9 @@ def format_latex(summary: Summary, metric: str = "test_acc") -> str:
     each column in bold, † and ‡ as in the markdown (whose notes say why), Avg as there ("--"
     where a row lacks a task)."""
     stats = summary.tables[metric]
-    present = [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+    present = _present_tasks(summary, stats)
     averages = {
-        attn: statistics.fmean(stats[attn, t].mean for t in present)
+        attn: _average(stats, attn, present)
         for attn in summary.attns
         if present and all((attn, t) in stats for t in present)
     }
@@ -510,8 +510,7 @@ def _marks(group: Group | None) -> str:
 def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: bool) -> list[str]:
     stats = summary.tables[name]
     header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
-    # The tasks some row has in this table: a row missing one of them gets no average.
-    present = [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+    present = _present_tasks(summary, stats)
     rows = []
     for attn in summary.attns:
         row = [attn]
@@ -526,9 +525,19 @@ def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: boo
             elif missing:
                 row.append(f"— (no {', '.join(missing)})")
             else:
-                row.append(f"{statistics.fmean(stats[attn, t].mean for t in present):.2f}")
+                row.append(f"{_average(stats, attn, present):.2f}")
         rows.append(row)
     return _markdown_table(header, rows)
+
+
+def _present_tasks(summary: Summary, stats: dict[tuple[str, str], Stat]) -> list[str]:
+    """The tasks some row has in this table: a row missing one of them gets no average."""
+    return [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+
+
+def _average(stats: dict[tuple[str, str], Stat], attn: str, tasks: list[str]) -> float:
+    """A row's Avg, as in the LRA paper: the mean of its task means."""
+    return statistics.fmean(stats[attn, t].mean for t in tasks)
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -40,36 +40,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0
 
-START=$SECONDS
-FAILED=()
-
-log() { echo "$@" | tee -a "$LOG"; }
-
-# step NAME CAP_SECONDS COMMAND...: run under timeout min(CAP, budget left), log, remember failures.
-# ALWAYS=1 step ...: run under CAP alone, even when the budget is spent (the cheap last steps).
-step() {
-    local name=$1 cap=$2
-    shift 2
-    local left=$((BUDGET_S - (SECONDS - START)))
-    local limit=$((cap < left ? cap : left))
-    if ((${ALWAYS:-0})); then
-        limit=$cap
-    elif ((limit < 10)); then
-        log "=== $name: skipped, the ${BUDGET_S}s budget is spent"
-        FAILED+=("$name (skipped)")
-        return
-    fi
-    log "=== $name (at most ${limit}s; $((SECONDS - START))s elapsed)"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-    local rc=${PIPESTATUS[0]}
-    if ((rc == 124 || rc == 137)); then
-        log "=== $name: timed out after ${limit}s"
-        FAILED+=("$name (timeout)")
-    elif ((rc != 0)); then
-        log "=== $name: exit code $rc"
-        FAILED+=("$name (exit $rc)")
-    fi
-}
+source scripts/steps.sh
 
 log "=== GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
 step versions 60 "$PYTHON" -c "
@@ -125,10 +96,4 @@ fi
 # The issue's targets judged from whatever tables the steps above wrote (targets.md).
 ALWAYS=1 step targets 15 "$PYTHON" -m mra_lra.bench.targets "$OUT" --out "$OUT/targets.md"
 
-log "=== done in $((SECONDS - START))s; files in $OUT:"
-ls -l "$OUT" | tee -a "$LOG"
-if ((${#FAILED[@]})); then
-    log "=== FAILED: ${FAILED[*]}"
-    exit 1
-fi
-log "=== all steps passed"
+finish "$OUT"

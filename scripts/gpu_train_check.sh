@@ -39,28 +39,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0
 export WANDB_MODE=disabled
 
-FAILED=()
-log() { echo "$@" | tee -a "$LOG"; }
-# step NAME CAP COMMAND...: under timeout min(CAP, what is left of BUDGET_S); skipped when spent.
-step() {
-    local name=$1 cap=$2
-    shift 2
-    local left=$((BUDGET_S - SECONDS))
-    local limit=$((cap < left ? cap : left))
-    if ((limit < 10)); then
-        log "=== $name: skipped, the ${BUDGET_S}s budget is spent"
-        FAILED+=("$name (skipped)")
-        return 1
-    fi
-    log "=== $name (at most ${limit}s; ${SECONDS}s elapsed)"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-    local rc=${PIPESTATUS[0]}
-    if ((rc != 0)); then
-        log "=== $name: exit code $rc"
-        FAILED+=("$name (exit $rc)")
-    fi
-    return "$rc"
-}
+source scripts/steps.sh
 
 if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null; then
     shopt -s nullglob
@@ -112,10 +91,4 @@ step "efficiency: LRA's table, text recipe" 180 "$PYTHON" -m mra_lra.bench.effic
     --device "$DEVICE" --attn softmax,mra,mra_s --n "$EFF_N" --batch "$EFF_BATCH" --repeats 5 \
     --warmup 2 --max-seconds 10 --out "$OUT"
 
-log "=== done in ${SECONDS}s; files in $OUT:"
-ls -l "$OUT" | tee -a "$LOG"
-if ((${#FAILED[@]})); then
-    log "=== FAILED: ${FAILED[*]}"
-    exit 1
-fi
-log "=== all steps passed"
+finish "$OUT"

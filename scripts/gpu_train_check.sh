@@ -11,7 +11,7 @@
 #      mra and mra_s, training steps per second and memory.
 # Writes gpu_train_check.log, train_<attn>.json (results.json), eval_triton.json, eval_torch.json,
 # efficiency.csv and efficiency.md to $OUT (default ./bench_out). Every step runs under a timeout
-# within BUDGET_S (420 s), so the whole stays under 8 minutes.
+# within BUDGET_S (300 s), so the whole stays near 5 minutes.
 # A CPU dry run of the plumbing:
 #   TRAINER=cpu DEVICE=cpu ATTNS="mra mra_s" STEPS=6 EFF_N=256 EFF_BATCH=2 OUT=/tmp/x \
 #     bash scripts/gpu_train_check.sh
@@ -24,7 +24,7 @@ TRAINER=${TRAINER:-gpu}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-60}
 ATTNS=${ATTNS:-softmax mra mra_s}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-300}
 EFF_N=${EFF_N:-1024,2048,3072,4096}
 EFF_BATCH=${EFF_BATCH:-32}
 mkdir -p "$OUT"

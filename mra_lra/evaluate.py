@@ -12,7 +12,9 @@ at another budget). A key the run's config does not have is an error; `+key=valu
 `attn=<name>` swaps in another attention's config (conf/attn/<name>.yaml), e.g. exact softmax for
 a model trained with MRA, to see what the approximation costs. A comma list evaluates each value
 (`attn.block_per_row=1,2,4,8,16`: one trained model at every budget; several lists: every
-combination), each to its own JSON, with a table of all in `<out stem>_sweep.csv`.
+combination), each to its own JSON, with a table of all in `<out stem>_sweep.csv`. A run_dir
+without config.yaml evaluates every run folder below it (a multirun, `make reproduce`'s folder),
+with one table of all runs in `<run_dir>/eval_<ckpt>_sweep.csv`.
 
 Options: `ckpt=best|last|<path>` (default best: checkpoints/best.ckpt, the best validation
 accuracy), `split=test|val|val,test` (default test), `out=<file>` (default
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -284,35 +287,57 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def evaluate_sweep(
-    run_dir: str | Path,
+def find_runs(root: Path) -> list[Path]:
+    """`root` itself when it is a run folder (holds config.yaml), else every run folder below it
+    (a multirun's numbered jobs, `make reproduce`'s folder, a folder of runs), sorted."""
+    if (root / "config.yaml").is_file():
+        return [root]
+    runs = sorted(
+        p.parent for p in root.rglob("config.yaml") if (p.parent / "checkpoints").is_dir()
+    )
+    if not runs:
+        raise FileNotFoundError(
+            f"{root / 'config.yaml'} not found, and no run folder (config.yaml and checkpoints/) "
+            "below it: run_dir must be a run folder written by train.py "
+            "(runs/<date>/<time>_<task>_<attn>/) or a folder of them (a multirun)"
+        )
+    return runs
+
+
+def evaluate_many(
+    runs: list[Path],
     combos: list[list[str]],
     ckpt: str,
     splits: Sequence[str],
     out: str | Path | None,
     predictions: bool,
 ) -> list[dict]:
-    """One `evaluate` per combination, each to `<stem>__<swept key=value...>.json`, and a table
-    of them to `<stem>_sweep.csv` (stem: `out` without .json, default <run_dir>/eval_<ckpt>)."""
-    stem = Path(out).with_suffix("") if out else Path(run_dir) / f"eval_{Path(ckpt).stem}"
+    """One `evaluate` per run and combination, each to `<stem>__<swept key=value...>.json` (stem:
+    `out` without .json for a single run, else each run's `eval_<ckpt>`), and a table of all to
+    `<stem>_sweep.csv` (for several runs: `out`'s stem, or `<their common folder>/eval_<ckpt>`)."""
+    name = f"eval_{Path(ckpt).stem}"
+    common = Path(os.path.commonpath(runs)) if len(runs) > 1 else runs[0]
+    table_stem = Path(out).with_suffix("") if out else common / name
     swept = [i for i in range(len(combos[0])) if len({c[i] for c in combos}) > 1]
     rows = []
-    for combo in combos:
+    for run, combo in itertools.product(runs, combos):
+        stem = table_stem if len(runs) == 1 else run / name
         label = "__".join(combo[i].replace("/", "_") for i in swept)
         result = evaluate(
-            run_dir, ckpt, splits, combo, stem.with_name(f"{stem.name}__{label}.json"), predictions
+            run, ckpt, splits, combo, stem.with_name(f"{stem.name}__{label}.json"), predictions
         )
-        row = {combo[i].partition("=")[0]: combo[i].partition("=")[2] for i in swept}
+        row = {"run": str(run.relative_to(common))} if len(runs) > 1 else {}
+        row.update({combo[i].partition("=")[0]: combo[i].partition("=")[2] for i in swept})
         for split in splits:
             row.update(
                 {f"{split}_acc": result[f"{split}_acc"], f"{split}_loss": result[f"{split}_loss"]}
             )
         rows.append({**row, "wall_seconds": result["wall_seconds"]})
-    table = stem.with_name(f"{stem.name}_sweep.csv")
+    table = table_stem.with_name(f"{table_stem.name}_sweep.csv")
     with atomic_open(table) as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
-    print(f"sweep of {len(rows)} evaluations: {table}")
+    print(f"{len(rows)} evaluations: {table}")
     for row in rows:
         print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()))  # fmt: skip
@@ -326,16 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits = [s for s in options["split"].split(",") if s]
         predictions = parse_flag("predictions", options.get("predictions", "false"))
         combos = expand_sweep(overrides)
-        if len(combos) == 1:
-            evaluate(
-                options["run_dir"], options["ckpt"], splits, overrides, options.get("out"),
-                predictions,
-            )  # fmt: skip
+        runs = find_runs(Path(options["run_dir"]))
+        if len(combos) == 1 and len(runs) == 1:
+            evaluate(runs[0], options["ckpt"], splits, overrides, options.get("out"), predictions)
         else:
-            evaluate_sweep(
-                options["run_dir"], combos, options["ckpt"], splits, options.get("out"),
-                predictions,
-            )  # fmt: skip
+            evaluate_many(runs, combos, options["ckpt"], splits, options.get("out"), predictions)
     except (EvalError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

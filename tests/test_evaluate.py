@@ -94,7 +94,7 @@ def test_gpu_run_falls_back_to_cpu(trained, tmp_path):
         (["{run}", "model.d_model=32"], "does not fit the model built from"),
         (["{run}", "oops"], "'oops' is not key=value"),
         (["{run}", "predictions=yes"], "write predictions=true or predictions=false"),
-        (["run_dir={tmp}"], "config.yaml not found: run_dir must be a run folder"),
+        (["run_dir={tmp}"], "config.yaml not found, and no run folder (config.yaml and"),
     ],
 )
 def test_bad_arguments_name_the_problem(trained, tmp_path, capsys, args, message):
@@ -215,3 +215,21 @@ def test_a_list_value_is_not_a_sweep():
 
     assert expand_sweep(["attn.patch_shape=[4,8]", "a=1"]) == [["attn.patch_shape=[4,8]", "a=1"]]
     assert expand_sweep(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"]]
+
+
+def test_a_folder_of_runs_is_evaluated_run_by_run(trained, tmp_path):
+    """A multirun-like folder: every run below it, at every value of the list, in one table."""
+    run_dir, results = trained
+    for job in ("0", "1"):
+        shutil.copytree(run_dir, tmp_path / "multi" / job)
+    (tmp_path / "multi" / "multirun.yaml").write_text("seed: 1\n")  # Hydra's, not a run
+    assert main([f"run_dir={tmp_path / 'multi'}", "attn.block_per_row=1,4"]) == 0
+    with (tmp_path / "multi" / "eval_best_sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["attn.block_per_row"]) for r in rows] == [
+        ("0", "1"), ("0", "4"), ("1", "1"), ("1", "4")
+    ]  # fmt: skip
+    # Copies of one run: the same accuracy as the run's own test, at its own budget (8 = every
+    # block at 4 blocks, as 4 is).
+    assert float(rows[1]["test_acc"]) == pytest.approx(results["test_acc"], abs=1e-6)
+    assert (tmp_path / "multi" / "1" / "eval_best__attn.block_per_row=4.json").is_file()

@@ -18,11 +18,11 @@ with one table of all runs in `<run_dir>/eval_<ckpt>_sweep.csv`.
 
 Options: `ckpt=best|last|<path>` (default best: checkpoints/best.ckpt, the best validation
 accuracy), `split=test|val|val,test` (default test), `out=<file>` (default
-`<run_dir>/eval_<ckpt>.json`, written atomically), `predictions=true`: also write every
-example's prediction to `<out without .json>_<split>_predictions.csv` (index in the split,
-length = unmasked tokens, label, prediction) and add accuracy by length (four equal-width bins
-from the split's shortest to its longest input) to the results: does a model fail on the long
-inputs?
+`<run_dir>/eval_<ckpt>.json`, with `__<override>` for each override; written atomically),
+`predictions=true`: also write every example's prediction to
+`<out without .json>_<split>_predictions.csv` (index in the split, length = unmasked tokens,
+label, prediction) and add accuracy by length (four equal-width bins from the split's shortest to
+its longest input) to the results: does a model fail on the long inputs?
 
 Evaluation runs on one device: the run's GPU when there is one, else the CPU (in float32, since a
 GPU run's bf16-mixed autocast would run slowly there); `trainer.accelerator=...` and
@@ -206,6 +206,12 @@ def write_predictions(
     return columns
 
 
+def default_stem(checkpoint: Path, overrides: Sequence[str]) -> str:
+    """eval_<checkpoint name>, then each override: evaluations with other settings do not
+    overwrite each other."""
+    return "__".join([f"eval_{checkpoint.stem}", *(o.replace("/", "_") for o in overrides)])
+
+
 def evaluate(
     run_dir: str | Path,
     ckpt: str = "best",
@@ -243,7 +249,7 @@ def evaluate(
         "task": cfg.task.name,
         "attn": cfg.attn.name,
     }
-    out = Path(out) if out else run_dir / f"eval_{path.stem}.json"
+    out = Path(out) if out else run_dir / f"{default_stem(path, overrides)}.json"
     for split in splits:
         run_split = trainer.validate if split == "val" else trainer.test
         metrics = run_split(module, datamodule=datamodule, verbose=False)[0]

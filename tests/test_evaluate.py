@@ -45,6 +45,13 @@ def test_last_checkpoint_and_default_output(trained):
     assert got["test_acc"] == pytest.approx(results["test_acc_last"], abs=1e-6)
     assert got["checkpoint_step"] == results["steps"]
     assert json.loads((run_dir / "eval_last.json").read_text())["test_acc"] == got["test_acc"]
+    # Another setting goes to a file of its own: the plain evaluation is kept.
+    data_dir = OmegaConf.load(run_dir / "config.yaml").data.data_dir  # the same, given again
+    evaluate(run_dir, ckpt="last", overrides=["attn.block_per_row=1", f"data.data_dir={data_dir}"])
+    name = f"eval_last__attn.block_per_row=1__data.data_dir={data_dir.replace('/', '_')}.json"
+    other = run_dir / name
+    assert json.loads(other.read_text())["overrides"][0] == "attn.block_per_row=1"
+    assert json.loads((run_dir / "eval_last.json").read_text())["overrides"] == []
 
 
 def test_overrides_reach_the_model(trained, tmp_path):

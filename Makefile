@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data reproduce eval test test-slow bench gpu-check gpu-train-check gpu-wheels triton-compat lint
+.PHONY: install train demo data reproduce eval test test-slow bench efficiency gpu-check gpu-train-check gpu-wheels triton-compat lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m mra_lra.bench.attention $(ARGS)
+
+# LRA's efficiency table for whole models (steps/s and memory against softmax): ARGS="--attn
+# softmax,mra,mra_s --n 1024,2048,4096 --batch 32 --out bench_out"
+efficiency: $(STAMP)
+	$(BIN)/python -m mra_lra.bench.efficiency $(ARGS)
 
 # On a CUDA machine: GPU tests, Triton vs torch in every dtype, and the benchmark; tables go to $OUT.
 # Needs only torch, triton, numpy (no install step: GPU images carry their own torch).

@@ -163,3 +163,5 @@ def test_gradient_checkpointing_recomputes_the_same_function(attn):
     net = make(True).eval()
     with torch.no_grad():
         net(batch)
+    with pytest.raises(ValueError, match="model.gradient_checkpointing must be true or false"):
+        encoder(gradient_checkpointing="yes")

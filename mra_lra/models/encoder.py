@@ -140,7 +140,8 @@ class LRAEncoder(nn.Module):
             raise ValueError(f"model.positions must be one of {POSITIONS}, got {positions!r}")
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(
-                f"model.gradient_checkpointing must be true or false, got {gradient_checkpointing!r}"
+                "model.gradient_checkpointing must be true or false, got "
+                f"{gradient_checkpointing!r}"
             )
         self.max_length = max_length
         self.gradient_checkpointing = gradient_checkpointing

@@ -37,6 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -206,6 +207,48 @@ def write_predictions(
     return columns
 
 
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt: its config (with overrides), data, and LightningModule with the
+    checkpoint's weights (on the CPU, in training mode until you call .eval())."""
+
+    cfg: DictConfig
+    datamodule: pl.LightningDataModule
+    module: pl.LightningModule
+    checkpoint: Path
+    step: int | None
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The classifier: a batch dict ({"input_ids", "mask"}, and "_2" for two towers) to
+        logits."""
+        return self.module.net
+
+
+def load_run(run_dir: str | Path, ckpt: str = "best", overrides: Sequence[str] = ()) -> LoadedRun:
+    """A run's model and data from its config.yaml and checkpoint, for a notebook or a script:
+
+        run = load_run("runs/2026-11-28/12-00-00_listops_mra")
+        logits = run.net.eval()(batch)
+
+    `ckpt` and `overrides` as on eval.py's command line."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    path = checkpoint_path(run_dir, ckpt)
+    datamodule, module = build(cfg)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        detail = "\n".join(str(err).splitlines()[:4])
+        raise EvalError(
+            f"{path} does not fit the model built from {run_dir / 'config.yaml'}"
+            f"{' with ' + ' '.join(overrides) if overrides else ''}: an override changed the "
+            f"model's shape, or the checkpoint is from another run.\n{detail}"
+        ) from None
+    return LoadedRun(cfg, datamodule, module, path, state.get("global_step"))
+
+
 def default_stem(checkpoint: Path, overrides: Sequence[str]) -> str:
     """eval_<checkpoint name>, then each override: evaluations with other settings do not
     overwrite each other."""
@@ -227,24 +270,13 @@ def evaluate(
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise EvalError(f"split={','.join(splits)}: choose from {', '.join(SPLITS)}")
-    cfg = load_run_config(run_dir, overrides)
-    path = checkpoint_path(run_dir, ckpt)
-    datamodule, module = build(cfg)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        module.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        detail = "\n".join(str(err).splitlines()[:4])
-        raise EvalError(
-            f"{path} does not fit the model built from {run_dir / 'config.yaml'}"
-            f"{' with ' + ' '.join(overrides) if overrides else ''}: an override changed the "
-            f"model's shape, or the checkpoint is from another run.\n{detail}"
-        ) from None
+    run = load_run(run_dir, ckpt, overrides)
+    cfg, datamodule, module, path = run.cfg, run.datamodule, run.module, run.checkpoint
     trainer = eval_trainer(cfg)
     results: dict = {
         "run_dir": str(run_dir),
         "checkpoint": str(path),
-        "checkpoint_step": state.get("global_step"),
+        "checkpoint_step": run.step,
         "overrides": list(overrides),
         "task": cfg.task.name,
         "attn": cfg.attn.name,

@@ -240,3 +240,21 @@ def test_a_folder_of_runs_is_evaluated_run_by_run(trained, tmp_path):
     # block at 4 blocks, as 4 is).
     assert float(rows[1]["test_acc"]) == pytest.approx(results["test_acc"], abs=1e-6)
     assert (tmp_path / "multi" / "1" / "eval_best__attn.block_per_row=4.json").is_file()
+
+
+def test_load_run_gives_the_trained_model_for_a_notebook(trained):
+    """load_run's model, fed the test split by hand, scores what train.py's own test gave."""
+    from mra_lra.evaluate import load_run
+
+    run_dir, results = trained
+    run = load_run(run_dir)
+    assert run.step == results["best_step"] and run.cfg.attn.name == "mra"
+    run.datamodule.prepare_data()
+    run.datamodule.setup("test")
+    net = run.net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in run.datamodule.test_dataloader():
+            correct += int((net(batch).argmax(-1) == batch["label"]).sum())
+            total += len(batch["label"])
+    assert correct / total == pytest.approx(results["test_acc"], abs=1e-6)

@@ -17,8 +17,8 @@ family's trainer uses bf16-mixed and the device is CUDA (float32 otherwise). `in
 the forward alone, without gradients, in eval mode. Time: median of --repeats after --warmup.
 Memory: what a step needs beyond what is allocated before it (weights, gradients and optimiser
 state of earlier steps excluded), measured as in `mra_lra.bench.attention`. Writes
-`<out>/efficiency.csv` as rows finish, and `<out>/efficiency.md`: steps per second and memory,
-each also relative to softmax at the same length.
+`<out>/efficiency.csv` as rows finish, `<out>/efficiency.md` (steps per second and memory, each
+also relative to softmax at the same length) and `<out>/efficiency.png` (both against length).
 """
 
 from __future__ import annotations
@@ -196,6 +196,49 @@ def table(rows: list[dict], pass_name: str, baseline: str = "softmax") -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Steps per second and memory against length, log-log, one line per attention; a panel
+    pair per pass."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    ok = [r for r in rows if r["status"] == "ok"]
+    passes = [p for p in PASSES if any(r["pass"] == p for r in ok)]
+    if not ok:
+        return
+    attns = list(dict.fromkeys(r["attn"] for r in ok))
+    colors = plt.get_cmap("tab10" if len(attns) <= 10 else "tab20")
+    lengths = sorted({r["n"] for r in ok})
+    fig, axes = plt.subplots(len(passes), 2, figsize=(11, 4 * len(passes)), squeeze=False)
+    for i, pass_name in enumerate(passes):
+        for j, (key, unit) in enumerate((("steps_per_s", "steps / s"), ("peak_mib", "MiB"))):
+            ax = axes[i][j]
+            for c, attn in enumerate(attns):
+                line = sorted(
+                    (r["n"], r[key]) for r in ok if r["attn"] == attn and r["pass"] == pass_name
+                )
+                if line:
+                    ax.plot(*zip(*line, strict=True), "o-", color=colors(c), label=attn)
+            ax.set(xscale="log", yscale="log", xlabel="n (tokens)", ylabel=unit)
+            ax.set_xticks(lengths, [str(n) for n in lengths])
+            ax.minorticks_off()
+            ax.set_title(f"{pass_name}: {unit}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    first = ok[0]
+    fig.suptitle(f"whole model, {first['family']} {first['task']}, batch {first['batch']}, "
+                 f"{first['device']}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     first = next((r for r in rows if r["status"] == "ok"), rows[0] if rows else {})
     head = (
@@ -247,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "efficiency.md").write_text(text)
     print(text)
     print(f"wrote {args.out / 'efficiency.csv'} and {args.out / 'efficiency.md'}")
+    plot(rows, args.out / "efficiency.png")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def test_rows_and_table_for_each_attention_and_length(tmp_path):
     assert "| steps / s (train) | n=64 | n=128 |" in text
     assert "| softmax | " in text and "(1.00x)" in text
     assert "bench.efficiency --n 64,128" in text
+    assert (tmp_path / "efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_model_is_the_experiments_and_a_train_step_updates_it():

@@ -10,8 +10,8 @@
 #   4. bench.efficiency: LRA's efficiency table (text recipe, batch 32, n = 1k..4k) for softmax,
 #      mra and mra_s, training steps per second and memory.
 # Writes gpu_train_check.log, train_<attn>.json (results.json), eval_triton.json, eval_torch.json,
-# efficiency.csv, efficiency.md and efficiency.png to $OUT (default ./bench_out). Every step runs under a timeout
-# within BUDGET_S (300 s), so the whole stays near 5 minutes.
+# efficiency.csv, efficiency.md and efficiency.png to $OUT (default ./bench_out). Every step runs
+# under a timeout within BUDGET_S (300 s), so the whole stays near 5 minutes.
 # A CPU dry run of the plumbing:
 #   TRAINER=cpu DEVICE=cpu ATTNS="mra mra_s" STEPS=6 EFF_N=256 EFF_BATCH=2 OUT=/tmp/x \
 #     bash scripts/gpu_train_check.sh

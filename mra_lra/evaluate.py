@@ -47,6 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mra_lra.data.cache import atomic_open, atomic_write_json
+from mra_lra.data.prepare import CONF_DIR
 from mra_lra.train import build
 
 USAGE = (
@@ -55,7 +56,7 @@ USAGE = (
 )
 SPLITS = ("val", "test")
 GPU_ACCELERATORS = ("gpu", "cuda")
-ATTN_CONF = Path(__file__).resolve().parents[1] / "conf" / "attn"
+ATTN_CONF = CONF_DIR / "attn"
 
 log = logging.getLogger("mra_lra.evaluate")
 _MISSING = object()
@@ -106,14 +107,14 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
         cfg.model.attn = "${attn}"
     # attn=<name> first (a whole config group), then the single keys in the order given.
     for arg in sorted(overrides, key=lambda a: not a.startswith("attn=")):
-        key, _, text = arg.partition("=")
+        key, sep, text = arg.partition("=")
+        if not sep or not key.lstrip("+"):
+            raise EvalError(f"{arg!r} is not key=value. {USAGE}")
         if key == "attn":
             cfg.attn = attention_config(text)
             continue
         add = key.startswith("+")
         key = key.lstrip("+")
-        if "=" not in arg or not key:
-            raise EvalError(f"{arg!r} is not key=value. {USAGE}")
         exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
         if not exists and not add:
             section = key.rpartition(".")[0]

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
+from mra_lra.data.prepare import CONF_DIR, compose_train
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 FIELDS = (
     "family task attn impl device precision batch n pass ms steps_per_s peak_mib status".split()
 )
@@ -47,15 +47,7 @@ MRA_NAMES = ("mra", "mra_s", "flex_mra")
 def compose_model_cfg(family: str, task: str, attn: str, n: int, overrides: list[str]):
     """The run config `python train.py experiment=<family>/<task>_<attn> data.max_length=<n>`
     would train, with `overrides` after it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[f"experiment={family}/{task}_{attn}", f"data.max_length={n}", *overrides],
-        )
+    return compose_train([f"experiment={family}/{task}_{attn}", f"data.max_length={n}", *overrides])
 
 
 def random_batch(cfg, batch: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:

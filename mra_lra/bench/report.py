@@ -553,7 +553,14 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _published(summary: Summary) -> list[str]:
     """The LRA paper's accuracies for the attentions and tasks of this report, if any."""
-    attns = [a for a in dict.fromkeys(a.split(" (")[0] for a in summary.attns) if a in PUBLISHED]
+    # Each row's attention as its runs name it (a row may add its recipe family to the name).
+    in_rows = (
+        summary.groups[row, t].runs[0].attn
+        for row in summary.attns
+        for t in summary.tasks
+        if (row, t) in summary.groups
+    )
+    attns = [a for a in dict.fromkeys(in_rows) if a in PUBLISHED]
     tasks = [t for t in summary.tasks if t in PUBLISHED_TASKS]
     if not attns or not tasks:
         return []

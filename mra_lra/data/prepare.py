@@ -25,6 +25,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 USAGE = "usage: python -m mra_lra.data.prepare task=<name>|all [source=<path>] [overrides...]"
@@ -37,13 +38,19 @@ def task_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 
 
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    """conf/train.yaml with Hydra `overrides`, composed outside a Hydra app (as `python train.py
+    <overrides>` would compose it, minus Hydra's own runtime fields)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 def prepare_task(task: str, source: str | None, overrides: Sequence[str]) -> Path:
     """Compose the training config for `task`, build its datamodule and its cache; returns the
     cache entry's folder."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        extra = [f"data.source={source}"] if source else []
-        cfg = compose("train", overrides=[f"task={task}", *overrides, *extra])
+    extra = [f"data.source={source}"] if source else []
+    cfg = compose_train([f"task={task}", *overrides, *extra])
     datamodule = hydra.utils.instantiate(cfg.data)
     return datamodule.ensure_cache()
 

@@ -89,13 +89,16 @@ class SOFTAttention(nn.Module):
         landmarks = x.view(B, H, m, seg, d).sum(dim=3) / counts.clamp(min=1)[:, None, :, None]
         filled = counts > 0  # [B, m]: landmarks with at least one real token
 
-        kernel_1 = gaussian_kernel(x, landmarks) * filled[:, None, None, :]
-        eye = torch.eye(m, dtype=compute, device=q.device)
-        both = (filled[:, :, None] & filled[:, None, :])[:, None]
-        kernel_2 = torch.where(both, gaussian_kernel(landmarks, landmarks), eye)
-        # G(q~, q) v: vp is zero at padded keys, so they carry no weight.
-        kernel_3_v = kernel_1.transpose(-1, -2) @ vp
-        out = kernel_1 @ (newton_pinv(kernel_2, self.newton_iterations) @ kernel_3_v)
+        # The kernel's |x|^2 + |y|^2 - 2 x . y cancels and the Newton iterations amplify error,
+        # both too much in half precision: no autocast here (as in nystrom.py; O(n m d) work).
+        with torch.autocast(q.device.type, enabled=False):
+            kernel_1 = gaussian_kernel(x, landmarks) * filled[:, None, None, :]
+            eye = torch.eye(m, dtype=compute, device=q.device)
+            both = (filled[:, :, None] & filled[:, None, :])[:, None]
+            kernel_2 = torch.where(both, gaussian_kernel(landmarks, landmarks), eye)
+            # G(q~, q) v: vp is zero at padded keys, so they carry no weight.
+            kernel_3_v = kernel_1.transpose(-1, -2) @ vp
+            out = kernel_1 @ (newton_pinv(kernel_2, self.newton_iterations) @ kernel_3_v)
         return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)
 
     def extra_repr(self) -> str:

@@ -51,9 +51,16 @@ OUTER_CHUNK = 512
 
 
 def hash_codes(x: torch.Tensor, planes: torch.Tensor, hash_code_len: int) -> torch.Tensor:
-    """[G, n, d] x [G, d, m * tau] -> bucket codes [G, n, m] in [0, 2^tau)."""
+    """[G, n, d] x [G, d, m * tau] -> bucket codes [G, n, m] in [0, 2^tau).
+
+    The projections are signed in at least float32, even under autocast: half precision flips the
+    sign of near-zero projections and so moves tokens across buckets (as in reformer.py).
+    """
     G, n, _ = x.shape
-    bits = (x @ planes > 0).view(G, n, -1, hash_code_len).long()
+    compute = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        projections = x.to(compute) @ planes.to(compute)
+    bits = (projections > 0).view(G, n, -1, hash_code_len).long()
     return (bits << torch.arange(hash_code_len, device=x.device)).sum(dim=-1)
 
 

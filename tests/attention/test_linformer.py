@@ -59,48 +59,10 @@ def test_longer_than_max_length_fails():
         build("linformer", max_length=64, projected_length=8)(q, k, v, mask)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [128, 77])
-def test_shape_and_dtype(dtype, n):
-    q, k, v, mask = random_inputs(n, dtype=dtype, pad_from=50)
-    attn = build("linformer", max_length=256, projected_length=32).to(dtype)
-    out = attn(q, k, v, mask)
-    assert out.shape == q.shape and out.dtype == dtype
-    assert torch.isfinite(out).all()
-    assert attn(q, k, v).shape == q.shape
-
-
-def test_padding_is_ignored_and_padded_queries_are_zero():
-    n, pad_from = 100, 45
-    q, k, v, mask = random_inputs(n, pad_from=pad_from)
-    attn = build("linformer", max_length=128, projected_length=32).double()
-    out = attn(q, k, v, mask)
-    g = torch.Generator().manual_seed(1)
-    pad = (mask == 0)[:, None, :, None]
-    q2, k2, v2 = (
-        torch.where(pad, 10 * torch.randn(t.shape, generator=g).double(), t) for t in (q, k, v)
-    )
-    torch.testing.assert_close(attn(q2, k2, v2, mask), out, atol=1e-12, rtol=1e-12)
-    assert (out[1, :, pad_from:] == 0).all()
-
-
-def test_gradients_reach_q_k_v_and_projection():
+def test_projection_learns_only_the_columns_of_the_length_in_use():
+    """q, k, v gradients: tests/attention/test_contract.py."""
     q, k, v, mask = random_inputs(90, pad_from=70, dtype=torch.float32)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
     attn = build("linformer", max_length=128, projected_length=16)
     attn(q, k, v, mask).square().sum().backward()
-    for t in (q, k, v):
-        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
     grad = attn.projection.grad
     assert grad[:, :90].abs().sum() > 0 and (grad[:, 90:] == 0).all()
-
-
-def test_runs_under_autocast():
-    """Half-precision matmuls inside, masking and normalisation in float32: close to float32."""
-    q, k, v, mask = random_inputs(100, pad_from=61, dtype=torch.float32)
-    attn = build("linformer", max_length=128, projected_length=32)
-    ref = attn(q, k, v, mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attn(q, k, v, mask)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)

@@ -75,20 +75,10 @@ def test_conv_needs_num_heads():
         build("nystrom", conv_kernel_size=32, num_heads=H)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [128, 77])
-def test_shape_and_dtype(dtype, n):
-    q, k, v, mask = random_inputs(n, dtype=dtype, pad_from=50)
-    attn = build("nystrom", num_landmarks=16, num_heads=H).to(dtype)
-    out = attn(q, k, v, mask)
-    assert out.shape == q.shape and out.dtype == dtype
-    assert torch.isfinite(out).all()
-    # Unmasked input (mask=None) works too.
-    assert attn(q, k, v).shape == q.shape
-
-
-def test_padding_is_ignored_and_padded_queries_are_zero():
-    n, pad_from = 100, 45  # segments of 2 tokens: one half-padded landmark, the rest empty
+def test_half_padded_and_empty_landmarks_ignore_padding():
+    """The general padding contract is in test_contract.py; here landmarks are segments of 2
+    tokens, so one is half padding and the rest of the padded tail's are empty."""
+    n, pad_from = 100, 45
     q, k, v, mask = random_inputs(n, pad_from=pad_from)
     attn = build("nystrom", num_landmarks=64, num_heads=H).double()
     out = attn(q, k, v, mask)
@@ -102,22 +92,8 @@ def test_padding_is_ignored_and_padded_queries_are_zero():
     assert (out[1, :, pad_from:] == 0).all()
 
 
-def test_gradients_reach_q_k_v():
+def test_conv_weight_is_trained():
     q, k, v, mask = random_inputs(90, pad_from=70, dtype=torch.float32)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
     attn = build("nystrom", num_landmarks=16, num_heads=H)
     attn(q, k, v, mask).square().sum().backward()
-    for t in (q, k, v):
-        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
     assert attn.conv.weight.grad.abs().sum() > 0
-
-
-def test_runs_under_autocast():
-    """Half-precision matmuls inside, masking and normalisation in float32: close to float32."""
-    q, k, v, mask = random_inputs(100, pad_from=61, dtype=torch.float32)
-    attn = build("nystrom", num_landmarks=16, num_heads=H)
-    ref = attn(q, k, v, mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attn(q, k, v, mask)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)

@@ -137,8 +137,8 @@ class BigBirdAttention(nn.Module):
         if len(rows):
             heads = torch.arange(H, device=q.device)[:, None, None]
             R = len(rows)
-            k_sel = k.view(B, H, nb, b, d)[:, heads, key_blocks].view(B, H, R, -1, d)
-            v_sel = v.view(B, H, nb, b, d)[:, heads, key_blocks].view(B, H, R, -1, d)
+            k_sel = k.view(B, H, nb, b, d)[:, heads, key_blocks].reshape(B, H, R, -1, d)
+            v_sel = v.view(B, H, nb, b, d)[:, heads, key_blocks].reshape(B, H, R, -1, d)
             keep_sel = keep.view(B, nb, b)[:, key_blocks] & valid[None, ..., None]
             # Under autocast the matmul returns half precision: mask and normalise in `compute`.
             logits = (q_blocks[:, :, rows] @ k_sel.transpose(-1, -2)).to(compute)  # [B,H,R,b,Sb]

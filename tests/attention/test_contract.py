@@ -149,3 +149,19 @@ def test_runs_under_bfloat16_autocast(case):
     assert out.shape == q.shape and torch.isfinite(out).all()
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 0.03, f"{case}: relative error {err:.3g} under bf16 autocast"
+
+
+@pytest.mark.parametrize("case", IDS)
+@pytest.mark.parametrize("n", [96, 77])
+def test_memory_layout_does_not_matter(case, n):
+    """Strided inputs (the encoder's permuted qkv projection, a feature-major copy, a slice of a
+    longer tensor) give the contiguous inputs' output."""
+    attn = make(case)
+    q, k, v, mask = inputs(n, pad_from=50)
+    out = call(attn, q, k, v, mask)
+    feature_major = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
+    packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4)
+    longer = [torch.cat([t, t[:, :, :9]], dim=2)[:, :, :n] for t in (q, k, v)]
+    for layout in (feature_major, list(packed), longer):
+        assert not layout[0].is_contiguous()
+        torch.testing.assert_close(call(attn, *layout, mask), out, atol=1e-12, rtol=1e-12)

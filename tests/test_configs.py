@@ -55,6 +55,16 @@ def test_unknown_attention_option_lists_valid_ones(compose_cfg):
         hydra.utils.instantiate(cfg.model, _convert_="all")
 
 
+def test_experiment_option_for_another_attention_names_the_fix(compose_cfg):
+    """experiment=demo sets attn.block_per_row; with attn=softmax the message says how to drop
+    it, and dropping it works."""
+    cfg = compose_cfg(["experiment=demo", "attn=softmax"])
+    with pytest.raises(Exception, match=r"'~attn\.block_per_row'"):
+        hydra.utils.instantiate(cfg.model, _convert_="all")
+    cfg = compose_cfg(["experiment=demo", "attn=softmax", "~attn.block_per_row"])
+    hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
 def test_protocol_card_names_every_data_setting(compose_cfg):
     from mra_lra.train import protocol_card
 

@@ -46,8 +46,11 @@ def build(name: str, *, context: dict | None = None, **options) -> nn.Module:
     unknown = sorted(set(options) - accepted)
     if unknown:
         valid = sorted(accepted - set(context or {}))
+        drop = " ".join(f"'~attn.{key}'" for key in unknown)
         raise ValueError(
-            f"attention {name!r} got unknown option(s) {unknown}; valid options: {valid}"
+            f"attention {name!r} got unknown option(s) {unknown}; valid options: {valid}. If "
+            f"an experiment config set them for another attention (experiment=demo sets MRA's "
+            f"block_per_row), drop them on the command line: {drop}"
         )
     kwargs = {k: v for k, v in (context or {}).items() if k in accepted}
     kwargs.update(options)

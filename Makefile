@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data reproduce eval test test-slow bench efficiency gpu-check gpu-train-check gpu-wheels triton-compat lint
+.PHONY: install train demo data reproduce eval test test-slow bench efficiency approximation gpu-check gpu-train-check gpu-wheels triton-compat lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench: $(STAMP)
 # softmax,mra,mra_s --n 1024,2048,4096 --batch 32 --out bench_out"
 efficiency: $(STAMP)
 	$(BIN)/python -m mra_lra.bench.efficiency $(ARGS)
+
+# Error against exact softmax and forward time, on synthetic inputs or a trained run's q, k, v:
+# ARGS="--run runs/<date>/<run> --sweep mra.block_per_row=1,2,4,8 --out approx_out"
+approximation: $(STAMP)
+	$(BIN)/python -m mra_lra.bench.approximation $(ARGS)
 
 # On a CUDA machine: GPU tests, Triton vs torch in every dtype, and the benchmark; tables go to $OUT.
 # Needs only torch, triton, numpy (no install step: GPU images carry their own torch).

@@ -58,13 +58,14 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(qkv_dim, d_model)
         options = dict(attn)
         name = options.pop("name")
-        context = {
+        # What the encoder tells its attention; kept so that tools can build others alike.
+        self.context = {
             "head_dim": self.head_dim,
             "num_heads": n_heads,
             "max_length": max_length,
             "prefix_tokens": prefix_tokens,
         }
-        self.attention = build(name, context=context, **options)
+        self.attention = build(name, context=self.context, **options)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, n, _ = x.shape

@@ -1,0 +1,133 @@
+"""bench.approximation: error against exact softmax on synthetic inputs and on a trained run's
+captured q, k, v."""
+
+import csv
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mra_lra.bench.approximation import exact_softmax, main, relative_error, run_options
+from tests.attention.dense import dense_softmax
+from tests.conftest import TINY, compose_train_cfg
+
+SMALL = [
+    "--n",
+    "128",
+    "--d",
+    "16",
+    "--heads",
+    "2",
+    "--batch",
+    "2",
+    "--seeds",
+    "0",
+    "--repeats",
+    "1",
+]
+
+
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_exact_softmax_in_chunks_matches_the_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 8, generator=g) for _ in range(3))
+    mask = torch.ones(2, 70)
+    mask[1, 41:] = 0
+    ref = dense_softmax(q, k, v, mask)
+    torch.testing.assert_close(exact_softmax(q, k, v, mask, rows_per_chunk=16), ref)
+    assert relative_error(ref * 1.1, ref, mask) == pytest.approx(0.1)
+    noise = torch.zeros_like(ref)
+    noise[1, :, 41:] = 5.0  # padded query rows do not count
+    assert relative_error(ref + noise, ref, mask) == 0
+
+
+def test_exact_settings_give_zero_error_and_fewer_blocks_do_not(tmp_path):
+    """n = 128 is 4 blocks of 32: block_per_row 4 chooses all 16 blocks (MRA-2 is then softmax),
+    and a Longformer window of 512 covers every key."""
+    rows = main(
+        [
+            *SMALL,
+            "--pad", "0.25", "--smooth", "8",
+            "--attn", "softmax,mra,longformer",
+            "--sweep", "mra.block_per_row=1,4",
+            "--set", "longformer.window=512",
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    error = {(r["attn"], r["setting"]): r["rel_error"] for r in rows}
+    assert error[("softmax", "default")] < 1e-6
+    assert error[("mra", "block_per_row=4")] < 1e-5
+    assert error[("longformer", "default")] < 1e-5
+    assert error[("mra", "block_per_row=1")] > 1e-3
+    written = read(tmp_path / "approximation.csv")
+    assert [(r["attn"], r["budget"]) for r in written] == [
+        ("softmax", ""), ("mra", "1"), ("mra", "4"), ("longformer", "")
+    ]  # fmt: skip
+    assert all(float(r["ms"]) > 0 for r in written)
+    text = (tmp_path / "approximation.md").read_text()
+    assert "| mra | block_per_row=1 | " in text and "--sweep mra.block_per_row=1,4" in text
+    assert (tmp_path / "approximation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--attn", "mra", "--sweep", "nystrom.num_landmarks=8"], "not in --attn"),
+        (["--attn", "mra", "--sweep", "block_per_row=1,2"], "name.key=v1,v2"),
+        (["--attn", "mra", "--set", "block_per_row=2"], "name.key=value"),
+        (["--attn", "nope"], "unknown ['nope']"),
+        (["--attn", "mra", "--set", "mra.bogus=1"], "bogus"),
+    ],
+)
+def test_bad_options_name_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SMALL, *argv, "--out", "/nonexistent/never"])
+    assert message in str(exit_info.value.code) + capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny two-layer ListOps model trained 10 steps with MRA-2."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mra_lra.train import run
+
+    run_dir = tmp_path_factory.mktemp("run")
+    overrides = [*TINY, "attn=mra", "trainer.max_steps=10", "logger=none"]
+    run(compose_train_cfg(overrides, run_dir, tmp_path_factory.mktemp("data")))
+    GlobalHydra.instance().clear()
+    return run_dir
+
+
+def test_captures_every_layer_of_a_trained_run(trained_run, tmp_path):
+    rows = main(
+        [
+            "--run", str(trained_run), "--examples", "5", "--seeds", "0", "--repeats", "1",
+            "--attn", "softmax,mra", "--sweep", "mra.block_per_row=1,4", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    cfg = OmegaConf.load(trained_run / "config.yaml")
+    assert {r["layer"] for r in rows} == set(range(cfg.model.n_layers))
+    assert {(r["batch"], r["n"], r["heads"]) for r in rows} == {(5, 128, cfg.model.n_heads)}
+    for r in rows:
+        exact = r["attn"] == "softmax" or r["setting"] == "block_per_row=4"
+        assert (r["rel_error"] < 1e-5) == exact, r
+    assert "| mra | block_per_row=1 | " in (tmp_path / "approximation.md").read_text()
+
+
+def test_run_options_resolve_the_runs_task_priors(trained_run):
+    cfg = OmegaConf.load(trained_run / "config.yaml")
+    options = run_options("mra_s", cfg)
+    priors = cfg.task.mra_priors.sparse
+    assert options["initial_prior_first_n_blocks"] == priors.first_n_blocks
+    assert options["initial_prior_diagonal_n_blocks"] == priors.diagonal_n_blocks
+    assert options["approx_mode"] == "sparse"
+
+
+def test_missing_checkpoint_is_a_clear_error(trained_run):
+    with pytest.raises(SystemExit, match="ckpt=last|not found"):
+        main(["--run", str(trained_run), "--ckpt", "missing", "--attn", "mra"])

@@ -5,6 +5,17 @@ import math
 import torch
 
 
+def qkv_near(shape, seed=0, dtype=torch.float64, pad_from=None):
+    """Random q, k, v of `shape` [B, H, n, d] with keys near the queries (k = q + noise / 2, so
+    that hashing methods see collisions), and a [B, n] mask padding entry 1 from `pad_from` on."""
+    g = torch.Generator().manual_seed(seed)
+    q, noise, v = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.ones(shape[0], shape[2], dtype=dtype)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
+    return q, q + 0.5 * noise, v, mask
+
+
 def dense_softmax(q, k, v, mask, allowed=None):
     """float64 masked softmax attention over `allowed` pairs (broadcast to [B, H, n, n]);
     padded keys get no weight, and padded queries (or rows with no allowed key) output 0."""

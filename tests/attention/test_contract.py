@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mra_lra.attention import build, names
+from tests.attention.dense import qkv_near
 
 B, H, D, MAX_LENGTH = 2, 2, 16, 128
 CONTEXT = {"head_dim": D, "num_heads": H, "max_length": MAX_LENGTH}
@@ -60,14 +61,7 @@ def call(attn, q, k, v, mask, seed=0):
 
 
 def inputs(n, dtype=torch.float64, pad_from=None, seed=0):
-    """Random q, k, v (keys near the queries, so that hashing methods see collisions) and a mask
-    that pads batch entry 1 from `pad_from` on."""
-    g = torch.Generator().manual_seed(seed)
-    q, noise, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
-    mask = torch.ones(B, n, dtype=dtype)
-    if pad_from is not None:
-        mask[1, pad_from:] = 0
-    return q, q + 0.5 * noise, v, mask
+    return qkv_near((B, H, n, D), seed=seed, dtype=dtype, pad_from=pad_from)
 
 
 def test_every_registered_attention_has_a_case():

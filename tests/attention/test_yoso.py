@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from mra_lra.attention import build
 from mra_lra.attention.yoso import compact_codes, expectation_cumulation, lsh_cumulation
+from tests.attention.dense import qkv_near
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "yoso.yaml"
@@ -28,13 +29,7 @@ def dense_expectation(q, k, v, mask, tau):
 
 
 def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
-    """Keys near the queries, so that collisions are common."""
-    g = torch.Generator().manual_seed(seed)
-    q, noise, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
-    mask = torch.ones(B, n, dtype=dtype)
-    if pad_from is not None:
-        mask[1, pad_from:] = 0
-    return q, q + 0.5 * noise, v, mask
+    return qkv_near((B, H, n, D), seed=seed, dtype=dtype, pad_from=pad_from)
 
 
 def test_config_builds_with_spec_settings():

@@ -284,6 +284,10 @@ def plot(rows: list[dict], path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     points: dict[str, list[tuple]] = {}
+    exact_ms = [r["ms"] for r in rows if r["attn"] == "softmax"]
+    rows = [r for r in rows if r["attn"] != "softmax"]  # error 0: a time, drawn as a line
+    if not rows:
+        return
     for (name, _), group in itertools.groupby(
         sorted(rows, key=lambda r: (r["attn"], r["setting"])),
         key=lambda r: (r["attn"], r["setting"]),
@@ -305,6 +309,9 @@ def plot(rows: list[dict], path: Path) -> None:
             )
         pts = sorted(pts, key=lambda p: p[2])
         right.plot([p[2] for p in pts], [p[1] for p in pts], "o-", color=colors(c), label=label)
+    if exact_ms:
+        total = sum(exact_ms)
+        right.axvline(total, color="black", ls="--", label=f"exact softmax ({total:.1f} ms)")
     left.set(xscale="log", yscale="log", xlabel="swept option (own units)", ylabel="relative error")
     right.set(xscale="log", yscale="log", xlabel="forward ms (all layers)", ylabel="relative error")
     for ax in (left, right):

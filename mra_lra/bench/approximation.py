@@ -37,7 +37,10 @@ collision counts, reformer: shared query-key) can be listed, but their error mea
 different function as well as the approximation.
 
 Writes <out>/<name>.csv (one row per layer, attention and setting), <name>.md (the table) and
-<name>.png (error against budget and against time).
+<name>.png (error against budget and against time). `--maps` also draws, for layer --maps-layer,
+batch entry 0 and head 0, the attention matrix each setting applies (read off by passing the
+identity as v, which is exact for every method linear in v, so not YOSO) next to the exact one:
+<name>_maps.png, the first --maps-tokens queries and keys.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ DEFAULT_ATTN = (
 # Parts of a method that are model layers rather than the approximation: freshly built they are
 # random (Nystromformer's depthwise conv of v), so they are off here unless --set turns them on.
 APPROXIMATION_ONLY = {"nystrom": {"conv_kernel_size": None}}
+# No map for softmax (the exact panel is drawn) nor YOSO (each output row is L2-normalised, so
+# the output is not A v for any matrix A).
+NO_MAP = {"softmax", "yoso"}
 FIELDS = (
     "source layer attn setting budget_key budget n d heads batch rel_error rel_error_std ms seeds"
 ).split()
@@ -76,7 +82,7 @@ def exact_softmax(q, k, v, mask, rows_per_chunk: int = 1024) -> torch.Tensor:
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask == 0, -torch.inf)
         bias = bias[:, None, None, :]
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
     for lo in range(0, q.shape[2], rows_per_chunk):
         logits = q[:, :, lo : lo + rows_per_chunk] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
         if bias is not None:
@@ -196,8 +202,38 @@ def forward_ms(attn, q, k, v, mask, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> list[dict]:
-    rows = []
+def attention_options(name: str, extra: dict, args: argparse.Namespace, cfg) -> dict:
+    """The config's options (resolved against a run's config when there is one), the
+    approximation-only switches, --set, then the swept value."""
+    base = run_options(name, cfg) if cfg is not None else config_options(name, {}, "torch")
+    options = {**base, **APPROXIMATION_ONLY.get(name, {})}
+    options.update({**args.overrides.get(name, {}), **extra})
+    if "backend" in options:
+        options["backend"] = "torch"  # on CPU tensors: the function the kernels compute
+    return options
+
+
+def effective_matrix(attn, q, k, mask, seed: int) -> torch.Tensor:
+    """The [n, n] matrix A with out = A v that `attn` applies to entry 0, head 0, read off by
+    feeding the columns of the identity as values, d at a time (exact for every method that is
+    linear in v; the random draws repeat through `seed`)."""
+    q, k = q[:1], k[:1]
+    mask = None if mask is None else mask[:1]
+    _, H, n, d = q.shape
+    columns = []
+    for lo in range(0, n, d):
+        v = torch.zeros(1, H, n, d, dtype=q.dtype)
+        width = min(d, n - lo)
+        v[:, :, lo : lo + width, :width] = torch.eye(width, dtype=q.dtype)
+        torch.manual_seed(seed)
+        columns.append(attn(q, k, v, mask)[0, 0, :, :width])
+    return torch.cat(columns, dim=1)
+
+
+def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[list[dict], list]:
+    """Rows of error and time, and with --maps the effective attention matrices of layer
+    --maps-layer as (label, matrix) pairs."""
+    rows, maps = [], []
     source = (
         f"run:{args.run}" if args.run else f"synthetic(scale={args.scale},smooth={args.smooth})"
     )
@@ -206,12 +242,12 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> list[dict
         ref = exact_softmax(q, k, v, mask)
         B, H, n, d = q.shape
         context = {**layer["context"], "max_length": max(layer["context"]["max_length"], n)}
+        draw = args.maps and layer["layer"] == args.maps_layer
+        if draw:
+            probs = exact_softmax(q[:1, :1], k[:1, :1], torch.eye(n)[None, None], mask[:1])
+            maps.append(("exact softmax", probs[0, 0]))
         for name, key, value, extra in settings(args):
-            base = run_options(name, cfg) if cfg is not None else config_options(name, {}, "torch")
-            options = {**base, **APPROXIMATION_ONLY.get(name, {})}
-            options.update({**args.overrides.get(name, {}), **extra})
-            if "backend" in options:
-                options["backend"] = "torch"  # on CPU tensors: the function the kernels compute
+            options = attention_options(name, extra, args, cfg)
             errors, times = [], []
             for seed in args.seeds:
                 torch.manual_seed(seed)
@@ -224,6 +260,9 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> list[dict
                     out = attn(q, k, v, mask)
                     errors.append(relative_error(out, ref, mask))
                     times.append(forward_ms(attn, q, k, v, mask, args.repeats))
+                    if draw and seed == args.seeds[0] and name not in NO_MAP:
+                        label = f"{name} {key}={value}" if key else name
+                        maps.append((label, effective_matrix(attn, q, k, mask, seed)))
             rows.append(
                 {
                     "source": source,
@@ -246,7 +285,39 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> list[dict
                 f"layer {layer['layer']} {name:>14} {rows[-1]['setting']:>22}: "
                 f"error {rows[-1]['rel_error']:.4f}  {rows[-1]['ms']:8.2f} ms"
             )
-    return rows
+    return rows, maps
+
+
+def plot_maps(maps: list, path: Path, tokens: int, title: str) -> None:
+    """Heatmaps of log10 |A| for the first `tokens` queries and keys, one panel per matrix, on
+    the colour scale of the exact matrix (its largest weight down to a thousandth of it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no maps (pip install matplotlib)")
+        return
+    top = float(maps[0][1][:tokens, :tokens].abs().max().clamp(min=1e-30).log10())
+    cols = min(6, len(maps))
+    rows = -(-len(maps) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.4 * cols + 1, 2.5 * rows + 0.6), squeeze=False, layout="constrained"
+    )
+    image = None
+    for ax, (label, matrix) in itertools.zip_longest(axes.flat, maps, fillvalue=(None, None)):
+        ax.axis("off")
+        if matrix is None:
+            continue
+        shown = matrix[:tokens, :tokens].abs().clamp(min=1e-30).log10()
+        image = ax.imshow(shown.float().numpy(), vmin=top - 3, vmax=top, cmap="viridis")
+        ax.set_title(label, fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log10 |weight|")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def table(rows: list[dict]) -> str:
@@ -351,6 +422,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     synthetic.add_argument("--smooth", type=int, default=0, help="sliding-mean window (tokens)")
     synthetic.add_argument("--pad", type=float, default=0.0, help="padded fraction of entry 1")
     synthetic.add_argument("--input-seed", type=int, default=0)
+    p.add_argument(
+        "--maps",
+        action="store_true",
+        help="also draw each setting's attention matrix (entry 0, head 0) to <name>_maps.png",
+    )
+    p.add_argument("--maps-layer", type=int, default=0, help="the layer --maps draws")
+    p.add_argument("--maps-tokens", type=int, default=256, help="queries and keys drawn")
     captured = p.add_argument_group("a trained run's inputs")
     captured.add_argument("--run", default=None, help="run folder written by train.py")
     captured.add_argument("--ckpt", default="best", help="best, last or a path")
@@ -382,7 +460,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"--run {args.run}: {error}") from None
     else:
         layers, cfg = synthetic_inputs(args), None
-    rows = measure(args, layers, cfg)
+    rows, maps = measure(args, layers, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
@@ -397,6 +475,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(text)
     plot(rows, out / f"{args.name}.png")
+    if maps:
+        title = (
+            f"attention matrices, layer {args.maps_layer}, entry 0, head 0, first "
+            f"{min(args.maps_tokens, rows[0]['n'])} tokens ({rows[0]['source']})"
+        )
+        plot_maps(maps, out / f"{args.name}_maps.png", args.maps_tokens, title)
     return rows
 
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mra_lra.bench.approximation import exact_softmax, main, relative_error, run_options
+from mra_lra.attention import build
+from mra_lra.bench.approximation import (
+    effective_matrix,
+    exact_softmax,
+    main,
+    relative_error,
+    run_options,
+)
 from tests.attention.dense import dense_softmax
 from tests.conftest import TINY, compose_train_cfg
 
@@ -73,6 +80,40 @@ def test_exact_settings_give_zero_error_and_fewer_blocks_do_not(tmp_path):
     assert (tmp_path / "approximation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_effective_matrix_of_softmax_is_the_probability_matrix():
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, 70, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(2, 70, dtype=torch.float64)
+    mask[0, 50:] = 0
+    matrix = effective_matrix(build("softmax"), q, k, mask, seed=0)
+    logits = (q[0, 0] @ k[0, 0].T / 4).masked_fill(mask[0] == 0, float("-inf"))
+    probs = torch.softmax(logits, dim=-1) * mask[0, :, None]
+    torch.testing.assert_close(matrix, probs)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("mra", {"block_per_row": 1, "backend": "torch"}), ("mra_s", {"block_per_row": 2}),
+     ("longformer", {"window": 16}), ("performer", {"head_dim": 16, "num_features": 32})],
+)  # fmt: skip
+def test_effective_matrix_reproduces_the_output(name, options):
+    """A v equals the method's own output on any v, padded keys get no weight, and the rows of
+    the softmax-normalised methods sum to 1."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(1, 100, dtype=torch.float64)
+    mask[0, 81:] = 0
+    attn = build(name, **options).double()
+    matrix = effective_matrix(attn, q, k, mask, seed=3)
+    torch.manual_seed(3)
+    torch.testing.assert_close(matrix @ v[0, 0], attn(q, k, v, mask)[0, 0])
+    assert (matrix[:, 81:] == 0).all() and (matrix[81:] == 0).all()
+    if name != "performer":
+        # (MRA's torch path keeps float32 row statistics, even for float64 inputs)
+        ones = torch.ones(81, dtype=torch.float64)
+        torch.testing.assert_close(matrix[:81].sum(dim=1), ones, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -107,16 +148,19 @@ def test_captures_every_layer_of_a_trained_run(trained_run, tmp_path):
     rows = main(
         [
             "--run", str(trained_run), "--examples", "5", "--seeds", "0", "--repeats", "1",
-            "--attn", "softmax,mra", "--sweep", "mra.block_per_row=1,4", "--out", str(tmp_path),
+            "--attn", "softmax,mra,yoso", "--sweep", "mra.block_per_row=1,4",
+            "--out", str(tmp_path), "--maps", "--maps-layer", "1",
         ]
     )  # fmt: skip
     cfg = OmegaConf.load(trained_run / "config.yaml")
     assert {r["layer"] for r in rows} == set(range(cfg.model.n_layers))
     assert {(r["batch"], r["n"], r["heads"]) for r in rows} == {(5, 128, cfg.model.n_heads)}
     for r in rows:
-        exact = r["attn"] == "softmax" or r["setting"] == "block_per_row=4"
-        assert (r["rel_error"] < 1e-5) == exact, r
+        if r["attn"] != "yoso":
+            exact = r["attn"] == "softmax" or r["setting"] == "block_per_row=4"
+            assert (r["rel_error"] < 1e-5) == exact, r
     assert "| mra | block_per_row=1 | " in (tmp_path / "approximation.md").read_text()
+    assert (tmp_path / "approximation_maps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_options_resolve_the_runs_task_priors(trained_run):

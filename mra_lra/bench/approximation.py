@@ -22,7 +22,8 @@ Inputs:
 - `--run <run folder>`: the q, k, v and mask that each layer of a trained model gives its
   attention on the first `--examples` examples of `--split`, captured with hooks while the model
   runs with its own attention (rebuilt by `mra_lra.evaluate.load_run`, so `--ckpt` and
-  `--override key=value` work as in eval.py). One row per layer and setting, plus the mean.
+  `--override key=value` work as in eval.py). One row per layer and setting; the table adds
+  the mean over layers.
 
 Each attention takes the options of conf/attn/<name>.yaml (for a run, its interpolations, such as
 MRA's per-task priors, resolve against the run's config; synthetic inputs keep the class
@@ -444,8 +445,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.overrides = parse_overrides(args.overrides)
     if "*" in args.overrides:
         p.error("--set takes name.key=value here (each attention has its own options)")
-    if args.n < 1 or args.d < 1 or args.heads < 1 or args.batch < 1 or args.examples < 1:
-        p.error("--n, --d, --heads, --batch and --examples must be positive")
+    sizes = ("n", "d", "heads", "batch", "examples", "repeats", "maps_tokens")
+    bad = [f"--{name.replace('_', '-')}" for name in sizes if getattr(args, name) < 1]
+    if bad:
+        p.error(f"{', '.join(bad)} must be at least 1")
+    if not args.seeds:
+        p.error("--seeds needs at least one seed")
+    if args.scale <= 0 or args.smooth < 0:
+        p.error(
+            f"--scale must be positive and --smooth at least 0, got {args.scale}, {args.smooth}"
+        )
     if not 0 <= args.pad < 1:
         p.error(f"--pad must be in [0, 1), got {args.pad}")
     return args
@@ -460,6 +469,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"--run {args.run}: {error}") from None
     else:
         layers, cfg = synthetic_inputs(args), None
+    if args.maps and not 0 <= args.maps_layer < len(layers):
+        raise SystemExit(
+            f"--maps-layer {args.maps_layer}: the inputs have layers 0-{len(layers) - 1}"
+        )
     rows, maps = measure(args, layers, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,9 @@ def test_effective_matrix_reproduces_the_output(name, options):
         (["--attn", "mra", "--set", "block_per_row=2"], "name.key=value"),
         (["--attn", "nope"], "unknown ['nope']"),
         (["--attn", "mra", "--set", "mra.bogus=1"], "bogus"),
+        (["--attn", "mra", "--repeats", "0"], "--repeats must be at least 1"),
+        (["--attn", "mra", "--seeds", ","], "at least one seed"),
+        (["--attn", "mra", "--maps", "--maps-layer", "1"], "layers 0-0"),
     ],
 )
 def test_bad_options_name_the_problem(argv, message, capsys):

@@ -5,14 +5,21 @@ import math
 import torch
 
 
-def qkv_near(shape, seed=0, dtype=torch.float64, pad_from=None):
-    """Random q, k, v of `shape` [B, H, n, d] with keys near the queries (k = q + noise / 2, so
-    that hashing methods see collisions), and a [B, n] mask padding entry 1 from `pad_from` on."""
+def random_qkv(shape, seed=0, dtype=torch.float64, pad_from=None, device="cpu"):
+    """Random q, k, v of `shape` [B, H, n, d] and a [B, n] mask that pads entry 1 from
+    `pad_from` on."""
     g = torch.Generator().manual_seed(seed)
-    q, noise, v = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
-    mask = torch.ones(shape[0], shape[2], dtype=dtype)
+    q, k, v = (torch.randn(shape, generator=g, dtype=dtype).to(device) for _ in range(3))
+    mask = torch.ones(shape[0], shape[2], dtype=dtype, device=device)
     if pad_from is not None:
         mask[1, pad_from:] = 0
+    return q, k, v, mask
+
+
+def qkv_near(shape, seed=0, dtype=torch.float64, pad_from=None):
+    """random_qkv with keys near the queries (k = q + noise / 2), so that hashing methods see
+    collisions."""
+    q, noise, v, mask = random_qkv(shape, seed, dtype, pad_from)
     return q, q + 0.5 * noise, v, mask
 
 

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mra_lra.attention import build
-from tests.attention.dense import dense_softmax
+from tests.attention.dense import dense_softmax, random_qkv
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "bigbird.yaml"
@@ -31,12 +31,7 @@ def expected_blocks(nb, window, num_global, random_blocks_of_row):
 
 
 def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
-    mask = torch.ones(B, n, dtype=dtype)
-    if pad_from is not None:
-        mask[1, pad_from:] = 0
-    return q, k, v, mask
+    return random_qkv((B, H, n, D), seed, dtype, pad_from)
 
 
 def test_config_builds_with_spec_settings():

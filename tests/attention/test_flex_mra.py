@@ -11,19 +11,14 @@ import pytest
 import torch
 
 from mra_lra.attention import build
-from tests.attention.dense import dense_softmax
+from tests.attention.dense import dense_softmax, random_qkv
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "flex_mra.yaml"
 
 
 def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype).to(device) for _ in range(3))
-    mask = torch.ones(B, n, dtype=dtype, device=device)
-    if pad_from is not None:
-        mask[1, pad_from:] = 0
-    return q, k, v, mask
+    return random_qkv((B, H, n, D), seed, dtype, pad_from, device)
 
 
 def pair(**options):

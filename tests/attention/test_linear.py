@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mra_lra.attention import build
+from tests.attention.dense import random_qkv
 
 B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "linear.yaml"
@@ -23,12 +24,7 @@ def dense_linear(q, k, v, mask):
 
 
 def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for _ in range(3))
-    mask = torch.ones(B, n, dtype=dtype)
-    if pad_from is not None:
-        mask[1, pad_from:] = 0
-    return q, k, v, mask
+    return random_qkv((B, H, n, D), seed, dtype, pad_from)
 
 
 def test_config_builds():

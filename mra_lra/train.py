@@ -27,7 +27,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, SequentialSampler
 
-from mra_lra.data.cache import atomic_write_json
+from mra_lra.data.cache import atomic_write_json, atomic_write_text
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 
 if TYPE_CHECKING:
@@ -83,6 +83,26 @@ def _wandb_mode_default() -> None:
     if settings.get("mode") or _wandb_logged_in(settings):
         return
     os.environ["WANDB_MODE"] = "offline"
+
+
+# A run folder's wandb run id, so that a resumed run continues the same wandb run.
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _make_logger(logger_cfg: DictConfig, cfg: DictConfig, out_dir: Path) -> pl.loggers.Logger:
+    """Instantiate one logger. A wandb run resumed into its own folder (ckpt_path set, and the
+    folder holds the id its first start wrote) continues that wandb run, unless the logger's
+    config names an id itself; rank 0 writes the id of each new run."""
+    is_wandb = str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
+    id_file = out_dir / WANDB_ID_FILE
+    kwargs = {}
+    if is_wandb and cfg.get("ckpt_path") and not logger_cfg.get("id") and id_file.is_file():
+        kwargs["id"] = id_file.read_text().strip()
+        log.info("resuming wandb run %s (from %s)", kwargs["id"], id_file)
+    logger = hydra.utils.instantiate(logger_cfg, **kwargs)
+    if is_wandb and rank_zero_only.rank == 0:
+        atomic_write_text(id_file, logger.experiment.id + "\n")
+    return logger
 
 
 def protocol_card(cfg: DictConfig) -> str:
@@ -214,7 +234,7 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule, module = build(cfg)
     net = module.net
-    loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
+    loggers = [_make_logger(c, cfg, out_dir) for c in cfg.logger.values()]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks

@@ -159,6 +159,47 @@ def test_wandb_logger_writes_an_offline_run(compose_cfg, tmp_path, conftest_tiny
     assert history["train/lr"] == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
 
 
+def test_resumed_run_continues_its_wandb_run(compose_cfg, tmp_path, conftest_tiny, wandb_env):
+    """The first start writes its wandb id to the run folder; a resume into that folder logs to
+    the same id (offline: a second offline-run folder with that id) from the resumed step on."""
+    run_dir = tmp_path / "run"
+    base = [
+        *conftest_tiny,
+        "logger=wandb",
+        "trainer.log_every_n_steps=1",
+        "scheduler.warmup_steps=1",
+    ]
+    run(
+        compose_cfg([*base, "trainer.max_steps=4", "trainer.val_check_interval=2"], run_dir=run_dir)
+    )
+    wandb.teardown()
+    run_id = (run_dir / train_module.WANDB_ID_FILE).read_text().strip()
+    (first,) = (run_dir / "wandb").glob("offline-run-*")
+    assert first.name.endswith(f"-{run_id}")
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    overrides = [*base, "trainer.max_steps=6", "trainer.val_check_interval=2", f"ckpt_path={last}"]
+    run(compose_cfg(overrides, run_dir=run_dir))
+    wandb.teardown()
+    (second,) = set((run_dir / "wandb").glob("offline-run-*")) - {first}
+    assert second.name.endswith(f"-{run_id}")
+    (log_file,) = second.glob("run-*.wandb")
+    steps = [
+        json.loads(item.value_json)
+        for r in wandb_records(log_file)
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+        if "/".join([item.key, *item.nested_key]).strip("/") == "trainer/global_step"
+    ]
+    assert steps and min(steps) >= 4, steps  # only what the resumed run trained
+
+    # A fresh start in another folder is a new wandb run.
+    other = tmp_path / "other"
+    run(compose_cfg([*base, "trainer.max_steps=2", "trainer.val_check_interval=2"], run_dir=other))
+    wandb.teardown()
+    assert (other / train_module.WANDB_ID_FILE).read_text().strip() != run_id
+
+
 # --- DDP -----------------------------------------------------------------------------------
 
 

@@ -28,7 +28,8 @@ Inputs:
 Each attention takes the options of conf/attn/<name>.yaml (for a run, its interpolations, such as
 MRA's per-task priors, resolve against the run's config; synthetic inputs keep the class
 defaults), then `--set name.key=value`, then each value of its `--sweep name.key=v1,v2,...`.
-MRA runs its torch path (the function the Triton kernels compute). Nystromformer's depthwise
+MRA takes `--backend` (auto: Triton kernels on `--device cuda`, the torch path on CPU; the two
+compute the same function). Nystromformer's depthwise
 conv of v, a model layer and not part of the approximation, is off (`--set
 nystrom.conv_kernel_size=33` turns it on, with random weights).
 Methods whose random draws happen at construction or per call (Performer's features, Linformer's
@@ -81,7 +82,8 @@ def exact_softmax(q, k, v, mask, rows_per_chunk: int = 1024) -> torch.Tensor:
     q, k, v = q.double(), k.double(), v.double()
     bias = None
     if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask == 0, -torch.inf)
+        bias = torch.zeros(mask.shape, dtype=torch.float64, device=q.device)
+        bias = bias.masked_fill(mask == 0, -torch.inf)
         bias = bias[:, None, None, :]
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     for lo in range(0, q.shape[2], rows_per_chunk):
@@ -195,10 +197,15 @@ def settings(args: argparse.Namespace) -> list[tuple[str, str, object, dict]]:
 
 
 def forward_ms(attn, q, k, v, mask, repeats: int) -> float:
+    """Median wall time of `repeats` forward passes (synchronised on CUDA)."""
     times = []
     for _ in range(repeats):
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
         start = time.perf_counter()
         attn(q, k, v, mask)
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -210,7 +217,7 @@ def attention_options(name: str, extra: dict, args: argparse.Namespace, cfg) -> 
     options = {**base, **APPROXIMATION_ONLY.get(name, {})}
     options.update({**args.overrides.get(name, {}), **extra})
     if "backend" in options:
-        options["backend"] = "torch"  # on CPU tensors: the function the kernels compute
+        options["backend"] = args.backend
     return options
 
 
@@ -223,9 +230,9 @@ def effective_matrix(attn, q, k, mask, seed: int) -> torch.Tensor:
     _, H, n, d = q.shape
     columns = []
     for lo in range(0, n, d):
-        v = torch.zeros(1, H, n, d, dtype=q.dtype)
+        v = q.new_zeros(1, H, n, d)
         width = min(d, n - lo)
-        v[:, :, lo : lo + width, :width] = torch.eye(width, dtype=q.dtype)
+        v[:, :, lo : lo + width, :width] = torch.eye(width, dtype=q.dtype, device=q.device)
         torch.manual_seed(seed)
         columns.append(attn(q, k, v, mask)[0, 0, :, :width])
     return torch.cat(columns, dim=1)
@@ -239,21 +246,22 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
         f"run:{args.run}" if args.run else f"synthetic(scale={args.scale},smooth={args.smooth})"
     )
     for layer in layers:
-        q, k, v, mask = layer["q"], layer["k"], layer["v"], layer["mask"]
+        q, k, v, mask = (layer[key].to(args.device) for key in ("q", "k", "v", "mask"))
         ref = exact_softmax(q, k, v, mask)
         B, H, n, d = q.shape
         context = {**layer["context"], "max_length": max(layer["context"]["max_length"], n)}
         draw = args.maps and layer["layer"] == args.maps_layer
         if draw:
-            probs = exact_softmax(q[:1, :1], k[:1, :1], torch.eye(n)[None, None], mask[:1])
-            maps.append(("exact softmax", probs[0, 0]))
+            identity = torch.eye(n, device=q.device)[None, None]
+            probs = exact_softmax(q[:1, :1], k[:1, :1], identity, mask[:1])
+            maps.append(("exact softmax", probs[0, 0].cpu()))
         for name, key, value, extra in settings(args):
             options = attention_options(name, extra, args, cfg)
             errors, times = [], []
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 try:
-                    attn = build(name, context=context, **options).eval()
+                    attn = build(name, context=context, **options).to(args.device).eval()
                 except (TypeError, ValueError) as error:
                     raise SystemExit(f"{name} with {options}: {error}") from None
                 with torch.no_grad():
@@ -263,7 +271,7 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                     times.append(forward_ms(attn, q, k, v, mask, args.repeats))
                     if draw and seed == args.seeds[0] and name not in NO_MAP:
                         label = f"{name} {key}={value}" if key else name
-                        maps.append((label, effective_matrix(attn, q, k, mask, seed)))
+                        maps.append((label, effective_matrix(attn, q, k, mask, seed).cpu()))
             rows.append(
                 {
                     "source": source,
@@ -412,6 +420,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME.KEY=V")
     p.add_argument("--seeds", default="0,1,2", help="comma list: seeds averaged per setting")
     p.add_argument("--repeats", type=int, default=3, help="forward timings per seed (median)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the inputs go there)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "triton"),
+        default="auto",
+        help="MRA's path: auto is Triton on CUDA and torch on CPU (the same function)",
+    )
     p.add_argument("--out", default="approx_out")
     p.add_argument("--name", default="approximation", help="file stem under --out")
     synthetic = p.add_argument_group("synthetic inputs")
@@ -449,6 +464,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [f"--{name.replace('_', '-')}" for name in sizes if getattr(args, name) < 1]
     if bad:
         p.error(f"{', '.join(bad)} must be at least 1")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as error:
+        p.error(f"--device: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
     if not args.seeds:
         p.error("--seeds needs at least one seed")
     if args.scale <= 0 or args.smooth < 0:

@@ -114,6 +114,25 @@ def test_effective_matrix_reproduces_the_output(name, options):
         torch.testing.assert_close(matrix[:81].sum(dim=1), ones, atol=1e-6, rtol=0)
 
 
+def test_triton_backend_gives_the_torch_paths_errors(tmp_path):
+    """Under the interpreter on CPU: MRA's kernels and its torch path, same inputs, same error."""
+    argv = [*SMALL, "--pad", "0.25", "--attn", "mra,mra_s", "--sweep", "mra.block_per_row=1,2"]
+    by_backend = {
+        backend: main([*argv, "--backend", backend, "--out", str(tmp_path / backend)])
+        for backend in ("torch", "triton")
+    }
+    for torch_row, triton_row in zip(*by_backend.values(), strict=True):
+        assert triton_row["setting"] == torch_row["setting"]
+        assert triton_row["rel_error"] == pytest.approx(torch_row["rel_error"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_cuda_device_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--device", "cuda", "--attn", "mra"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -61,6 +61,7 @@ import yaml
 
 from mra_lra.attention import build, names
 from mra_lra.bench.attention import config_options, parse_overrides
+from mra_lra.bench.plotting import pyplot, save
 
 DEFAULT_ATTN = (
     "softmax,mra,mra_s,nystrom,performer,linformer,longformer,bigbird,h_transformer,scatterbrain"
@@ -300,13 +301,8 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
 def plot_maps(maps: list, path: Path, tokens: int, title: str) -> None:
     """Heatmaps of log10 |A| for the first `tokens` queries and keys, one panel per matrix, on
     the colour scale of the exact matrix (its largest weight down to a thousandth of it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no maps (pip install matplotlib)")
+    plt = pyplot("maps")
+    if plt is None:
         return
     top = float(maps[0][1][:tokens, :tokens].abs().max().clamp(min=1e-30).log10())
     cols = min(6, len(maps))
@@ -324,9 +320,7 @@ def plot_maps(maps: list, path: Path, tokens: int, title: str) -> None:
         ax.set_title(label, fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log10 |weight|")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(fig, path, dpi=110)
 
 
 def table(rows: list[dict]) -> str:
@@ -355,13 +349,8 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     """Mean error over layers against the swept budget (one line per attention) and against
     forward time."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot("plot")
+    if plt is None:
         return
     points: dict[str, list[tuple]] = {}
     exact_ms = [r["ms"] for r in rows if r["attn"] == "softmax"]
@@ -404,9 +393,7 @@ def plot(rows: list[dict], path: Path) -> None:
         f"H={first['heads']}, B={first['batch']})"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,8 +26,8 @@ block_per_row 8, float32, n = 4096, the batch at half the largest power of two t
 (searched with forward+backward), time per instance. The layer is a pre-LN encoder block of
 width 768 (FFN 3072) around the attention; rows for the attention alone come at the same batch.
 
-Imports only torch, pyyaml (and matplotlib for the plot) besides mra_lra.attention, so it runs
-on a bare GPU image with PYTHONPATH set to the repository.
+Imports only torch, pyyaml (and matplotlib for the plot) besides mra_lra.attention and
+mra_lra.bench.plotting, so it runs on a bare GPU image with PYTHONPATH set to the repository.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from torch import nn
 
 from mra_lra.attention import build, get, names
 from mra_lra.attention.mra import resolve_backend
+from mra_lra.bench.plotting import pyplot, save
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "attn"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -480,13 +481,8 @@ def read_csv(path: Path) -> list[dict]:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Time against length, log-log: one panel per (dtype, pass), one line per attention."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot("plot")
+    if plt is None:
         return
     ok = [r for r in rows if r.get("status") == "ok" and r.get("scope") == "attention"]
     if not ok:
@@ -525,9 +521,7 @@ def plot(rows: list[dict], path: Path) -> None:
         f"H={first['heads']}, d={first['d']})"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 def _list(kind: Callable[[str], object]) -> Callable[[str], list]:

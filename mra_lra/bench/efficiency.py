@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
+from mra_lra.bench.plotting import pyplot, save
 from mra_lra.data.prepare import CONF_DIR, compose_train
 
 FIELDS = (
@@ -191,13 +192,8 @@ def table(rows: list[dict], pass_name: str, baseline: str = "softmax") -> str:
 def plot(rows: list[dict], path: Path) -> None:
     """Steps per second and memory against length, log-log, one line per attention; a panel
     pair per pass."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot("plot")
+    if plt is None:
         return
     ok = [r for r in rows if r["status"] == "ok"]
     passes = [p for p in PASSES if any(r["pass"] == p for r in ok)]
@@ -226,9 +222,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle(f"whole model, {first['family']} {first['task']}, batch {first['batch']}, "
                  f"{first['device']}")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:

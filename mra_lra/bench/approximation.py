@@ -42,7 +42,11 @@ Writes <out>/<name>.csv (one row per layer, attention and setting), <name>.md (t
 <name>.png (error against budget and against time). `--maps` also draws, for layer --maps-layer,
 batch entry 0 and head 0, the attention matrix each setting applies (read off by passing the
 identity as v, which is exact for every method linear in v, so not YOSO) next to the exact one:
-<name>_maps.png, the first --maps-tokens queries and keys.
+<name>_maps.png, the first --maps-tokens queries and keys. `--grad` also compares gradients:
+for a fixed random output gradient dO (zero at padded queries), the relative errors of each
+method's dq, dk and dv against exact softmax's (blank where no gradient reaches: Reformer and
+SOFT tie keys to queries; FlexAttention has no backward on CPU). They show how well a method
+trains, as opposed to how well it evaluates.
 """
 
 from __future__ import annotations
@@ -72,9 +76,10 @@ APPROXIMATION_ONLY = {"nystrom": {"conv_kernel_size": None}}
 # No map for softmax (the exact panel is drawn) nor YOSO (each output row is L2-normalised, so
 # the output is not A v for any matrix A).
 NO_MAP = {"softmax", "yoso"}
+GRADS = ("dq", "dk", "dv")
 FIELDS = (
     "source layer attn setting budget_key budget n d heads batch rel_error rel_error_std ms seeds"
-).split()
+).split() + [f"rel_error_{g}" for g in GRADS]
 
 
 def exact_softmax(q, k, v, mask, rows_per_chunk: int = 1024) -> torch.Tensor:
@@ -239,6 +244,23 @@ def effective_matrix(attn, q, k, mask, seed: int) -> torch.Tensor:
     return torch.cat(columns, dim=1)
 
 
+def gradients(fn, q, k, v, mask, weights) -> list[torch.Tensor | None]:
+    """dq, dk, dv of sum(fn(q, k, v, mask) * weights); None where no gradient reaches (methods
+    that tie keys to queries)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    (fn(q, k, v, mask) * weights).sum().backward()
+    return [t.grad for t in (q, k, v)]
+
+
+def gradient_errors(attn, q, k, v, mask, exact: list, weights, seed: int) -> list[float | None]:
+    """Relative error of each of dq, dk, dv against exact softmax's, over the real positions."""
+    torch.manual_seed(seed)
+    got = gradients(attn, q, k, v, mask, weights)
+    return [
+        None if g is None else relative_error(g, e, mask) for g, e in zip(got, exact, strict=True)
+    ]
+
+
 def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[list[dict], list]:
     """Rows of error and time, and with --maps the effective attention matrices of layer
     --maps-layer as (label, matrix) pairs."""
@@ -251,6 +273,10 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
         ref = exact_softmax(q, k, v, mask)
         B, H, n, d = q.shape
         context = {**layer["context"], "max_length": max(layer["context"]["max_length"], n)}
+        if args.grad:
+            g = torch.Generator().manual_seed(args.input_seed)
+            weights = torch.randn(q.shape, generator=g).to(q.device) * mask[:, None, :, None]
+            exact_grads = gradients(exact_softmax, q, k, v, mask, weights)
         draw = args.maps and layer["layer"] == args.maps_layer
         if draw:
             identity = torch.eye(n, device=q.device)[None, None]
@@ -258,7 +284,7 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
             maps.append(("exact softmax", probs[0, 0].cpu()))
         for name, key, value, extra in settings(args):
             options = attention_options(name, extra, args, cfg)
-            errors, times = [], []
+            errors, times, grad_errors = [], [], []
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 try:
@@ -273,6 +299,18 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                     if draw and seed == args.seeds[0] and name not in NO_MAP:
                         label = f"{name} {key}={value}" if key else name
                         maps.append((label, effective_matrix(attn, q, k, mask, seed).cpu()))
+                if args.grad:
+                    try:
+                        grad_errors.append(
+                            gradient_errors(attn, q, k, v, mask, exact_grads, weights, seed)
+                        )
+                    except (RuntimeError, NotImplementedError) as error:  # no backward here
+                        print(f"{name}: no gradient ({str(error).splitlines()[0]})")
+                        grad_errors.append([None] * len(GRADS))
+            grad_means = [
+                None if None in column else statistics.fmean(column)
+                for column in zip(*grad_errors, strict=True)
+            ] or [None] * len(GRADS)
             rows.append(
                 {
                     "source": source,
@@ -289,6 +327,7 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                     "rel_error_std": statistics.pstdev(errors),
                     "ms": statistics.median(times),
                     "seeds": len(args.seeds),
+                    **{f"rel_error_{g}": e for g, e in zip(GRADS, grad_means, strict=True)},
                 }
             )
             print(
@@ -296,6 +335,20 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                 f"error {rows[-1]['rel_error']:.4f}  {rows[-1]['ms']:8.2f} ms"
             )
     return rows, maps
+
+
+def gradient_table(rows: list[dict]) -> str:
+    """Markdown: the gradient errors of each (attention, setting), mean over layers."""
+    keys = list(dict.fromkeys((r["attn"], r["setting"]) for r in rows))
+    lines = ["| attention | setting | dq | dk | dv |", "|---|---|---|---|---|"]
+    for name, setting in keys:
+        group = [r for r in rows if (r["attn"], r["setting"]) == (name, setting)]
+        cells = []
+        for g in GRADS:
+            values = [r[f"rel_error_{g}"] for r in group]
+            cells.append("" if None in values else f"{statistics.fmean(values):.4f}")
+        lines.append("| " + " | ".join([name, setting, *cells]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_maps(maps: list, path: Path, tokens: int, title: str) -> None:
@@ -431,6 +484,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also draw each setting's attention matrix (entry 0, head 0) to <name>_maps.png",
     )
     p.add_argument("--maps-layer", type=int, default=0, help="the layer --maps draws")
+    p.add_argument(
+        "--grad",
+        action="store_true",
+        help="also the errors of dq, dk, dv against exact softmax's (a fixed random dO)",
+    )
     p.add_argument("--maps-tokens", type=int, default=256, help="queries and keys drawn")
     captured = p.add_argument_group("a trained run's inputs")
     captured.add_argument("--run", default=None, help="run folder written by train.py")
@@ -489,6 +547,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     text = table(rows)
+    if args.grad:
+        text += "\nGradient error against exact softmax's, mean over layers:\n\n"
+        text += gradient_table(rows)
     command = " ".join(["python -m mra_lra.bench.approximation", *(argv or sys.argv[1:])])
     (out / f"{args.name}.md").write_text(
         f"Relative error against exact softmax, and forward ms on CPU. Inputs: "

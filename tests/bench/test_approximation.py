@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from mra_lra.attention import build
 from mra_lra.bench.approximation import (
+    GRADS,
     effective_matrix,
     exact_softmax,
     main,
@@ -124,6 +125,26 @@ def test_triton_backend_gives_the_torch_paths_errors(tmp_path):
     for torch_row, triton_row in zip(*by_backend.values(), strict=True):
         assert triton_row["setting"] == torch_row["setting"]
         assert triton_row["rel_error"] == pytest.approx(torch_row["rel_error"], rel=1e-4, abs=1e-6)
+
+
+def test_gradient_errors(tmp_path):
+    """--grad: exact where the forward is exact (softmax, MRA-2 with every block), not with one
+    block per row; blank where no gradient reaches (Reformer's keys are its queries)."""
+    rows = main(
+        [*SMALL, "--pad", "0.25", "--attn", "softmax,mra,reformer", "--sweep",
+         "mra.block_per_row=1,4", "--grad", "--out", str(tmp_path)]
+    )  # fmt: skip
+    grads = {(r["attn"], r["setting"]): [r[f"rel_error_{g}"] for g in GRADS] for r in rows}
+    assert max(grads[("softmax", "default")]) < 1e-6
+    assert max(grads[("mra", "block_per_row=4")]) < 1e-5
+    assert min(grads[("mra", "block_per_row=1")]) > 1e-3
+    dq, dk, dv = grads[("reformer", "default")]
+    assert dk is None and dq > 0 and dv > 0
+    written = {(r["attn"], r["setting"]): r for r in read(tmp_path / "approximation.csv")}
+    assert written[("reformer", "default")]["rel_error_dk"] == ""
+    text = (tmp_path / "approximation.md").read_text()
+    assert "| attention | setting | dq | dk | dv |" in text
+    assert "| reformer | default | " in text.split("dq | dk | dv")[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")

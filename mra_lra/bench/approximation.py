@@ -64,8 +64,8 @@ import torch.nn.functional as F
 import yaml
 
 from mra_lra.attention import build, names
-from mra_lra.bench.attention import config_options, parse_overrides
-from mra_lra.bench.plotting import pyplot, save
+from mra_lra.bench.attention import config_options, parse_overrides, sync
+from mra_lra.bench.plotting import pyplot, save, style
 
 DEFAULT_ATTN = (
     "softmax,mra,mra_s,nystrom,performer,linformer,longformer,bigbird,h_transformer,scatterbrain"
@@ -206,12 +206,10 @@ def forward_ms(attn, q, k, v, mask, repeats: int) -> float:
     """Median wall time of `repeats` forward passes (synchronised on CUDA)."""
     times = []
     for _ in range(repeats):
-        if q.is_cuda:
-            torch.cuda.synchronize(q.device)
+        sync(q.device)
         start = time.perf_counter()
         attn(q, k, v, mask)
-        if q.is_cuda:
-            torch.cuda.synchronize(q.device)
+        sync(q.device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -437,16 +435,13 @@ def plot(rows: list[dict], path: Path) -> None:
     left.set(xscale="log", yscale="log", xlabel="swept option (own units)", ylabel="relative error")
     right.set(xscale="log", yscale="log", xlabel="forward ms (all layers)", ylabel="relative error")
     for ax in (left, right):
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        style(ax)
     first = rows[0]
-    fig.suptitle(
+    title = (
         f"error against exact softmax ({first['source']}, n={first['n']}, d={first['d']}, "
         f"H={first['heads']}, B={first['batch']})"
     )
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, title)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

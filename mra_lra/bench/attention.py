@@ -51,7 +51,7 @@ from torch import nn
 
 from mra_lra.attention import build, get, names
 from mra_lra.attention.mra import resolve_backend
-from mra_lra.bench.plotting import pyplot, save
+from mra_lra.bench.plotting import pyplot, save, style
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "attn"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -512,16 +512,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.minorticks_off()
         ax.set_title(f"{dtype}, {pass_name}")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        style(ax)
     first = ok[0]
-    fig.suptitle(
+    title = (
         f"attention time vs length ({first['device']}, B={first['batch']}, "
         f"H={first['heads']}, d={first['d']})"
     )
-    fig.tight_layout()
-    save(fig, path)
+    save(fig, path, title)
 
 
 def _list(kind: Callable[[str], object]) -> Callable[[str], list]:

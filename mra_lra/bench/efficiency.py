@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
-from mra_lra.bench.plotting import pyplot, save
+from mra_lra.bench.plotting import pyplot, save, style
 from mra_lra.data.prepare import CONF_DIR, compose_train
 
 FIELDS = (
@@ -216,13 +216,12 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xticks(lengths, [str(n) for n in lengths])
             ax.minorticks_off()
             ax.set_title(f"{pass_name}: {unit}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            style(ax)
     first = ok[0]
-    fig.suptitle(f"whole model, {first['family']} {first['task']}, batch {first['batch']}, "
-                 f"{first['device']}")  # fmt: skip
-    fig.tight_layout()
-    save(fig, path)
+    title = (
+        f"whole model, {first['family']} {first['task']}, batch {first['batch']}, {first['device']}"
+    )
+    save(fig, path, title)
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:

@@ -19,10 +19,22 @@ def pyplot(what: str = "plot"):
     return plt
 
 
-def save(fig, path: str | Path, dpi: int = 120) -> None:
-    """Write `fig` as an image at `path` and free it."""
+def style(ax) -> None:
+    """The grid and legend every benchmark panel has."""
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
+def save(fig, path: str | Path, title: str | None = None, dpi: int = 120) -> None:
+    """Title `fig`, lay it out (unless it has a layout engine of its own), write it as an image
+    at `path` and free it."""
     import matplotlib.pyplot as plt
 
+    if title:
+        fig.suptitle(title)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     print(f"wrote {path}")

@@ -39,6 +39,9 @@ CASES = {
     "h_transformer": ("h_transformer", {"block_size": 16}),
     "scatterbrain": ("scatterbrain", {"window_size": 16, "num_features": 32}),
     "soft": ("soft", {"num_landmarks": 8}),
+    "cosformer": ("cosformer", {}),
+    "skyformer": ("skyformer", {"num_landmarks": 16}),
+    "skyformer_all": ("skyformer", {"num_landmarks": 256, "pinv_iterations": 10}),
     "yoso": ("yoso", {"num_hashes": 8, "hash_code_len": 6}),
     "yoso_expectation": ("yoso", {"hash_code_len": 6, "expectation": True}),
 }

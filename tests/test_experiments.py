@@ -59,6 +59,14 @@ def test_experiment_holds_the_paper_recipe(compose_cfg, name):
     assert model.two_tower == (task == "retrieval")
     opt = cfg.optimizer
     assert (list(opt.betas), opt.eps, opt.weight_decay) == ([0.9, 0.999], 1e-6, 0.0)
+    # The published code's torch.optim.lr_scheduler.OneCycleLR with its default settings.
+    sched = cfg.scheduler
+    assert (
+        sched._target_.endswith("schedule.one_cycle") and sched.total_steps == cfg.trainer.max_steps
+    )
+    assert (sched.anneal_strategy, sched.cycle_momentum) == ("linear", True)
+    assert (sched.base_momentum, sched.max_momentum) == (0.85, 0.95)
+    assert (sched.div_factor, sched.final_div_factor) == (25, 1e4)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
     if task in PAPER:
         recipe = (

@@ -20,9 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from mra_lra.attention import build
 
-# mean: the mean over real tokens; cls: a learned token prepended to every sequence, read out at
-# the end (it attends to everything and is never masked).
-POOLINGS = ("mean", "cls")
+# mean: the mean over real tokens; mean_padded: the sum over real tokens divided by the padded
+# length (padding counted as zeros, so shorter inputs pool to smaller vectors: what the MRA
+# authors' LRA code lineage computes, `norm(x) * mask` then a mean over every position);
+# cls: a learned token prepended to every sequence, read out at the end (it attends to everything
+# and is never masked).
+POOLINGS = ("mean", "mean_padded", "cls")
 POSITIONS = ("learned", "sinusoidal")
 # How token ids enter the model: `tokens` looks each id up in an embedding table; `continuous`
 # reads it as a pixel intensity, id / 255, through Linear(1, d_model) (pixel tasks only).
@@ -201,6 +204,8 @@ class LRAEncoder(nn.Module):
         if self.pooling == "cls":
             return x[:, 0]
         m = mask[..., None]
+        if self.pooling == "mean_padded":
+            return (x * m).sum(dim=1) / x.shape[1]
         return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 

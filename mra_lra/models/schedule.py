@@ -1,28 +1,59 @@
-"""Learning-rate schedules: the MRA recipe's one cycle (linear warm-up, then linear decay to zero)
-and the original LRA recipe's product of factors."""
+"""Learning-rate schedules: the MRA recipe's one cycle (torch's OneCycleLR: linear warm-up, linear
+decay, beta1 cycled against the rate) and the original LRA recipe's product of factors."""
 
 from __future__ import annotations
 
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 
-def linear_warmup_decay(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+def one_cycle(
+    optimizer: Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    anneal_strategy: str,
+    cycle_momentum: bool,
+    base_momentum: float,
+    max_momentum: float,
+    div_factor: float,
+    final_div_factor: float,
+) -> OneCycleLR:
+    """The MRA recipe's schedule: torch's OneCycleLR, as the published LRA code calls it (peak
+    optimizer.lr after `warmup_steps` updates, `pct_start = warmup_steps / total_steps`).
+
+    From lr / div_factor the rate rises to the peak at update warmup_steps - 1, then anneals to
+    lr / (div_factor * final_div_factor) at the last update. With cycle_momentum, Adam's beta1
+    moves the other way, from max_momentum down to base_momentum at the peak and back (the
+    optimizer's configured beta1 is overwritten from the first step on).
+    """
     if total_steps <= 0:
-        raise ValueError(f"scheduler.total_steps must be > 0, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
         raise ValueError(
-            f"scheduler.warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
+            f"scheduler.total_steps must be > 0, got {total_steps} (it follows trainer.max_steps: "
+            "training is counted in steps)"
         )
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return LambdaLR(optimizer, factor)
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"scheduler.warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps} "
+            "(the cycle needs at least one step of decay)"
+        )
+    if anneal_strategy not in ("linear", "cos"):
+        raise ValueError(
+            f"scheduler.anneal_strategy must be linear or cos, got {anneal_strategy!r}"
+        )
+    return OneCycleLR(
+        optimizer,
+        max_lr=[group["lr"] for group in optimizer.param_groups],
+        total_steps=total_steps,
+        pct_start=warmup_steps / total_steps,
+        anneal_strategy=anneal_strategy,
+        cycle_momentum=cycle_momentum,
+        base_momentum=base_momentum,
+        max_momentum=max_momentum,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+    )
 
 
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "rsqrt_normalized_decay", "cosine_decay")

@@ -165,3 +165,19 @@ def test_gradient_checkpointing_recomputes_the_same_function(attn):
         net(batch)
     with pytest.raises(ValueError, match="model.gradient_checkpointing must be true or false"):
         encoder(gradient_checkpointing="yes")
+
+
+def test_mean_padded_pooling_divides_by_the_padded_length():
+    """mean: the average of the final features over real tokens, however much padding follows;
+    mean_padded: their sum over the padded length (the MRA code lineage's pooling)."""
+    torch.manual_seed(0)
+    mean = encoder(pooling="mean")
+    padded_net = encoder(pooling="mean_padded")
+    padded_net.load_state_dict(mean.state_dict())
+    ids = torch.randint(1, 10, (2, 24))
+    mask = torch.ones(2, 24)
+    mask[1, 6:] = 0
+    real = mean(ids, mask)
+    torch.testing.assert_close(padded_net(ids, mask), real * mask.sum(1, keepdim=True) / 24)
+    with pytest.raises(ValueError, match="model.pooling"):
+        encoder(pooling="max")

@@ -1,4 +1,5 @@
-"""The LRA (JAX) factor schedule, step by step through a real optimizer."""
+"""The schedules step by step through a real optimizer: the MRA recipe's one cycle and the LRA
+(JAX) factor schedule."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mra_lra.models.schedule import factor_schedule
+from mra_lra.models.schedule import factor_schedule, one_cycle
 
 
 def lrs(factors: str, steps: int, lr: float = 0.05, **kw) -> list[float]:
@@ -45,3 +46,58 @@ def test_bad_factors_are_named():
         lrs("constant * rsqrt", 1, warmup_steps=4)
     with pytest.raises(ValueError, match="scheduler.warmup_steps"):
         lrs("linear_warmup", 1, warmup_steps=0)
+
+
+ONE_CYCLE = dict(
+    anneal_strategy="linear",
+    cycle_momentum=True,
+    base_momentum=0.85,
+    max_momentum=0.95,
+    div_factor=25.0,
+    final_div_factor=1e4,
+)
+
+
+def one_cycle_steps(steps: int, warmup_steps: int, lr: float = 1e-4, **kw):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr, betas=(0.9, 0.999))
+    sched = one_cycle(opt, warmup_steps, steps, **{**ONE_CYCLE, **kw})
+    seen = []
+    for _ in range(steps):
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
+        opt.step()
+        sched.step()
+    return seen
+
+
+def test_one_cycle_is_the_published_recipe():
+    """Written out from OneCycleLR's definition with the published code's arguments: from lr / 25
+    up to lr at update warmup - 1, then down to lr / 25 / 1e4 at the last update; beta1 from 0.95
+    down to 0.85 at the peak and back."""
+    lr, warmup, total = 1e-4, 5, 21
+    seen = one_cycle_steps(total, warmup, lr)
+    lrs_, betas = [s[0] for s in seen], [s[1] for s in seen]
+    start, end = lr / 25, lr / 25 / 1e4
+    for step in range(warmup):
+        pct = step / (warmup - 1)
+        assert lrs_[step] == pytest.approx(start + pct * (lr - start), rel=1e-9)
+        assert betas[step] == pytest.approx(0.95 - pct * 0.10, rel=1e-9)
+    for step in range(warmup - 1, total):
+        pct = (step - (warmup - 1)) / (total - 1 - (warmup - 1))
+        assert lrs_[step] == pytest.approx(lr + pct * (end - lr), rel=1e-9)
+        assert betas[step] == pytest.approx(0.85 + pct * 0.10, rel=1e-9)
+    assert max(lrs_) == lrs_[warmup - 1]
+
+
+def test_one_cycle_without_momentum_keeps_beta1():
+    seen = one_cycle_steps(8, 2, cycle_momentum=False)
+    assert {beta for _, beta in seen} == {0.9}
+
+
+@pytest.mark.parametrize(
+    "warmup,total,match",
+    [(5, 0, "total_steps"), (8, 8, "warmup_steps"), (-1, 8, "warmup_steps")],
+)
+def test_one_cycle_rejects_bad_steps(warmup, total, match):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    with pytest.raises(ValueError, match=f"scheduler.{match}"):
+        one_cycle(opt, warmup, total, **ONE_CYCLE)

@@ -23,6 +23,17 @@ Conventions (where they differ from the paper or the public re-implementation, t
   one per-query stabiliser (their row maxima are merged as in a log-sum-exp), where the
   re-implementation adds levels that were each shifted by their own maximum.
 With block_size >= n there is one block and the output is exact softmax attention.
+
+Top level (`top_level`, conf/attn/h_transformer.yaml default true): the hierarchy above runs up to
+the level with two coarse blocks, whose sibling pair joins the first half of the sequence to the
+second, so every block pair (I, J) is covered, as in the paper's hierarchy. With top_level false
+that coarsest level is left out, as in the MRA authors' code base (mlpen/mra-attention
+ImageNet/encoders/htransformer1d.py: log2(nb) - 2 coarsening steps, so its coarsest level has
+four blocks): pairs with I xor J >= nb / 2 get no weight and no query in the first half sees a key
+in the second (nor across layers). When the finest level is the top one (nb = 2) only the diagonal
+blocks remain; the MRA copy refuses such short inputs (n <= 2 b). (Upstream lucidrains'
+h-transformer-1d, commit 4e94794, keeps the top level but leaves out the finest level's sibling
+blocks instead; neither option reproduces that.)
 """
 
 from __future__ import annotations
@@ -50,9 +61,10 @@ def _attend_level(
     counts: torch.Tensor,
     block_size: int,
     finest: bool,
+    siblings: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One level: each block of `block_size` (coarse) tokens attends to its sibling block, and at
-    the finest level also to itself.
+    """One level: each block of `block_size` (coarse) tokens attends to its sibling block (unless
+    `siblings` is false), and at the finest level also to itself.
 
     q, k, v: [B, H, m, d] (k already scaled, v the mean over the tokens a coarse token holds);
     counts: [B, m] real tokens per coarse token. Returns the unnormalised output [B, H, m, d], the
@@ -67,7 +79,7 @@ def _attend_level(
     keys, values, log_w = [], [], []
     if finest:
         keys, values, log_w = [kb], [vb], [log_c]
-    if nb > 1:
+    if siblings and nb > 1:
         keys.append(_siblings(kb))
         values.append(_siblings(vb))
         log_w.append(_siblings(log_c))
@@ -94,8 +106,12 @@ def h_attention(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     block_size: int,
+    top_level: bool = True,
 ) -> torch.Tensor:
-    """Hierarchical attention; q, k, v: [B, H, n, d], mask: [B, n] or None -> [B, H, n, d]."""
+    """Hierarchical attention; q, k, v: [B, H, n, d], mask: [B, n] or None -> [B, H, n, d].
+
+    top_level=False leaves out the sibling attention of the level with two blocks (the one that
+    joins the two halves of the sequence)."""
     B, H, n, d = q.shape
     nb = 2 ** math.ceil(math.log2(math.ceil(n / block_size)))
     extra = nb * block_size - n
@@ -111,10 +127,14 @@ def h_attention(
     levels = []
     span = 1
     while True:
-        denom = counts.clamp(min=1)[:, None, :, None]
-        qm, km, vm = (s / denom for s in sums)
-        levels.append((span, *_attend_level(qm, km, vm, counts, block_size, finest=span == 1)))
-        if counts.shape[-1] // block_size <= 2:
+        top = counts.shape[-1] // block_size <= 2  # 2 blocks (1 only if the whole is one block)
+        siblings = top_level or not top
+        if siblings or span == 1:  # the finest level keeps its diagonal blocks either way
+            denom = counts.clamp(min=1)[:, None, :, None]
+            qm, km, vm = (s / denom for s in sums)
+            level = _attend_level(qm, km, vm, counts, block_size, span == 1, siblings)
+            levels.append((span, *level))
+        if top:
             break
         sums = tuple(_pair_sum(s, axis=2) for s in sums)
         counts = _pair_sum(counts, axis=1)
@@ -137,17 +157,20 @@ def h_attention(
 
 @register("h_transformer")
 class HTransformer1DAttention(nn.Module):
-    def __init__(self, block_size: int = 16):
+    def __init__(self, block_size: int = 16, top_level: bool = True):
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.top_level = bool(top_level)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         in_dtype = q.dtype
         compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-        out = h_attention(q.to(compute), k.to(compute), v.to(compute), mask, self.block_size)
+        out = h_attention(
+            q.to(compute), k.to(compute), v.to(compute), mask, self.block_size, self.top_level
+        )
         return zero_padded_queries(out, mask).to(in_dtype)
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}"
+        return f"block_size={self.block_size}, top_level={self.top_level}"

@@ -3,10 +3,15 @@
     out = softmax(q (E k)^T / sqrt(d)) (E v),   E: [k, max_length], learned
 
 Cost O(n k d). Conventions:
-- One projection E, shared by all heads and by keys and values (the paper's headwise and
-  key-value sharing; the LRA code bases share it between keys and values too).
-- E is drawn from N(0, 1 / max_length), so a projected key has the scale of one token (the
-  published LRA code uses std 0.02).
+- One projection E per layer, shared by all heads and by keys and values (the paper's headwise
+  and key-value sharing, as the spec asks; the LRA code bases share it between keys and values
+  too). Those code bases keep one E per head ([heads, k, max_length]) and share that one tensor
+  across all layers: mlpen/mra-attention LRA/encoders/linformer.py through its config dict,
+  mlpen/Nystromformer LRA/code/attention_linformer.py through a class attribute. Here every
+  layer has its own E.
+- E is drawn from N(0, 1 / max_length), so a projected key has the scale of one token. The MRA
+  authors' reference draws randn / sqrt(k) (std 1 / 16 at k = 256); the Nystromformer LRA code
+  uses std 0.02.
 - For n < max_length the first n columns of E are used; n > max_length is an error.
 - Padded tokens are zeroed before the projection. A projected row that mixes no real token (all
   its weights on real tokens are 0, e.g. an identity E over padding) is masked out, so with

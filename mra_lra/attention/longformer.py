@@ -10,6 +10,11 @@ Blocked sliding window, O(n w d): the sequence is cut into blocks of w / 2 token
 block scores against the three key blocks around it (a strided view, no n x n matrix), masked to
 the band; the global keys are appended to each row and one softmax runs over both. The global
 query rows are computed densely (a g x n matrix).
+
+No dropout is applied to the attention probabilities (the spec gives attention dropout to softmax
+only). The MRA authors' reference (mlpen/mra-attention LRA/encoders/longformer.py) subclasses
+Hugging Face's LongformerSelfAttention with a default LongformerConfig(), so in training it drops
+attention probabilities with attention_probs_dropout_prob = 0.1.
 """
 
 from __future__ import annotations

@@ -12,9 +12,17 @@ Cost O(n m d); nothing n x n is formed. Conventions:
   reproduces it and every layer gets its own) and kept as a buffer saved with the checkpoint.
   The paper's code can redraw it during training; this one never does.
 - Each feature map is stabilised by subtracting a max before exp (per query row; over all real keys
-  and features of a slice for the keys): a constant that cancels in the ratio. A small 1e-6 is then
-  added to every feature, as in the published code, so no denominator is zero.
-- Padded keys are dropped from both sums; the key stabiliser looks at real keys only.
+  and features of a slice for the keys): a constant that cancels in the ratio. A small 1e-4 is then
+  added to every feature, as in the published code (lucidrains' softmax_kernel eps=1e-4, Google's
+  eps=0.0001), so no denominator is zero.
+- Padded keys are dropped from both sums: the key stabiliser looks at real keys only, and a padded
+  key's exponent is set to -inf before the exp, so whatever a padded key holds it can neither
+  overflow (inf * 0 = NaN) nor reach a real row.
+- Temperature: this module estimates exp(q.k / sqrt d), the paper's softmax. The MRA authors' LRA
+  wrapper (mlpen/mra-attention LRA/encoders/performer.py) divides q and k by d^(1/4) before
+  lucidrains' FastAttention, whose softmax_kernel (normalize_data=True) scales by d^(-1/4) again,
+  so the runs behind the MRA paper's Performer numbers effectively used exp(q.k / d). That wrapper
+  also zeroes padded keys instead of dropping them, so their phi(0) still enters its normaliser.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import nn
 from mra_lra.attention.registry import register
 from mra_lra.attention.softmax import zero_padded_queries
 
-FEATURE_EPS = 1e-6
+FEATURE_EPS = 1e-4  # as lucidrains' and Google's FAVOR+ code
 
 
 def orthogonal_gaussian(num_features: int, dim: int) -> torch.Tensor:
@@ -50,12 +58,15 @@ def positive_features(
     """
     projected = (x @ features.transpose(0, 1)).to(x.dtype)  # exp in x's dtype, even under autocast
     logits = projected - x.square().sum(dim=-1, keepdim=True) / 2
+    if keep is not None:
+        # Masked before the exp, not after: a padded key's exponent can exceed the real keys' max
+        # by enough to overflow, and inf * 0 (or its gradient through torch.where) is NaN.
+        logits = logits.masked_fill(~keep[:, None, :, None], float("-inf"))
     with torch.no_grad():
         if keep is None:
             stab = logits.amax(dim=-1, keepdim=True)
-        else:
-            real = logits.masked_fill(~keep[:, None, :, None], float("-inf"))
-            stab = real.amax(dim=(-1, -2), keepdim=True).nan_to_num(neginf=0.0)
+        else:  # over the real keys (padded ones are -inf); 0 for a slice without any
+            stab = logits.amax(dim=(-1, -2), keepdim=True).nan_to_num(neginf=0.0)
     phi = (torch.exp(logits - stab) + FEATURE_EPS) / math.sqrt(features.shape[0])
     if keep is not None:
         phi = phi * keep[:, None, :, None]

@@ -18,8 +18,20 @@ counts several times (no de-duplication, as in the Hugging Face port).
 
 Padding (and the tokens added to reach a multiple of chunk_size) sorts after every real token in
 its own bucket, so it never moves a real token between chunks. Cost O(num_hashes n chunk_size d).
-By default num_buckets = 2 n / chunk_size (the paper's choice: buckets of chunk_size / 2 tokens
-on average); with num_buckets = 1 and chunk_size >= n it is softmax over the shared-QK scores.
+With num_buckets = 1 and chunk_size >= n it is softmax over the shared-QK scores.
+
+Defaults (conf/attn/reformer.yaml): chunk_size 64, the Hugging Face ReformerConfig default
+(lsh_attn_chunk_length 64, one chunk before, none after; transformers 3.3.1, the version the
+Nystromformer LRA code names) that the MRA and Nystromformer Reformer wrappers run, since they
+set only heads, sizes and num_hashes: each query scores 2 * 64 keys. num_buckets null means
+2 * ceil(n / chunk_size) (the paper's choice: buckets of chunk_size / 2 tokens on average).
+Hugging Face's rule (num_buckets None) differs: the largest power of two <= 2 * floor(n /
+chunk_size), split into two factors hashed separately (same product) once it exceeds
+2 * max(floor(sqrt(max_length / chunk_size)), chunk_size) (128 at chunk 64), and fixed at the
+first call's n. The counts agree when n is a power-of-two multiple of chunk_size (n = 1024,
+2048, 4096, 16384 -> 32, 64, 128, 512 buckets at chunk 64; Hugging Face factors 512 as 16 x 32)
+and differ otherwise: n = 2000 gives 64 here and 32 there, n = 1025 (a CLS token on 1024) 34 and
+32. Set num_buckets to pin a count.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ def _look_back(x: torch.Tensor) -> torch.Tensor:
 
 @register("reformer")
 class ReformerAttention(nn.Module):
-    def __init__(self, num_hashes: int = 2, chunk_size: int = 32, num_buckets: int | None = None):
+    def __init__(self, num_hashes: int = 2, chunk_size: int = 64, num_buckets: int | None = None):
         super().__init__()
         if num_hashes < 1:
             raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")

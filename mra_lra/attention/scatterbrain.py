@@ -23,7 +23,15 @@ Conventions:
   q'_i.k'_j - c. The exact entries are shifted by the same a_i + c, so L and S share one scale
   (and a_i cancels in the ratio).
   (No feature epsilon: the exact diagonal keeps every real row's normaliser positive.)
-- Padded keys are dropped from L and S; padded queries output zero.
+- Padded keys are dropped from L and S (their feature exponents are set to -inf before the exp, so
+  no content of a padded key can overflow or reach a real row); padded queries output zero.
+- Feature map: the plain positive features exp(w.x - |x|^2 / 2) with m independent projections.
+  The Scatterbrain code the MRA authors' LRA copy imports (scatterbrain_src/feature_maps_sb.py,
+  SBPerformerFeatures, as in HazyResearch's version; MRA's own copy is not in our reference index)
+  defaults to cosh=True: features exp(+-w.x - |x|^2 / 2) from m / 2 projections, the Performer
+  paper's symmetrised (hyperbolic) variant, which lowers the estimator's variance. Both estimate
+  the same exp(q'.k'), so only the noise differs. That code also draws its projections once
+  (it never redraws), as here.
 """
 
 from __future__ import annotations
@@ -69,11 +77,13 @@ def scatterbrain_attention(
     # Exponents of the random features: phi(x)_r = exp(w_r . x - |x|^2 / 2 - shift) / sqrt(m).
     log_fq = q @ features.T - q.square().sum(-1, keepdim=True) / 2  # [B, H, n, m]
     log_fk = k @ features.T - k.square().sum(-1, keepdim=True) / 2
-    key_keep = keep[:, None, :, None]
+    # Padded keys' exponents are -inf before the exp (not zeroed after it): theirs can exceed the
+    # real keys' max c by enough to overflow, and inf * 0 is NaN.
+    log_fk = log_fk.masked_fill(~keep[:, None, :, None], float("-inf"))
     with torch.no_grad():
-        c = log_fk.masked_fill(~key_keep, float("-inf")).amax(dim=(-1, -2), keepdim=True)
+        c = log_fk.amax(dim=(-1, -2), keepdim=True)
         c = c.nan_to_num(neginf=0.0)  # a slice without any real key
-    phi_k = torch.exp(log_fk - c) * key_keep / math.sqrt(m)
+    phi_k = torch.exp(log_fk - c) / math.sqrt(m)
 
     # Window scores, chunk by chunk: queries [B, H, nc, w, .], keys [B, H, nc, 3w, .].
     keys_keep = _chunk_neighbourhood(keep.view(B, 1, nc, w))  # [B, 1, nc, 3w]

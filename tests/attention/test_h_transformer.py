@@ -15,10 +15,11 @@ B, H, D = 2, 2, 16
 CONFIG = Path(__file__).parents[2] / "conf" / "attn" / "h_transformer.yaml"
 
 
-def dense_hierarchical(q, k, v, mask, b):
+def dense_hierarchical(q, k, v, mask, b, top_level=True):
     """The n x n matrix written out: entry (i, j) with blocks I, J is the exact score where
     I xor J <= 1, else the score of the level-l means (l = highest bit of I xor J) over the real
-    tokens of the 2^l-token units holding i and j."""
+    tokens of the 2^l-token units holding i and j. top_level=False: no weight where
+    I xor J >= nb / 2 (the halves apart; with nb = 2 that is the finest sibling block)."""
     q, k, v, mask = q.double(), k.double(), v.double(), mask.double()
     n, d = q.shape[2], q.shape[3]
     n_pad = 2 ** math.ceil(math.log2(math.ceil(n / b))) * b
@@ -40,7 +41,12 @@ def dense_hierarchical(q, k, v, mask, b):
         scores = torch.einsum("bhid,bhjd->bhij", qm, km) / math.sqrt(d)
         logits = torch.where(level == lvl, scores, logits)
     logits = logits.masked_fill(keep[:, None, None, :] == 0, float("-inf"))
-    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(logits, dim=-1), v)
+    nb = n_pad // b
+    if not top_level and nb > 1:
+        logits = logits.masked_fill(xor >= nb // 2, float("-inf"))
+    # nan_to_num: a padded query whose visible keys are all padded (only without the top level).
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhij,bhjd->bhid", probs, v)
     return (out * keep[:, None, :, None])[:, :, :n]
 
 
@@ -50,9 +56,10 @@ def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
 
 def test_config_builds_with_spec_settings():
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    assert cfg == {"name": "h_transformer", "block_size": 16}
+    assert cfg == {"name": "h_transformer", "block_size": 16, "top_level": True}
     attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
-    assert attn.block_size == 16
+    assert attn.block_size == 16 and attn.top_level
+    assert build("h_transformer").top_level  # the class default agrees
 
 
 @pytest.mark.parametrize("n,pad_from", [(256, None), (200, 77), (37, 20), (16, 9)])
@@ -63,10 +70,33 @@ def test_equals_dense_hierarchical_matrix(n, pad_from):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("n,pad_from", [(50, None), (50, 31)])
-def test_block_at_least_n_is_softmax(n, pad_from):
+@pytest.mark.parametrize("n,pad_from", [(128, None), (100, 77), (37, 20), (20, 18)])
+def test_without_top_level_equals_dense_matrix_without_it(n, pad_from):
     q, k, v, mask = random_inputs(n, pad_from=pad_from)
-    out = build("h_transformer", block_size=64)(q, k, v, mask)
+    out = build("h_transformer", block_size=16, top_level=False)(q, k, v, mask)
+    ref = dense_hierarchical(q, k, v, mask, 16, top_level=False)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("top_level", [True, False])
+def test_top_level_joins_the_halves(top_level):
+    # n = 128, block 16: 8 blocks. Without the top level (the MRA authors' copy) a query in the
+    # first half gets nothing from the values of the second half.
+    n = 128
+    q, k, v, _ = random_inputs(n)
+    v.requires_grad_(True)
+    out = build("h_transformer", block_size=16, top_level=top_level)(q, k, v, None)
+    (grad,) = torch.autograd.grad(out[:, :, : n // 2].sum(), v)
+    reaches_second_half = grad[:, :, n // 2 :].abs().amax(dim=-1) > 0
+    assert reaches_second_half.all() if top_level else not reaches_second_half.any()
+    assert (grad[:, :, : n // 2] != 0).all()
+
+
+@pytest.mark.parametrize("n,pad_from", [(50, None), (50, 31)])
+@pytest.mark.parametrize("top_level", [True, False])
+def test_block_at_least_n_is_softmax(n, pad_from, top_level):
+    q, k, v, mask = random_inputs(n, pad_from=pad_from)
+    out = build("h_transformer", block_size=64, top_level=top_level)(q, k, v, mask)
     torch.testing.assert_close(out, dense_softmax(q, k, v, mask), atol=1e-10, rtol=1e-10)
 
 

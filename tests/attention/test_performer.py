@@ -52,3 +52,27 @@ def test_error_falls_as_features_grow():
     for coarse, fine in itertools.pairwise(errors):
         assert fine < 0.75 * coarse, errors
     assert errors[-1] < 0.15, errors
+
+
+def test_padded_keys_cannot_overflow_into_real_rows():
+    # Real keys of large norm, so every real feature exponent k'.w - |k'|^2 / 2 is very negative,
+    # and padded keys of zero norm, whose exponents lie far above the real keys' max: exp
+    # overflowed before the padded keys were zeroed, and inf * 0 = NaN spread to every real row.
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 1, 1, 8, 32
+    q, v = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
+    k = 8 * torch.randn(b, h, n, d, generator=g)
+    mask = torch.ones(b, n)
+    mask[:, 6:] = 0
+    k[:, :, 6:] = 0
+    padded = ~mask.bool()[:, None, :, None]
+    others = [torch.where(padded, s * torch.randn(k.shape, generator=g), k) for s in (0.1, 8.0)]
+    torch.manual_seed(0)
+    attn = build("performer", head_dim=d, num_features=256)
+    k.requires_grad_(True)
+    out = attn(q, k, v, mask)
+    assert torch.isfinite(out).all()
+    for other in others:  # padded keys of any content: the same output
+        torch.testing.assert_close(attn(q, other, v, mask), out, rtol=0, atol=0)
+    out.square().sum().backward()
+    assert torch.isfinite(k.grad).all() and (k.grad[:, :, 6:] == 0).all()

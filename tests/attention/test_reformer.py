@@ -36,9 +36,13 @@ def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
 
 def test_config_builds_with_spec_settings():
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    assert cfg == {"name": "reformer", "num_hashes": 2, "chunk_size": 32, "num_buckets": None}
+    # chunk_size 64: Hugging Face's ReformerConfig default, which the MRA authors' runs used.
+    assert cfg == {"name": "reformer", "num_hashes": 2, "chunk_size": 64, "num_buckets": None}
     attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
-    assert attn.buckets_for(1000) == 64  # 2 n / chunk_size, n rounded up to whole chunks
+    assert attn.buckets_for(1000) == 32  # 2 n / chunk_size, n rounded up to whole chunks
+    # Where n is a power-of-two multiple of the chunk, the count is Hugging Face's too.
+    assert [attn.buckets_for(n) for n in (1024, 2048, 4096)] == [32, 64, 128]
+    assert build("reformer").chunk_size == cfg["chunk_size"]  # the class default agrees
     with pytest.raises(ValueError, match="even"):
         build("reformer", num_buckets=3)
 

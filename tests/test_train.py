@@ -85,7 +85,7 @@ def test_resume_from_last_matches_uninterrupted(compose_cfg, tmp_path, conftest_
 def test_every_attention_trains_listops_at_512(compose_cfg, tmp_path, conftest_tiny, attn):
     # flex_mra has no FlexAttention backward on CPU; its own tests check the message.
     overrides = [*conftest_tiny, f"attn={attn}", "data.max_length=512", "trainer.max_steps=3"]
-    overrides += ["trainer.val_check_interval=3", "scheduler.warmup_steps=1", "logger=none"]
+    overrides += ["trainer.val_check_interval=3", "scheduler.warmup_steps=2", "logger=none"]
     overrides += ["test=false"]
     results = run(compose_cfg(overrides, run_dir=tmp_path / "run"))
     assert results["steps"] == 3 and results["attn"] == attn
@@ -127,7 +127,7 @@ def test_triton_backend_trains_like_the_torch_path(compose_cfg, tmp_path, confte
     Lightning module, AdamW), kernels under the interpreter: the same losses as the torch path."""
     overrides = [*conftest_tiny, "attn=mra", "trainer.max_steps=3", "data.max_length=96"]
     overrides += ["trainer.val_check_interval=3", "trainer.log_every_n_steps=1"]
-    overrides += ["scheduler.warmup_steps=1", "test=false", "trainer.num_sanity_val_steps=0"]
+    overrides += ["scheduler.warmup_steps=2", "test=false", "trainer.num_sanity_val_steps=0"]
     overrides += ["trainer.limit_val_batches=1", "data.batch_size=4"]
 
     def losses(backend):

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # Shorter than conftest's TINY run: enough steps for two validations and a test.
-FEW_STEPS = ["trainer.max_steps=4", "trainer.val_check_interval=2", "scheduler.warmup_steps=1"]
+FEW_STEPS = ["trainer.max_steps=4", "trainer.val_check_interval=2", "scheduler.warmup_steps=2"]
 
 
 # --- wandb ---------------------------------------------------------------------------------
@@ -155,8 +155,10 @@ def test_wandb_logger_writes_an_offline_run(compose_cfg, tmp_path, conftest_tiny
     assert max(history["val/acc"]) == pytest.approx(results["val_acc_best"])
     assert history["final/test_acc"] == [pytest.approx(results["test_acc"])]
     assert history["final/peak_memory_mb"] == [pytest.approx(results["peak_memory_mb"])]
-    # One warm-up step to lr 1e-3, then linear decay to 0 at step 4: 1e-3 * (4 - step) / 3.
-    assert history["train/lr"] == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
+    # OneCycleLR over 4 steps with 2 of warm-up: lr / 25, the peak 1e-3, then linear to
+    # lr / 2.5e5 at the last step.
+    last = 1e-3 / 2.5e5
+    assert history["train/lr"] == pytest.approx([1e-3 / 25, 1e-3, (1e-3 + last) / 2, last])
 
 
 def test_resumed_run_continues_its_wandb_run(compose_cfg, tmp_path, conftest_tiny, wandb_env):
@@ -167,6 +169,8 @@ def test_resumed_run_continues_its_wandb_run(compose_cfg, tmp_path, conftest_tin
         *conftest_tiny,
         "logger=wandb",
         "trainer.log_every_n_steps=1",
+        # a schedule without an end, so that the resumed run can train on past the first's
+        "scheduler=lra_factors",
         "scheduler.warmup_steps=1",
     ]
     run(

@@ -9,6 +9,22 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 
+class OneCycle(OneCycleLR):
+    """OneCycleLR that refuses a checkpoint from a cycle of another length: the saved state
+    (phases, total_steps) would silently replace the configured one, and a run resumed with a
+    larger trainer.max_steps would then fail past the saved end."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("total_steps", self.total_steps)
+        if saved != self.total_steps:
+            raise ValueError(
+                f"the checkpoint's one-cycle schedule spans {saved} steps, this run's "
+                f"{self.total_steps} (trainer.max_steps): a cycle cannot be stretched once "
+                f"started; resume with trainer.max_steps={saved}, or start a new run"
+            )
+        super().load_state_dict(state_dict)
+
+
 def one_cycle(
     optimizer: Optimizer,
     warmup_steps: int,
@@ -19,7 +35,7 @@ def one_cycle(
     max_momentum: float,
     div_factor: float,
     final_div_factor: float,
-) -> OneCycleLR:
+) -> OneCycle:
     """The MRA recipe's schedule: torch's OneCycleLR, as the published LRA code calls it (peak
     optimizer.lr after `warmup_steps` updates, `pct_start = warmup_steps / total_steps`).
 
@@ -33,16 +49,17 @@ def one_cycle(
             f"scheduler.total_steps must be > 0, got {total_steps} (it follows trainer.max_steps: "
             "training is counted in steps)"
         )
-    if not 0 <= warmup_steps < total_steps:
+    if not (warmup_steps == 0 or 2 <= warmup_steps < total_steps):
         raise ValueError(
-            f"scheduler.warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps} "
-            "(the cycle needs at least one step of decay)"
+            f"scheduler.warmup_steps must be 0 or in [2, total_steps={total_steps}), got "
+            f"{warmup_steps}: OneCycleLR's warm-up ends at update warmup_steps - 1 and its decay "
+            "needs at least one more step"
         )
     if anneal_strategy not in ("linear", "cos"):
         raise ValueError(
             f"scheduler.anneal_strategy must be linear or cos, got {anneal_strategy!r}"
         )
-    return OneCycleLR(
+    return OneCycle(
         optimizer,
         max_lr=[group["lr"] for group in optimizer.param_groups],
         total_steps=total_steps,

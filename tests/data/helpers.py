@@ -27,6 +27,6 @@ THREE_CPU_STEPS = [
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
     "trainer.enable_progress_bar=false",
-    "scheduler.warmup_steps=1",
+    "scheduler.warmup_steps=2",
     "logger=none",
 ]

@@ -95,9 +95,22 @@ def test_one_cycle_without_momentum_keeps_beta1():
 
 @pytest.mark.parametrize(
     "warmup,total,match",
-    [(5, 0, "total_steps"), (8, 8, "warmup_steps"), (-1, 8, "warmup_steps")],
+    [
+        (5, 0, "total_steps"),
+        (8, 8, "warmup_steps"),
+        (1, 8, "warmup_steps"),
+        (-1, 8, "warmup_steps"),
+    ],
 )
 def test_one_cycle_rejects_bad_steps(warmup, total, match):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     with pytest.raises(ValueError, match=f"scheduler.{match}"):
         one_cycle(opt, warmup, total, **ONE_CYCLE)
+
+
+def test_one_cycle_refuses_a_checkpoint_of_another_length():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    state = one_cycle(opt, 2, 10, **ONE_CYCLE).state_dict()
+    one_cycle(opt, 2, 10, **ONE_CYCLE).load_state_dict(state)  # same length: fine
+    with pytest.raises(ValueError, match="trainer.max_steps=10"):
+        one_cycle(opt, 2, 20, **ONE_CYCLE).load_state_dict(state)

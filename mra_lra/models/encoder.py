@@ -44,6 +44,7 @@ class MultiHeadAttention(nn.Module):
         attn: dict,
         qkv_dim: int | None = None,
         prefix_tokens: int = 0,
+        attention_float32: bool = False,
     ):
         super().__init__()
         if qkv_dim is not None and qkv_dim < 1:
@@ -56,6 +57,7 @@ class MultiHeadAttention(nn.Module):
             )
         self.n_heads = n_heads
         self.qkv_dim = qkv_dim
+        self.attention_float32 = attention_float32
         self.head_dim = qkv_dim // n_heads
         self.qkv = nn.Linear(d_model, 3 * qkv_dim)
         self.out = nn.Linear(qkv_dim, d_model)
@@ -73,7 +75,12 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = self.attention(q, k, v, mask)
+        if self.attention_float32:
+            # As the MRA authors' LRA code: attention outside autocast, on float32 q, k, v.
+            with torch.autocast(x.device.type, enabled=False):
+                y = self.attention(q.float(), k.float(), v.float(), mask)
+        else:
+            y = self.attention(q, k, v, mask)
         return self.out(y.transpose(1, 2).reshape(B, n, self.qkv_dim))
 
 
@@ -88,10 +95,13 @@ class Block(nn.Module):
         attn: dict,
         qkv_dim: int | None = None,
         prefix_tokens: int = 0,
+        attention_float32: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, max_length, attn, qkv_dim, prefix_tokens)
+        self.attn = MultiHeadAttention(
+            d_model, n_heads, max_length, attn, qkv_dim, prefix_tokens, attention_float32
+        )
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, d_ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
@@ -132,6 +142,7 @@ class LRAEncoder(nn.Module):
         qkv_dim: int | None = None,
         positions: str = "learned",
         gradient_checkpointing: bool = False,
+        attention_float32: bool = False,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -142,11 +153,12 @@ class LRAEncoder(nn.Module):
             )
         if positions not in POSITIONS:
             raise ValueError(f"model.positions must be one of {POSITIONS}, got {positions!r}")
-        if not isinstance(gradient_checkpointing, bool):
-            raise ValueError(
-                "model.gradient_checkpointing must be true or false, got "
-                f"{gradient_checkpointing!r}"
-            )
+        for key, value in [
+            ("gradient_checkpointing", gradient_checkpointing),
+            ("attention_float32", attention_float32),
+        ]:
+            if not isinstance(value, bool):
+                raise ValueError(f"model.{key} must be true or false, got {value!r}")
         self.max_length = max_length
         self.gradient_checkpointing = gradient_checkpointing
         self.pooling = pooling
@@ -168,7 +180,9 @@ class LRAEncoder(nn.Module):
             self.register_buffer("pos_table", sinusoids(length, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim, prefix)
+            Block(
+                d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim, prefix, attention_float32
+            )
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -230,6 +244,7 @@ class LRAClassifier(nn.Module):
         qkv_dim: int | None = None,
         positions: str = "learned",
         gradient_checkpointing: bool = False,
+        attention_float32: bool = False,
     ):
         super().__init__()
         self.two_tower = two_tower
@@ -247,6 +262,7 @@ class LRAClassifier(nn.Module):
             qkv_dim,
             positions,
             gradient_checkpointing,
+            attention_float32,
         )
         features = 4 * d_model if two_tower else d_model
         self.head = nn.Sequential(

@@ -181,3 +181,26 @@ def test_mean_padded_pooling_divides_by_the_padded_length():
     torch.testing.assert_close(padded_net(ids, mask), real * mask.sum(1, keepdim=True) / 24)
     with pytest.raises(ValueError, match="model.pooling"):
         encoder(pooling="max")
+
+
+def test_attention_float32_runs_attention_outside_autocast():
+    """Under bf16 autocast the attention sees bf16 q, k, v by default, and float32 ones with
+    autocast off when model.attention_float32 is set; the rest of the model stays in autocast."""
+    seen = []
+
+    def spy(module, args, output):
+        seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"), output.dtype))
+
+    ids = torch.randint(1, 10, (2, 24))
+    mask = torch.ones(2, 24)
+    for flag in (False, True):
+        torch.manual_seed(0)
+        net = encoder(attention_float32=flag)
+        net.blocks[0].attn.attention.register_forward_hook(spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(ids, mask)
+        assert torch.isfinite(out).all()
+    assert seen[0] == (torch.bfloat16, True, torch.bfloat16)
+    assert seen[1] == (torch.float32, False, torch.float32)
+    with pytest.raises(ValueError, match="model.attention_float32"):
+        encoder(attention_float32="yes")

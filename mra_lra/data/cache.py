@@ -6,6 +6,14 @@ with the options. The key is a hash of the options, so changing any option that 
 arrays are rebuilt; unchanged options reuse the folder. Entries are built in a temporary folder
 next to the final one and renamed into place, so an interrupted build never leaves a half-written
 entry that a later run would trust, and two processes building the same entry do not clash.
+
+Temporary folders (`building_dir`) are named `.tmp-<final name>-<8 random characters>` and hold a
+`.lock` file that their builder keeps locked (flock) while it runs. A builder that is killed
+(SIGKILL, the OOM killer, a lost node) cannot remove its folder, but the kernel releases its lock;
+`remove_stale_temp_dirs`, called before each new build, removes such folders: those whose lock it
+can take (the builder is gone), and, as the only other case, those without a lock file (left by a
+version of this code before the locks, or on a filesystem without flock) once they are older than
+`STALE_AGE_SECONDS`. A folder whose lock is held, or cannot be tested, is left alone.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +34,19 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, stale folders are told by their age alone
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "manifest.json"
+TEMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+# A temporary folder without a lock file is taken for abandoned once this old (by modification
+# time); no build runs anywhere near this long.
+STALE_AGE_SECONDS = 24 * 3600
 
 
 @contextmanager
@@ -76,6 +99,102 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"name": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _hold_lock(folder: Path) -> int | None:
+    """Create `folder/LOCK_NAME` already locked (flock, exclusive) and return its descriptor, to
+    keep open while the folder is in use. The lock is taken on a file of another name that is then
+    renamed, so a visible lock file is never unlocked while its owner lives. None where flock is
+    unavailable (the folder then counts as in use until it is STALE_AGE_SECONDS old)."""
+    if fcntl is None:
+        return None
+    pending = folder / f"{LOCK_NAME}-pending"
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(pending, folder / LOCK_NAME)
+    except OSError:
+        os.close(fd)
+        pending.unlink(missing_ok=True)
+        return None
+    return fd
+
+
+@contextmanager
+def building_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A new empty folder `<final's parent>/.tmp-<final's name>-<random>` (mode 755), locked for
+    the duration of the block, in which to build `final`. The block ends by calling
+    `commit_dir(tmp, final)`; whatever is left of the folder afterwards (an error, or another
+    process's `final` kept) is removed. A killed process leaves it to `remove_stale_temp_dirs`."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
+    lock = None
+    try:
+        lock = _hold_lock(tmp)
+        os.chmod(tmp, 0o755)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` (from `building_dir`) to `final`, without its lock file.
+    `final` must not exist, or be an empty folder; otherwise OSError (EEXIST or ENOTEMPTY)."""
+    (tmp / LOCK_NAME).unlink(missing_ok=True)  # the lock itself stays held until the block ends
+    os.rename(tmp, final)
+
+
+def _is_abandoned(folder: Path, max_age: float) -> bool:
+    # A shared lock, which needs only read access, is refused while the builder holds its
+    # exclusive one.
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        # Made before locks existed, being set up or finished (then its time is now), or on a
+        # filesystem without flock: by its age alone.
+        return time.time() - folder.stat().st_mtime > max_age
+    except OSError:
+        return False
+    try:
+        if fcntl is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its builder is alive
+        except OSError:
+            return time.time() - folder.stat().st_mtime > max_age  # no flock here
+        return True  # nobody holds the lock: its builder is gone
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_dirs(
+    root: str | os.PathLike, name_pattern: str, max_age: float = STALE_AGE_SECONDS
+) -> list[Path]:
+    """Remove the temporary folders under `root` that `building_dir` made for a final name
+    matching the regular expression `name_pattern`, and whose builder is gone (see the module
+    docstring); returns them. Anything else, and anything it cannot decide, is left alone."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}(?:{name_pattern})-[a-z0-9_]{{8}}")
+    removed = []
+    for folder in sorted(root.iterdir()):
+        if not pattern.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            if not _is_abandoned(folder, max_age):
+                continue
+        except OSError:  # gone meanwhile, or unreadable
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            log.info("removed %s, left by a build that did not finish", folder)
+            removed.append(folder)
+    return removed
+
+
 def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options as they read back from JSON (tuples become lists), for comparisons."""
     return json.loads(json.dumps(options, sort_keys=True))
@@ -122,9 +241,8 @@ def ensure_array_cache(
     if _is_complete(entry, options):
         return entry
     ensure_writable_dir(root, fix)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
-    try:
-        os.chmod(tmp, 0o755)
+    remove_stale_temp_dirs(root, r"[0-9a-f]{16}")
+    with building_dir(entry) as tmp:
         arrays = build()
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
@@ -138,15 +256,11 @@ def ensure_array_cache(
         }
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         try:
-            os.rename(tmp, entry)
+            commit_dir(tmp, entry)
         except OSError as err:
             # Another process finished the same entry first: keep theirs.
             if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _is_complete(entry, options):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return entry
 
 

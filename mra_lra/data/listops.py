@@ -2,9 +2,19 @@
 
 Layout under `data_dir`:
 
-    lra_release/listops-1000/basic_{train,val,test}.tsv   the release's files, or generated
-    lra_release/listops-1000/.generated.json              generated files only: the settings
-    cache/listops/<key>/                                  token arrays, keyed by what made them
+    lra_release.gz, or lra_release/[lra_release/]listops-1000/basic_{train,val,test}.tsv
+                                                  the release's files, read first
+    generated/listops/<key>/basic_{train,val,test}.tsv, .generated.json
+                                                  generated sets, used only without the release;
+                                                  <key> hashes the generator settings recorded in
+                                                  .generated.json
+    cache/listops/<key>/                          token arrays, keyed by what made them
+
+A folder holding `.generated.json` is a generated set wherever it is (also at `source=`), and
+never read as the release. Versions before this layout generated into
+`lra_release/listops-1000/`, where the release is looked for: such a set (recognised by its
+`.generated.json`) is moved to `generated/listops/<key>/` on the next run, so that a release put
+into data_dir later is read.
 
 Tokens: pad 0, digits 0-9 -> 1..10, `[MIN [MAX [MED [SM` -> 11..14, `]` -> 15; parentheses are
 dropped, so a sequence has as many tokens as its tree's length.
@@ -15,13 +25,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mra_lra.data.base import DATA_DIR_FIX, LRADataModule, pad_sequences
-from mra_lra.data.cache import ensure_writable_dir, file_fingerprint
+from mra_lra.data.cache import (
+    cache_key,
+    ensure_writable_dir,
+    file_fingerprint,
+    remove_stale_temp_dirs,
+)
 from mra_lra.data.listops_generator import (
     OPERATORS,
     SIDECAR_NAME,
@@ -47,18 +63,104 @@ _LABELS = {str(d): d for d in range(10)}
 _DROP_PARENTHESES = str.maketrans("", "", "()")
 
 ANCHOR = "listops-1000"
-# Where the release may sit under data_dir besides lra_release/listops-1000 itself.
+# Where the release may sit under data_dir: a folder with listops-1000/ at most three levels
+# down (lra_release/listops-1000 or lra_release/lra_release/listops-1000), or the archive.
 RELEASE_CANDIDATES = ("lra_release", "lra_release.gz", "lra_release.tar.gz")
 HOW_TO_GET = (
     "Get lra_release.gz from https://storage.googleapis.com/long-range-arena/lra_release.gz and "
     "put it at <data_dir>/lra_release.gz (or extract it there), or pass source=<its path>; "
     "without it, ListOps is generated."
 )
+NOT_LRA = "Accuracies on it are not LRA ListOps numbers."
 
 
 def listops_dir(data_dir: str | os.PathLike) -> Path:
-    """Where the release keeps the ListOps files: `<data_dir>/lra_release/listops-1000`."""
+    """Where an extracted release may keep the ListOps files: `<data_dir>/lra_release/listops-1000`
+    (generated sets lived here before they got their own folder)."""
     return Path(data_dir) / "lra_release" / "listops-1000"
+
+
+def generated_root(data_dir: str | os.PathLike) -> Path:
+    """The folder of generated ListOps sets: `<data_dir>/generated/listops`."""
+    return Path(data_dir) / "generated" / "listops"
+
+
+def generated_dir(data_dir: str | os.PathLike, settings: dict[str, Any]) -> Path:
+    """Where the set generated with `settings` (`generator_settings(...)`) lives."""
+    return generated_root(data_dir) / cache_key(settings)
+
+
+def read_sidecar(directory: Path) -> dict[str, Any] | None:
+    """The generator settings recorded in `directory` (None when it holds no sidecar: not a
+    generated set)."""
+    sidecar = directory / SIDECAR_NAME
+    if not sidecar.is_file():
+        return None
+    try:
+        settings = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"{sidecar} marks {directory} as a generated ListOps set but cannot be read ({err}); "
+            f"delete {directory} and run again"
+        ) from err
+    if not isinstance(settings, dict):
+        raise RuntimeError(f"{sidecar} is not a settings record; delete {directory} and run again")
+    return settings
+
+
+def _is_complete(directory: Path) -> bool:
+    return all(split_path(directory, s).is_file() for s in SPLITS)
+
+
+def move_legacy_generated(data_dir: str | os.PathLike) -> Path | None:
+    """Move a set that an older version generated into `<data_dir>/lra_release/listops-1000`
+    (recognised by its sidecar), where the release is looked for, to `generated/listops/<key>/`;
+    returns where it went, or None when there was none. A set that is incomplete, that already
+    has a copy there, or that cannot be renamed there (another filesystem) is removed instead: it
+    is generated again when needed."""
+    legacy = listops_dir(data_dir)
+    settings = read_sidecar(legacy)
+    if settings is None:
+        return None
+    target = generated_dir(data_dir, settings)
+    what = f"ListOps: {legacy} holds a set generated by an older version of this code"
+    try:
+        ensure_writable_dir(target.parent, DATA_DIR_FIX)
+        if _is_complete(legacy) and not target.exists():
+            try:
+                os.rename(legacy, target)
+            except OSError:
+                pass  # another filesystem: removed below; gone: another process moved it
+            else:
+                _remove_if_empty(legacy.parent)
+                log.warning(
+                    "%s; moved it to %s, where generated sets now live, so that a release put "
+                    "into %s is read first",
+                    what,
+                    target,
+                    data_dir,
+                )
+                return target
+        try:
+            shutil.rmtree(legacy)
+        except FileNotFoundError:
+            pass  # another process moved or removed it
+    except OSError as err:
+        raise PermissionError(
+            f"{what}, where the release is looked for, and it can be neither moved to {target} "
+            f"nor removed ({err}). Move or delete {legacy} yourself."
+        ) from err
+    _remove_if_empty(legacy.parent)
+    log.warning("%s; removed it (it is generated again when needed)", what)
+    return None
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` (the lra_release/ that an older version made for its set) if empty."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def ensure_listops_files(
@@ -70,53 +172,44 @@ def ensure_listops_files(
     max_length: int,
     seed: int,
 ) -> Path:
-    """Return the folder with `basic_{train,val,test}.tsv`, generating the files there (with
-    these generator settings) when none of them exists. Files a user put there are used as
-    they are and never overwritten; files generated with other settings are used with a warning.
+    """Return the folder of the ListOps set generated with these settings,
+    `<data_dir>/generated/listops/<key>/`, generating it first (atomically) when it is not there.
     `min_length` and `max_length` are the generator's exclusive length bounds."""
-    directory = listops_dir(data_dir)
-    paths = [split_path(directory, split) for split in SPLITS]
-    present = [p for p in paths if p.exists()]
-    requested = generator_settings(num_train, num_val, num_test, min_length, max_length, seed)
-    if len(present) == len(paths):
-        sidecar = directory / SIDECAR_NAME
-        if not sidecar.exists():
-            log.info("ListOps: using the files in %s as they are", directory)
-            return directory
-        recorded = json.loads(sidecar.read_text(encoding="utf-8"))
-        if recorded != requested:
-            changed = ", ".join(
-                f"{k}={recorded.get(k)} (asked {v})"
-                for k, v in requested.items()
-                if recorded.get(k) != v
-            )
-            log.warning(
-                "ListOps: the files in %s were generated with other settings: %s. Using them "
-                "anyway; to regenerate, delete %s, or set data.data_dir (or LRA_DATA_DIR) to "
-                "another folder.",
+    settings = generator_settings(num_train, num_val, num_test, min_length, max_length, seed)
+    directory = generated_dir(data_dir, settings)
+    if not directory.exists():
+        ensure_writable_dir(directory.parent, DATA_DIR_FIX)
+        remove_stale_temp_dirs(directory.parent, r"[0-9a-f]{16}")  # other settings' too
+        log.info("ListOps: generating %s into %s", settings, directory)
+        try:
+            write_listops_files(
                 directory,
-                changed,
-                directory,
+                num_train,
+                num_val,
+                num_test,
+                min_length=min_length,
+                max_length=max_length,
+                seed=seed,
             )
-        return directory
-    if present:
-        missing = [p.name for p in paths if not p.exists()]
-        raise FileNotFoundError(
-            f"{directory} holds {', '.join(p.name for p in present)} but not "
-            f"{', '.join(missing)}; refusing to mix given and generated files. Put all three "
-            f"release files there, or delete {directory} to have all three generated."
+        except FileExistsError:
+            if not directory.exists():
+                raise  # otherwise another process generated it meanwhile: check it below
+    _check_generated(directory, settings)
+    return directory
+
+
+def _check_generated(directory: Path, settings: dict[str, Any]) -> None:
+    recorded = read_sidecar(directory)
+    if recorded is None or not _is_complete(directory):
+        raise RuntimeError(
+            f"{directory} is not a complete generated ListOps set (generated sets are written "
+            f"whole, so its files were changed afterwards); delete {directory} and run again"
         )
-    ensure_writable_dir(directory, DATA_DIR_FIX)
-    log.info("ListOps: generating %s into %s", requested, directory)
-    return write_listops_files(
-        directory,
-        num_train,
-        num_val,
-        num_test,
-        min_length=min_length,
-        max_length=max_length,
-        seed=seed,
-    )
+    if recorded != settings:
+        raise RuntimeError(
+            f"{directory / SIDECAR_NAME} records {recorded}, not the settings its folder is named "
+            f"after ({settings}); delete {directory} and run again"
+        )
 
 
 def parse_listops_tsv(text: str, name: str) -> tuple[list[np.ndarray], list[int]]:
@@ -166,17 +259,24 @@ def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[st
     return {"input_ids": input_ids, "label": np.array(labels, dtype=np.uint8), "length": lengths}
 
 
-def _cache_options(tree: SourceTree, max_length: int) -> dict[str, Any]:
+def _cache_options(
+    tree: SourceTree, max_length: int, generated: dict[str, Any] | None
+) -> dict[str, Any]:
     if tree.is_archive:
         files = {"archive": file_fingerprint(tree.path)}
     else:
         files = {split: file_fingerprint(split_path(tree.root, split)) for split in SPLITS}
-    return {
+    options = {
         "task": "listops",
         "vocab_version": VOCAB_VERSION,
         "max_length": max_length,
         "files": files,
     }
+    if generated is not None:
+        # Generated arrays never share an entry with the release's, even if the files' sizes
+        # and times happened to match.
+        options["generated"] = generated
+    return options
 
 
 def _build_arrays(tree: SourceTree, max_length: int) -> dict[str, np.ndarray]:
@@ -184,18 +284,21 @@ def _build_arrays(tree: SourceTree, max_length: int) -> dict[str, np.ndarray]:
     texts = tree.read_text_files(list(names))
     arrays = {}
     for file_name, split in names.items():
-        where = f"{tree.path}:{file_name}" if tree.is_archive else str(tree.root / file_name)
+        where = tree.where(file_name)
         for key, array in tokenise_split(texts[file_name], where, max_length, split).items():
             arrays[f"{split}_{key}"] = array
     return arrays
 
 
 class ListOpsDataModule(LRADataModule):
-    """ListOps from the release's files, or generated into `<data_dir>/lra_release/listops-1000`.
+    """ListOps from the release's files, else generated into `<data_dir>/generated/listops/`.
 
-    Files are looked for at `source` when given, else in `<data_dir>/lra_release/listops-1000`,
-    then in a nested `lra_release/lra_release/` or the `lra_release.gz` archive under data_dir;
-    when there are none, they are generated with the `gen_*` / `num_*` settings."""
+    Files are read from `source` when given, else from the release under data_dir
+    (`lra_release/listops-1000/`, a nested `lra_release/lra_release/listops-1000/`, or the
+    `lra_release.gz` archive), looked for anew on every run. Only when there is none is the set
+    generated with the `gen_*` / `num_*` settings used (generated first when missing). After
+    `prepare_data` or `setup`, `generated` holds the generator settings of the set in use, or
+    None for the release; the log says which, and the cache key depends on it."""
 
     task = "listops"
     num_classes = 10
@@ -224,49 +327,89 @@ class ListOpsDataModule(LRADataModule):
         self.gen_max_length = gen_max_length
         self.seed = seed
         self._tree: SourceTree | None = None
+        self.generated: dict[str, Any] | None = None
 
-    def _find_tree(self, generate: bool) -> SourceTree:
+    def _generator_settings(self) -> dict[str, Any]:
+        return generator_settings(
+            self.num_train,
+            self.num_val,
+            self.num_test,
+            self.gen_min_length,
+            self.gen_max_length,
+            self.seed,
+        )
+
+    def _find_tree(self, generate: bool) -> tuple[SourceTree, dict[str, Any] | None]:
+        """The files to read, and the generator settings when they are a generated set."""
         if self.source is not None:
-            return locate_source(self.data_dir, self.source, ANCHOR, (), HOW_TO_GET)
-        direct = listops_dir(self.data_dir)
-        if not direct.exists():
+            tree = locate_source(self.data_dir, self.source, ANCHOR, (), HOW_TO_GET)
+        else:
+            move_legacy_generated(self.data_dir)
             try:
-                return locate_source(self.data_dir, None, ANCHOR, RELEASE_CANDIDATES, HOW_TO_GET)
-            except FileNotFoundError:
-                if not generate:
-                    raise
-        if generate:
-            ensure_listops_files(
-                self.data_dir,
-                self.num_train,
-                self.num_val,
-                self.num_test,
-                self.gen_min_length,
-                self.gen_max_length,
-                self.seed,
+                tree = locate_source(self.data_dir, None, ANCHOR, RELEASE_CANDIDATES, HOW_TO_GET)
+            except FileNotFoundError as err:
+                settings = self._generator_settings()
+                directory = generated_dir(self.data_dir, settings)
+                if generate:
+                    ensure_listops_files(
+                        self.data_dir,
+                        self.num_train,
+                        self.num_val,
+                        self.num_test,
+                        self.gen_min_length,
+                        self.gen_max_length,
+                        self.seed,
+                    )
+                elif not directory.exists():
+                    raise FileNotFoundError(
+                        f"{err} No generated set for these settings in {directory} either; "
+                        "call prepare_data() first (the Trainer does)."
+                    ) from None
+                else:
+                    _check_generated(directory, settings)
+                return SourceTree(directory, directory.name), settings
+        if tree.is_archive:
+            return tree, None
+        missing = [p.name for p in (split_path(tree.root, s) for s in SPLITS) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{tree.root} lacks {', '.join(missing)}: put all three release files there, or "
+                f"delete the folder to have ListOps generated (an interrupted generation by an "
+                f"older version of this code can leave such a folder). {HOW_TO_GET}"
             )
-        return SourceTree(direct, ANCHOR)
+        return tree, read_sidecar(tree.root)
+
+    def _use(self, tree: SourceTree, generated: dict[str, Any] | None) -> None:
+        self._tree, self.generated = tree, generated
 
     def ensure_sources(self) -> None:
-        self._tree = self._find_tree(generate=True)
+        tree, generated = self._find_tree(generate=True)
+        self._use(tree, generated)
+        if generated is None:
+            log.info("ListOps: reading the release's files from %s", tree.path)
+        elif tree.root.parent != generated_root(self.data_dir):
+            log.warning(
+                "ListOps: %s holds a generated set (%s), not the release. %s",
+                tree.root,
+                generated,
+                NOT_LRA,
+            )
+        else:
+            log.warning(
+                "ListOps: no release under %s (looked for %s), so the set generated with %s in "
+                "%s is used. %s %s",
+                self.data_dir,
+                ", ".join(RELEASE_CANDIDATES),
+                generated,
+                tree.root,
+                NOT_LRA,
+                HOW_TO_GET.replace("; without it, ListOps is generated", " to use it instead"),
+            )
 
     def cache_options(self) -> dict[str, Any]:
         if self._tree is None:
-            try:
-                self._tree = self._find_tree(generate=False)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(
-                    f"{err} Or call prepare_data() first (the Trainer does)."
-                ) from None
-        tree = self._tree
-        if not tree.is_archive:
-            missing = [p for p in (split_path(tree.root, s) for s in SPLITS) if not p.exists()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{', '.join(map(str, missing))} not found; call prepare_data() first "
-                    "(the Trainer does), or check data.data_dir"
-                )
-        return _cache_options(tree, self.max_length)
+            self._use(*self._find_tree(generate=False))
+        return _cache_options(self._tree, self.max_length, self.generated)
 
     def build_arrays(self) -> dict[str, np.ndarray]:
         return _build_arrays(self._tree, self.max_length)

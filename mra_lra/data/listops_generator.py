@@ -15,20 +15,33 @@ Most draws are small trees that are rejected, and the ones that grow past max_le
 rejected too: building stops as soon as a tree reaches max_length tokens, which keeps the
 rejection sampling cheap without changing which trees are kept.
 
-    python -m mra_lra.data.listops_generator --out data/lra_release/listops-1000 --seed 0
+    python -m mra_lra.data.listops_generator --out /tmp/listops_seed0 --seed 0
+
+Files are written with their settings in a `.generated.json` sidecar; mra_lra/data/listops.py
+reads any folder that has one as a generated set, never as the release. Training generates its
+own sets (under `<data_dir>/generated/listops/`) when the release is absent; this command is for
+looking at them or making one elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from mra_lra.data.cache import atomic_open, atomic_write_json
+from mra_lra.data.cache import (
+    atomic_open,
+    atomic_write_json,
+    building_dir,
+    commit_dir,
+    remove_stale_temp_dirs,
+)
 
 MAX_DEPTH = 10
 MAX_ARGS = 10
@@ -205,6 +218,11 @@ def generator_settings(
     }
 
 
+def _written(out_dir: Path) -> list[Path]:
+    names = [split_path(out_dir, s) for s in SPLITS] + [out_dir / SIDECAR_NAME]
+    return [p for p in names if p.exists()]
+
+
 def write_listops_files(
     out_dir: str | os.PathLike,
     num_train: int,
@@ -216,16 +234,23 @@ def write_listops_files(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Generate the three splits into `out_dir` as `basic_{train,val,test}.tsv`, each written
-    atomically, then the `.generated.json` sidecar with the settings. Refuses to overwrite."""
+    """Generate the three splits as `basic_{train,val,test}.tsv` plus the `.generated.json`
+    sidecar with the settings, into `out_dir`, which must not exist or be empty.
+
+    Atomic: everything is written into a temporary folder beside `out_dir` that is renamed to
+    `out_dir` as the last step, so an interrupted generation leaves no `out_dir` (its temporary
+    folder is removed by the next call, see mra_lra/data/cache.py) and a rerun starts afresh.
+    Raises FileExistsError rather than overwrite, also when another process wrote `out_dir`
+    meanwhile."""
     out_dir = Path(out_dir)
-    existing = [p for p in (split_path(out_dir, s) for s in SPLITS) if p.exists()]
+    existing = _written(out_dir)
     if existing:
         raise FileExistsError(
             f"{', '.join(str(p) for p in existing)} already exist; delete them or choose "
             "another output folder"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; choose a new or empty output folder")
     splits = generate_splits(
         num_train,
         num_val,
@@ -235,10 +260,22 @@ def write_listops_files(
         seed=seed,
         progress=progress,
     )
-    for split in SPLITS:
-        write_tsv(split_path(out_dir, split), splits[split])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out_dir.parent, re.escape(out_dir.name))
     settings = generator_settings(num_train, num_val, num_test, min_length, max_length, seed)
-    atomic_write_json(out_dir / SIDECAR_NAME, settings)
+    with building_dir(out_dir) as tmp:
+        for split in SPLITS:
+            write_tsv(split_path(tmp, split), splits[split])
+        atomic_write_json(tmp / SIDECAR_NAME, settings)
+        try:
+            commit_dir(tmp, out_dir)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise FileExistsError(
+                f"{out_dir} was filled by another process while generating; delete it or "
+                "choose another output folder"
+            ) from err
     return out_dir
 
 
@@ -247,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m mra_lra.data.listops_generator",
         description="Generate ListOps basic_{train,val,test}.tsv in the LRA release format.",
     )
-    parser.add_argument("--out", required=True, help="output folder, e.g. .../listops-1000")
+    parser.add_argument("--out", required=True, help="a new (or empty) output folder")
     parser.add_argument("--num-train", type=int, default=RELEASE_NUM_TRAIN)
     parser.add_argument("--num-val", type=int, default=RELEASE_NUM_VAL)
     parser.add_argument("--num-test", type=int, default=RELEASE_NUM_TEST)

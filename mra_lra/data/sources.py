@@ -158,15 +158,35 @@ class SourceTree:
         except _ARCHIVE_ERRORS as err:
             raise _corrupt_archive(self.path, err) from err
 
+    def where(self, rel: str) -> str:
+        """How errors name the file `rel` (a path below the anchor): its path in a folder, or
+        `<archive>:<rel>` in an archive."""
+        return f"{self.path}:{rel}" if self.is_archive else str(self.root / rel)
+
     def read_text_files(self, names: Sequence[str]) -> dict[str, str]:
         """The UTF-8 text of the named files (paths below the anchor); a missing one raises
-        SourceError listing it."""
+        SourceError listing it, and bytes that are not UTF-8 raise SourceError naming the file
+        and line."""
         wanted = set(names)
-        found = {rel: data.decode("utf-8") for rel, data in self.iter_files(wanted.__contains__)}
+        found = {}
+        for rel, data in self.iter_files(wanted.__contains__):
+            try:
+                found[rel] = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SourceError(self._not_utf8(rel, data, err)) from None
         missing = sorted(wanted - found.keys())
         if missing:
             raise SourceError(f"{self} lacks {', '.join(missing)}")
         return found
+
+    def _not_utf8(self, rel: str, data: bytes, err: UnicodeDecodeError) -> str:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        return (
+            f"{self.where(rel)}:{line}: byte 0x{data[err.start]:02x} (column {column}) is not "
+            "UTF-8 text, so the file is damaged or was re-encoded. Get it again (or convert it "
+            "to UTF-8) and rerun; nothing was cached from it."
+        )
 
 
 def find_anchor_dir(path: Path, anchor: str, max_depth: int = 3) -> Path | None:

@@ -6,14 +6,17 @@ import json
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from mra_lra.data import listops
+from mra_lra.data import listops, listops_generator
+from mra_lra.data.cache import cache_key
 from mra_lra.data.listops import ListOpsDataModule, ensure_listops_files, read_listops_tsv
+from mra_lra.data.listops_generator import write_listops_files
 from tests.data.helpers import cache_entries
 
 # Hand-written rows with hand-computed labels and token ids (pad 0, digit d -> d + 1,
@@ -117,18 +120,21 @@ def test_worker_settings_and_pickled_dataset(tmp_path) -> None:
 
 def test_user_files_are_used_and_never_overwritten(tmp_path) -> None:
     directory = write_release(tmp_path)
-    before = {p.name: p.read_bytes() for p in directory.iterdir()}
-    assert ensure_listops_files(tmp_path, **GEN) == directory
-    make_dm(tmp_path).prepare_data()
-    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    assert dm.generated is None
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()} == before
+    assert not (tmp_path / "generated").exists()
 
 
 def test_partial_files_are_an_error(tmp_path) -> None:
     directory = write_release(tmp_path, splits=("train", "val"))
     with pytest.raises(FileNotFoundError, match="basic_test.tsv") as err:
-        ensure_listops_files(tmp_path, **GEN)
-    assert str(directory) in str(err.value)
+        make_dm(tmp_path).prepare_data()
+    assert str(directory) in str(err.value) and "put all three release files" in str(err.value)
     assert not (directory / "basic_test.tsv").exists()
+    assert not (tmp_path / "generated").exists()
 
 
 @pytest.mark.skipif(
@@ -148,35 +154,52 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path) -> None:
         data_dir.chmod(0o755)
 
 
-def test_generated_files_sidecar_and_settings_mismatch(tmp_path, caplog) -> None:
+def test_generated_files_sidecar_and_settings(tmp_path, monkeypatch) -> None:
     directory = ensure_listops_files(tmp_path, **GEN)
+    assert directory.parent == tmp_path / "generated" / "listops"
+    assert not (tmp_path / "lra_release").exists()
     sidecar = json.loads((directory / ".generated.json").read_text())
     assert {k: sidecar[k] for k in GEN} == GEN
     lines = (directory / "basic_train.tsv").read_text().splitlines()
     assert lines[0] == "Source\tTarget" and len(lines) == GEN["num_train"] + 1
-    before = (directory / "basic_train.tsv").read_bytes()
+    before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
 
-    with caplog.at_level(logging.WARNING, logger=listops.__name__):
-        ensure_listops_files(tmp_path, **GEN)
-    assert not caplog.records
-
-    with caplog.at_level(logging.WARNING, logger=listops.__name__):
-        ensure_listops_files(tmp_path, **{**GEN, "seed": 1})
-    (record,) = caplog.records
-    message = record.getMessage()
-    assert "seed=0 (asked 1)" in message and str(directory) in message
-    assert "data.data_dir" in message
-    assert (directory / "basic_train.tsv").read_bytes() == before
+    # The same settings reuse the set; other settings get their own folder.
+    monkeypatch.setattr(listops, "write_listops_files", None)  # must not be called
+    assert ensure_listops_files(tmp_path, **GEN) == directory
+    assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == before
+    monkeypatch.undo()
+    other = ensure_listops_files(tmp_path, **{**GEN, "seed": 1})
+    assert other != directory and other.parent == directory.parent
+    assert json.loads((other / ".generated.json").read_text())["seed"] == 1
+    assert (other / "basic_train.tsv").read_bytes() != (directory / "basic_train.tsv").read_bytes()
 
 
-def test_generated_data_end_to_end(tmp_path) -> None:
+def test_generated_set_whose_files_changed_is_an_error(tmp_path) -> None:
+    directory = ensure_listops_files(tmp_path, **GEN)
+    (directory / "basic_val.tsv").unlink()
+    with pytest.raises(RuntimeError, match=f"{directory} is not a complete generated"):
+        make_dm(tmp_path).prepare_data()
+
+
+def test_generated_data_end_to_end(tmp_path, caplog) -> None:
     dm = make_dm(tmp_path, max_length=48)
-    dm.prepare_data()
+    with caplog.at_level(logging.WARNING, logger=listops.__name__):
+        dm.prepare_data()
+    assert {k: dm.generated[k] for k in GEN} == GEN
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "no release under" in message and "not LRA ListOps numbers" in message
+    assert str(listops.generated_dir(tmp_path, dm.generated)) in message
     dm.setup()
     batches = list(dm.train_dataloader())
     assert sum(len(b["label"]) for b in batches) == GEN["num_train"]
     lengths = torch.cat([b["mask"].sum(1) for b in batches])
     assert ((lengths > 5) & (lengths < 40)).all()
+    # A fresh datamodule finds the generated set and its cache without preparing again.
+    fresh = make_dm(tmp_path, max_length=48)
+    fresh.setup()
+    assert fresh.generated == dm.generated
+    assert fresh.datasets["train"].entry == dm.datasets["train"].entry
 
 
 @pytest.mark.parametrize(
@@ -298,3 +321,216 @@ def test_truncated_archive_is_an_error_and_caches_nothing(tmp_path) -> None:
         make_dm(data_dir).prepare_data()
     root = data_dir / "cache" / "listops"
     assert not root.exists() or not any(root.iterdir())
+
+
+# -- the release wins over generated sets (B1) ---------------------------------------------------
+def add_release(data_dir: Path, tmp: Path, where: str) -> None:
+    if where == "archive":
+        write_release_archive(data_dir / "lra_release.gz", tmp / "staging")
+    elif where == "nested_folder":
+        write_release(data_dir / "lra_release")  # lra_release/lra_release/listops-1000
+    else:
+        write_release(data_dir)  # lra_release/listops-1000
+
+
+def val_labels(dm: ListOpsDataModule) -> list[int]:
+    dm.setup()
+    return [label for b in dm.val_dataloader() for label in b["label"].tolist()]
+
+
+@pytest.mark.parametrize("where", ["archive", "nested_folder", "folder"])
+def test_release_added_after_generation_is_read(tmp_path, caplog, where: str) -> None:
+    data_dir = tmp_path / "data"
+    generated = make_dm(data_dir)
+    generated.prepare_data()
+    assert generated.generated is not None and len(val_labels(generated)) == GEN["num_val"]
+
+    add_release(data_dir, tmp_path, where)
+    dm = make_dm(data_dir)
+    with caplog.at_level(logging.INFO, logger=listops.__name__):
+        dm.prepare_data()
+    assert dm.generated is None
+    assert any("reading the release's files" in r.getMessage() for r in caplog.records)
+    assert val_labels(dm) == [4, 6]
+    # Its own cache entry; the generated set and its cache stay (a run may still ask for them).
+    assert dm.datasets["val"].entry != generated.datasets["val"].entry
+    assert len(cache_entries(data_dir, "listops")) == 2
+    assert listops.generated_dir(data_dir, generated.generated).is_dir()
+
+
+def test_generated_and_release_files_never_share_a_cache_entry(tmp_path) -> None:
+    # The same bytes, sizes and modification times as generated files and as release files.
+    generated = make_dm(tmp_path / "a")
+    generated.ensure_cache()
+    release = write_release(tmp_path / "b", splits=())
+    for p in generated._tree.root.glob("basic_*.tsv"):
+        shutil.copy2(p, release / p.name)
+    dm = make_dm(tmp_path / "b")
+    dm.ensure_cache()
+    assert dm.generated is None
+    options, generated_options = dm.cache_options(), generated.cache_options()
+    assert options["files"] == generated_options["files"]
+    assert generated_options["generated"] == generated.generated and "generated" not in options
+    assert cache_key(options) != cache_key(generated_options)
+
+
+def write_legacy_set(data_dir: Path, splits=("train", "val", "test")) -> Path:
+    """A set as versions before generated/listops/ made it: in lra_release/listops-1000."""
+    legacy = write_listops_files(
+        listops.listops_dir(data_dir),
+        GEN["num_train"],
+        GEN["num_val"],
+        GEN["num_test"],
+        min_length=GEN["min_length"],
+        max_length=GEN["max_length"],
+        seed=GEN["seed"],
+        progress=False,
+    )
+    for split in {"train", "val", "test"} - set(splits):
+        (legacy / f"basic_{split}.tsv").unlink()
+    return legacy
+
+
+def test_legacy_generated_set_is_moved_and_reused(tmp_path, monkeypatch, caplog) -> None:
+    legacy = write_legacy_set(tmp_path)
+    files = {p.name: p.read_bytes() for p in legacy.iterdir()}
+    monkeypatch.setattr(listops, "write_listops_files", None)  # reused, not generated again
+    dm = make_dm(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=listops.__name__):
+        dm.prepare_data()
+    moved = listops.generated_dir(tmp_path, dm.generated)
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == files
+    assert not legacy.exists() and not (tmp_path / "lra_release").exists()
+    assert "older version" in caplog.records[0].getMessage()
+    assert "no release under" in caplog.records[1].getMessage()
+    assert dm._tree.root == moved and len(val_labels(dm)) == GEN["num_val"]
+
+
+def test_release_extracted_next_to_a_legacy_generated_set_wins(tmp_path) -> None:
+    write_legacy_set(tmp_path)
+    write_release(tmp_path / "lra_release")  # lra_release/lra_release/listops-1000
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    assert dm.generated is None and val_labels(dm) == [4, 6]
+    assert not listops.listops_dir(tmp_path).exists()
+    assert (tmp_path / "lra_release" / "lra_release" / "listops-1000").is_dir()
+    assert listops.generated_dir(tmp_path, listops.generator_settings(**GEN)).is_dir()
+
+
+def test_incomplete_legacy_generated_set_is_removed(tmp_path) -> None:
+    legacy = write_legacy_set(tmp_path, splits=("train",))
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    assert not legacy.exists()
+    assert dm._tree.root == listops.generated_dir(tmp_path, dm.generated)
+    assert len(val_labels(dm)) == GEN["num_val"]
+
+
+@pytest.mark.parametrize("where", ["source", "nested_folder"])
+def test_generated_set_is_never_taken_for_the_release(tmp_path, caplog, where: str) -> None:
+    if where == "source":
+        folder, overrides = tmp_path / "mine", {"source": str(tmp_path / "mine")}
+    else:
+        folder, overrides = tmp_path / "data" / "lra_release" / "lra_release", {}
+    write_listops_files(
+        folder / "listops-1000", 3, 2, 1, min_length=5, max_length=40, seed=7, progress=False
+    )
+    dm = make_dm(tmp_path / "data", **overrides)
+    with caplog.at_level(logging.WARNING, logger=listops.__name__):
+        dm.prepare_data()
+    assert dm.generated["seed"] == 7 and dm.generated["num_train"] == 3
+    assert "holds a generated set" in caplog.records[0].getMessage()
+    assert dm.cache_options()["generated"] == dm.generated
+
+
+def test_setup_without_any_files_says_prepare_data(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="No generated set.*prepare_data"):
+        make_dm(tmp_path).setup()
+
+
+# -- generation is atomic (B2) -------------------------------------------------------------------
+def _interrupt_after(count: int, real):
+    calls = []
+
+    def writer(*args, **kwargs):
+        if len(calls) == count:
+            raise KeyboardInterrupt  # Ctrl-C
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    return writer
+
+
+@pytest.mark.parametrize("point", ["after_first_file", "before_sidecar"])
+def test_interrupted_generation_leaves_nothing_and_rerun_regenerates(
+    tmp_path, monkeypatch, point: str
+) -> None:
+    if point == "after_first_file":
+        monkeypatch.setattr(
+            listops_generator, "write_tsv", _interrupt_after(1, listops_generator.write_tsv)
+        )
+    else:
+        monkeypatch.setattr(
+            listops_generator,
+            "atomic_write_json",
+            _interrupt_after(0, listops_generator.atomic_write_json),
+        )
+    with pytest.raises(KeyboardInterrupt):
+        make_dm(tmp_path).prepare_data()
+    root = listops.generated_root(tmp_path)
+    assert list(root.iterdir()) == []  # no set, and no temporary folder
+    assert not (tmp_path / "lra_release").exists() and cache_entries(tmp_path, "listops") == []
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        make_dm(tmp_path).setup()
+
+    monkeypatch.undo()
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    directory = listops.generated_dir(tmp_path, dm.generated)
+    clean = write_listops_files(
+        tmp_path / "clean", 6, 2, 2, min_length=5, max_length=40, seed=0, progress=False
+    )
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == {
+        p.name: p.read_bytes() for p in clean.iterdir()
+    }
+
+
+def test_killed_generation_folder_is_removed_by_the_rerun(tmp_path) -> None:
+    # What a SIGKILL during generation leaves: a temporary folder whose lock nobody holds.
+    root = listops.generated_root(tmp_path)
+    key = listops.generated_dir(tmp_path, listops.generator_settings(**GEN)).name
+    stale = root / f".tmp-{key}-abcd1234"
+    stale.mkdir(parents=True)
+    (stale / "basic_train.tsv").write_text("Source\tTarget\n")
+    (stale / ".lock").touch()
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    assert sorted(p.name for p in root.iterdir()) == [key]
+    assert len(val_labels(dm)) == GEN["num_val"]
+
+
+# -- bytes that are not UTF-8 (B4) ---------------------------------------------------------------
+@pytest.mark.parametrize("where", ["folder", "archive"])
+def test_non_utf8_byte_names_file_and_line(tmp_path, where: str) -> None:
+    from mra_lra.data.sources import SourceError
+
+    data_dir = tmp_path / "data"
+    directory = write_release(tmp_path / "staging" / "lra_release")
+    path = directory / "basic_val.tsv"
+    path.write_bytes(b"Source\tTarget\r\n6\t6\r\n( ( ( [MIN 4 ) 7\xff ) ] )\t4\r\n")
+    if where == "archive":
+        import tarfile
+
+        data_dir.mkdir()
+        with tarfile.open(data_dir / "lra_release.gz", "w:gz") as tar:
+            tar.add(tmp_path / "staging" / "lra_release", arcname="lra_release")
+        name = f"{data_dir / 'lra_release.gz'}:basic_val.tsv"
+    else:
+        shutil.copytree(tmp_path / "staging", data_dir)
+        name = str(data_dir / "lra_release" / "lra_release" / "listops-1000" / "basic_val.tsv")
+    with pytest.raises(SourceError) as err:
+        make_dm(data_dir).prepare_data()
+    message = str(err.value)
+    assert message.startswith(f"{name}:3: byte 0xff (column 17) is not UTF-8")
+    assert "Get it again" in message
+    assert cache_entries(data_dir, "listops", hidden=True) == []

@@ -215,3 +215,11 @@ def test_cli(tmp_path, capsys) -> None:
     lines = (out / "basic_train.tsv").read_text().splitlines()
     expected = generate_splits(3, 1, 1, seed=2, progress=False, **SMALL)["train"]
     assert lines[1:] == [f"{ex.source}\t{ex.target}" for ex in expected]
+
+
+def test_write_files_refuses_a_folder_with_other_files(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_listops_files(tmp_path, 2, 1, 1, seed=0, progress=False, **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".tmp-{tmp_path.name}")]

@@ -67,8 +67,10 @@ def test_overrides_reach_the_model(trained, tmp_path):
         overrides=["attn.block_per_row=1", "+trainer.benchmark=false"],
         out=tmp_path / "d.json",
     )
-    assert every["test_loss"] == pytest.approx(as_softmax["test_loss"], rel=1e-4)
-    assert one["test_loss"] != pytest.approx(every["test_loss"], rel=1e-4)
+    # Twenty steps leave the attention near uniform, so fewer blocks move the loss only in its
+    # fifth digit (the paths agree to the seventh).
+    assert every["test_loss"] == pytest.approx(as_softmax["test_loss"], rel=1e-6)
+    assert one["test_loss"] != pytest.approx(every["test_loss"], rel=1e-6)
     assert added["test_loss"] == pytest.approx(one["test_loss"], rel=1e-6)
     assert every["overrides"] == ["attn.block_per_row=4"]
     assert as_softmax["attn"] == "softmax"

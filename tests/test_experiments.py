@@ -237,8 +237,8 @@ def test_experiment_runs_two_steps(compose_cfg, tiny_data_dirs, name, tmp_path):
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false",
-        # one_cycle needs 0 or >= 2 (and < 2 steps), factor_schedule >= 1
-        f"scheduler.warmup_steps={0 if name.startswith('lra/') else 1}",
+        # one_cycle needs 0 or >= 2 (and < 2 steps), lra_jax's factor_schedule >= 1
+        f"scheduler.warmup_steps={1 if name.startswith('lra_jax/') else 0}",
         "logger=none",
         "test=false",
     ]

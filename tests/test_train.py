@@ -33,6 +33,7 @@ def test_twenty_steps_write_results(compose_cfg, tmp_path, attn, conftest_tiny):
     for key in REQUIRED:
         assert on_disk[key] is not None, key
     assert on_disk["task"] == "listops" and on_disk["attn"] == attn
+    assert on_disk["data_generated"]["num_train"] == 80  # no release under the tiny data_dir
     assert on_disk["steps"] == 20 and on_disk["best_step"] in (10, 20)
     assert 0.0 <= on_disk["test_acc"] <= 1.0
     assert on_disk["train_tokens_per_second"] > 0

@@ -34,3 +34,27 @@ def dense_softmax(q, k, v, mask, allowed=None):
     probs = torch.softmax(logits.nan_to_num(neginf=-1e300), dim=-1) * torch.isfinite(logits)
     out = torch.einsum("bhij,bhjd->bhid", probs, v)
     return out * mask[:, None, :, None]
+
+
+def check_padded_keys_cannot_overflow(attn, d: int) -> None:
+    """Real keys of large norm, so every real random-feature exponent w.k - |k|^2 / 2 is very
+    negative, and padded keys of zero norm, whose exponents lie far above the real keys' max (the
+    case where exp overflowed before padded keys were zeroed, and inf * 0 = NaN spread to every
+    real row): the output is finite, the same whatever the padded keys hold, and k's gradient is
+    finite and zero at padding."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n = 1, 1, 8
+    q, v = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
+    k = 8 * torch.randn(b, h, n, d, generator=g)
+    mask = torch.ones(b, n)
+    mask[:, 6:] = 0
+    k[:, :, 6:] = 0
+    padded = ~mask.bool()[:, None, :, None]
+    others = [torch.where(padded, s * torch.randn(k.shape, generator=g), k) for s in (0.1, 8.0)]
+    k.requires_grad_(True)
+    out = attn(q, k, v, mask)
+    assert torch.isfinite(out).all()
+    for other in others:
+        torch.testing.assert_close(attn(q, other, v, mask), out, rtol=0, atol=0)
+    out.square().sum().backward()
+    assert torch.isfinite(k.grad).all() and (k.grad[:, :, 6:] == 0).all()

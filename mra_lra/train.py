@@ -123,10 +123,12 @@ def protocol_card(cfg: DictConfig) -> str:
         f" qkv_dim={cfg.model.get('qkv_dim') or cfg.model.d_model} d_ffn={cfg.model.d_ffn}"
         f" dropout={cfg.model.dropout} pooling={cfg.model.pooling}"
         f" positions={cfg.model.get('positions', 'learned')}"
-        f" input_encoding={cfg.model.get('input_encoding', 'tokens')}",
-        f"optimiser: lr={cfg.optimizer.lr} warmup={cfg.scheduler.warmup_steps} "
-        f"steps={cfg.trainer.max_steps} eval_every={cfg.trainer.val_check_interval} "
-        f"precision={cfg.trainer.precision}",
+        f" input_encoding={cfg.model.get('input_encoding', 'tokens')}"
+        f" attention_float32={cfg.model.get('attention_float32', False)}",
+        f"optimiser: lr={cfg.optimizer.lr} betas={list(cfg.optimizer.betas)}"
+        f" schedule={cfg.scheduler._target_.rsplit('.', 1)[-1]}"
+        f" warmup={cfg.scheduler.warmup_steps} steps={cfg.trainer.max_steps}"
+        f" eval_every={cfg.trainer.val_check_interval} precision={cfg.trainer.precision}",
     ]
     return "\n".join(lines)
 

@@ -75,3 +75,4 @@ def test_protocol_card_names_every_data_setting(compose_cfg):
     assert "max_length=1024" in data_line and "num_train=123" in data_line
     assert "_target_" not in data_line
     assert "dropout=0.25" in card
+    assert "attention_float32=False" in card and "schedule=one_cycle" in card

@@ -329,15 +329,16 @@ class ListOpsDataModule(LRADataModule):
         self._tree: SourceTree | None = None
         self.generated: dict[str, Any] | None = None
 
-    def _generator_settings(self) -> dict[str, Any]:
-        return generator_settings(
-            self.num_train,
-            self.num_val,
-            self.num_test,
-            self.gen_min_length,
-            self.gen_max_length,
-            self.seed,
-        )
+    def _generator_args(self) -> dict[str, int]:
+        """The generator's keyword arguments (of ensure_listops_files and generator_settings)."""
+        return {
+            "num_train": self.num_train,
+            "num_val": self.num_val,
+            "num_test": self.num_test,
+            "min_length": self.gen_min_length,
+            "max_length": self.gen_max_length,
+            "seed": self.seed,
+        }
 
     def _find_tree(self, generate: bool) -> tuple[SourceTree, dict[str, Any] | None]:
         """The files to read, and the generator settings when they are a generated set."""
@@ -348,18 +349,10 @@ class ListOpsDataModule(LRADataModule):
             try:
                 tree = locate_source(self.data_dir, None, ANCHOR, RELEASE_CANDIDATES, HOW_TO_GET)
             except FileNotFoundError as err:
-                settings = self._generator_settings()
+                settings = generator_settings(**self._generator_args())
                 directory = generated_dir(self.data_dir, settings)
                 if generate:
-                    ensure_listops_files(
-                        self.data_dir,
-                        self.num_train,
-                        self.num_val,
-                        self.num_test,
-                        self.gen_min_length,
-                        self.gen_max_length,
-                        self.seed,
-                    )
+                    ensure_listops_files(self.data_dir, **self._generator_args())
                 elif not directory.exists():
                     raise FileNotFoundError(
                         f"{err} No generated set for these settings in {directory} either; "
@@ -379,12 +372,9 @@ class ListOpsDataModule(LRADataModule):
             )
         return tree, read_sidecar(tree.root)
 
-    def _use(self, tree: SourceTree, generated: dict[str, Any] | None) -> None:
-        self._tree, self.generated = tree, generated
-
     def ensure_sources(self) -> None:
-        tree, generated = self._find_tree(generate=True)
-        self._use(tree, generated)
+        self._tree, self.generated = self._find_tree(generate=True)
+        tree, generated = self._tree, self.generated
         if generated is None:
             log.info("ListOps: reading the release's files from %s", tree.path)
         elif tree.root.parent != generated_root(self.data_dir):
@@ -408,7 +398,7 @@ class ListOpsDataModule(LRADataModule):
 
     def cache_options(self) -> dict[str, Any]:
         if self._tree is None:
-            self._use(*self._find_tree(generate=False))
+            self._tree, self.generated = self._find_tree(generate=False)
         return _cache_options(self._tree, self.max_length, self.generated)
 
     def build_arrays(self) -> dict[str, np.ndarray]:

@@ -161,8 +161,10 @@ class HTransformer1DAttention(nn.Module):
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not isinstance(top_level, bool):
+            raise ValueError(f"top_level must be true or false, got {top_level!r}")
         self.block_size = block_size
-        self.top_level = bool(top_level)
+        self.top_level = top_level
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         in_dtype = q.dtype

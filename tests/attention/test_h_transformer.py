@@ -119,3 +119,9 @@ def test_shape_and_dtype_kept(dtype):
     ref = dense_hierarchical(q, k, v, mask, 16)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     assert attn(q, k, v, None).shape == q.shape
+
+
+@pytest.mark.parametrize("options", [{"block_size": 0}, {"top_level": "false"}])
+def test_bad_options_are_named(options):
+    with pytest.raises(ValueError, match=next(iter(options))):
+        build("h_transformer", **options)

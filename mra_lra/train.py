@@ -293,7 +293,7 @@ def run(cfg: DictConfig) -> dict:
         "recipe": OmegaConf.select(cfg, "recipe.family", default=None),
         "seed": cfg.seed,
         "max_length": cfg.data.max_length,
-        # ListOps's generator settings when no release was found and a generated set was used
+        # the generator settings when no release was found and a generated set was used
         "data_generated": getattr(datamodule, "generated", None),
         "test_acc": test_acc,
         "test_acc_last": test_acc_last,

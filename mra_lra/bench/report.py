@@ -17,7 +17,9 @@ every cell in long form, `--latex` the `--metric` table as a booktabs tabular (b
 Nothing is dropped silently. A cell is marked † when its runs differ in anything but the seed:
 config.yaml (the resolved Hydra config train.py writes next to results.json) is compared key by
 key, minus IGNORED_CONFIG_KEYS; without config.yaml, the results.json fields in FALLBACK_FIELDS
-are compared instead. A cell is marked ‡ when a seed appears twice in it. Runs whose results.json
+are compared instead. A cell is marked ‡ when a seed appears twice in it, and § when its runs
+trained on a set our generators made (results.json's `data_generated`: ListOps or Pathfinder
+without the release), whose accuracies are not LRA numbers. Runs whose results.json
 is unreadable or lacks a known task, an attention or a seed are listed as skipped; runs without a
 value for one table are listed under that table's name. The notes at the end say which and why.
 
@@ -104,14 +106,16 @@ IGNORED_CONFIG_KEYS = (
 )
 # Compared when a run has no config.yaml: the settings results.json records itself.
 FALLBACK_FIELDS = ("attn_options", "max_length", "precision")
-# Compared always: what the run did (steps) and where (throughput and memory depend on it;
-# throughput is of all ranks together).
-OUTCOME_FIELDS = ("steps", "device", "world_size")
-# results.json written before train.py recorded world_size came from one-device runs.
+# Compared always: what the run did (steps), where (throughput and memory depend on it;
+# throughput is of all ranks together) and on which data (a generated set or the release).
+OUTCOME_FIELDS = ("steps", "device", "world_size", "data_generated")
+# results.json written before train.py recorded world_size came from one-device runs; before it
+# recorded data_generated, only generated ListOps sets existed and were not marked.
 DEFAULTS = {"world_size": 1}
 
 MIXED = "†"
 DUPLICATE = "‡"
+GENERATED = "§"
 ABSENT = "<absent>"
 
 
@@ -186,6 +190,8 @@ class Group:
     duplicate_seeds: dict[int, list[Path]] = field(default_factory=dict)
     # Runs without a usable config.yaml (their settings were compared on results.json fields).
     without_config: list[Run] = field(default_factory=list)
+    # Runs on a set our generators made (results.json's data_generated), not the LRA release.
+    generated: list[Run] = field(default_factory=list)
 
 
 @dataclass
@@ -353,6 +359,7 @@ def _stat(values: list[float]) -> Stat:
 def _group(attn: str, task: str, runs: list[Run]) -> Group:
     group = Group(attn, task, sorted(runs, key=lambda r: (r.seed, str(r.path))))
     group.without_config = [r for r in group.runs if r.config is None]
+    group.generated = [r for r in group.runs if r.results.get("data_generated")]
     settings = [_settings(r, use_config=not group.without_config) for r in group.runs]
     for key in sorted(set().union(*settings)):
         seeds_by_value: dict[str, list[int]] = {}
@@ -376,7 +383,8 @@ def _settings(run: Run, use_config: bool) -> dict[str, str]:
         for name in FALLBACK_FIELDS:
             _flatten({f"results.{name}": run.results.get(name)}, "", flat)
     for name in OUTCOME_FIELDS:
-        flat[f"results.{name}"] = json.dumps(run.results.get(name, DEFAULTS.get(name)))
+        value = run.results.get(name, DEFAULTS.get(name))
+        flat[f"results.{name}"] = json.dumps(value, sort_keys=True)
     return {k: v for k, v in flat.items() if not _ignored(k)}
 
 
@@ -426,10 +434,14 @@ def format_markdown(summary: Summary) -> str:
 
 def format_csv(summary: Summary) -> str:
     """Every cell of every table in long form, one row per (attention, task, metric): for
-    plotting or a spreadsheet. `mixed` and `duplicate_seeds` are the † and ‡ of the markdown."""
+    plotting or a spreadsheet. `mixed`, `duplicate_seeds` and `generated_runs` (how many of the
+    cell's runs trained on a generated set) are the †, ‡ and § of the markdown."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["attention", "task", "metric", "mean", "std", "n", "mixed", "duplicate_seeds"])
+    writer.writerow(
+        ["attention", "task", "metric", "mean", "std", "n", "mixed", "duplicate_seeds",
+         "generated_runs"]
+    )  # fmt: skip
     for name, stats in summary.tables.items():
         for attn in summary.attns:
             for task in summary.tasks:
@@ -440,14 +452,15 @@ def format_csv(summary: Summary) -> str:
                 std = "" if stat.std is None else f"{stat.std:.6g}"
                 writer.writerow(
                     [attn, task, name, f"{stat.mean:.6g}", std, stat.n,
-                     int(bool(group.differing)), int(bool(group.duplicate_seeds))]
+                     int(bool(group.differing)), int(bool(group.duplicate_seeds)),
+                     len(group.generated)]
                 )  # fmt: skip
     return out.getvalue()
 
 
 def format_latex(summary: Summary, metric: str = "test_acc") -> str:
     """The `metric` table as a LaTeX tabular (booktabs): mean ± std in percent, the best mean of
-    each column in bold, † and ‡ as in the markdown (whose notes say why), Avg as there ("--"
+    each column in bold, †, ‡ and § as in the markdown (whose notes say why), Avg as there ("--"
     where a row lacks a task)."""
     stats = summary.tables[metric]
     present = _present_tasks(summary, stats)
@@ -481,7 +494,8 @@ def format_latex(summary: Summary, metric: str = "test_acc") -> str:
             group = summary.groups.get((attn, task))
             marks = "".join(
                 mark for mark, on in (("\\dagger", group and group.differing),
-                                      ("\\ddagger", group and group.duplicate_seeds)) if on
+                                      ("\\ddagger", group and group.duplicate_seeds),
+                                      ("\\S", group and group.generated)) if on
             )  # fmt: skip
             text = cell(stat.mean, stat.std, best[task]) if stat else "--"
             cells.append(text + (f"$^{{{marks}}}$" if stat and marks else ""))
@@ -504,7 +518,11 @@ def _cell(stat: Stat, spec: str) -> str:
 def _marks(group: Group | None) -> str:
     if group is None:
         return ""
-    return (MIXED if group.differing else "") + (DUPLICATE if group.duplicate_seeds else "")
+    return (
+        (MIXED if group.differing else "")
+        + (DUPLICATE if group.duplicate_seeds else "")
+        + (GENERATED if group.generated else "")
+    )
 
 
 def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: bool) -> list[str]:
@@ -575,7 +593,12 @@ def _published(summary: Summary) -> list[str]:
         "## Published test accuracy (%): LRA paper (Tay et al. 2021), Table 1",
         "",
         "Their models, recipes (the original LRA code) and data (the LRA release), for comparison;",
-        "Avg is theirs, over their five tasks.",
+        "Avg is theirs, over their five tasks."
+        + (
+            f" Cells marked {GENERATED} above are on generated data, not the release."
+            if any(g.generated for g in summary.groups.values())
+            else ""
+        ),
         "",
         *_markdown_table(["attention", *(TASKS[t] for t in tasks), "Avg (5 tasks)"], rows),
     ]
@@ -608,6 +631,18 @@ def _notes(summary: Summary) -> list[str]:
             notes.append(
                 f"- {DUPLICATE} {where}: seed {seed} appears {len(paths)} times (all counted): "
                 + ", ".join(f"`{p}`" for p in paths)
+                + "."
+            )
+        if group.generated:
+            settings = dict.fromkeys(
+                json.dumps(r.results["data_generated"], sort_keys=True) for r in group.generated
+            )
+            notes.append(
+                f"- {GENERATED} {where}: {len(group.generated)} of {_runs(len(group.runs))} "
+                "trained and tested on a set generated by our reimplementation of the task's "
+                "generator (no LRA release was found), so its accuracy is not comparable with "
+                "numbers on the release, such as the published ones; generator settings: "
+                + "; ".join(f"`{x}`" for x in settings)
                 + "."
             )
         if group.without_config:

@@ -229,6 +229,11 @@ class PathfinderDataModule(PixelDataModule):
         return self._tree
 
     @property
+    def generated(self) -> dict[str, Any] | None:
+        """The generator settings when the images are generated (no release), else None."""
+        return None if self.tree is not None else self._generator_request()
+
+    @property
     def preset(self) -> str | None:
         return GENERATOR_PRESETS.get((self.resolution, self.difficulty))
 

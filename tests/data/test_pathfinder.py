@@ -148,6 +148,7 @@ def test_release_shapes_give_the_same_tokens(tmp_path, shape) -> None:
         source = str(write_archive(tmp_path / "dl" / "lra_release.gz", files))
     dm = ready(make_dm(data_dir, source=source))
     assert (dm.task, dm.num_classes, dm.vocab_size) == ("pathfinder", 2, 256)
+    assert dm.generated is None  # results.json: data_generated null, a release number
     batches = {s: split_batch(dm, s) for s in ("train", "val", "test")}
     assert [len(b["label"]) for b in batches.values()] == [16, 2, 2]
     # The split follows the metadata in numeric file order (0, 1, 2, 10) through the seeded
@@ -271,6 +272,9 @@ def test_generated_when_no_release(tmp_path, caplog, monkeypatch) -> None:
         dm = ready(make_dm(tmp_path))
     assert "not comparable with numbers on the LRA release" in caplog.text
     assert dm.generated_dir.parent == tmp_path / "generated" / "pathfinder32"
+    # results.json's data_generated: the preset, the generator version, the count and the seed.
+    assert dm.generated["preset"] == "pathfinder32" and dm.generated["seed"] == dm.gen_seed
+    assert dm.generated["num_images"] == 32
     images, labels = pathfinder_generator.load_dataset(dm.generated_dir)
     assert images.shape == (32, 32, 32)
     for split, (a, b) in {"train": (0, 24), "val": (24, 28), "test": (28, 32)}.items():
@@ -324,3 +328,4 @@ def test_a_few_training_steps(compose_cfg, tmp_path, task, extra) -> None:
     results = run(compose_cfg(overrides, run_dir=tmp_path / "run", data_dir=tmp_path / "data"))
     assert results["task"] == task and results["steps"] == 3
     assert results["val_acc_best"] is not None
+    assert results["data_generated"] is None  # the release's files were read

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mra_lra.attention import names
+from mra_lra.models.module import LRALitModule
 from mra_lra.train import run
 
 REQUIRED = [
@@ -45,22 +46,32 @@ def test_twenty_steps_write_results(compose_cfg, tmp_path, attn, conftest_tiny):
         assert key in keys, key
 
 
-def test_resume_from_last_matches_uninterrupted(compose_cfg, tmp_path, conftest_tiny):
-    # 80 training examples in batches of 8: steps 10 and 20 end epochs 0 and 1.
-    straight = run(compose_cfg([*conftest_tiny, "attn=mra"], run_dir=tmp_path / "a"))
+@pytest.mark.parametrize("stop", [10, 15])
+def test_resume_from_last_matches_uninterrupted(
+    compose_cfg, tmp_path, conftest_tiny, monkeypatch, stop
+):
+    # 80 training examples in batches of 8: steps 10 and 20 end epochs 0 and 1. The first run
+    # dies right after its validation at step `stop`; at 15 it dies mid-epoch, and the loader's
+    # place must travel in last.ckpt (else the resumed run starts epoch 1's order again and
+    # trains on its first 5 batches twice).
+    overrides = [*conftest_tiny, "attn=mra", "trainer.val_check_interval=5"]
+    straight = run(compose_cfg(overrides, run_dir=tmp_path / "a"))
 
     part = tmp_path / "b"
-    first = compose_cfg(
-        [*conftest_tiny, "attn=mra", "trainer.max_steps=10", "scheduler.total_steps=20"],
-        run_dir=part,
-    )
-    run(first)
-    resumed = run(
-        compose_cfg(
-            [*conftest_tiny, "attn=mra", f"ckpt_path={part / 'checkpoints' / 'last.ckpt'}"],
-            run_dir=part,
-        )
-    )
+    train_batch_start = LRALitModule.on_train_batch_start
+
+    def dies_at_stop(module, batch, batch_idx):
+        if module.global_step == stop:
+            raise RuntimeError("killed")
+        train_batch_start(module, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LRALitModule, "on_train_batch_start", dies_at_stop)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(compose_cfg(overrides, run_dir=part))
+    last = part / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == stop
+    resumed = run(compose_cfg([*overrides, f"ckpt_path={last}"], run_dir=part))
     assert resumed["steps"] == straight["steps"] == 20
     for key in ("val_acc_best", "test_acc", "test_acc_last"):
         assert resumed[key] == pytest.approx(straight[key]), key

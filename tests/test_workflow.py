@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from mra_lra import train as train_module
-from mra_lra.data.sampling import EpochShuffleSampler
+from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from mra_lra.train import attn_search_space, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +234,48 @@ def test_lightning_shards_epoch_shuffle_per_rank():
         assert sorted(rank0 + rank1) == list(range(10))  # disjoint, together the whole set
     # A fresh process (a resumed run) at epoch 1 sees the same shards; epochs differ.
     assert shards(1) == shards(1) and shards(0) != shards(1)
+
+
+def test_resumable_loader_skips_the_batches_served_before_the_checkpoint():
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(range(10), batch_size=2, sampler=EpochShuffleSampler(10, seed=7))
+
+    def epoch_batches(state: dict | None, epoch: int, world: tuple[int, int] | None = None):
+        dl = loader()
+        if world is not None:  # Lightning's re-instantiation under DDP (rank, replicas)
+            from pytorch_lightning.trainer.connectors.data_connector import (
+                _get_distributed_sampler,
+            )
+            from pytorch_lightning.utilities.data import _update_dataloader
+
+            sampler = _get_distributed_sampler(
+                dl, shuffle=True, overfit_batches=0, num_replicas=world[1], rank=world[0]
+            )
+            dl = _update_dataloader(dl, sampler)
+            assert isinstance(dl, ResumableDataLoader)
+        if state is not None:
+            dl.load_state_dict(state)
+        iterator = iter(dl)  # Lightning asks for the iterator before it sets the epoch
+        dl.sampler.set_epoch(epoch)
+        return [b.tolist() for b in iterator], dl
+
+    full, dl = epoch_batches(None, 1)
+    assert len(full) == 5 and dl.state_dict() == {"epoch": 1, "batches": 5}
+    partial = loader()
+    partial.sampler.set_epoch(1)
+    iterator = iter(partial)
+    assert [next(iterator).tolist() for _ in range(3)] == full[:3]
+    state = partial.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    rest, resumed = epoch_batches(state, 1)
+    assert rest == full[3:] and resumed.state_dict() == {"epoch": 1, "batches": 5}
+    # A checkpoint from an earlier epoch (or one written after the epoch's last batch, which
+    # Lightning resumes at the next epoch) skips nothing.
+    assert epoch_batches({"epoch": 0, "batches": 3}, 1)[0] == full
+    # Under DDP each rank skips its own served batches of the same (seed, epoch) order.
+    for rank in (0, 1):
+        shard, _ = epoch_batches(None, 1, (rank, 2))
+        assert epoch_batches({"epoch": 1, "batches": 2}, 1, (rank, 2))[0] == shard[2:]
 
 
 def _evaluate(cfg, checkpoint: Path, split: str = "test") -> float:

@@ -37,7 +37,7 @@ from mra_lra.data.cache import (
     find_array_cache,
     load_arrays,
 )
-from mra_lra.data.sampling import EpochShuffleSampler
+from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,8 @@ class LRADataModule(pl.LightningDataModule):
                 f"{type(self).__name__}: call setup() before asking for a dataloader"
             )
         dataset = self.datasets[split]
-        return DataLoader(
+        # The shuffled (train) loader keeps its place in the epoch in checkpoints.
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(dataset)) if shuffle else None,

@@ -1,11 +1,16 @@
-"""Samplers shared by the datamodules."""
+"""The training order shared by the datamodules: a seeded shuffle per epoch, and a loader that
+resumes mid-epoch."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -31,3 +36,52 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch travels with Lightning's checkpoints.
+
+    Lightning saves `state_dict()` of a stateful train loader in every checkpoint and hands it
+    back to `load_state_dict` on resume. Checkpoints are written at validation steps, almost always
+    mid-epoch (ListOps: 3000 batches per epoch, validation every 50 steps); without this the
+    resumed run would start the epoch's order again and train on its first batches twice. The
+    state is the sampler's epoch and the batches already served in it; on resume the first
+    iteration of that epoch skips them. The order is a function of (seed, epoch) alone
+    (EpochShuffleSampler, also under DDP's wrapper), so the skipped batches are exactly the ones the
+    interrupted run trained on. They are drawn and dropped rather than left out of the sampler, so
+    this holds whatever wraps the sampler; reading a batch from the memory-mapped cache costs far
+    less than training on it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch_served = 0  # the sampler epoch of the batches counted in _served
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch_served, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self) -> Iterator[Any]:
+        resume, self._resume = self._resume, None
+        return self._batches(super().__iter__(), resume)
+
+    def _batches(self, iterator: Iterator[Any], resume: dict[str, int] | None) -> Iterator[Any]:
+        # A generator: this runs at the first next(), after Lightning's set_epoch (Lightning asks
+        # for the iterator of a resumed run before it sets the sampler's epoch).
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        skip = 0
+        # A checkpoint written after an epoch's last batch resumes at the next epoch: no skip.
+        if resume is not None and resume["epoch"] == epoch:
+            skip = min(resume["batches"], len(self))
+            log.info("resuming mid-epoch %d: skipping the %d batches already trained on",
+                     epoch, skip)  # fmt: skip
+            for _ in range(skip):
+                next(iterator)
+        self._epoch_served, self._served = epoch, skip
+        for batch in iterator:
+            self._served += 1
+            yield batch

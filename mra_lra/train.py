@@ -128,6 +128,7 @@ def protocol_card(cfg: DictConfig) -> str:
         f"optimiser: lr={cfg.optimizer.lr} betas={list(cfg.optimizer.betas)}"
         f" schedule={cfg.scheduler._target_.rsplit('.', 1)[-1]}"
         f" warmup={cfg.scheduler.warmup_steps} steps={cfg.trainer.max_steps}"
+        f" batch={cfg.data.batch_size}x{cfg.trainer.get('accumulate_grad_batches', 1)}"
         f" eval_every={cfg.trainer.val_check_interval} precision={cfg.trainer.precision}",
     ]
     return "\n".join(lines)
@@ -192,6 +193,23 @@ def _unpadded_eval_shards(datamodule: pl.LightningDataModule, trainer: pl.Traine
         setattr(datamodule, hook, sharded)
 
 
+def _val_check_in_batches(cfg: DictConfig) -> dict[str, int]:
+    """`trainer.val_check_interval` counts optimizer steps, as max_steps and the recipes do;
+    Lightning counts training batches, of which each step takes `accumulate_grad_batches`. Returns
+    the Trainer argument that makes Lightning validate (and write last.ckpt) after the last batch
+    of every val_check_interval-th step, never inside an accumulation window."""
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate!r}: give a whole number of batches per "
+            "optimizer step, >= 1"
+        )
+    interval = cfg.trainer.get("val_check_interval")
+    if accumulate == 1 or not isinstance(interval, int) or isinstance(interval, bool):
+        return {}
+    return {"val_check_interval": interval * accumulate}
+
+
 def attn_search_space(cfg: DictConfig, trial: optuna.trial.Trial) -> None:
     """Optuna sweeps: add `attn.<key>` to a trial's search for each key of the config's
     `attn_search_space` that the chosen attention has (block_per_row for the MRA family).
@@ -239,7 +257,7 @@ def run(cfg: DictConfig) -> dict:
     loggers = [_make_logger(c, cfg, out_dir) for c in cfg.logger.values()]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **_val_check_in_batches(cfg)
     )
     _unpadded_eval_shards(datamodule, trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -256,9 +274,10 @@ def run(cfg: DictConfig) -> dict:
         for value, op in ((module.train_tokens, "sum"), (module.train_seconds, "max"))
     )
     fit_tokens_per_second = tokens / max(seconds, 1e-9)
-    val_acc_best = (
-        module.val_acc_best.compute().item() if module.val_acc_best.update_count else None
-    )
+    # The running max is restored from a checkpoint but its update count is not, so a resumed
+    # run that validates no more still has one: a finite max means some validation ran.
+    best_state = module.val_acc_best.max_value
+    val_acc_best = best_state.item() if torch.isfinite(best_state) else None
 
     best_path, last_path = _checkpoint_paths(trainer, out_dir)
     best_step = None
@@ -307,8 +326,9 @@ def run(cfg: DictConfig) -> dict:
         "peak_memory_kind": peak_kind,
         "world_size": trainer.world_size,
         "params": sum(p.numel() for p in net.parameters()),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
+        # the device the run trained on (a CPU run on a GPU machine says cpu)
+        "device": torch.cuda.get_device_name(trainer.strategy.root_device)
+        if trainer.strategy.root_device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
         "precision": str(cfg.trainer.precision),

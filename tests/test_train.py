@@ -91,6 +91,58 @@ def test_resume_from_last_matches_uninterrupted(
     w_b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     for name, tensor in w_a["state_dict"].items():
         torch.testing.assert_close(w_b["state_dict"][name], tensor, msg=name)
+    if stop == 15:
+        # Resumed once more at its end: nothing left to train or validate, and val_acc_best is
+        # still the restored best (the running max survives a checkpoint, its update count not).
+        again = run(compose_cfg([*overrides, f"ckpt_path={last}"], run_dir=part))
+        assert again["steps"] == 20 and again["val_acc_best"] == straight["val_acc_best"]
+
+
+def test_accumulation_counts_steps_and_draws_fresh_dropout(
+    compose_cfg, tmp_path, conftest_tiny, monkeypatch
+):
+    # 2 batches of 4 per optimizer step; validation every 3 steps must land after steps 3 and
+    # 6, i.e. after batches 6 and 12 (Lightning counts batches: 3 would split step 2).
+    seeds, validated = [], []
+    step, start = LRALitModule.training_step, LRALitModule.on_validation_start
+
+    def record_seed(module, batch, batch_idx):
+        seeds.append(torch.initial_seed())
+        return step(module, batch, batch_idx)
+
+    def record_validation(module):
+        validated.append((module.global_step, module.trainer.fit_loop.total_batch_idx + 1))
+        start(module)
+
+    monkeypatch.setattr(LRALitModule, "training_step", record_seed)
+    monkeypatch.setattr(LRALitModule, "on_validation_start", record_validation)
+    overrides = [
+        *conftest_tiny,
+        "attn=softmax",
+        "data.batch_size=4",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "scheduler.warmup_steps=2",
+    ]
+    results = run(compose_cfg(overrides))
+    assert results["steps"] == 6
+    assert validated == [(3, 6), (6, 12)]
+    assert len(seeds) == 12 and len(set(seeds)) == 12  # every micro-batch its own dropout
+    with pytest.raises(ValueError, match="accumulate_grad_batches=0"):
+        run(compose_cfg([*overrides, "trainer.accumulate_grad_batches=0"]))
+
+
+def test_device_is_where_the_run_trained(compose_cfg, conftest_tiny, monkeypatch):
+    # A CPU run on a machine that has a GPU must not report the GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    overrides = [*conftest_tiny, "attn=softmax", "trainer.max_steps=3", "test=false"]
+    overrides += ["scheduler.warmup_steps=2", "trainer.val_check_interval=3"]
+    results = run(compose_cfg(overrides))
+    assert results["device"] != "Fake GPU" and results["peak_memory_kind"] != "cuda_max_allocated"
 
 
 @pytest.mark.parametrize("attn", [a for a in names() if a != "flex_mra"])

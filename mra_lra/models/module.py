@@ -92,9 +92,12 @@ class LRALitModule(pl.LightningModule):
 
     # --- training -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # Dropout draws from a generator seeded by (run seed, step, rank), not from the global
+        # Dropout draws from a generator seeded by (run seed, batch, rank), not from the global
         # RNG's history, so a run resumed from a checkpoint repeats an uninterrupted run exactly.
-        step_seed = (self.run_seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        # The batch counter, not global_step: with trainer.accumulate_grad_batches > 1 the
+        # micro-batches of one optimizer step must not share their dropout masks.
+        batch_number = self.trainer.fit_loop.total_batch_idx
+        step_seed = (self.run_seed * 1_000_003 + batch_number) * 4099 + self.global_rank
         torch.manual_seed(step_seed % 2**63)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -124,7 +127,8 @@ class LRALitModule(pl.LightningModule):
     # --- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, preds = self._shared_step(batch)
-        self.val_loss(loss)
+        # Weighted by examples, so a short last batch counts as much as its examples.
+        self.val_loss(loss, weight=batch["label"].numel())
         self.val_acc(preds, batch["label"])
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -138,7 +142,7 @@ class LRALitModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, preds = self._shared_step(batch)
-        self.test_loss(loss)
+        self.test_loss(loss, weight=batch["label"].numel())
         self.test_acc(preds, batch["label"])
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)

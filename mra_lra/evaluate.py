@@ -159,17 +159,24 @@ def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
     return path
 
 
-def eval_trainer(cfg: DictConfig) -> pl.Trainer:
+def eval_trainer(cfg: DictConfig, overrides: Sequence[str] = ()) -> pl.Trainer:
     """One device, no loggers, no checkpointing; a GPU run falls back to the CPU in float32 when
-    this machine has no GPU."""
+    this machine has no GPU (except for the trainer keys among `overrides`, which are kept)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    given = {o.partition("=")[0].lstrip("+~") for o in overrides}
     if trainer_cfg.get("accelerator") in GPU_ACCELERATORS and not torch.cuda.is_available():
+        fallback = {
+            key: value
+            for key, value in (("accelerator", "cpu"), ("precision", "32-true"))
+            if f"trainer.{key}" not in given
+        }
         log.warning(
             "the run trained on a GPU (trainer.accelerator=%s) and there is none here: evaluating "
-            "on the CPU in float32 (trainer.accelerator/trainer.precision choose otherwise)",
+            "with %s (trainer.accelerator/trainer.precision choose otherwise)",
             trainer_cfg["accelerator"],
+            " ".join(f"trainer.{k}={v}" for k, v in fallback.items()) or "the settings given",
         )
-        trainer_cfg.update(accelerator="cpu", precision="32-true")
+        trainer_cfg.update(fallback)
     trainer_cfg.update(
         devices=1, num_nodes=1, logger=False, enable_checkpointing=False, callbacks=[]
     )
@@ -273,7 +280,7 @@ def evaluate(
         raise EvalError(f"split={','.join(splits)}: choose from {', '.join(SPLITS)}")
     run = load_run(run_dir, ckpt, overrides)
     cfg, datamodule, module, path = run.cfg, run.datamodule, run.module, run.checkpoint
-    trainer = eval_trainer(cfg)
+    trainer = eval_trainer(cfg, overrides)
     results: dict = {
         "run_dir": str(run_dir),
         "checkpoint": str(path),
@@ -352,12 +359,16 @@ def evaluate_many(
     predictions: bool,
 ) -> list[dict]:
     """One `evaluate` per run and combination, each to `<stem>__<swept key=value...>.json` (stem:
-    `out` without .json for a single run, else each run's `eval_<ckpt>`), and a table of all to
-    `<stem>_sweep.csv` (for several runs: `out`'s stem, or `<their common folder>/eval_<ckpt>`)."""
-    name = f"eval_{Path(ckpt).stem}"
+    `out` without .json for a single run, else each run's `eval_<ckpt>[__<fixed overrides>]`), and
+    a table of all to `<stem>_sweep.csv` (for several runs: `out`'s stem, or `<their common
+    folder>/eval_<ckpt>[__<fixed overrides>]`)."""
+    swept = [i for i in range(len(combos[0])) if len({c[i] for c in combos}) > 1]
+    # The overrides every combination shares name the files too, so that a sweep with other
+    # fixed settings (attn.backend=torch, a data_dir) never overwrites this one.
+    fixed = [o for i, o in enumerate(combos[0]) if i not in swept]
+    name = default_stem(Path(ckpt), fixed)
     common = Path(os.path.commonpath(runs)) if len(runs) > 1 else runs[0]
     table_stem = Path(out).with_suffix("") if out else common / name
-    swept = [i for i in range(len(combos[0])) if len({c[i] for c in combos}) > 1]
     rows = []
     for run, combo in itertools.product(runs, combos):
         stem = table_stem if len(runs) == 1 else run / name

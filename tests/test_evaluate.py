@@ -88,6 +88,9 @@ def test_gpu_run_falls_back_to_cpu(trained, tmp_path):
     got = evaluate(copy)
     assert (got["device"], got["precision"]) == ("cpu", "32-true")
     assert got["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    # A precision given on the command line is kept (the accelerator still falls back).
+    asked = evaluate(copy, overrides=["trainer.precision=bf16-mixed"])
+    assert (asked["device"], asked["precision"]) == ("cpu", "bf16-mixed")
 
 
 @pytest.mark.parametrize(
@@ -242,6 +245,18 @@ def test_a_folder_of_runs_is_evaluated_run_by_run(trained, tmp_path):
     # block at 4 blocks, as 4 is).
     assert float(rows[1]["test_acc"]) == pytest.approx(results["test_acc"], abs=1e-6)
     assert (tmp_path / "multi" / "1" / "eval_best__attn.block_per_row=4.json").is_file()
+    # The same sweep with another fixed setting writes files of its own, never over these.
+    table = tmp_path / "multi" / "eval_best_sweep.csv"
+    before = table.read_text()
+    assert (
+        main([f"run_dir={tmp_path / 'multi'}", "attn.block_per_row=1,4", "attn.backend=torch"]) == 0
+    )
+    assert table.read_text() == before
+    assert (tmp_path / "multi" / "eval_best__attn.backend=torch_sweep.csv").is_file()
+    name = "eval_best__attn.backend=torch__attn.block_per_row=4.json"
+    assert json.loads((tmp_path / "multi" / "1" / name).read_text())["overrides"] == [
+        "attn.block_per_row=4", "attn.backend=torch"
+    ]  # fmt: skip
 
 
 def test_load_run_gives_the_trained_model_for_a_notebook(trained):

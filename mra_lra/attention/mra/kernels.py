@@ -909,6 +909,7 @@ class _MRA2Triton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout: torch.Tensor):
         with torch.autocast(device_type=dout.device.type, enabled=False):
             return _backward(ctx, dout)

@@ -43,8 +43,9 @@ def pad_to_blocks(
         extra = n_pad - n
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
         mask = torch.nn.functional.pad(mask, (0, extra))
-    m = mask[:, None, :, None]
-    return q * m, k * m, v * m, mask
+    # where, not a product: inf or NaN at a padded position must not leak (inf * 0 = NaN).
+    real = mask[:, None, :, None] != 0
+    return tuple(torch.where(real, t, 0) for t in (q, k, v)) + (mask,)
 
 
 def has_padding(mask: torch.Tensor | None, n: int, block_size: int) -> bool:
@@ -140,7 +141,7 @@ def select_blocks(
     """Step 4: one global top-k over the nb x nb grid of each slice (not k per row).
 
     Returns the chosen flat block indices [B, H, k_sel] (ascending, so row-major) and the
-    excluded set M = {P >= smallest chosen value} as a bool [B, H, nb, nb].
+    excluded set M (the chosen blocks) as a bool [B, H, nb, nb].
     """
     nb = coarse.shape[-1]
     P = (coarse - row_max[..., None]).float()
@@ -153,16 +154,22 @@ def select_blocks(
 @torch.no_grad()
 def top_blocks(P: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k of step 4 on the row-normalised, prior-boosted P [B, H, nb, nb]: chosen flat
-    indices [B, H, k_sel] (ascending) and the excluded set M."""
+    indices [B, H, k_sel] (ascending) and the excluded set M, which is exactly the chosen set.
+
+    The published code (and spec/mra.md) takes M = {P >= smallest chosen value}, which differs
+    only when values tie at the cut: a tied block that top-k did not choose then sits in M and in
+    neither part, so its keys get no weight. Ties are not rare: every row of P has an exact 0 (its
+    maximum), so a budget below nb cuts among them, and the prior boost (5e3) added in float32
+    rounds P to steps of about 5e-4, merging nearby values. With M = the chosen set every block
+    is counted once, at full or at coarse resolution; without ties the two rules agree."""
     nb = P.shape[-1]
     k_sel = min(int(num_blocks), nb * nb)
     if k_sel < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     flat = P.flatten(-2)
-    values, idx = torch.topk(flat, k_sel, dim=-1, sorted=False)
-    threshold = values.amin(dim=-1, keepdim=True)
-    excluded = (flat >= threshold).view_as(P)
-    return idx.sort(dim=-1).values, excluded
+    idx = torch.topk(flat, k_sel, dim=-1, sorted=False).indices
+    excluded = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+    return idx.sort(dim=-1).values, excluded.view_as(P)
 
 
 def prepare(

@@ -236,9 +236,18 @@ def test_lightning_shards_epoch_shuffle_per_rank():
     assert shards(1) == shards(1) and shards(0) != shards(1)
 
 
-def test_resumable_loader_skips_the_batches_served_before_the_checkpoint():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumable_loader_skips_the_batches_served_before_the_checkpoint(workers):
+    # With workers, torch's iterator draws indices as soon as it exists: before Lightning's
+    # set_epoch on resume, which gave the resumed epoch the order of epoch 0.
     def loader() -> ResumableDataLoader:
-        return ResumableDataLoader(range(10), batch_size=2, sampler=EpochShuffleSampler(10, seed=7))
+        return ResumableDataLoader(
+            range(10),
+            batch_size=2,
+            sampler=EpochShuffleSampler(10, seed=7),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
 
     def epoch_batches(state: dict | None, epoch: int, world: tuple[int, int] | None = None):
         dl = loader()
@@ -260,6 +269,10 @@ def test_resumable_loader_skips_the_batches_served_before_the_checkpoint():
         return [b.tolist() for b in iterator], dl
 
     full, dl = epoch_batches(None, 1)
+    sampler = EpochShuffleSampler(10, seed=7)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert full == [order[i : i + 2] for i in range(0, 10, 2)]
     assert len(full) == 5 and dl.state_dict() == {"epoch": 1, "batches": 5}
     partial = loader()
     partial.sampler.set_epoch(1)

@@ -67,11 +67,13 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         resume, self._resume = self._resume, None
-        return self._batches(super().__iter__(), resume)
+        return self._batches(resume)
 
-    def _batches(self, iterator: Iterator[Any], resume: dict[str, int] | None) -> Iterator[Any]:
-        # A generator: this runs at the first next(), after Lightning's set_epoch (Lightning asks
-        # for the iterator of a resumed run before it sets the sampler's epoch).
+    def _batches(self, resume: dict[str, int] | None) -> Iterator[Any]:
+        # A generator: this runs at the first next(), after Lightning's set_epoch. Lightning asks
+        # for the iterator of a resumed run before it sets the sampler's epoch, and loader workers
+        # draw their first indices as soon as torch's iterator exists, so it is made only here.
+        iterator = super().__iter__()
         epoch = int(getattr(self.sampler, "epoch", 0))
         skip = 0
         # A checkpoint written after an epoch's last batch resumes at the next epoch: no skip.

@@ -115,6 +115,11 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
             continue
         add = key.startswith("+")
         key = key.lstrip("+")
+        if key.startswith("model.attn.") and OmegaConf.is_interpolation(cfg.model, "attn"):
+            raise EvalError(
+                f"{arg!r}: model.attn is the run's attn section; write "
+                f"{arg.lstrip('+').replace('model.attn.', 'attn.', 1)}"
+            )
         exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
         if not exists and not add:
             section = key.rpartition(".")[0]

@@ -100,6 +100,7 @@ def test_gpu_run_falls_back_to_cpu(trained, tmp_path):
         (["ckpt=best"], "say which run"),
         (["{run}", "model.d_modl=3"], "'model.d_modl' is not in"),
         (["{run}", "trainer=cpu"], "'trainer' is a config section"),
+        (["{run}", "model.attn.block_per_row=2"], "write attn.block_per_row=2"),
         (["{run}", "attn=nope"], "attn=nope: no "),
         (["{run}", "split=train"], "split=train: choose from val, test"),
         (["{run}", "ckpt=nowhere.ckpt"], "checkpoint nowhere.ckpt not found"),

@@ -547,8 +547,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         text += "\nGradient error against exact softmax's, mean over layers:\n\n"
         text += gradient_table(rows)
     command = " ".join(["python -m mra_lra.bench.approximation", *(argv or sys.argv[1:])])
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
     (out / f"{args.name}.md").write_text(
-        f"Relative error against exact softmax, and forward ms on CPU. Inputs: "
+        f"Relative error against exact softmax, and forward ms on {where}. Inputs: "
         f"{rows[0]['source']}.\n\n```bash\n{command}\n```\n\n{text}"
     )
     print(text)

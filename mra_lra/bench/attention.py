@@ -60,7 +60,6 @@ FIELDS = (
     "attn impl scope device dtype batch heads n d pass ms ms_per_instance peak_mib status".split()
 )
 MRA_NAMES = ("mra", "mra_s")
-IMPL_LABELS = {"flex_mra": "flex"}  # registered methods that do not run as plain torch
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 
 Step = Callable[[], None]
@@ -169,7 +168,9 @@ def build_attention(
     module = build(name, context=context, **options).to(device).eval()
     if "backend" in options:
         return module, resolve_backend(options["backend"], device)
-    return module, IMPL_LABELS.get(name, "torch")
+    if name == "flex_mra":  # the BlockMask tile decides its speed: runs with others differ
+        return module, f"flex(m{module.mask_block_size})"
+    return module, "torch"
 
 
 def sync(device: torch.device) -> None:
@@ -302,6 +303,10 @@ def measure_rows(steps: dict[str, Step], base: dict, device, args, rec: Recorder
         if status is None:
             try:
                 ms, peak = measure(steps[pass_name], device, args)
+                # A replayed CUDA graph allocates nothing (its temporaries live in the graph's
+                # private pool), so its peak would read about 0: left blank.
+                if base["impl"].endswith("+graph"):
+                    peak = None
                 row.update(ms=ms, ms_per_instance=ms / base["batch"], peak_mib=peak)
             except Exception as e:  # every failure becomes a row
                 status = describe(e)
@@ -320,11 +325,16 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
             else [None]
         )
         for tile in tiles:
-            oom_at = None
+            # Longer lengths are skipped after an out-of-memory error, and after the same other
+            # error at two lengths in a row (a compile failure repeats at every length, and each
+            # try costs a GPU run seconds of its budget).
+            oom_at, impl = None, ""
+            last_error: tuple[int, str] | None = None  # (n, status) of the previous length
+            repeated: tuple[int, int] | None = None  # the two lengths that failed alike
             for n in args.n:
                 base = dict(
                     attn=name,
-                    impl="",
+                    impl=impl,
                     scope="attention",
                     device=device.type,
                     dtype=dtype_name,
@@ -333,15 +343,24 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
                     n=n,
                     d=args.d,
                 )
-                if oom_at is not None:
-                    skipped = f"skipped (out of memory at n={oom_at})"
+                if oom_at is not None or repeated is not None:
+                    skipped = (
+                        f"skipped (out of memory at n={oom_at})"
+                        if oom_at is not None
+                        else f"skipped (the same failure at n={repeated[0]} and n={repeated[1]})"
+                    )
                     for pass_name in args.passes:
                         rec.add(dict(base, status=skipped, **{"pass": pass_name}))
                     continue
                 statuses = run_length(args, device, base, tile, rec)
+                impl = base["impl"]
                 free(device)
                 if "oom" in statuses:
                     oom_at = n
+                error = next((st for st in statuses if st != "ok"), None)
+                if error is not None and last_error is not None and last_error[1] == error:
+                    repeated = (last_error[0], n)
+                last_error = None if error is None else (n, error)
 
 
 def run_length(args, device: torch.device, base: dict, tile, rec: Recorder) -> list[str]:

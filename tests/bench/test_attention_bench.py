@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from mra_lra.bench import attention as bench
 
@@ -65,4 +66,24 @@ def test_speedups_pair_rows_with_their_baseline():
     assert got == [
         ("mra", "triton(q32,k32)", pytest.approx(4.0)),
         ("mra", "triton(q32,k64)", pytest.approx(2.0)),
+    ]
+
+
+def test_a_failure_repeated_at_two_lengths_skips_the_rest(tmp_path, monkeypatch):
+    # A compile error repeats at every length; each try would cost a GPU run its budget.
+    class Broken(torch.nn.Module):
+        def forward(self, q, k, v, mask=None):
+            raise RuntimeError("no kernel for this tile\nsecond line")
+
+    monkeypatch.setattr(bench, "build_attention", lambda *a, **kw: (Broken(), "flex(m32)"))
+    args = ["--attn", "softmax", "--n", "64,128,256,512", "--passes", "fwd"]
+    bench.main([*TINY, *args, "--out", str(tmp_path)])
+    got = [(r["n"], r["impl"], r["status"]) for r in rows(tmp_path / "attention.csv")]
+    error = "error: RuntimeError: no kernel for this tile"
+    skipped = "skipped (the same failure at n=64 and n=128)"
+    assert got == [
+        ("64", "flex(m32)", error),
+        ("128", "flex(m32)", error),
+        ("256", "flex(m32)", skipped),
+        ("512", "flex(m32)", skipped),
     ]

@@ -63,19 +63,20 @@ def test_flash_targets_take_the_best_tile_and_judge_each_length(tmp_path):
     assert "| B=1, eager | mra | 16384 | 1 | triton(q32,k32) | 6.00 | >= 12x | missed |" in text
 
 
-def test_unmeasured_targets_are_said_so(tmp_path):
+def test_unmeasured_targets_are_said_so_and_failed_ones_missed(tmp_path):
     write(
         tmp_path,
         "attention.csv",
         [
             row("sdpa_flash", "sdpa-flash", 0.8, 4096),
-            row("mra", "triton(q32,k32)", "", 4096, status="error: out of memory"),
+            row("mra", "triton(q32,k32)", "", 4096, status="oom"),
         ],
     )
     text = targets.report(tmp_path)
-    assert "| - | mra | 4096 | - | - | - | >= 4x | not measured |" in text
+    # MRA-2 ran out of memory at 4096: that target is missed, not unmeasured.
+    assert "| B=1, eager | mra | 4096 | 1 | triton(q32,k32) | - | >= 4x | missed (oom) |" in text
     assert "| - | mra | 16384 | - | - | - | >= 12x | not measured |" in text
-    assert text.count("not measured") == 5  # both lengths, flex, published, 65,536 tokens
+    assert text.count("not measured") == 4  # 16384, flex, published, 65,536 tokens
     assert "met |" not in text
 
 
@@ -114,10 +115,15 @@ def test_long_sequences(tmp_path):
                 "mra", "triton(q32,k32)", "", 65536, dtype="float32", status="error: out of memory"
             ),
             row("mra", "triton(q32,k32)", 9.0, 65536, pss="fwd"),  # forward only: not listed
+            # skipped after an out-of-memory error at a shorter length (written without impl by
+            # older versions of the benchmark): a miss, not absent
+            row("mra", "", "", 65536, dtype="float16", status="skipped (out of memory at n=16384)"),
         ],
     )
     rows = targets.long_rows(tmp_path)
-    assert [(r["dtype"], r["met"]) for r in rows] == [("bfloat16", True), ("float32", False)]
+    assert [(r["dtype"], r["met"]) for r in rows] == [
+        ("bfloat16", True), ("float32", False), ("float16", False)
+    ]  # fmt: skip
     text = targets.report(tmp_path)
     assert "| bfloat16 | triton(q32,k32) | 30 | 1.0 | ok | met |" in text
     assert "| float32 | triton(q32,k32) | - | 1.0 | error: out of memory | missed |" in text

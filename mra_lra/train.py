@@ -134,6 +134,23 @@ def protocol_card(cfg: DictConfig) -> str:
     return "\n".join(lines)
 
 
+def _warn_if_resumed_elsewhere(ckpt_path: str | None, out_dir: Path) -> None:
+    """A run resumed into a new folder starts that folder's best.ckpt and metrics afresh, while
+    val/acc_best continues from the checkpoint: the two can then name different validations."""
+    if not ckpt_path:
+        return
+    home = Path(ckpt_path).resolve().parent.parent  # <run folder>/checkpoints/<name>.ckpt
+    if home != out_dir.resolve():
+        log.warning(
+            "resuming from %s into another folder (%s): its best.ckpt and metrics start here, "
+            "while val/acc_best carries on from the checkpoint. To continue that run, pass "
+            "hydra.run.dir=%s",
+            ckpt_path,
+            out_dir,
+            home,
+        )
+
+
 def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
     """Best (monitored) checkpoint path, and last.ckpt holding the final state.
 
@@ -248,6 +265,7 @@ def run(cfg: DictConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log.info("protocol card\n%s", protocol_card(cfg))
+        _warn_if_resumed_elsewhere(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
     if "wandb" in cfg.logger:
         _wandb_mode_default()

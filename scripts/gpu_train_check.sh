@@ -65,11 +65,13 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 DATA=(data.data_dir="$WORK/data" data.num_train=2000 data.num_val=256 data.num_test=256
     data.num_workers=2)
 for attn in $ATTNS; do
-    step "train $attn" 150 "$PYTHON" train.py experiment=lra/listops_$attn trainer=$TRAINER \
+    if step "train $attn" 150 "$PYTHON" train.py experiment=lra/listops_$attn trainer=$TRAINER \
         "${DATA[@]}" trainer.max_steps="$STEPS" trainer.val_check_interval=$((STEPS / 2)) \
         scheduler.warmup_steps=$((STEPS / 6)) trainer.enable_progress_bar=false logger=csv \
-        hydra.run.dir="$WORK/run_$attn" &&
-        cp "$WORK/run_$attn/results.json" "$OUT/train_$attn.json"
+        hydra.run.dir="$WORK/run_$attn"; then
+        cp "$WORK/run_$attn/results.json" "$OUT/train_$attn.json" ||
+            FAILED+=("train $attn (no results.json)")
+    fi
 done
 
 if [[ -f "$WORK/run_mra/checkpoints/best.ckpt" ]]; then

@@ -225,3 +225,14 @@ def test_debug_configs_cut_the_run_short(compose_cfg, tmp_path, conftest_tiny):
 
     run(compose_cfg([*conftest_tiny, "debug=profiler"], run_dir=tmp_path / "prof"))
     assert "run_training_batch" in (tmp_path / "prof" / "fit-profile.txt").read_text()
+
+
+def test_resuming_into_another_folder_is_warned(tmp_path, caplog):
+    from mra_lra.train import _warn_if_resumed_elsewhere
+
+    checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("WARNING", logger="mra_lra.train"):
+        _warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "a")
+        assert not caplog.records
+        _warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "b")
+    assert f"pass hydra.run.dir={tmp_path / 'a'}" in caplog.text

@@ -372,36 +372,44 @@ def test_rejects_unsupported_inputs():
 # for Hopper (sm_90) with Triton's bundled ptxas, no GPU needed, so that code only the compiler
 # rejects (non-constexpr shapes, mismatched loop-carried types) fails here and not on the GPU.
 COMPILE_FOR_HOPPER = """
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
 import triton
 from triton.backends.compiler import GPUTarget
 from mra_lra.attention.mra import kernels as K
 
 DTYPE_PTR = {"float32": "*fp32", "bfloat16": "*bf16"}
 IO = {
-    K._mra_fwd_kernel: ("Q K V Out", "Lse Mask RowMax Ol Nl", "TilePtr TileCols TileBits"),
-    K._mra_bwd_dq_kernel: (
+    "_mra_fwd_kernel": ("Q K V Out", "Lse Mask RowMax Ol Nl", "TilePtr TileCols TileBits"),
+    "_mra_bwd_dq_kernel": (
         "Q K V DO DQ", "Lse Delta Mask Counts DQbar", "TilePtr TileCols TileBits"
     ),
-    K._mra_bwd_dkdv_kernel: (
+    "_mra_bwd_dkdv_kernel": (
         "Q K V DO DK DV", "Lse Delta Mask Counts DKbar DVbar", "KeyPtr KeyTiles KeyBits"
     ),
 }
 
 
-def compile_kernel(fn, types, const, options):
+def compile_kernel(job):
+    name, types, const, options = job
+    fn = getattr(K, name)
     signature = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
     try:
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=const)
     except TypeError as error:  # another Triton's ahead-of-time API
-        raise SystemExit(f"SKIP {error}")
+        return f"SKIP {error}"
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, const)
+    assert kernel.metadata.shared <= 227 * 1024, (name, const)
+    return None
 
 
 CASES = [("bfloat16", 1, 64, 1), ("bfloat16", 1, 128, 4), ("float32", 2, 128, 2),
          ("bfloat16", 4, 32, 1), ("float32", 1, 64, 4)]
+jobs = []
 for dtype, rows, d_pad, group in CASES:
-    for fn, (native, fp32, int32) in IO.items():
+    for name, (native, fp32, int32) in IO.items():
         indexed = rows == 1  # one row per tile: lists of flat int64 block indices
         const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, GROUP=group, D_PAD=d_pad,
                      UPCAST=False, PRECISION="ieee" if dtype == "float32" else "tf32",
@@ -412,26 +420,34 @@ for dtype, rows, d_pad, group in CASES:
                  **dict.fromkeys(fp32.split(), "*fp32"), lists[0]: "*i32",
                  **dict.fromkeys(lists[1:], entries), "sm_scale": "fp32"}
         options = K._launch_settings(32 * rows * group, d_pad, 4 if dtype == "float32" else 2)
-        compile_kernel(fn, types, const, options)
+        jobs.append((name, types, const, options))
     for full in (True, False):
         types = {"Out": DTYPE_PTR[dtype], "DO": DTYPE_PTR[dtype],
                  **dict.fromkeys("Mask Lse RowMax Delta U W".split(), "*fp32")}
-        compile_kernel(K._bwd_pre_kernel, types, dict(FULL=full, BLOCK=32, D_PAD=d_pad),
-                       dict(num_warps=2))
+        jobs.append(("_bwd_pre_kernel", types, dict(FULL=full, BLOCK=32, D_PAD=d_pad),
+                     dict(num_warps=2)))
     stats = {**dict.fromkeys("Q K V".split(), DTYPE_PTR[dtype]),
              **dict.fromkeys("Mask Qbar Kbar Vbar Counts".split(), "*fp32")}
-    compile_kernel(K._block_stats_kernel, stats, dict(WITH_V=rows == 1, BLOCK=32, D_PAD=d_pad),
-                   dict(num_warps=2))
+    jobs.append(("_block_stats_kernel", stats, dict(WITH_V=rows == 1, BLOCK=32, D_PAD=d_pad),
+                 dict(num_warps=2)))
     logits = {**dict.fromkeys("Qbar Kbar Counts S P RowMax".split(), "*fp32"), "sm_scale": "fp32"}
     const = dict(PADDED=group != 2, PRIORS=rows != 4, BLOCK_I=K.COARSE_TILE,
                  BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
-    compile_kernel(K._coarse_logits_kernel, logits, const, dict(num_warps=4))
+    jobs.append(("_coarse_logits_kernel", logits, const, dict(num_warps=4)))
     for store in (True, False):
         types = {**dict.fromkeys("S RowMax Counts Vbar A Ol Nl".split(), "*fp32"),
                  "Excluded": "*u8"}
         const = dict(STORE_A=store, BLOCK_I=K.COARSE_TILE, BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
-        compile_kernel(K._coarse_fwd_kernel, types, const, dict(num_warps=4))
-print("compiled")
+        jobs.append(("_coarse_fwd_kernel", types, const, dict(num_warps=4)))
+
+if __name__ == "__main__":
+    # Compiles are independent: one process per core (the test waits on this one meanwhile).
+    fork = multiprocessing.get_context("fork")  # the jobs' function lives in this -c script
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=fork) as pool:
+        for outcome in pool.map(compile_kernel, jobs):
+            if outcome:
+                raise SystemExit(outcome)
+    print(f"compiled {len(jobs)} kernels")
 """
 
 

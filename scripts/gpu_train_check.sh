@@ -67,7 +67,7 @@ DATA=(data.data_dir="$WORK/data" data.num_train=2000 data.num_val=256 data.num_t
 for attn in $ATTNS; do
     if step "train $attn" 150 "$PYTHON" train.py experiment=lra/listops_$attn trainer=$TRAINER \
         "${DATA[@]}" trainer.max_steps="$STEPS" trainer.val_check_interval=$((STEPS / 2)) \
-        scheduler.warmup_steps=$((STEPS / 6)) trainer.enable_progress_bar=false logger=csv \
+        scheduler.warmup_steps=$((STEPS / 6 > 2 ? STEPS / 6 : 2)) trainer.enable_progress_bar=false logger=csv \
         hydra.run.dir="$WORK/run_$attn"; then
         cp "$WORK/run_$attn/results.json" "$OUT/train_$attn.json" ||
             FAILED+=("train $attn (no results.json)")

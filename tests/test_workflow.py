@@ -285,6 +285,7 @@ def test_resumable_loader_skips_the_batches_served_before_the_checkpoint(workers
     # A checkpoint from an earlier epoch (or one written after the epoch's last batch, which
     # Lightning resumes at the next epoch) skips nothing.
     assert epoch_batches({"epoch": 0, "batches": 3}, 1)[0] == full
+    assert epoch_batches({"epoch": 1, "batches": 5}, 1)[0] == full
     # Under DDP each rank skips its own served batches of the same (seed, epoch) order.
     for rank in (0, 1):
         shard, _ = epoch_batches(None, 1, (rank, 2))

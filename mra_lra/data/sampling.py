@@ -76,9 +76,10 @@ class ResumableDataLoader(DataLoader):
         iterator = super().__iter__()
         epoch = int(getattr(self.sampler, "epoch", 0))
         skip = 0
-        # A checkpoint written after an epoch's last batch resumes at the next epoch: no skip.
-        if resume is not None and resume["epoch"] == epoch:
-            skip = min(resume["batches"], len(self))
+        # A checkpoint written after an epoch's last batch resumes at the next epoch: no skip
+        # (also for a sampler without epochs, such as Lightning's overfit_batches one).
+        if resume is not None and resume["epoch"] == epoch and resume["batches"] < len(self):
+            skip = resume["batches"]
             log.info("resuming mid-epoch %d: skipping the %d batches already trained on",
                      epoch, skip)  # fmt: skip
             for _ in range(skip):

@@ -131,6 +131,12 @@ def test_accumulation_counts_steps_and_draws_fresh_dropout(
     assert len(seeds) == 12 and len(set(seeds)) == 12  # every micro-batch its own dropout
     with pytest.raises(ValueError, match="accumulate_grad_batches=0"):
         run(compose_cfg([*overrides, "trainer.accumulate_grad_batches=0"]))
+    # 80 examples in batches of 12: 7 batches per epoch, 3.5 steps. Lightning would start a new
+    # window at each epoch and validation would drift inside one: refused, with the fix.
+    odd = [*overrides, "data.batch_size=12"]
+    with pytest.raises(ValueError, match="trainer.limit_train_batches=6 "):
+        run(compose_cfg(odd))
+    assert run(compose_cfg([*odd, "trainer.limit_train_batches=6"]))["steps"] == 6
 
 
 def test_device_is_where_the_run_trained(compose_cfg, conftest_tiny, monkeypatch):

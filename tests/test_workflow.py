@@ -1,6 +1,7 @@
 """Research workflow: wandb offline logging, DDP on two CPU processes, Optuna and wandb sweeps."""
 
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -237,7 +238,7 @@ def test_lightning_shards_epoch_shuffle_per_rank():
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_resumable_loader_skips_the_batches_served_before_the_checkpoint(workers):
+def test_resumable_loader_skips_the_batches_served_before_the_checkpoint(workers, caplog):
     # With workers, torch's iterator draws indices as soon as it exists: before Lightning's
     # set_epoch on resume, which gave the resumed epoch the order of epoch 0.
     def loader() -> ResumableDataLoader:
@@ -284,8 +285,15 @@ def test_resumable_loader_skips_the_batches_served_before_the_checkpoint(workers
     assert rest == full[3:] and resumed.state_dict() == {"epoch": 1, "batches": 5}
     # A checkpoint from an earlier epoch (or one written after the epoch's last batch, which
     # Lightning resumes at the next epoch) skips nothing.
-    assert epoch_batches({"epoch": 0, "batches": 3}, 1)[0] == full
+    with caplog.at_level(logging.WARNING, logger="mra_lra.data.sampling"):
+        assert epoch_batches({"epoch": 0, "batches": 3}, 1)[0] == full
+    # an epoch that max_steps cut short: Lightning goes on at the next one, which is said
+    assert "epoch 0 ended after 3 of its 5 batches and Lightning resumes at epoch 1" in caplog.text
     assert epoch_batches({"epoch": 1, "batches": 5}, 1)[0] == full
+    # Lightning's overfit_batches sampler has no epochs: nothing can be told apart, nothing skipped
+    plain = ResumableDataLoader(range(10), batch_size=2, num_workers=workers)
+    plain.load_state_dict({"epoch": 0, "batches": 2})
+    assert [b.tolist() for b in plain] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     # Under DDP each rank skips its own served batches of the same (seed, epoch) order.
     for rank in (0, 1):
         shard, _ = epoch_batches(None, 1, (rank, 2))

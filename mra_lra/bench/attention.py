@@ -326,8 +326,8 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
         )
         for tile in tiles:
             # Longer lengths are skipped after an out-of-memory error, and after the same other
-            # error at two lengths in a row (a compile failure repeats at every length, and each
-            # try costs a GPU run seconds of its budget).
+            # error failing every pass at two lengths in a row (a compile failure repeats at every
+            # length, and each try costs a GPU run seconds of its budget).
             oom_at, impl = None, ""
             last_error: tuple[int, str] | None = None  # (n, status) of the previous length
             repeated: tuple[int, int] | None = None  # the two lengths that failed alike
@@ -357,7 +357,8 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
                 free(device)
                 if "oom" in statuses:
                     oom_at = n
-                error = next((st for st in statuses if st != "ok"), None)
+                # Only when no pass ran: a forward that works is measured at every length.
+                error = statuses[0] if "ok" not in statuses else None
                 if error is not None and last_error is not None and last_error[1] == error:
                     repeated = (last_error[0], n)
                 last_error = None if error is None else (n, error)

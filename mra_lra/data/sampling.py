@@ -74,16 +74,28 @@ class ResumableDataLoader(DataLoader):
         # for the iterator of a resumed run before it sets the sampler's epoch, and loader workers
         # draw their first indices as soon as torch's iterator exists, so it is made only here.
         iterator = super().__iter__()
+        # Without set_epoch (Lightning's overfit_batches swaps in a plain sequential sampler)
+        # epochs cannot be told apart, so nothing is skipped.
         epoch = int(getattr(self.sampler, "epoch", 0))
         skip = 0
-        # A checkpoint written after an epoch's last batch resumes at the next epoch: no skip
-        # (also for a sampler without epochs, such as Lightning's overfit_batches one).
-        if resume is not None and resume["epoch"] == epoch and resume["batches"] < len(self):
-            skip = resume["batches"]
-            log.info("resuming mid-epoch %d: skipping the %d batches already trained on",
-                     epoch, skip)  # fmt: skip
-            for _ in range(skip):
-                next(iterator)
+        if resume is not None and hasattr(self.sampler, "set_epoch"):
+            if resume["epoch"] == epoch and resume["batches"] < len(self):
+                skip = resume["batches"]
+                log.info("resuming mid-epoch %d: skipping the %d batches already trained on",
+                         epoch, skip)  # fmt: skip
+                for _ in range(skip):
+                    next(iterator)
+            elif resume["epoch"] < epoch and resume["batches"] < len(self):
+                # Lightning counts an epoch that max_steps cut short as done: a finished run
+                # extended with a larger max_steps starts the next epoch. (Under
+                # trainer.limit_train_batches a whole epoch looks the same, hence the "if".)
+                log.warning(
+                    "the checkpoint's epoch %d ended after %d of its %d batches and Lightning "
+                    "resumes at epoch %d: if the run was stopped there by max_steps, the rest "
+                    "of epoch %d is not trained on, and this run differs from one run straight "
+                    "to the new max_steps",
+                    resume["epoch"], resume["batches"], len(self), epoch, resume["epoch"],
+                )  # fmt: skip
         self._epoch_served, self._served = epoch, skip
         for batch in iterator:
             self._served += 1

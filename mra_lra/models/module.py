@@ -91,6 +91,23 @@ class LRALitModule(pl.LightningModule):
         return loss, logits.argmax(dim=-1)
 
     # --- training -------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Lightning starts a new accumulation window at each epoch and steps on an epoch's last
+        # batch, so with a part window per epoch, steps stop lining up with batches: validation
+        # (every val_check_interval steps, train.py counts them in batches) drifts into a window,
+        # and a checkpoint written there cannot be resumed exactly.
+        accumulate = self.trainer.accumulate_grad_batches
+        batches = self.trainer.num_training_batches
+        if accumulate > 1 and batches != float("inf") and batches % accumulate:
+            whole = int(batches) - int(batches) % accumulate
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={accumulate}: an epoch holds {int(batches)} "
+                f"training batches (per device), not a whole number of optimizer steps. Set "
+                f"trainer.limit_train_batches={whole} (each epoch's shuffle then leaves out its "
+                f"last {int(batches) - whole} batches), or a data.batch_size that gives a "
+                f"multiple of {accumulate} batches"
+            )
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Dropout draws from a generator seeded by (run seed, batch, rank), not from the global
         # RNG's history, so a run resumed from a checkpoint repeats an uninterrupted run exactly.

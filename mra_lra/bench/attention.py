@@ -328,9 +328,9 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
             # Longer lengths are skipped after an out-of-memory error, and after the same other
             # error failing every pass at two lengths in a row (a compile failure repeats at every
             # length, and each try costs a GPU run seconds of its budget).
-            oom_at, impl = None, ""
-            last_error: tuple[int, str] | None = None  # (n, status) of the previous length
-            repeated: tuple[int, int] | None = None  # the two lengths that failed alike
+            skipped: str | None = None  # the status of every longer length, once set
+            impl = ""
+            last_error: tuple[int, str] | None = None  # (n, status) when every pass failed
             for n in args.n:
                 base = dict(
                     attn=name,
@@ -343,24 +343,19 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
                     n=n,
                     d=args.d,
                 )
-                if oom_at is not None or repeated is not None:
-                    skipped = (
-                        f"skipped (out of memory at n={oom_at})"
-                        if oom_at is not None
-                        else f"skipped (the same failure at n={repeated[0]} and n={repeated[1]})"
-                    )
+                if skipped:
                     for pass_name in args.passes:
                         rec.add(dict(base, status=skipped, **{"pass": pass_name}))
                     continue
                 statuses = run_length(args, device, base, tile, rec)
                 impl = base["impl"]
                 free(device)
-                if "oom" in statuses:
-                    oom_at = n
                 # Only when no pass ran: a forward that works is measured at every length.
                 error = statuses[0] if "ok" not in statuses else None
-                if error is not None and last_error is not None and last_error[1] == error:
-                    repeated = (last_error[0], n)
+                if "oom" in statuses:
+                    skipped = f"skipped (out of memory at n={n})"
+                elif error is not None and last_error is not None and last_error[1] == error:
+                    skipped = f"skipped (the same failure at n={last_error[0]} and n={n})"
                 last_error = None if error is None else (n, error)
 
 

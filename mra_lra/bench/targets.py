@@ -42,15 +42,20 @@ def _verdict(ok: bool | None) -> str:
     return {True: "met", False: "missed", None: "not measured"}[ok]
 
 
+def _speed_rows(folder: Path, name: str) -> list[dict]:
+    """The rows of one speed table that the flash targets are about: bfloat16, fwd+bwd."""
+    return [
+        r
+        for r in _load(folder, name)
+        if r["dtype"] == "bfloat16" and r["pass"] == "fwd+bwd" and r["scope"] == "attention"
+    ]
+
+
 def flash_rows(folder: Path) -> list[dict]:
     """One row per (table, attention, n, batch): the best Triton tile's speed-up over flash."""
     out = []
     for name, setting in SPEED_TABLES.items():
-        rows = [
-            r
-            for r in _load(folder, name)
-            if r["dtype"] == "bfloat16" and r["pass"] == "fwd+bwd" and r["scope"] == "attention"
-        ]
+        rows = _speed_rows(folder, name)
         best: dict[tuple, dict] = {}
         for s in speedups(rows, "sdpa_flash"):
             if s["attn"] not in ("mra", "mra_s") or not s["impl"].startswith("triton"):
@@ -82,13 +87,8 @@ def failed_flash_rows(folder: Path, n: int) -> list[dict]:
     return [
         dict(r, setting=setting, table=name)
         for name, setting in SPEED_TABLES.items()
-        for r in _load(folder, name)
-        if r["attn"] == "mra"
-        and r["n"] == n
-        and r["dtype"] == "bfloat16"
-        and r["pass"] == "fwd+bwd"
-        and r["scope"] == "attention"
-        and r["status"] != "ok"
+        for r in _speed_rows(folder, name)
+        if r["attn"] == "mra" and r["n"] == n and r["status"] != "ok"
     ]
 
 

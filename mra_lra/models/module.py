@@ -100,12 +100,16 @@ class LRALitModule(pl.LightningModule):
         batches = self.trainer.num_training_batches
         if accumulate > 1 and batches != float("inf") and batches % accumulate:
             whole = int(batches) - int(batches) % accumulate
+            limit = (
+                f"trainer.limit_train_batches={whole} (each epoch's shuffle then leaves out its "
+                f"last {int(batches) - whole} batches), or "
+                if whole
+                else ""
+            )
             raise ValueError(
                 f"trainer.accumulate_grad_batches={accumulate}: an epoch holds {int(batches)} "
                 f"training batches (per device), not a whole number of optimizer steps. Set "
-                f"trainer.limit_train_batches={whole} (each epoch's shuffle then leaves out its "
-                f"last {int(batches) - whole} batches), or a data.batch_size that gives a "
-                f"multiple of {accumulate} batches"
+                f"{limit}a data.batch_size that gives a multiple of {accumulate} batches"
             )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

@@ -38,6 +38,7 @@ from mra_lra.data.cache import (
     load_arrays,
 )
 from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
+from mra_lra.data.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +229,26 @@ class LRADataModule(pl.LightningDataModule):
         """Sources, then the cached arrays; returns the cache entry. What `prepare` calls."""
         self.ensure_sources()
         entry = ensure_array_cache(
-            self.cache_root, self.cache_options(), self.build_arrays, DATA_DIR_FIX
+            self.cache_root, self.cache_options(), self._checked_arrays, DATA_DIR_FIX
         )
         if self.source is not None:
             self._record_source()
         return entry
+
+    def _checked_arrays(self) -> dict[str, np.ndarray]:
+        """`build_arrays`, refusing a split without examples: an empty split would be cached and
+        trusted by later runs (and training would fail far from the cause)."""
+        arrays = self.build_arrays()
+        empty = [name[: -len("_label")] for name, a in arrays.items() if name.endswith("_label")]
+        empty = [split for split in empty if len(arrays[f"{split}_label"]) == 0]
+        if empty:
+            where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
+            raise SourceError(
+                f"{self.task}: the {', '.join(empty)} split(s) read from {where} hold no "
+                "examples, so these are not the task's files. Check data.source (or prepare's "
+                "source=) and the files under data.data_dir; nothing was cached."
+            )
+        return arrays
 
     def prepare_data(self) -> None:
         self.ensure_cache()

@@ -58,8 +58,8 @@ def how_to_get(data_dir: str | os.PathLike) -> str:
     return (
         f"Get lra_release.gz from {RELEASE_URL} and put it at {data_dir / 'lra_release.gz'} (or "
         f"extract it there, giving {data_dir / 'lra_release'}/.../tsv_data/"
-        "new_aan_pairs.{train,eval,test}.tsv), or pass source=<a folder or archive holding "
-        "tsv_data/>."
+        "new_aan_pairs.{train,eval,test}.tsv), or pass data.source=<a folder or archive "
+        "holding tsv_data/> (to prepare: source=<...>)."
     )
 
 

@@ -33,6 +33,12 @@ class SourceError(RuntimeError):
     """A source file is missing, unreadable or truncated; the message says what to do."""
 
 
+class MissingReaderError(SourceError, ImportError):
+    """The files are there, but reading them needs a package that is not installed (pyarrow
+    for parquet files); the message names the install. Printed without a traceback, as a
+    SourceError is."""
+
+
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
@@ -176,7 +182,11 @@ class SourceTree:
                 raise SourceError(self._not_utf8(rel, data, err)) from None
         missing = sorted(wanted - found.keys())
         if missing:
-            raise SourceError(f"{self} lacks {', '.join(missing)}")
+            raise SourceError(
+                f"{self.path} lacks {', '.join(f'{self.anchor}/{m}' for m in missing)}, so it is "
+                "not the archive or folder this task reads. Point data.source (to prepare: "
+                "source=) at one that holds them; nothing was cached from it."
+            )
         return found
 
     def _not_utf8(self, rel: str, data: bytes, err: UnicodeDecodeError) -> str:

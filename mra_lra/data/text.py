@@ -34,7 +34,13 @@ from tqdm import tqdm
 
 from mra_lra.data.base import LRADataModule
 from mra_lra.data.cache import file_fingerprint
-from mra_lra.data.sources import SourceTree, find_anchor_dir, locate_source
+from mra_lra.data.sources import (
+    MissingReaderError,
+    SourceError,
+    SourceTree,
+    find_anchor_dir,
+    locate_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,8 @@ def how_to_get(data_dir: str | os.PathLike) -> str:
         f"Get IMDB from {IMDB_URL} and put it at {data_dir / 'aclImdb_v1.tar.gz'} (or extract it "
         f"there, giving {data_dir / 'aclImdb'}/), or put the Hugging Face parquet files of "
         f"{HF_URL} at {data_dir / 'imdb' / 'plain_text'}/{{train,test}}-*.parquet; or pass "
-        "source=<a folder or archive holding aclImdb/ or plain_text/>."
+        "data.source=<a folder or archive holding aclImdb/ or plain_text/> (to prepare: "
+        "source=<...>)."
     )
 
 
@@ -143,7 +150,7 @@ def _parquet_files(path: Path) -> ParquetFiles | None:
     try:
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ImportError(
+        raise MissingReaderError(
             f"{folder} holds the Hugging Face IMDB parquet files; reading them needs pyarrow: "
             f"`pip install pyarrow` (or use the Stanford tarball {IMDB_URL} instead)"
         ) from None
@@ -196,6 +203,15 @@ def _read_review_files(tree: SourceTree) -> dict[str, tuple[list[bytes], list[in
         found[split].append((LABELS[label], int(review_id), int(rating), data))
     reviews = {}
     for split, rows in found.items():
+        if not rows:
+            # An archive is only opened when read: one without aclImdb/ (LRA's release, say)
+            # gets here with nothing found, and must not be cached or remembered as Text's.
+            raise SourceError(
+                f"{tree.path} holds no IMDB reviews ({ANCHOR}/{split}/{{neg,pos}}/<id>_<rating>"
+                f".txt): it is not the IMDB archive. Point data.source (or prepare's source=) at "
+                f"aclImdb_v1.tar.gz from {IMDB_URL}, or at a folder holding {ANCHOR}/; nothing "
+                "was cached from it."
+            )
         rows.sort(key=lambda row: row[:3])
         reviews[split] = ([row[3] for row in rows], [row[0] for row in rows])
     return reviews

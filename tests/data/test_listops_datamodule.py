@@ -310,6 +310,29 @@ def test_release_read_from_archive_or_nested_folder(tmp_path, where: str) -> Non
     assert fresh.datasets["test"].entry == dm.datasets["test"].entry
 
 
+def test_archive_of_another_task_names_what_it_lacks(tmp_path) -> None:
+    """source= an archive without listops-1000/ (say the IMDB tarball): the message names the
+    archive, the files it lacks and the setting to change, and nothing is cached or recorded."""
+    import tarfile
+
+    from mra_lra.data.sources import SourceError
+
+    staging = tmp_path / "aclImdb" / "train"
+    staging.mkdir(parents=True)
+    (staging / "0_1.txt").write_text("review")
+    archive = tmp_path / "aclImdb_v1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "aclImdb", arcname="aclImdb")
+    data_dir = tmp_path / "data"
+    with pytest.raises(SourceError) as err:
+        make_dm(data_dir, source=str(archive)).prepare_data()
+    message = str(err.value)
+    assert message.startswith(f"{archive} lacks listops-1000/basic_test.tsv"), message
+    assert "data.source" in message and "SourceTree" not in message
+    assert cache_entries(data_dir, "listops") == []
+    assert not (data_dir / "sources.json").exists()
+
+
 def test_truncated_archive_is_an_error_and_caches_nothing(tmp_path) -> None:
     from mra_lra.data.sources import SourceError
 

@@ -172,7 +172,7 @@ def test_missing_files_say_what_to_get_and_where(tmp_path) -> None:
         make_dm(tmp_path).prepare_data()
     message = str(err.value)
     assert retrieval.RELEASE_URL in message and str(tmp_path / "lra_release.gz") in message
-    assert "source=" in message
+    assert "data.source=" in message
     folder = write_tsv_data(tmp_path / "lra_release" / "tsv_data")
     (folder / retrieval.FILES["test"]).unlink()
     with pytest.raises(FileNotFoundError, match="lacks new_aan_pairs.test.tsv.*lra_release.gz"):
@@ -282,3 +282,11 @@ def test_two_towers_train_end_to_end(compose_cfg, tmp_path) -> None:
         expected = net.head(torch.cat([u, v, u * v, u - v], dim=-1))
         torch.testing.assert_close(net(batch), expected)
     assert expected.shape == (2, 2)
+
+
+def test_a_split_without_examples_is_refused_and_caches_nothing(tmp_path) -> None:
+    """Empty TSV files (a damaged copy): no empty split is cached for later runs to trust."""
+    write_tsv_data(tmp_path / "lra_release" / "tsv_data", {**ROWS, "val": []})
+    with pytest.raises(SourceError, match="the val split.*hold no examples"):
+        make_dm(tmp_path).prepare_data()
+    assert cache_entries(tmp_path, "retrieval") == []

@@ -131,6 +131,28 @@ def test_source_points_elsewhere(tmp_path) -> None:
     assert dm.datasets["train"].arrays["label"].tolist() == TRAIN_LABELS
 
 
+def test_archive_without_imdb_is_refused_and_not_remembered(tmp_path) -> None:
+    """LRA's release archive (no aclImdb/ inside) given as Text's source, as `prepare task=all
+    source=lra_release.gz` does: an error naming the fix, no cache entry, no sources.json entry;
+    the IMDB tarball put into the data folder afterwards is then read."""
+    staging = tmp_path / "staging" / "lra_release" / "listops-1000"
+    staging.mkdir(parents=True)
+    (staging / "basic_test.tsv").write_text("Source\tTarget\n")
+    release = tmp_path / "lra_release.gz"
+    with tarfile.open(release, "w:gz") as tar:
+        tar.add(staging.parent, arcname="lra_release")
+    data_dir = tmp_path / "data"
+    with pytest.raises(SourceError, match="holds no IMDB reviews.*aclImdb_v1.tar.gz"):
+        make_dm(data_dir, source=str(release)).prepare_data()
+    assert cache_entries(data_dir, "text") == []
+    assert not (data_dir / "sources.json").exists()
+    write_tarball(data_dir / "aclImdb_v1.tar.gz", tmp_path / "imdb")
+    dm = make_dm(data_dir)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.datasets["train"].arrays["label"].tolist() == TRAIN_LABELS
+
+
 def test_text_length_cuts_and_is_checked_against_max_length(tmp_path) -> None:
     write_aclimdb(tmp_path)
     dm = make_dm(tmp_path, max_length=8, text_length=5)
@@ -148,7 +170,7 @@ def test_missing_files_say_what_to_get_and_where(tmp_path) -> None:
         make_dm(tmp_path).prepare_data()
     message = str(err.value)
     assert text.IMDB_URL in message and str(tmp_path / "aclImdb_v1.tar.gz") in message
-    assert "source=" in message and "plain_text" in message
+    assert "data.source=" in message and "plain_text" in message
 
 
 def test_split_size_other_than_the_release_warns(tmp_path, caplog) -> None:
@@ -243,8 +265,9 @@ def test_parquet_without_pyarrow_says_pip_install(tmp_path, monkeypatch) -> None
         (plain / f"{split}-00000-of-00001.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError, match="pip install pyarrow"):
+    with pytest.raises(ImportError, match="pip install pyarrow") as err:
         make_dm(tmp_path).prepare_data()
+    assert isinstance(err.value, SourceError)  # train.py and prepare print it without a traceback
 
 
 def test_a_few_training_steps(compose_cfg, tmp_path) -> None:

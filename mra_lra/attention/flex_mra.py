@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mra_lra.attention.mra import selection
+from mra_lra.attention.mra import check_patch_shape, in_patch_order, selection
 from mra_lra.attention.registry import register
 from mra_lra.attention.softmax import zero_padded_queries
 
@@ -127,8 +127,12 @@ class FlexMRAAttention(nn.Module):
         initial_prior_diagonal_n_blocks: int = 0,
         block_size: int = 32,
         mask_block_size: int | None = None,
+        patch_shape: list[int] | tuple[int, int] | None = None,
+        prefix_tokens: int = 0,
     ):
         super().__init__()
+        self.patch_shape = check_patch_shape(patch_shape)
+        self.prefix_tokens = prefix_tokens
         if block_per_row < 1:
             raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
         if block_size < 1:
@@ -151,6 +155,10 @@ class FlexMRAAttention(nn.Module):
         return min(nb * self.block_per_row, nb * nb)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # On image tasks, the same 4 x 8 patch order as mra_s (attn.patch_shape).
+        return in_patch_order(self._attend, q, k, v, mask, self.patch_shape, self.prefix_tokens)
+
+    def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         flex_attention, BlockMask = _flex_api()
         B, H, n, d = q.shape
         bs = self.block_size
@@ -205,5 +213,5 @@ class FlexMRAAttention(nn.Module):
         return (
             f"block_per_row={self.block_per_row}, priors=({self.initial_prior_first_n_blocks}, "
             f"{self.initial_prior_diagonal_n_blocks}), block_size={self.block_size}, "
-            f"mask_block_size={self.mask_block_size}"
+            f"mask_block_size={self.mask_block_size}, patch_shape={self.patch_shape}"
         )

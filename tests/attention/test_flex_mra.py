@@ -37,8 +37,9 @@ def test_config_builds_with_spec_settings():
         "initial_prior_diagonal_n_blocks": "${task.mra_priors.sparse.diagonal_n_blocks}",
         "block_size": 32,
         "mask_block_size": None,
+        "patch_shape": "${oc.select:task.mra_patch_shape,null}",
     }
-    cfg.update(initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=0)
+    cfg.update(initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=0, patch_shape=None)
     attn = build(cfg.pop("name"), context={"head_dim": D, "num_heads": H, "max_length": 512}, **cfg)
     assert attn.num_blocks(512) == 16 * 8
 
@@ -64,6 +65,21 @@ def test_equals_mra_s(n, pad_from, options):
     if options.get("initial_prior_first_n_blocks"):
         empty = (ref.abs().sum(-1) == 0) & (mask[:, None, :] > 0)
         assert empty.any() and (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("prefix_tokens", [0, 1])
+def test_patch_order_equals_mra_s_on_an_image(prefix_tokens):
+    """Image tasks: flex_mra takes mra_s's 4 x 8 patch order (a 32 x 32 image, with and without
+    a leading CLS token), so both choose the same blocks; row-major order gives another output."""
+    n = 32 * 32 + prefix_tokens
+    q, k, v, mask = random_inputs(n, seed=3, pad_from=n - 5)
+    options = dict(block_per_row=2, prefix_tokens=prefix_tokens)
+    flex, mra_s = pair(patch_shape=[4, 8], **options)
+    row_major = build("flex_mra", **options)
+    with torch.no_grad():
+        out, expected, other = flex(q, k, v, mask), mra_s(q, k, v, mask), row_major(q, k, v, mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert (out - other).abs().max() > 1e-2
 
 
 def test_all_blocks_chosen_is_softmax():

@@ -139,6 +139,31 @@ def patch_order(n: int, patch_shape: tuple[int, int], device: torch.device) -> t
     return grid.transpose(1, 2).reshape(n)
 
 
+def check_patch_shape(patch_shape) -> tuple[int, int] | None:
+    """attn.patch_shape as a tuple, or a clear error."""
+    if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
+        raise ValueError(f"attn.patch_shape must be [rows, columns] or null, got {patch_shape}")
+    return tuple(patch_shape) if patch_shape is not None else None
+
+
+def in_patch_order(
+    attend, q, k, v, mask: torch.Tensor | None, patch_shape, prefix_tokens: int
+) -> torch.Tensor:
+    """`attend(q, k, v, mask)` on the tokens reordered into `patch_shape` patches (`patch_order`;
+    the first `prefix_tokens` move behind the image), with the output in the original order.
+    patch_shape None: `attend` as it is."""
+    if patch_shape is None:
+        return attend(q, k, v, mask)
+    p = prefix_tokens
+    order = patch_order(q.shape[2] - p, patch_shape, q.device)
+    if p:
+        order = torch.cat([order + p, torch.arange(p, device=q.device)])
+    if mask is not None:
+        mask = mask[:, order]
+    out = attend(q[:, :, order], k[:, :, order], v[:, :, order], mask)
+    return out[:, :, torch.argsort(order)]
+
+
 class MRAAttention(nn.Module):
     """MRA-2 as an attention module; k_sel = min(nb * block_per_row, nb * nb) per slice.
 
@@ -169,9 +194,7 @@ class MRAAttention(nn.Module):
         check_tiles(query_rows, blocks_per_step)
         if block_per_row < 1:
             raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
-        if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
-            raise ValueError(f"attn.patch_shape must be [rows, columns] or null, got {patch_shape}")
-        self.patch_shape = tuple(patch_shape) if patch_shape is not None else None
+        self.patch_shape = check_patch_shape(patch_shape)
         self.block_per_row = block_per_row
         self.approx_mode = approx_mode
         self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
@@ -187,16 +210,7 @@ class MRAAttention(nn.Module):
         return min(nb * self.block_per_row, nb * nb)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.patch_shape is None:
-            return self._attend(q, k, v, mask)
-        p = self.prefix_tokens
-        order = patch_order(q.shape[2] - p, self.patch_shape, q.device)
-        if p:
-            order = torch.cat([order + p, torch.arange(p, device=q.device)])
-        if mask is not None:
-            mask = mask[:, order]
-        out = self._attend(q[:, :, order], k[:, :, order], v[:, :, order], mask)
-        return out[:, :, torch.argsort(order)]
+        return in_patch_order(self._attend, q, k, v, mask, self.patch_shape, self.prefix_tokens)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return mra2_attention(

@@ -265,6 +265,16 @@ class LRADataModule(pl.LightningDataModule):
             split: CachedArrayDataset(entry, self.split_aliases.get(split, split), **options)
             for split in SPLITS
         }
+        empty = [split for split, dataset in self.datasets.items() if len(dataset) == 0]
+        if empty:
+            # Only an older version cached an empty split (from a source without the task's
+            # files, which it then also recorded in sources.json).
+            raise SourceError(
+                f"{self.task}: the cached arrays in {entry} hold no examples for "
+                f"{', '.join(empty)}: they were made from files that are not the task's. Delete "
+                f"{entry}, drop the {self.task!r} entry of {self.sources_record} if it names such "
+                "files, and run again."
+            )
         for split, alias in self.split_aliases.items():
             log.warning("%s has no %s split: %s uses the %s split", self.task, split, split, alias)
 

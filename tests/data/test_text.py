@@ -289,3 +289,17 @@ def test_a_few_training_steps(compose_cfg, tmp_path) -> None:
     results = run(cfg)
     assert results["task"] == "text" and results["steps"] == 3
     assert results["val_acc_best"] is not None and 0.0 <= results["test_acc"] <= 1.0
+
+
+def test_empty_split_cached_by_an_older_version_is_an_error(tmp_path, monkeypatch) -> None:
+    """Older versions cached the 0 reviews of a wrong archive; such an entry names its fix."""
+    from mra_lra.data.base import LRADataModule
+
+    write_aclimdb(tmp_path)
+    monkeypatch.setattr(text, "_read_review_files", lambda tree: {s: ([], []) for s in REVIEWS})
+    monkeypatch.setattr(LRADataModule, "_checked_arrays", lambda self: self.build_arrays())
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    (entry,) = cache_entries(tmp_path, "text")
+    with pytest.raises(SourceError, match=f"hold no examples for train, val, test.*Delete {entry}"):
+        dm.setup()

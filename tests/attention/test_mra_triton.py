@@ -140,6 +140,24 @@ def test_gathered_steps_match_torch_path(mode, rows, per_step):
     assert_close(got, want, 1e-5)
 
 
+def test_backward_gathers_fewer_where_tiles_pass_shared_memory():
+    """The settings whose backward tiles passed Hopper's shared memory (compiled for sm_90) gather
+    fewer blocks per step there; the rest keep attn.blocks_per_step."""
+    g = kernels.backward_group
+    assert [g(4, 4, 32, 128, 2), g(4, 2, 32, 128, 4), g(4, 4, 32, 64, 4)] == [2, 1, 2]
+    assert [g(1, 4, 32, 128, 4), g(2, 4, 32, 128, 2), g(4, 4, 32, 32, 4)] == [4, 4, 4]
+
+
+def test_fewer_gathered_blocks_in_the_backward_match_torch_path():
+    """fp32, d = 64, 128-row tiles gathering 4 blocks: the backward takes 2 per step."""
+    q, k, v, mask, cot = inputs(1, 2, 200, 64, pad=40)
+    kw = dict(num_blocks=13, approx_mode="full", initial_prior_diagonal_n_blocks=1)
+    assert kernels.backward_group(4, 4, 32, 64, q.element_size()) == 2
+    got = run(kernels.mra2_triton, q, k, v, mask, cot, query_rows=4, blocks_per_step=4, **kw)
+    want = run(mra("torch"), q, k, v, mask, cot, **kw)
+    assert_close(got, want, 1e-5)
+
+
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 @pytest.mark.parametrize("pad", [0, 45])
 def test_every_block_chosen_is_softmax(mode, pad):
@@ -405,11 +423,21 @@ def compile_kernel(job):
     return None
 
 
-CASES = [("bfloat16", 1, 64, 1), ("bfloat16", 1, 128, 4), ("float32", 2, 128, 2),
-         ("bfloat16", 4, 32, 1), ("float32", 1, 64, 4)]
+# (dtype, query_rows, padded head dim, blocks_per_step, kernels): the last two are the largest
+# tiles, whose backward gathers fewer blocks (K.backward_group) so as to fit in shared memory.
+ALL = tuple(IO)
+BACKWARD = ("_mra_bwd_dq_kernel", "_mra_bwd_dkdv_kernel")
+CASES = [("bfloat16", 1, 64, 1, ALL), ("bfloat16", 1, 128, 4, ALL), ("float32", 2, 128, 2, ALL),
+         ("bfloat16", 4, 32, 1, ALL), ("float32", 1, 64, 4, ALL),
+         ("bfloat16", 4, 128, 4, BACKWARD), ("float32", 4, 128, 4, BACKWARD)]
 jobs = []
-for dtype, rows, d_pad, group in CASES:
-    for name, (native, fp32, int32) in IO.items():
+for dtype, rows, d_pad, per_step, names in CASES:
+    size = 4 if dtype == "float32" else 2
+    for name in names:
+        native, fp32, int32 = IO[name]
+        group = per_step
+        if name in BACKWARD:
+            group = K.backward_group(rows, per_step, 32, d_pad, size)
         indexed = rows == 1  # one row per tile: lists of flat int64 block indices
         const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, GROUP=group, D_PAD=d_pad,
                      UPCAST=False, PRECISION="ieee" if dtype == "float32" else "tf32",
@@ -419,8 +447,10 @@ for dtype, rows, d_pad, group in CASES:
         types = {**dict.fromkeys(native.split(), DTYPE_PTR[dtype]),
                  **dict.fromkeys(fp32.split(), "*fp32"), lists[0]: "*i32",
                  **dict.fromkeys(lists[1:], entries), "sm_scale": "fp32"}
-        options = K._launch_settings(32 * rows * group, d_pad, 4 if dtype == "float32" else 2)
+        options = K._launch_settings(32 * rows * group, d_pad, size)
         jobs.append((name, types, const, options))
+    if names != ALL:
+        continue
     for full in (True, False):
         types = {"Out": DTYPE_PTR[dtype], "DO": DTYPE_PTR[dtype],
                  **dict.fromkeys("Mask Lse RowMax Delta U W".split(), "*fp32")}
@@ -431,7 +461,7 @@ for dtype, rows, d_pad, group in CASES:
     jobs.append(("_block_stats_kernel", stats, dict(WITH_V=rows == 1, BLOCK=32, D_PAD=d_pad),
                  dict(num_warps=2)))
     logits = {**dict.fromkeys("Qbar Kbar Counts S P RowMax".split(), "*fp32"), "sm_scale": "fp32"}
-    const = dict(PADDED=group != 2, PRIORS=rows != 4, BLOCK_I=K.COARSE_TILE,
+    const = dict(PADDED=per_step != 2, PRIORS=rows != 4, BLOCK_I=K.COARSE_TILE,
                  BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
     jobs.append(("_coarse_logits_kernel", logits, const, dict(num_warps=4)))
     for store in (True, False):

@@ -107,6 +107,16 @@ def test_gathered_steps(rows, per_step, dtype, mode):
     check_against_torch(q, k, v, mask, cot, TOLERANCE[dtype], **kw)
 
 
+@pytest.mark.parametrize("rows, per_step, dtype", [(4, 4, torch.bfloat16), (4, 2, torch.float32)])
+def test_largest_tiles_at_head_dim_128(rows, per_step, dtype):
+    """Tiles whose backward, gathering attn.blocks_per_step blocks, would pass Hopper's shared
+    memory: it gathers fewer (kernels.backward_group) and still computes the same gradients."""
+    q, k, v, mask, cot = inputs(1, 2, 1024, 128, dtype, pad=100)
+    kw = dict(num_blocks=32 * BLOCK_PER_ROW, approx_mode="full")
+    kw.update(query_rows=rows, blocks_per_step=per_step)
+    check_against_torch(q, k, v, mask, cot, TOLERANCE[dtype], **kw)
+
+
 def test_priors():
     q, k, v, mask, cot = inputs(1, 4, 2048, 64, torch.bfloat16, pad=40)
     kw = dict(num_blocks=64 * 4, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=1)

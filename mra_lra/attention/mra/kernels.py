@@ -50,7 +50,9 @@ Gathered steps: each inner-loop step takes GROUP consecutive list entries at onc
 arithmetic gathers any blocks as cheaply as contiguous ones), so a 32-row query tile meets
 32 * GROUP keys per step, as FlashAttention's 64- or 128-key steps do, with 1/GROUP the rescales
 of the online softmax; the dK/dV kernel gathers GROUP query tiles the same way. Entries past the
-list's end score -inf. Set with `blocks_per_step` (`attn.blocks_per_step`: 1, 2, 4).
+list's end score -inf. Set with `blocks_per_step` (`attn.blocks_per_step`: 1, 2, 4). The
+backward kernels gather fewer where their tiles would not fit in shared memory
+(`backward_group`); the function is the same at every setting.
 
 Launch settings: num_warps and num_stages follow the tile size (`_launch_settings`), so each
 kernel compiles once per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them
@@ -828,6 +830,22 @@ def _launch_settings(block_m: int, d_pad: int, element_size: int) -> dict:
     return dict(num_warps=num_warps, num_stages=num_stages)
 
 
+# The largest gathered tile (rows x padded head dim, in the input dtype) of a backward kernel:
+# compiled for sm_90, the dK/dV kernel needs 3.3x this in shared memory (it keeps q and dO tiles
+# of that size in flight), so above it, it passes Hopper's 227 KiB (bf16 4 x 4 tiles at d = 128,
+# fp32 4 x 2 at d = 128, fp32 4 x 4 at d = 64; the dQ kernel at fp32 4 x 4, d = 128).
+BACKWARD_TILE_BYTES = 64 * 2**10
+
+
+def backward_group(rows: int, group: int, block_size: int, d_pad: int, element_size: int) -> int:
+    """Chosen blocks the backward kernels gather per loop step: `group` (attn.blocks_per_step),
+    halved until a gathered tile of rows * block_size * group rows fits BACKWARD_TILE_BYTES.
+    The forward keeps `group` (it fits at every setting)."""
+    while group > 1 and rows * block_size * group * d_pad * element_size > BACKWARD_TILE_BYTES:
+        group //= 2
+    return group
+
+
 COARSE_TILE = 32  # block rows (and block columns per step) of the coarse kernel's tiles
 
 
@@ -961,6 +979,11 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         dkbar = torch.bmm(dS.transpose(1, 2), qbar.view(G, nb, d))
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     rows = cfg["ROWS"]
+    group = backward_group(rows, cfg["GROUP"], b, cfg["D_PAD"], q.element_size())
+    if group != cfg["GROUP"]:
+        cfg = {**cfg, "GROUP": group}
+        if not AUTOTUNE:
+            cfg.update(_launch_settings(rows * b * group, cfg["D_PAD"], q.element_size()))
     _mra_bwd_dq[(triton.cdiv(nb, rows), G)](
         q,
         k,

@@ -445,7 +445,7 @@ for dtype, rows, d_pad, per_step, names in CASES:
         entries = "*i64" if indexed else "*i32"
         lists = int32.split()
         types = {**dict.fromkeys(native.split(), DTYPE_PTR[dtype]),
-                 **dict.fromkeys(fp32.split(), "*fp32"), lists[0]: "*i32",
+                 **dict.fromkeys(fp32.split(), "*fp32"), lists[0]: "*i32" if indexed else "*i64",
                  **dict.fromkeys(lists[1:], entries), "sm_scale": "fp32"}
         options = K._launch_settings(32 * rows * group, d_pad, size)
         jobs.append((name, types, const, options))

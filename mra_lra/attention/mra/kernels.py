@@ -107,6 +107,15 @@ def _autotuned(kernel, key: list[str]):
 
 
 @triton.jit
+def _tile_and_slice(num_tiles):
+    """This program's (tile along the sequence, slice g = batch * H + head). Every grid is flat,
+    num_tiles * B * H programs with tiles fastest (the order a [tiles, B * H] grid runs in): CUDA
+    caps a grid's second axis at 65,535, which B * H can pass (a batch of 8,192 with 8 heads)."""
+    pid = tl.program_id(0)
+    return pid % num_tiles, pid // num_tiles
+
+
+@triton.jit
 def _load(ptrs, mask, UPCAST: tl.constexpr):
     """Load a tile; in the interpreter, upcast (its bfloat16 arithmetic is not to be trusted)."""
     x = tl.load(ptrs, mask=mask, other=0.0)
@@ -206,8 +215,7 @@ def _mra_fwd_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    g = tl.program_id(1)
+    tile, g = _tile_and_slice(tl.cdiv(num_block_rows, ROWS))
     batch = g // num_heads
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,8 +249,8 @@ def _mra_fwd_kernel(
             K,
             V,
             Mask,
-            TileCols + g * list_stride,
-            TileBits + g * list_stride,
+            TileCols + g.to(tl.int64) * list_stride,
+            TileBits + g.to(tl.int64) * list_stride,
             e,
             end,
             offs_n,
@@ -309,8 +317,7 @@ def _mra_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    g = tl.program_id(1)
+    tile, g = _tile_and_slice(tl.cdiv(num_block_rows, ROWS))
     batch = g // num_heads
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -341,8 +348,8 @@ def _mra_bwd_dq_kernel(
             K,
             V,
             Mask,
-            TileCols + g * list_stride,
-            TileBits + g * list_stride,
+            TileCols + g.to(tl.int64) * list_stride,
+            TileBits + g.to(tl.int64) * list_stride,
             e,
             end,
             offs_n,
@@ -414,8 +421,7 @@ def _mra_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    key_block = tl.program_id(0)
-    g = tl.program_id(1)
+    key_block, g = _tile_and_slice(num_block_rows)
     batch = g // num_heads
 
     offs_k = key_block * BLOCK + tl.arange(0, BLOCK)
@@ -433,8 +439,8 @@ def _mra_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK, D_PAD], tl.float32)
     list_ptr = KeyPtr + g * ptr_stride + key_block
-    key_tiles = KeyTiles + g * list_stride
-    key_bits = KeyBits + g * list_stride
+    key_tiles = KeyTiles + g.to(tl.int64) * list_stride
+    key_bits = KeyBits + g.to(tl.int64) * list_stride
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
     for e in range(start, end, GROUP):
@@ -492,8 +498,7 @@ def _coarse_fwd_kernel(
     D_PAD: tl.constexpr,
 ):
     """Step 8 for BLOCK_I block rows: A_IJ = c_J exp(S_IJ - r_I) off M, Ol = A vbar, Nl = A 1."""
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
+    pid, g = _tile_and_slice(tl.cdiv(num_block_rows, BLOCK_I))
     batch = g // num_heads
     nb = num_block_rows
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -547,8 +552,7 @@ def _bwd_pre_kernel(
 ):
     """Per block row I: D_i = dO_i . out_i and, in full mode, u_I = sum_i exp(r_I - lse_i) dO_i,
     w_I = sum_i exp(r_I - lse_i) D_i (dO zero at padded queries)."""
-    block_row = tl.program_id(0)
-    g = tl.program_id(1)
+    block_row, g = _tile_and_slice(num_block_rows)
     batch = g // num_heads
     offs_m = block_row * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
@@ -588,8 +592,7 @@ def _block_stats_kernel(
     D_PAD: tl.constexpr,
 ):
     """Step 2 for block J of slice g: c_J and the float32 block means of (zeroed) q, k, v."""
-    block = tl.program_id(0)
-    g = tl.program_id(1)
+    block, g = _tile_and_slice(num_block_rows)
     batch = g // num_heads
     offs_m = block * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
@@ -631,8 +634,7 @@ def _coarse_logits_kernel(
     """Steps 3-4 up to the top-k, for BLOCK_I block rows: S = qbar kbar^T / sqrt(d), r = its row
     max before the padding penalty, S after it, and P = S - r + prior bonus. Two passes over the
     block columns (the first finds r), recomputing S: it is small next to reading it back."""
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
+    pid, g = _tile_and_slice(tl.cdiv(num_block_rows, BLOCK_I))
     batch = g // num_heads
     nb = num_block_rows
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -742,7 +744,8 @@ def _compress(
     out_bits = torch.zeros_like(cols).scatter_add_(0, pos, bits.flatten()[order])
     counts = torch.zeros(G * num_major + 1, dtype=torch.int64, device=key.device)
     counts.scatter_add_(0, key // num_minor + 1, first.long())
-    return counts.cumsum(0).int(), cols.int(), out_bits.int()
+    # The row pointers count across all slices: int64, since G * k can pass 2**31.
+    return counts.cumsum(0), cols.int(), out_bits.int()
 
 
 @functools.lru_cache(maxsize=32)
@@ -884,7 +887,7 @@ class _MRA2Triton(torch.autograd.Function):
             nl = torch.empty(B, H, nb, device=q.device, dtype=torch.float32)
             if any(ctx.needs_input_grad[:3]):
                 A = torch.empty(B, H, nb, nb, device=q.device, dtype=torch.float32)
-            _coarse_fwd[(triton.cdiv(nb, COARSE_TILE), B * H)](
+            _coarse_fwd[(triton.cdiv(nb, COARSE_TILE) * B * H,)](
                 sel.coarse.contiguous(),
                 row_max,
                 sel.excluded.contiguous().view(torch.uint8),
@@ -902,7 +905,7 @@ class _MRA2Triton(torch.autograd.Function):
                 D_PAD=cfg["D_PAD"],
                 num_warps=4,
             )
-        grid = (triton.cdiv(nb, rows), B * H)
+        grid = (triton.cdiv(nb, rows) * B * H,)
         _mra_fwd[grid](
             q,
             k,
@@ -952,7 +955,7 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
     u = torch.empty(B, H, nb, d, **f32) if full else delta
     w = torch.empty(B, H, nb, **f32) if full else delta
     shared = {key: cfg[key] for key in ("num_heads", "n_pad", "num_block_rows", "head_dim")}
-    _bwd_pre[(nb, G)](
+    _bwd_pre[(nb * G,)](
         out,
         do,
         mask,
@@ -984,7 +987,7 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         cfg = {**cfg, "GROUP": group}
         if not AUTOTUNE:
             cfg.update(_launch_settings(rows * b * group, cfg["D_PAD"], q.element_size()))
-    _mra_bwd_dq[(triton.cdiv(nb, rows), G)](
+    _mra_bwd_dq[(triton.cdiv(nb, rows) * G,)](
         q,
         k,
         v,
@@ -1004,7 +1007,7 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         INDEXED=lists.indexed,
         **cfg,
     )
-    _mra_bwd_dkdv[(nb, G)](
+    _mra_bwd_dkdv[(nb * G,)](
         q,
         k,
         v,
@@ -1054,7 +1057,7 @@ def prepare_fused(
     qbar, kbar = torch.empty(B, H, nb, d, **f32), torch.empty(B, H, nb, d, **f32)
     vbar = torch.empty(B, H, nb, d, **f32) if with_vbar else None
     counts = torch.empty(B, nb, **f32)
-    _block_stats[(nb, B * H)](
+    _block_stats[(nb * B * H,)](
         q,
         k,
         v,
@@ -1076,7 +1079,7 @@ def prepare_fused(
     )
     S, P = torch.empty(B, H, nb, nb, **f32), torch.empty(B, H, nb, nb, **f32)
     row_max = torch.empty(B, H, nb, **f32)
-    _coarse_logits[(triton.cdiv(nb, COARSE_TILE), B * H)](
+    _coarse_logits[(triton.cdiv(nb, COARSE_TILE) * B * H,)](
         qbar,
         kbar,
         counts,

@@ -123,6 +123,23 @@ def test_more_slices_than_a_grid_axis_holds():
     check_against_torch(q, k, v, mask, cot, TOLERANCE[torch.bfloat16], num_blocks=3)
 
 
+def test_eager_call_after_capturing_a_new_shape_in_a_cuda_graph():
+    """A shape first seen inside a CUDA-graph capture, then run eagerly before any replay: the
+    eager call must not take cached block-row bounds that the capture left unfilled."""
+    kw = dict(num_blocks=16 * 3, approx_mode="sparse", backend="triton")
+    warm = inputs(1, 2, 1024, 64, torch.float32, pad=0)[:3]
+    mra2_attention(*warm, None, **kw)  # compiles the kernels and warms the libraries up
+    q, k, v = inputs(1, 2, 512, 64, torch.float32, pad=0)[:3]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mra2_attention(q, k, v, None, **kw)
+    eager = mra2_attention(q, k, v, None, **kw)
+    reference = mra2_attention(q, k, v, None, **{**kw, "backend": "torch"})
+    assert rel_err(eager, reference) < TOLERANCE[torch.float32]
+    graph.replay()
+    assert rel_err(captured, reference) < TOLERANCE[torch.float32]
+
+
 def test_priors():
     q, k, v, mask, cot = inputs(1, 4, 2048, 64, torch.bfloat16, pad=40)
     kw = dict(num_blocks=64 * 4, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=1)

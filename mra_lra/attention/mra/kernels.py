@@ -748,12 +748,22 @@ def _compress(
     return counts.cumsum(0), cols.int(), out_bits.int()
 
 
-@functools.lru_cache(maxsize=32)
 def _bounds(
     num_slices: int, num_block_rows: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[G, nb + 1] (int64): the first flat index of each block row, r * nb, and r itself; made
-    once per shape, so that the 32-row lists are a handful of ops (`_row_lists`)."""
+    once per shape, so that the 32-row lists are a handful of ops (`_row_lists`). Not cached
+    while a CUDA graph is being captured: tensors made then hold their values only once the
+    graph replays, so an eager call before that would read garbage from the cache."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _make_bounds.__wrapped__(num_slices, num_block_rows, device)
+    return _make_bounds(num_slices, num_block_rows, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_bounds(
+    num_slices: int, num_block_rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     nb = num_block_rows
     with torch.inference_mode(False), torch.no_grad():
         rows = torch.arange(nb + 1, device=device).expand(num_slices, nb + 1).contiguous()

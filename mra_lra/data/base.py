@@ -236,12 +236,13 @@ class LRADataModule(pl.LightningDataModule):
         return entry
 
     def _checked_arrays(self) -> dict[str, np.ndarray]:
-        """`build_arrays`, refusing a split without examples: an empty split would be cached and
-        trusted by later runs (and training would fail far from the cause)."""
+        """`build_arrays`, refusing a split of the user's files without examples: it would be
+        cached and trusted by later runs (and training would fail far from the cause). A
+        generated set has the sizes asked for (num_val=0 is allowed)."""
         arrays = self.build_arrays()
-        empty = [name[: -len("_label")] for name, a in arrays.items() if name.endswith("_label")]
-        empty = [split for split in empty if len(arrays[f"{split}_label"]) == 0]
-        if empty:
+        splits = [name[: -len("_label")] for name in arrays if name.endswith("_label")]
+        empty = [split for split in splits if len(arrays[f"{split}_label"]) == 0]
+        if empty and self.generated is None:
             where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
             raise SourceError(
                 f"{self.task}: the {', '.join(empty)} split(s) read from {where} hold no "
@@ -266,7 +267,7 @@ class LRADataModule(pl.LightningDataModule):
             for split in SPLITS
         }
         empty = [split for split, dataset in self.datasets.items() if len(dataset) == 0]
-        if empty:
+        if empty and self.generated is None:
             # Only an older version cached an empty split (from a source without the task's
             # files, which it then also recorded in sources.json).
             raise SourceError(

@@ -345,3 +345,16 @@ def test_backward_is_deterministic():
         runs.append(torch.autograd.grad(out, inputs, grad))
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+def test_per_shape_cache_is_bypassed_while_a_cuda_graph_is_captured(monkeypatch):
+    """Tensors made during a capture hold values only after a replay: never cache them."""
+    made = []
+    get = selection.cached_per_shape(lambda n, device: made.append(n) or object())
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    first, second = get(4, cuda), get(4, cuda)
+    assert first is not second and made == [4, 4]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert get(4, cuda) is get(4, cuda) and get(4, cpu) is get(4, cpu)
+    assert made == [4, 4, 4, 4]

@@ -375,6 +375,9 @@ def test_rejects_unsupported_inputs():
     q = torch.zeros(1, 1, 32, 16)
     with pytest.raises(ValueError, match="block_size"):
         kernels.mra2_triton(q, q, q, num_blocks=1, block_size=24)
+    wide = torch.zeros(1, 1, 256, 128)  # 4 x 64 query rows of fp32 at d = 128: 128 KiB tiles
+    with pytest.raises(ValueError, match="more shared memory.*lower attn.query_rows"):
+        kernels.mra2_triton(wide, wide, wide, num_blocks=1, block_size=64, query_rows=4)
     with pytest.raises(ValueError, match="head dims"):
         big = torch.zeros(1, 1, 32, 192)
         kernels.mra2_triton(big, big, big, num_blocks=1)

@@ -329,3 +329,11 @@ def test_a_few_training_steps(compose_cfg, tmp_path, task, extra) -> None:
     assert results["task"] == task and results["steps"] == 3
     assert results["val_acc_best"] is not None
     assert results["data_generated"] is None  # the release's files were read
+
+
+def test_generated_set_may_leave_a_split_empty(tmp_path) -> None:
+    """num_val=0 is a choice for a generated set, not a sign of wrong files."""
+    dm = make_dm(tmp_path, num_train=8, num_val=0, num_test=2)
+    dm.prepare_data()
+    dm.setup()
+    assert {split: len(d) for split, d in dm.datasets.items()} == {"train": 8, "val": 0, "test": 2}

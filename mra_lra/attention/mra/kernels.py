@@ -61,7 +61,6 @@ instead, at the price of compiling several variants.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -748,22 +747,12 @@ def _compress(
     return counts.cumsum(0), cols.int(), out_bits.int()
 
 
+@selection.cached_per_shape
 def _bounds(
     num_slices: int, num_block_rows: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[G, nb + 1] (int64): the first flat index of each block row, r * nb, and r itself; made
-    once per shape, so that the 32-row lists are a handful of ops (`_row_lists`). Not cached
-    while a CUDA graph is being captured: tensors made then hold their values only once the
-    graph replays, so an eager call before that would read garbage from the cache."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _make_bounds.__wrapped__(num_slices, num_block_rows, device)
-    return _make_bounds(num_slices, num_block_rows, device)
-
-
-@functools.lru_cache(maxsize=32)
-def _make_bounds(
-    num_slices: int, num_block_rows: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    once per shape, so that the 32-row lists are a handful of ops (`_row_lists`)."""
     nb = num_block_rows
     with torch.inference_mode(False), torch.no_grad():
         rows = torch.arange(nb + 1, device=device).expand(num_slices, nb + 1).contiguous()
@@ -852,8 +841,9 @@ BACKWARD_TILE_BYTES = 64 * 2**10
 
 def backward_group(rows: int, group: int, block_size: int, d_pad: int, element_size: int) -> int:
     """Chosen blocks the backward kernels gather per loop step: `group` (attn.blocks_per_step),
-    halved until a gathered tile of rows * block_size * group rows fits BACKWARD_TILE_BYTES.
-    The forward keeps `group` (it fits at every setting)."""
+    halved until a gathered tile of rows * block_size * group rows fits BACKWARD_TILE_BYTES
+    (`_check_inputs` refuses tiles that do not fit at group 1). The forward keeps `group`: at
+    block size 32 it fits at every setting (compiled for sm_90)."""
     while group > 1 and rows * block_size * group * d_pad * element_size > BACKWARD_TILE_BYTES:
         group //= 2
     return group
@@ -1133,7 +1123,9 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     return None
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, query_rows: int = 1
+) -> None:
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"mra2_triton needs CUDA tensors, got {q.device.type}: use backend='torch' on CPU "
@@ -1157,6 +1149,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
             f"mra2_triton needs block_size a power of two >= 16, got {block_size}; "
             "use backend='torch' for other block sizes"
         )
+    d_pad = max(16, triton.next_power_of_2(q.shape[-1]))
+    if query_rows * block_size * d_pad * q.element_size() > BACKWARD_TILE_BYTES:
+        raise ValueError(
+            f"query tiles of {query_rows} x {block_size} rows at head dim {q.shape[-1]} in "
+            f"{q.dtype} need more shared memory than a GPU has in the backward, even one block "
+            "per step; lower attn.query_rows (or block_size), or use backend='torch'"
+        )
 
 
 def mra2_triton(
@@ -1178,11 +1177,12 @@ def mra2_triton(
     q, k, v: [B, H, n, d] float32 / float16 / bfloat16 (float32 accumulation), d <= 128, any n;
     mask: [B, n] (1 real, 0 pad) or None. query_rows: block rows per query tile (1, 2 or 4).
     blocks_per_step: chosen blocks the kernels gather into one tile per inner-loop step (1, 2 or
-    4: 32 to 128 keys in the forward and dq kernels, 1 to 4 query tiles in the dK/dV kernel).
+    4: 32 to 128 keys in the forward and dq kernels, up to 4 query tiles in the dK/dV kernel,
+    fewer where they would not fit in shared memory: `backward_group`).
     Returns [B, H, n, d] in q's dtype.
     """
-    _check_inputs(q, k, v, block_size)
     check_tiles(query_rows, blocks_per_step)
+    _check_inputs(q, k, v, block_size, query_rows)
     if approx_mode not in ("full", "sparse"):
         raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
     full = approx_mode == "full"

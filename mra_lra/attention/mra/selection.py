@@ -98,12 +98,28 @@ def coarse_logits(
     return S, r
 
 
+def cached_per_shape(make):
+    """`make(*sizes, device)` cached per arguments (small constant tensors, made once per shape),
+    except while a CUDA graph is being captured: tensors made then hold their values only once
+    the graph replays, so an eager call before that would read garbage from the cache."""
+    cached = functools.lru_cache(maxsize=32)(make)
+
+    @functools.wraps(make)
+    def get(*args):
+        device = args[-1]
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return make(*args)
+        return cached(*args)
+
+    return get
+
+
 def check_priors(first_n_blocks: int, diagonal_n_blocks: int) -> None:
     if first_n_blocks < 0 or diagonal_n_blocks < 0:
         raise ValueError("prior block counts must be >= 0")
 
 
-@functools.lru_cache(maxsize=32)
+@cached_per_shape
 def prior_bonus(
     nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
 ) -> torch.Tensor | None:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -187,7 +188,8 @@ def test_resumed_run_continues_its_wandb_run(compose_cfg, tmp_path, conftest_tin
     run(compose_cfg(overrides, run_dir=run_dir))
     wandb.teardown()
     (second,) = set((run_dir / "wandb").glob("offline-run-*")) - {first}
-    assert second.name.endswith(f"-{run_id}")
+    # offline-run-<time>-<id>, with "-1" appended when both started in the same second
+    assert re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", second.name), second.name
     (log_file,) = second.glob("run-*.wandb")
     steps = [
         json.loads(item.value_json)

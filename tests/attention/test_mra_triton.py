@@ -6,6 +6,7 @@ tests/conftest.py sets TRITON_INTERPRET=1, so the kernels run on CPU tensors; si
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -143,16 +144,18 @@ def test_gathered_steps_match_torch_path(mode, rows, per_step):
 def test_backward_gathers_fewer_where_tiles_pass_shared_memory():
     """The settings whose backward tiles passed Hopper's shared memory (compiled for sm_90) gather
     fewer blocks per step there; the rest keep attn.blocks_per_step."""
-    g = kernels.backward_group
-    assert [g(4, 4, 32, 128, 2), g(4, 2, 32, 128, 4), g(4, 4, 32, 64, 4)] == [2, 1, 2]
-    assert [g(1, 4, 32, 128, 4), g(2, 4, 32, 128, 2), g(4, 4, 32, 32, 4)] == [4, 4, 4]
+    dkdv = functools.partial(kernels.backward_group, "dkdv")
+    assert [dkdv(4, 4, 32, 128, 2), dkdv(4, 2, 32, 128, 4), dkdv(4, 4, 32, 64, 4)] == [2, 1, 2]
+    assert [dkdv(1, 4, 32, 128, 4), dkdv(2, 4, 32, 128, 2), dkdv(4, 4, 32, 32, 4)] == [4, 4, 4]
+    dq = functools.partial(kernels.backward_group, "dq")
+    assert [dq(4, 4, 32, 128, 4), dq(4, 4, 32, 128, 2), dq(4, 2, 32, 128, 4)] == [2, 4, 2]
 
 
 def test_fewer_gathered_blocks_in_the_backward_match_torch_path():
     """fp32, d = 64, 128-row tiles gathering 4 blocks: the backward takes 2 per step."""
     q, k, v, mask, cot = inputs(1, 2, 200, 64, pad=40)
     kw = dict(num_blocks=13, approx_mode="full", initial_prior_diagonal_n_blocks=1)
-    assert kernels.backward_group(4, 4, 32, 64, q.element_size()) == 2
+    assert kernels.backward_group("dkdv", 4, 4, 32, 64, q.element_size()) == 2
     got = run(kernels.mra2_triton, q, k, v, mask, cot, query_rows=4, blocks_per_step=4, **kw)
     want = run(mra("torch"), q, k, v, mask, cot, **kw)
     assert_close(got, want, 1e-5)
@@ -440,7 +443,8 @@ for dtype, rows, d_pad, per_step, names in CASES:
         native, fp32, int32 = IO[name]
         group = per_step
         if name in BACKWARD:
-            group = K.backward_group(rows, per_step, 32, d_pad, size)
+            kernel = "dq" if name == "_mra_bwd_dq_kernel" else "dkdv"
+            group = K.backward_group(kernel, rows, per_step, 32, d_pad, size)
         indexed = rows == 1  # one row per tile: lists of flat int64 block indices
         const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, GROUP=group, D_PAD=d_pad,
                      UPCAST=False, PRECISION="ieee" if dtype == "float32" else "tf32",

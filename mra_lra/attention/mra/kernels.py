@@ -832,21 +832,39 @@ def _launch_settings(block_m: int, d_pad: int, element_size: int) -> dict:
     return dict(num_warps=num_warps, num_stages=num_stages)
 
 
-# The largest gathered tile (rows x padded head dim, in the input dtype) of a backward kernel:
-# compiled for sm_90, the dK/dV kernel needs 3.3x this in shared memory (it keeps q and dO tiles
-# of that size in flight), so above it, it passes Hopper's 227 KiB (bf16 4 x 4 tiles at d = 128,
-# fp32 4 x 2 at d = 128, fp32 4 x 4 at d = 64; the dQ kernel at fp32 4 x 4, d = 128).
-BACKWARD_TILE_BYTES = 64 * 2**10
+# The largest gathered tile (rows * block_size * blocks per step rows of the padded head dim, in
+# the input dtype) of each backward kernel, from their compiles for sm_90 (Hopper: 227 KiB of
+# shared memory). dK/dV keeps q and dO tiles of that size in flight and needs about 3.3x it:
+# above 64 KiB it fails (bf16 4 x 4 at d = 128: 400 KiB; fp32 4 x 2 at d = 128, 4 x 4 at d = 64).
+# dQ needs 1-1.5x it: 128 KiB fits (bf16 4 x 4 at d = 128: 128 KiB; fp32 4 x 2 at d = 128:
+# 192 KiB), 256 KiB does not (fp32 4 x 4 at d = 128).
+BACKWARD_TILE_BYTES = {"dq": 128 * 2**10, "dkdv": 64 * 2**10}
 
 
-def backward_group(rows: int, group: int, block_size: int, d_pad: int, element_size: int) -> int:
-    """Chosen blocks the backward kernels gather per loop step: `group` (attn.blocks_per_step),
-    halved until a gathered tile of rows * block_size * group rows fits BACKWARD_TILE_BYTES
-    (`_check_inputs` refuses tiles that do not fit at group 1). The forward keeps `group`: at
-    block size 32 it fits at every setting (compiled for sm_90)."""
-    while group > 1 and rows * block_size * group * d_pad * element_size > BACKWARD_TILE_BYTES:
+def backward_group(
+    kernel: str, rows: int, group: int, block_size: int, d_pad: int, element_size: int
+) -> int:
+    """Chosen blocks backward `kernel` ("dq" or "dkdv") gathers per loop step: `group`
+    (attn.blocks_per_step), halved until a gathered tile of rows * block_size * group rows fits
+    its BACKWARD_TILE_BYTES (`_check_inputs` refuses tiles that fit at no group). The forward
+    keeps `group`: at block size 32 it fits at every setting (compiled for sm_90)."""
+    budget = BACKWARD_TILE_BYTES[kernel]
+    while group > 1 and rows * block_size * group * d_pad * element_size > budget:
         group //= 2
     return group
+
+
+def _backward_config(cfg: dict, kernel: str, element_size: int) -> dict:
+    """The forward's launch config with `kernel`'s gather (`backward_group`) and, unless
+    autotuning, the launch settings of that tile."""
+    rows, block = cfg["ROWS"], cfg["BLOCK"]
+    group = backward_group(kernel, rows, cfg["GROUP"], block, cfg["D_PAD"], element_size)
+    if group == cfg["GROUP"]:
+        return cfg
+    out = {**cfg, "GROUP": group}
+    if not AUTOTUNE:
+        out.update(_launch_settings(rows * block * group, cfg["D_PAD"], element_size))
+    return out
 
 
 COARSE_TILE = 32  # block rows (and block columns per step) of the coarse kernel's tiles
@@ -982,11 +1000,6 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         dkbar = torch.bmm(dS.transpose(1, 2), qbar.view(G, nb, d))
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     rows = cfg["ROWS"]
-    group = backward_group(rows, cfg["GROUP"], b, cfg["D_PAD"], q.element_size())
-    if group != cfg["GROUP"]:
-        cfg = {**cfg, "GROUP": group}
-        if not AUTOTUNE:
-            cfg.update(_launch_settings(rows * b * group, cfg["D_PAD"], q.element_size()))
     _mra_bwd_dq[(triton.cdiv(nb, rows) * G,)](
         q,
         k,
@@ -1005,7 +1018,7 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         list_stride=lists.list_stride,
         FULL=full,
         INDEXED=lists.indexed,
-        **cfg,
+        **_backward_config(cfg, "dq", q.element_size()),
     )
     _mra_bwd_dkdv[(nb * G,)](
         q,
@@ -1027,7 +1040,7 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
         list_stride=lists.list_stride,
         FULL=full,
         INDEXED=lists.indexed,
-        **cfg,
+        **_backward_config(cfg, "dkdv", q.element_size()),
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -1150,7 +1163,7 @@ def _check_inputs(
             "use backend='torch' for other block sizes"
         )
     d_pad = max(16, triton.next_power_of_2(q.shape[-1]))
-    if query_rows * block_size * d_pad * q.element_size() > BACKWARD_TILE_BYTES:
+    if query_rows * block_size * d_pad * q.element_size() > BACKWARD_TILE_BYTES["dkdv"]:
         raise ValueError(
             f"query tiles of {query_rows} x {block_size} rows at head dim {q.shape[-1]} in "
             f"{q.dtype} need more shared memory than a GPU has in the backward, even one block "

@@ -14,6 +14,7 @@ import netrc
 import os
 import platform
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -132,6 +133,76 @@ def protocol_card(cfg: DictConfig) -> str:
         f" eval_every={cfg.trainer.val_check_interval} precision={cfg.trainer.precision}",
     ]
     return "\n".join(lines)
+
+
+class RunFolderError(RuntimeError):
+    """A start that would overwrite a finished run, or a ckpt_path that is no checkpoint; the
+    message names the fix (train.py prints it without a traceback)."""
+
+
+# What a run folder holds once a run has started training in it.
+_RUN_OUTPUTS = ("results.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
+# Sections whose change on resume makes the folder's config.yaml and results.json describe
+# another model than the checkpoint's.
+_RESUME_SECTIONS = ("task", "attn", "model")
+
+
+def _check_run_folder(cfg: DictConfig, out_dir: Path) -> None:
+    """Refuse to start afresh over a run (its checkpoints, config.yaml and results.json would be
+    replaced) and a ckpt_path that is a folder or not a checkpoint file; warn when a resume
+    changes the task, attention or model settings the folder's run was trained with."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        found = [name for name in _RUN_OUTPUTS if (out_dir / name).exists()]
+        if found:
+            raise RunFolderError(
+                f"{out_dir} already holds a run ({', '.join(found)}); starting again there would "
+                f"overwrite it. To resume it pass ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
+                "; to start a new run pick another hydra.run.dir (or delete that folder)."
+            )
+        return
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise RunFolderError(
+            f"ckpt_path={path} is a folder; pass a checkpoint file, e.g. "
+            f"ckpt_path={path / 'checkpoints' / 'last.ckpt'}"
+        )
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise RunFolderError(
+            f"ckpt_path={path} is not a checkpoint (torch.save writes a zip archive); pass a "
+            "run's checkpoints/last.ckpt or checkpoints/best.ckpt"
+        )
+    old_config = out_dir / "config.yaml"
+    if old_config.is_file():
+        old = OmegaConf.load(old_config)
+        changed = [
+            f"{section}.{key}"
+            for section in _RESUME_SECTIONS
+            for key, value in _flat(cfg.get(section)).items()
+            if key != "backend" and _flat(old.get(section)).get(key, value) != value
+        ]
+        if changed:
+            log.warning(
+                "resuming into %s with other settings than its run was trained with (%s): "
+                "config.yaml and results.json will describe the new ones",
+                out_dir,
+                ", ".join(changed),
+            )
+
+
+def _flat(section) -> dict:
+    if section is None:
+        return {}
+    container = (
+        OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    )
+    out = {}
+    for key, value in container.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = value
+    return out
 
 
 def _warn_if_resumed_elsewhere(ckpt_path: str | None, out_dir: Path) -> None:
@@ -262,6 +333,7 @@ def run(cfg: DictConfig) -> dict:
     # The launch environment (torchrun, SLURM, Lightning's own re-launch) names the rank before
     # the trainer exists; ddp_spawn starts its ranks inside fit, so this process is rank 0.
     if rank_zero_only.rank == 0:
+        _check_run_folder(cfg, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log.info("protocol card\n%s", protocol_card(cfg))

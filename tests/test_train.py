@@ -192,6 +192,38 @@ def test_missing_data_is_one_message_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("bad_value", "error: model.n_layers must be >= 1, got 0"),
+        ("finished_run", "already holds a run (results.json); starting again there would"),
+    ],
+)
+def test_bad_options_and_run_folders_are_one_message(tmp_path, case, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", "task=listops", "trainer=cpu", "logger=none"]
+    command += [f"data.data_dir={tmp_path}", f"hydra.run.dir={run_dir}"]
+    if case == "bad_value":
+        command.append("model.n_layers=0")
+    else:
+        run_dir.mkdir()
+        (run_dir / "results.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if case == "finished_run":
+        assert (run_dir / "results.json").read_text() == "{}"
+        assert not (run_dir / "config.yaml").exists()
+
+
 def test_triton_backend_trains_like_the_torch_path(compose_cfg, tmp_path, conftest_tiny):
     """attn.backend=triton through the whole training stack (padded ListOps batches, the
     Lightning module, AdamW), kernels under the interpreter: the same losses as the torch path."""
@@ -242,3 +274,39 @@ def test_resuming_into_another_folder_is_warned(tmp_path, caplog):
         assert not caplog.records
         _warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "b")
     assert f"pass hydra.run.dir={tmp_path / 'a'}" in caplog.text
+
+
+def test_a_run_folder_is_not_overwritten_and_ckpt_path_is_checked(compose_cfg, tmp_path, caplog):
+    """A fresh start in a finished run's folder is refused (naming the resume and the new-folder
+    fixes); a folder or a non-checkpoint file as ckpt_path is named as such; a resume that
+    changes the attention is warned about."""
+    from omegaconf import OmegaConf
+
+    from mra_lra.train import RunFolderError, _check_run_folder
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(["attn=mra"], run_dir=run_dir)
+    _check_run_folder(cfg, run_dir)  # a new folder: fine
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(RunFolderError, match="already holds a run.*ckpt_path=.*last.ckpt"):
+        _check_run_folder(cfg, run_dir)
+
+    def resume(path, attn="mra"):
+        return compose_cfg([f"attn={attn}", f"ckpt_path={path}"], run_dir=run_dir)
+
+    with pytest.raises(RunFolderError, match="is a folder"):
+        _check_run_folder(resume(run_dir), run_dir)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(RunFolderError, match="is not a checkpoint"):
+        _check_run_folder(resume(text), run_dir)
+
+    checkpoint = tmp_path / "real.ckpt"
+    torch.save({"state_dict": {}}, checkpoint)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with caplog.at_level("WARNING", logger="mra_lra.train"):
+        _check_run_folder(resume(checkpoint), run_dir)
+        assert not caplog.records
+        _check_run_folder(resume(checkpoint, attn="mra_s"), run_dir)
+    assert "attn.approx_mode" in caplog.text and "attn.name" in caplog.text

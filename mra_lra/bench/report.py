@@ -739,12 +739,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Files of a run folder that a report output must never replace.
+_RUN_FILES = ("results.json", "config.yaml", "train.log", "metrics.csv")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     metrics = ("test_acc", "test_acc_last")
     if args.metric not in metrics:
         metrics += (args.metric,)
     try:
+        for path in (args.out, args.plot, args.csv, args.latex):
+            if path is not None and (
+                path.name in _RUN_FILES or path.suffix == ".ckpt" or path.is_dir()
+            ):
+                raise ReportError(
+                    f"{path} is a run's file or a folder; write the report to a new file, e.g. "
+                    f"{path.parent / 'report.md'}"
+                )
         summary = summarise(collect_runs(args.paths), metrics)
         text = format_markdown(summary)
         print(text, end="", flush=True)

@@ -145,6 +145,8 @@ class LRAEncoder(nn.Module):
         attention_float32: bool = False,
     ):
         super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
         if input_encoding not in INPUT_ENCODINGS:

@@ -523,3 +523,12 @@ def test_latex_and_csv_outputs(tmp_path):
     assert float(cell["mra", "listops", "test_acc"]["std"]) == pytest.approx(2.64575, rel=1e-5)
     assert cell["softmax", "listops", "test_acc"]["duplicate_seeds"] == "1"
     assert cell["mra", "image", "peak_memory_mb"]["n"] == "3"
+
+
+def test_cli_refuses_to_write_over_a_run_file(tmp_path, capsys):
+    root = write_grid(tmp_path / "runs")
+    (result,) = list(root.rglob("results.json"))[:1]
+    before = result.read_text()
+    assert main([str(root), "--out", str(result)]) == 2
+    assert "is a run's file" in capsys.readouterr().err
+    assert result.read_text() == before

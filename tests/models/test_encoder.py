@@ -204,3 +204,8 @@ def test_attention_float32_runs_attention_outside_autocast():
     assert seen[1] == (torch.float32, False, torch.float32)
     with pytest.raises(ValueError, match="model.attention_float32"):
         encoder(attention_float32="yes")
+
+
+def test_no_layers_is_an_error():
+    with pytest.raises(ValueError, match="model.n_layers must be >= 1, got 0"):
+        encoder(n_layers=0)

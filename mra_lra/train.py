@@ -158,7 +158,8 @@ def _check_run_folder(cfg: DictConfig, out_dir: Path) -> None:
             raise RunFolderError(
                 f"{out_dir} already holds a run ({', '.join(found)}); starting again there would "
                 f"overwrite it. To resume it pass ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
-                "; to start a new run pick another hydra.run.dir (or delete that folder)."
+                "; to start a new run pick another hydra.run.dir (hydra.sweep.dir with -m, "
+                "REPRO_DIR for make reproduce), or delete that folder."
             )
         return
     path = Path(ckpt_path)

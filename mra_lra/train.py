@@ -22,12 +22,14 @@ from urllib.parse import urlsplit
 import hydra
 import pytorch_lightning as pl
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, SequentialSampler
 
+from mra_lra.bench.report import flatten_config
 from mra_lra.data.cache import atomic_write_json, atomic_write_text
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 
@@ -175,12 +177,14 @@ def _check_run_folder(cfg: DictConfig, out_dir: Path) -> None:
         )
     old_config = out_dir / "config.yaml"
     if old_config.is_file():
-        old = OmegaConf.load(old_config)
+        old, new = {}, {}
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        flatten_config({section: resolved.get(section) for section in _RESUME_SECTIONS}, "", new)
+        flatten_config(yaml.safe_load(old_config.read_text()), "", old)
         changed = [
-            f"{section}.{key}"
-            for section in _RESUME_SECTIONS
-            for key, value in _flat(cfg.get(section)).items()
-            if key != "backend" and _flat(old.get(section)).get(key, value) != value
+            key
+            for key, value in new.items()
+            if not key.endswith(".backend") and old.get(key, value) != value
         ]
         if changed:
             log.warning(
@@ -189,21 +193,6 @@ def _check_run_folder(cfg: DictConfig, out_dir: Path) -> None:
                 out_dir,
                 ", ".join(changed),
             )
-
-
-def _flat(section) -> dict:
-    if section is None:
-        return {}
-    container = (
-        OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
-    )
-    out = {}
-    for key, value in container.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
-        else:
-            out[key] = value
-    return out
 
 
 def _warn_if_resumed_elsewhere(ckpt_path: str | None, out_dir: Path) -> None:

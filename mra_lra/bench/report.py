@@ -380,20 +380,21 @@ def _settings(run: Run, use_config: bool) -> dict[str, str]:
     """Flat {key: value as JSON} of what should be equal across the seeds of one cell."""
     flat: dict[str, str] = {}
     if use_config:
-        _flatten(run.config, "", flat)
+        flatten_config(run.config, "", flat)
     else:
         for name in FALLBACK_FIELDS:
-            _flatten({f"results.{name}": run.results.get(name)}, "", flat)
+            flatten_config({f"results.{name}": run.results.get(name)}, "", flat)
     for name in OUTCOME_FIELDS:
         value = run.results.get(name, DEFAULTS.get(name))
         flat[f"results.{name}"] = json.dumps(value, sort_keys=True)
     return {k: v for k, v in flat.items() if not _ignored(k)}
 
 
-def _flatten(value: object, prefix: str, out: dict[str, str]) -> None:
+def flatten_config(value: object, prefix: str, out: dict[str, str]) -> None:
+    """Nested dicts as out["a.b.c"] = the JSON of each leaf value (a prefix names the root)."""
     if isinstance(value, dict) and value:
         for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+            flatten_config(item, f"{prefix}.{key}" if prefix else str(key), out)
     else:
         out[prefix] = json.dumps(value, sort_keys=True)
 

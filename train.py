@@ -34,24 +34,26 @@ def _hint(err: BaseException) -> str:
     return ""
 
 
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message for a user's mistake (None: a bug, shown with its traceback)."""
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    # Hydra wraps what a config's target raised: report that.
+    cause = err.__cause__ if isinstance(err, InstantiationException) else err
+    if isinstance(cause, CONFIG_ERRORS):
+        return f"{cause}{_hint(cause)}\n(HYDRA_FULL_ERROR=1 shows where it was raised)"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (*USER_ERRORS, *CONFIG_ERRORS, InstantiationException) as err:
+        message = _user_error(err)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (*CONFIG_ERRORS, InstantiationException) as err:
-        # Hydra wraps what a config's target raised: report that.
-        cause = err.__cause__ if isinstance(err, InstantiationException) else err
-        if not isinstance(cause, CONFIG_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(
-            f"error: {cause}{_hint(cause)}\n(HYDRA_FULL_ERROR=1 shows where it was raised)",
-            file=sys.stderr,
-        )
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     metric = cfg.get("optimized_metric")
     if metric is None:

@@ -235,14 +235,21 @@ class LRADataModule(pl.LightningDataModule):
             self._record_source()
         return entry
 
+    def _empty_splits(self, sizes: dict[str, int]) -> list[str]:
+        """The splits without examples, when they come from the user's files (a generated set
+        has the sizes asked for, and num_val=0 is allowed)."""
+        return [] if self.generated is not None else [s for s, n in sizes.items() if n == 0]
+
     def _checked_arrays(self) -> dict[str, np.ndarray]:
         """`build_arrays`, refusing a split of the user's files without examples: it would be
         cached and trusted by later runs (and training would fail far from the cause). A
         generated set has the sizes asked for (num_val=0 is allowed)."""
         arrays = self.build_arrays()
-        splits = [name[: -len("_label")] for name in arrays if name.endswith("_label")]
-        empty = [split for split in splits if len(arrays[f"{split}_label"]) == 0]
-        if empty and self.generated is None:
+        sizes = {
+            name[: -len("_label")]: len(a) for name, a in arrays.items() if name.endswith("_label")
+        }
+        empty = self._empty_splits(sizes)
+        if empty:
             where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
             raise SourceError(
                 f"{self.task}: the {', '.join(empty)} split(s) read from {where} hold no "
@@ -266,8 +273,8 @@ class LRADataModule(pl.LightningDataModule):
             split: CachedArrayDataset(entry, self.split_aliases.get(split, split), **options)
             for split in SPLITS
         }
-        empty = [split for split, dataset in self.datasets.items() if len(dataset) == 0]
-        if empty and self.generated is None:
+        empty = self._empty_splits({split: len(d) for split, d in self.datasets.items()})
+        if empty:
             # Only an older version cached an empty split (from a source without the task's
             # files, which it then also recorded in sources.json).
             raise SourceError(

@@ -799,9 +799,14 @@ def block_lists(
     )
 
 
+def _padded_head_dim(d: int) -> int:
+    """The kernels' D_PAD: tiles span a power of two of at least 16 head-dim columns."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def _launch_config(q: torch.Tensor, block_size: int, rows: int, group: int) -> dict:
     B, H, n_pad, d = q.shape
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = _padded_head_dim(d)
     return dict(
         sm_scale=1.0 / math.sqrt(d),
         num_heads=H,
@@ -1065,7 +1070,7 @@ def prepare_fused(
     selection.check_priors(first, diagonal)
     B, H, n_pad, d = q.shape
     nb = n_pad // block_size
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = _padded_head_dim(d)
     f32 = dict(device=q.device, dtype=torch.float32)
     qbar, kbar = torch.empty(B, H, nb, d, **f32), torch.empty(B, H, nb, d, **f32)
     vbar = torch.empty(B, H, nb, d, **f32) if with_vbar else None
@@ -1162,7 +1167,7 @@ def _check_inputs(
             f"mra2_triton needs block_size a power of two >= 16, got {block_size}; "
             "use backend='torch' for other block sizes"
         )
-    d_pad = max(16, triton.next_power_of_2(q.shape[-1]))
+    d_pad = _padded_head_dim(q.shape[-1])
     if query_rows * block_size * d_pad * q.element_size() > BACKWARD_TILE_BYTES["dkdv"]:
         raise ValueError(
             f"query tiles of {query_rows} x {block_size} rows at head dim {q.shape[-1]} in "

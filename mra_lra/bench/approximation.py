@@ -66,6 +66,7 @@ import yaml
 
 from mra_lra.attention import build, names
 from mra_lra.bench.attention import config_options, parse_overrides, sync
+from mra_lra.bench.cli import check_at_least, check_device, check_names
 from mra_lra.bench.plotting import pyplot, save, style
 
 DEFAULT_ATTN = (
@@ -494,23 +495,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     captured.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     args.attn = [a for a in args.attn.split(",") if a]
-    unknown = sorted(set(args.attn) - set(names()))
-    if unknown:
-        p.error(f"--attn: unknown {unknown}; registered: {', '.join(names())}")
+    check_names(p, "--attn", args.attn, names())
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.overrides = parse_overrides(args.overrides)
     if "*" in args.overrides:
         p.error("--set takes name.key=value here (each attention has its own options)")
-    sizes = ("n", "d", "heads", "batch", "examples", "repeats", "maps_tokens")
-    bad = [f"--{name.replace('_', '-')}" for name in sizes if getattr(args, name) < 1]
-    if bad:
-        p.error(f"{', '.join(bad)} must be at least 1")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as error:
-        p.error(f"--device: {error}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible to torch")
+    check_at_least(p, args, 1, "n", "d", "heads", "batch", "examples", "repeats", "maps_tokens")
+    args.device = check_device(p, args.device)
     if not args.seeds:
         p.error("--seeds needs at least one seed")
     if args.scale <= 0 or args.smooth < 0:

@@ -26,8 +26,9 @@ block_per_row 8, float32, n = 4096, the batch at half the largest power of two t
 (searched with forward+backward), time per instance. The layer is a pre-LN encoder block of
 width 768 (FFN 3072) around the attention; rows for the attention alone come at the same batch.
 
-Imports only torch, pyyaml (and matplotlib for the plot) besides mra_lra.attention and
-mra_lra.bench.plotting, so it runs on a bare GPU image with PYTHONPATH set to the repository.
+Imports only torch, pyyaml (and matplotlib for the plot) besides mra_lra.attention,
+mra_lra.bench.plotting and mra_lra.bench.cli, so it runs on a bare GPU image with PYTHONPATH
+set to the repository.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ from torch import nn
 
 from mra_lra.attention import build, get, names
 from mra_lra.attention.mra import resolve_backend
+from mra_lra.bench.cli import check_at_least, check_csv_files, check_device, check_names
 from mra_lra.bench.plotting import pyplot, save, style
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "attn"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
+PLOT_COLUMNS = "attn impl scope device dtype batch heads n d pass ms status".split()
 FIELDS = (
     "attn impl scope device dtype batch heads n d pass ms ms_per_instance peak_mib status".split()
 )
@@ -583,8 +586,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=None, help="default 1024 (CUDA), 4 (CPU)")
     p.add_argument("--plot-from", type=Path, nargs="+", default=None, metavar="CSV")
     args = p.parse_args(argv)
-    if any(t not in DTYPES for t in args.dtype) or any(x not in PASSES for x in args.passes):
-        p.error(f"--dtype takes {', '.join(DTYPES)}; --passes takes {', '.join(PASSES)}")
+    if args.plot_from:
+        check_csv_files(p, "--plot-from", args.plot_from, PLOT_COLUMNS)
+    else:
+        check_device(p, args.device)
+    check_names(p, "--attn", args.attn, [*names(), "sdpa_flash"])
+    check_names(p, "--dtype", args.dtype, DTYPES)
+    check_names(p, "--passes", args.passes, PASSES)
+    check_at_least(p, args, 1, "n", "d", "heads", "batch", "repeats", "profile_n", "max_batch")
+    check_at_least(p, args, 0, "warmup")
     if not {*args.query_rows, *args.blocks_per_step} <= {1, 2, 4}:
         p.error("--query-rows and --blocks-per-step take 1, 2 or 4")
     if args.cuda_graph and not args.device.startswith("cuda"):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
+from mra_lra.bench.cli import check_at_least, check_device, check_names
 from mra_lra.bench.plotting import pyplot, save, style
 from mra_lra.data.prepare import CONF_DIR, compose_train
 
@@ -253,8 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
-    if any(x not in PASSES for x in args.passes):
-        p.error(f"--passes takes {', '.join(PASSES)}")
+    check_device(p, args.device)
+    check_names(p, "--passes", args.passes, PASSES)
+    check_at_least(p, args, 1, "n", "batch", "repeats")
+    check_at_least(p, args, 0, "warmup")
+    check_names(p, "--task", [args.task], (f.stem for f in (CONF_DIR / "task").glob("*.yaml")))
     experiments = CONF_DIR / "experiment" / args.family
     missing = [a for a in args.attn if not (experiments / f"{args.task}_{a}.yaml").is_file()]
     if missing:

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mra_lra.attention import build
+from mra_lra.bench.cli import check_at_least, check_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_device(p, args.device)
+    check_at_least(p, args, 1, "n", "batch", "heads", "d", "block_per_row", "steps", "rows")
+    return args
 
 
 VIEW_OPS = frozenset(

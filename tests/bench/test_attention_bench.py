@@ -49,6 +49,45 @@ def test_tile_options_are_checked(option, tmp_path):
         bench.parse_args([option, "3", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--attn", "mra,mrax"], "--attn: unknown mrax; choose from bigbird"),
+        (["--batch", "0"], "--batch 0: must be at least 1"),
+        (["--n", "0,256"], "--n 0,256: must be at least 1"),
+        (["--n", ","], "--n : must be at least 1"),
+        (["--dtype", "fp16"], "--dtype: unknown fp16"),
+        (["--warmup", "-1"], "--warmup -1: must be at least 0"),
+        (["--device", "tpu"], "--device: "),
+        (["--plot-from", "missing.csv"], "--plot-from: no such file missing.csv"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing ran, no empty CSV
+
+
+def test_plot_from_refuses_a_csv_of_another_tool(tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("family,task,attn,n\nlra,text,mra,1024\n")
+    with pytest.raises(SystemExit):
+        bench.main(["--plot-from", str(other), "--out", str(tmp_path)])
+    assert f"{other} lacks the column(s) impl, scope, device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_cuda_device_on_a_cpu_build_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert "sees no CUDA device; run on a GPU machine or pass --device cpu" in (
+        capsys.readouterr().err
+    )
+
+
 def test_speedups_pair_rows_with_their_baseline():
     def row(attn, n, ms, impl="", status="ok", **kw):
         base = dict(attn=attn, impl=impl, scope="attention", dtype="bfloat16", batch=1, heads=8)

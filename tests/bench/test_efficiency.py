@@ -87,6 +87,12 @@ def test_table_ratios_are_to_softmax_at_the_same_length():
     assert "| x | oom |  |" in text
 
 
+def test_unknown_task_lists_the_tasks(capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "txt"])
+    assert "--task: unknown txt; choose from image, listops, pathfinder" in capsys.readouterr().err
+
+
 def test_unknown_attention_names_the_experiment_folder(capsys):
     with pytest.raises(SystemExit):
         main(["--attn", "mra3", "--task", "text"])

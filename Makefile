@@ -76,7 +76,7 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 # On a CUDA machine, after gpu-check: train.py, eval.py and LRA's efficiency table end to end on
-# the GPU (about 3 minutes). GPU images lack hydra: `make gpu-wheels` (where PyPI is reachable)
+# the GPU (a 5-minute budget, BUDGET_S). GPU images lack hydra: `make gpu-wheels` (where PyPI is reachable)
 # puts its wheels in .whl/, which the script unpacks there.
 gpu-train-check:
 	bash scripts/gpu_train_check.sh

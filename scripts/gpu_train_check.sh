@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU end-to-end check, one command on a CUDA machine (about 3 minutes; run after gpu_check.sh):
+# GPU end-to-end check, one CUDA machine command (a 5-minute budget, BUDGET_S; after gpu_check.sh):
 #   1. hydra-core, omegaconf and antlr4 unpacked from the wheels in .whl/ when the image lacks
 #      them (GPU images carry torch, triton and Lightning but not hydra; `make gpu-wheels` fetches
 #      the wheels on a machine with PyPI, and the device tool carries .whl/ along);

@@ -46,6 +46,20 @@ SPLITS = ("train", "val", "test")
 DATA_DIR_FIX = "Set data.data_dir=<a writable folder> or the LRA_DATA_DIR environment variable."
 MASK_MODES = ("length", "nonzero")
 SOURCES_RECORD = "sources.json"
+# The splits a generated set may be asked for without examples (data.num_val=0: no validation);
+# its train and test splits need some.
+GENERATED_OPTIONAL_SPLITS = ("val",)
+# Why an empty train or test split of a generated set is refused.
+_EMPTY_SPLIT_EFFECT = {
+    "train": "training would run no step",
+    "test": "the test at the end of the run would fail",
+}
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    """Refuse `data.<name>` unless it is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class CachedArrayDataset(Dataset):
@@ -151,7 +165,15 @@ class LRADataModule(pl.LightningDataModule):
         source: str | None = None,
     ) -> None:
         super().__init__()
+        _check_count("batch_size", batch_size, 1)
+        _check_count("max_length", max_length, 1)
+        _check_count("num_workers", num_workers, 0)
         self.data_dir = Path(data_dir)
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ValueError(
+                f"data.data_dir={data_dir} is a file, not a folder (it holds the task's files "
+                f"and the cache). {DATA_DIR_FIX}"
+            )
         self.batch_size = batch_size
         self.max_length = max_length
         self.num_workers = num_workers
@@ -175,10 +197,26 @@ class LRADataModule(pl.LightningDataModule):
     def sources_record(self) -> Path:
         return self.data_dir / SOURCES_RECORD
 
-    def _recorded_source(self) -> Path | None:
+    def _read_sources_record(self) -> dict[str, str]:
+        """The record of each task's source ({} when there is none); one that does not read
+        back as written raises SourceError naming it."""
         if not self.sources_record.is_file():
-            return None
-        recorded = json.loads(self.sources_record.read_text(encoding="utf-8")).get(self.task)
+            return {}
+        try:
+            record = json.loads(self.sources_record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+            problem = f"cannot be read ({err})"
+        else:
+            if isinstance(record, dict) and all(isinstance(v, str) for v in record.values()):
+                return record
+            problem = "is not a record of task -> source path"
+        raise SourceError(
+            f"{self.sources_record} {problem}. It records the data.source given for each task: "
+            "fix it, or delete it and pass data.source=<path> again for the tasks that need one."
+        )
+
+    def _recorded_source(self) -> Path | None:
+        recorded = self._read_sources_record().get(self.task)
         if recorded is None:
             return None
         if not Path(recorded).exists():
@@ -195,9 +233,7 @@ class LRADataModule(pl.LightningDataModule):
         return Path(recorded)
 
     def _record_source(self) -> None:
-        record = {}
-        if self.sources_record.is_file():
-            record = json.loads(self.sources_record.read_text(encoding="utf-8"))
+        record = self._read_sources_record()
         if record.get(self.task) != str(self.source.resolve()):
             record[self.task] = str(self.source.resolve())
             atomic_write_json(self.sources_record, record)
@@ -235,22 +271,56 @@ class LRADataModule(pl.LightningDataModule):
             self._record_source()
         return entry
 
-    def _empty_splits(self, sizes: dict[str, int]) -> list[str]:
-        """The splits without examples, when they come from the user's files (a generated set
-        has the sizes asked for, and num_val=0 is allowed)."""
-        return [] if self.generated is not None else [s for s, n in sizes.items() if n == 0]
+    def _empty_splits(self, sizes: Mapping[str, int], generated: bool | None = None) -> list[str]:
+        """The splits in `sizes` whose lack of examples is an error: any split of the user's
+        files (they are not the task's files), the train or test split of a generated set (it
+        has the sizes asked for, and only num_val=0 is allowed: see `_empty_generated_error`).
+        `generated` says which (None: whether `self.generated` is set)."""
+        if generated is None:
+            generated = self.generated is not None
+        optional = GENERATED_OPTIONAL_SPLITS if generated else ()
+        return [s for s, n in sizes.items() if n == 0 and s not in optional]
+
+    def _empty_generated_error(self, empty: Sequence[str], where: str | None = None) -> ValueError:
+        """The error for a generated set without examples in the `empty` (train, test) splits:
+        as asked for by the options (`where` None), or as read from `where`."""
+        splits = " or ".join(empty)
+        effects = "; ".join(_EMPTY_SPLIT_EFFECT[split] for split in empty)
+        options = " and ".join(f"data.num_{split}" for split in empty)
+        if where is None:
+            asked = ", ".join(f"data.num_{split}=0" for split in empty)
+            return ValueError(
+                f"{self.task}: with {asked}, the generated set has no {splits} examples "
+                f"({effects}). Set {options} to at least 1; only data.num_val may be 0."
+            )
+        return ValueError(
+            f"{self.task}: the generated set read from {where} has no {splits} examples "
+            f"({effects}); only its val split may be empty. Use a set generated with more "
+            f"({options} size the sets generated under data.data_dir); nothing was cached."
+        )
+
+    def _check_generated_sizes(self, sizes: Mapping[str, int]) -> None:
+        """Refuse the split sizes asked of a generated set (`data.num_<split>`), before it is
+        generated: negative ones, and an empty train or test split (`_empty_splits`)."""
+        for split, n in sizes.items():
+            _check_count(f"num_{split}", n, 0)
+        empty = self._empty_splits(sizes, generated=True)
+        if empty:
+            raise self._empty_generated_error(empty)
 
     def _checked_arrays(self) -> dict[str, np.ndarray]:
-        """`build_arrays`, refusing a split of the user's files without examples: it would be
-        cached and trusted by later runs (and training would fail far from the cause). A
-        generated set has the sizes asked for (num_val=0 is allowed)."""
+        """`build_arrays`, refusing a split without examples (`_empty_splits`): it would be
+        cached and trusted by later runs (and training would fail far from the cause, or run no
+        step). A generated set has the sizes asked for (num_val=0 is allowed)."""
         arrays = self.build_arrays()
         sizes = {
             name[: -len("_label")]: len(a) for name, a in arrays.items() if name.endswith("_label")
         }
         empty = self._empty_splits(sizes)
+        where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
+        if empty and self.generated is not None:
+            raise self._empty_generated_error(empty, where)
         if empty:
-            where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
             raise SourceError(
                 f"{self.task}: the {', '.join(empty)} split(s) read from {where} hold no "
                 "examples, so these are not the task's files. Check data.source (or prepare's "
@@ -274,6 +344,8 @@ class LRADataModule(pl.LightningDataModule):
             for split in SPLITS
         }
         empty = self._empty_splits({split: len(d) for split, d in self.datasets.items()})
+        if empty and self.generated is not None:
+            raise self._empty_generated_error(empty, f"the cache entry {entry}")
         if empty:
             # Only an older version cached an empty split (from a source without the task's
             # files, which it then also recorded in sources.json).

@@ -14,6 +14,12 @@ Temporary folders (`building_dir`) are named `.tmp-<final name>-<8 random charac
 can take (the builder is gone), and, as the only other case, those without a lock file (left by a
 version of this code before the locks, or on a filesystem without flock) once they are older than
 `STALE_AGE_SECONDS`. A folder whose lock is held, or cannot be tested, is left alone.
+
+An entry's files are flushed to disk (fsync) before its folder is renamed into place, so that a
+crash after the rename cannot leave truncated arrays under a complete entry's name. An entry
+damaged anyway (a disk error, a file cut or overwritten by hand) is refused with a SourceError
+naming the file and the folder to delete when its manifest or an array's header, size, dtype or
+shape does not read back as written; nothing is ever deleted automatically.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import numpy as np
+
+from mra_lra.data.sources import SourceError
 
 try:
     import fcntl
@@ -211,22 +219,48 @@ def cache_dir(root: str | os.PathLike, options: Mapping[str, Any]) -> Path:
     return Path(root) / cache_key(options)
 
 
+def _damaged(entry: Path, what: str) -> SourceError:
+    return SourceError(
+        f"the cache entry {entry} is damaged: {what}. Delete the folder {entry} and run again "
+        "(or rerun prepare with the same options): it is rebuilt from the source files."
+    )
+
+
+def _read_manifest(entry: Path) -> dict[str, Any]:
+    manifest_path = entry / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise _damaged(entry, f"{manifest_path} cannot be read ({err})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
+        raise _damaged(entry, f"{manifest_path} is not a cache manifest")
+    return manifest
+
+
 def _is_complete(entry: Path, options: Mapping[str, Any]) -> bool:
     manifest_path = entry / MANIFEST_NAME
     if not manifest_path.is_file():
         if entry.exists():
-            raise RuntimeError(
+            raise SourceError(
                 f"the cache folder {entry} has no {MANIFEST_NAME} (it was not written by this "
                 "code); delete it and run again"
             )
         return False
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = _read_manifest(entry)
     if manifest.get("options") != _normalise(options):
-        raise RuntimeError(
+        raise SourceError(
             f"the cache folder {entry} was built with other options than its name says "
             f"({manifest.get('options')} != {_normalise(options)}); delete it and run again"
         )
     return True
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """`np.save`, flushed to disk before the entry's folder is renamed into place."""
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def ensure_array_cache(
@@ -239,13 +273,14 @@ def ensure_array_cache(
     when it does not exist yet. `fix` says how to point the cache at a writable folder."""
     entry = cache_dir(root, options)
     if _is_complete(entry, options):
+        load_arrays(entry)  # a damaged entry is an error here, not in the middle of a run
         return entry
     ensure_writable_dir(root, fix)
     remove_stale_temp_dirs(root, r"[0-9a-f]{16}")
     with building_dir(entry) as tmp:
         arrays = build()
         for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+            _save_array(tmp / f"{name}.npy", array)
         manifest = {
             "key": entry.name,
             "options": _normalise(options),
@@ -276,7 +311,25 @@ def find_array_cache(
 
 
 def load_arrays(entry: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Memory-map the arrays of a complete cache entry, by name."""
+    """Memory-map the arrays of a complete cache entry, by name. A manifest or array file that
+    does not read back as written (truncated, overwritten, missing) raises SourceError naming
+    the file and the folder to delete."""
     entry = Path(entry)
-    manifest = json.loads((entry / MANIFEST_NAME).read_text(encoding="utf-8"))
-    return {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in manifest["arrays"]}
+    arrays = {}
+    for name, expected in _read_manifest(entry)["arrays"].items():
+        path = entry / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError as err:
+            raise _damaged(entry, f"{path} is missing") from err
+        except (OSError, ValueError, EOFError) as err:
+            # numpy's errors for a cut header or data ("mmap length is greater than file
+            # size"), or bytes that are no .npy file ("contains pickled (object) data").
+            raise _damaged(entry, f"{path} cannot be read ({err})") from err
+        if not isinstance(array, np.ndarray):  # an .npz archive
+            raise _damaged(entry, f"{path} is not a .npy array")
+        found = {"dtype": str(array.dtype), "shape": list(array.shape)}
+        if found != expected:
+            raise _damaged(entry, f"{path} holds {found}, its manifest says {expected}")
+        arrays[name] = array
+    return arrays

@@ -47,7 +47,7 @@ from mra_lra.data.listops_generator import (
     split_path,
     write_listops_files,
 )
-from mra_lra.data.sources import SourceTree, locate_source
+from mra_lra.data.sources import SourceError, SourceTree, locate_source
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ def read_sidecar(directory: Path) -> dict[str, Any] | None:
     try:
         settings = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise RuntimeError(
+        raise SourceError(
             f"{sidecar} marks {directory} as a generated ListOps set but cannot be read ({err}); "
             f"delete {directory} and run again"
         ) from err
     if not isinstance(settings, dict):
-        raise RuntimeError(f"{sidecar} is not a settings record; delete {directory} and run again")
+        raise SourceError(f"{sidecar} is not a settings record; delete {directory} and run again")
     return settings
 
 
@@ -202,12 +202,12 @@ def ensure_listops_files(
 def _check_generated(directory: Path, settings: dict[str, Any]) -> None:
     recorded = read_sidecar(directory)
     if recorded is None or not _is_complete(directory):
-        raise RuntimeError(
+        raise SourceError(
             f"{directory} is not a complete generated ListOps set (generated sets are written "
             f"whole, so its files were changed afterwards); delete {directory} and run again"
         )
     if recorded != settings:
-        raise RuntimeError(
+        raise SourceError(
             f"{directory / SIDECAR_NAME} records {recorded}, not the settings its folder is named "
             f"after ({settings}); delete {directory} and run again"
         )
@@ -341,6 +341,19 @@ class ListOpsDataModule(LRADataModule):
             "seed": self.seed,
         }
 
+    def _check_generator_options(self) -> None:
+        """Refuse settings the generator cannot honour, naming the options, before generating."""
+        self._check_generated_sizes(
+            {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+        )
+        if not 0 <= self.gen_min_length < self.gen_max_length - 1:
+            raise ValueError(
+                "data.gen_min_length and data.gen_max_length are exclusive bounds on the generated "
+                "trees' lengths: need 0 <= data.gen_min_length < data.gen_max_length - 1, got "
+                f"data.gen_min_length={self.gen_min_length}, "
+                f"data.gen_max_length={self.gen_max_length}"
+            )
+
     def _find_tree(self, generate: bool) -> tuple[SourceTree, dict[str, Any] | None]:
         """The files to read, and the generator settings when they are a generated set."""
         if self.source is not None:
@@ -350,6 +363,7 @@ class ListOpsDataModule(LRADataModule):
             try:
                 tree = locate_source(self.data_dir, None, ANCHOR, RELEASE_CANDIDATES, HOW_TO_GET)
             except FileNotFoundError as err:
+                self._check_generator_options()
                 settings = generator_settings(**self._generator_args())
                 directory = generated_dir(self.data_dir, settings)
                 if generate:

@@ -255,6 +255,9 @@ class PathfinderDataModule(PixelDataModule):
     def ensure_sources(self) -> None:
         if self.tree is not None:
             return
+        self._check_generated_sizes(
+            {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+        )
         request = self._generator_request()
         log.warning(
             "%s: no release files for %s under %s (%s); generating %d images with our "

@@ -57,6 +57,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mra_lra.data.cache import atomic_open, atomic_write_json, ensure_writable_dir
+from mra_lra.data.sources import SourceError
 
 
 @dataclass(frozen=True)
@@ -605,7 +606,18 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
             "make them with `python -m mra_lra.data.pathfinder_generator --out "
             f"{out_dir} ...`"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        problem = f"cannot be read ({err})"
+    else:
+        if isinstance(manifest, dict):
+            return manifest
+        problem = "is not a shard manifest"
+    raise SourceError(
+        f"{path} {problem}, so the settings of the shards in {out_dir} are unknown; delete "
+        f"{out_dir} and run again (its images are generated anew)"
+    )
 
 
 def generate_dataset(
@@ -819,7 +831,7 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             shard_size=args.shard_size,
         )
-    except ValueError as err:
+    except (ValueError, SourceError) as err:
         parser.error(str(err))
     except KeyboardInterrupt:
         parser.exit(

@@ -17,6 +17,7 @@ from mra_lra.data import listops, listops_generator
 from mra_lra.data.cache import cache_key
 from mra_lra.data.listops import ListOpsDataModule, ensure_listops_files, read_listops_tsv
 from mra_lra.data.listops_generator import write_listops_files
+from mra_lra.data.sources import SourceError
 from tests.data.helpers import cache_entries
 
 # Hand-written rows with hand-computed labels and token ids (pad 0, digit d -> d + 1,
@@ -178,7 +179,8 @@ def test_generated_files_sidecar_and_settings(tmp_path, monkeypatch) -> None:
 def test_generated_set_whose_files_changed_is_an_error(tmp_path) -> None:
     directory = ensure_listops_files(tmp_path, **GEN)
     (directory / "basic_val.tsv").unlink()
-    with pytest.raises(RuntimeError, match=f"{directory} is not a complete generated"):
+    # A SourceError: train.py prints it as one line, without a traceback.
+    with pytest.raises(SourceError, match=f"{directory} is not a complete generated"):
         make_dm(tmp_path).prepare_data()
 
 
@@ -557,3 +559,103 @@ def test_non_utf8_byte_names_file_and_line(tmp_path, where: str) -> None:
     assert message.startswith(f"{name}:3: byte 0xff (column 17) is not UTF-8")
     assert "Get it again" in message
     assert cache_entries(data_dir, "listops", hidden=True) == []
+
+
+# -- bad option values (one-line errors naming the option) ---------------------------------------
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"num_train": 0}, r"with data.num_train=0, .* no train examples \(training would run no"),
+        ({"num_test": 0}, r"with data.num_test=0, .* no test examples \(the test at the end"),
+        ({"num_train": 0, "num_test": 0}, r"Set data.num_train and data.num_test to at least 1"),
+        ({"num_train": -1}, r"data.num_train must be an integer >= 0, got -1"),
+        ({"num_val": -2}, r"data.num_val must be an integer >= 0, got -2"),
+    ],
+)
+def test_generated_set_without_train_or_test_examples_is_refused(tmp_path, sizes, message) -> None:
+    """An empty training split trained 0 steps and "succeeded"; an empty test split failed with
+    an IndexError after the whole run. Both are refused before anything is generated."""
+    with pytest.raises(ValueError, match=message) as err:
+        make_dm(tmp_path, **sizes).prepare_data()
+    if 0 in sizes.values():
+        assert "only data.num_val may be 0" in str(err.value)
+    assert not (tmp_path / "generated").exists() and cache_entries(tmp_path, "listops") == []
+    with pytest.raises(ValueError, match=message):  # also without prepare_data
+        make_dm(tmp_path, **sizes).setup()
+
+
+def test_generated_set_may_have_no_val_examples(tmp_path) -> None:
+    dm = make_dm(tmp_path, num_val=0)
+    dm.prepare_data()
+    dm.setup()
+    assert {split: len(d) for split, d in dm.datasets.items()} == {"train": 6, "val": 0, "test": 2}
+
+
+def test_generated_set_read_without_train_examples_is_refused(tmp_path) -> None:
+    """A set generated elsewhere (its sizes are its own) is refused too, and nothing cached."""
+    write_listops_files(
+        tmp_path / "mine" / "listops-1000", 0, 2, 1, min_length=5, max_length=40, progress=False
+    )
+    dm = make_dm(tmp_path / "data", source=str(tmp_path / "mine"))
+    with pytest.raises(ValueError, match="generated set read from source .*mine has no train"):
+        dm.prepare_data()
+    assert cache_entries(tmp_path / "data", "listops", hidden=True) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_length": 0}, "data.max_length must be an integer >= 1, got 0"),
+        ({"max_length": -4}, "data.max_length must be an integer >= 1, got -4"),
+        ({"batch_size": 0}, "data.batch_size must be an integer >= 1, got 0"),
+        ({"num_workers": -1}, "data.num_workers must be an integer >= 0, got -1"),
+        ({"gen_min_length": 40}, "need 0 <= data.gen_min_length < data.gen_max_length - 1"),
+    ],
+)
+def test_bad_option_values_name_the_option(tmp_path, overrides, message) -> None:
+    # max_length=0 trained on empty sequences and "succeeded"; the others failed late.
+    with pytest.raises(ValueError, match=message):
+        make_dm(tmp_path, **overrides).prepare_data()
+    assert not (tmp_path / "generated").exists()
+
+
+def test_data_dir_that_is_a_file_is_named(tmp_path) -> None:
+    path = tmp_path / "afile"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match=f"data.data_dir={path} is a file, not a folder"):
+        make_dm(path)
+    assert path.read_text() == "not a folder"
+
+
+# -- damaged files of our own: one-line errors naming the file and the fix -----------------------
+@pytest.mark.parametrize("damage", ["cut", "not_json", "not_a_record"])
+def test_damaged_sources_record_is_named(tmp_path, damage: str) -> None:
+    write_release(tmp_path / "release")
+    source = tmp_path / "release" / "lra_release"
+    make_dm(tmp_path / "data", source=str(source)).prepare_data()
+    record = tmp_path / "data" / "sources.json"
+    text = record.read_text()
+    record.write_text({"cut": text[:10], "not_json": "\x00", "not_a_record": "[1, 2]"}[damage])
+    with pytest.raises(SourceError, match=f"{record} (cannot be read|is not a record).*delete it"):
+        make_dm(tmp_path / "data").setup()
+    assert record.exists()  # never deleted for the user
+
+
+def test_truncated_cache_array_is_named_and_kept(tmp_path) -> None:
+    write_release(tmp_path)
+    entry = make_dm(tmp_path).ensure_cache()
+    array = entry / "train_input_ids.npy"
+    os.truncate(array, array.stat().st_size - 7)
+    for step in ("prepare_data", "setup"):
+        dm = make_dm(tmp_path)
+        with pytest.raises(SourceError) as err:
+            dm.prepare_data() if step == "prepare_data" else dm.setup()
+        message = str(err.value)
+        assert f"the cache entry {entry} is damaged: {array} cannot be read" in message
+        assert f"Delete the folder {entry} and run again" in message
+    assert array.exists() and cache_entries(tmp_path, "listops") == [entry]
+    shutil.rmtree(entry)  # the fix the message names
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.datasets["train"]) == len(ROWS["train"])

@@ -337,3 +337,19 @@ def test_generated_set_may_leave_a_split_empty(tmp_path) -> None:
     dm.prepare_data()
     dm.setup()
     assert {split: len(d) for split, d in dm.datasets.items()} == {"train": 8, "val": 0, "test": 2}
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"num_train": 0}, "with data.num_train=0, the generated set has no train examples"),
+        ({"num_test": 0}, "with data.num_test=0, the generated set has no test examples"),
+    ],
+)
+def test_generated_set_without_train_or_test_examples_is_refused_before_generating(
+    tmp_path, sizes, message
+) -> None:
+    """num_train=0 trained 0 steps and "succeeded", after generating num_val + num_test images."""
+    with pytest.raises(ValueError, match=message):
+        make_dm(tmp_path, **sizes).prepare_data()
+    assert not (tmp_path / "generated").exists() and cache_entries(tmp_path, "pathfinder") == []

@@ -28,6 +28,7 @@ from mra_lra.data.pathfinder_generator import (
     render,
     sample_geometry,
 )
+from mra_lra.data.sources import SourceError
 
 # spec/lra.md, "Pathfinder generator": LRA's 32 x 32 hard set and Path-X.
 SPEC_32 = {
@@ -383,3 +384,17 @@ def test_cli_writes_shards_and_a_grid(tmp_path, capsys):
     with Image.open(grid) as png:
         # 4 columns of 128-pixel cells (32 x 4) with 4-pixel gaps, 2 rows
         assert png.size[0] == 4 * (128 + 4) + 4 and png.size[1] > 2 * 128
+
+
+@pytest.mark.parametrize("content", ['{"seed": 0, "num', "[]"])
+def test_damaged_manifest_is_named_and_kept(tmp_path, content: str) -> None:
+    out = generate_dataset(tmp_path / "pf", 4, SMALL, 0, workers=1, progress=False)
+    (out / MANIFEST_NAME).write_text(content)
+    message = f"{out / MANIFEST_NAME} .*settings of the shards in {out} are unknown; delete {out}"
+    with pytest.raises(SourceError, match=message):
+        generate_dataset(out, 4, SMALL, 0, workers=1, progress=False)
+    with pytest.raises(SourceError, match=message):
+        load_dataset(out)
+    with pytest.raises(SystemExit):  # the command line prints it, without a traceback
+        main(["--out", str(out), "--num", "4", "--workers", "1"])
+    assert (out / MANIFEST_NAME).read_text() == content

@@ -127,6 +127,11 @@ class _TreeBuilder:
         return write_node(op, texts), _apply(op, values)
 
 
+# Draws in a row without a new distinct tree after which the length bounds are taken to allow too
+# few trees for the number asked (rather than drawing forever); a few seconds of drawing.
+STALL_DRAWS = 200_000
+
+
 def generate_listops(
     num_samples: int,
     *,
@@ -147,8 +152,18 @@ def generate_listops(
     rng = random.Random(seed)
     seen: set[str] = set()
     examples: list[ListOpsExample] = []
+    fruitless = 0  # draws in a row that gave no new tree
     with tqdm(total=num_samples, desc="ListOps trees", unit="tree", disable=not progress) as bar:
         while len(examples) < num_samples:
+            if fruitless == STALL_DRAWS:
+                raise ValueError(
+                    f"ListOps generator: {STALL_DRAWS:,} draws in a row gave no new tree after "
+                    f"{len(examples):,} of the {num_samples:,} asked for, so the lengths "
+                    f"{min_length} < length < {max_length} allow too few distinct trees. Widen "
+                    "them (data.gen_min_length / data.gen_max_length) or ask for fewer examples "
+                    "(data.num_train, data.num_val, data.num_test)."
+                )
+            fruitless += 1
             builder = _TreeBuilder(rng, max_length)
             try:
                 source, value = builder.node(1)
@@ -158,6 +173,7 @@ def generate_listops(
                 seen.add(source)
                 examples.append(ListOpsExample(source, value))
                 bar.update(1)
+                fruitless = 0
     return examples
 
 

@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from mra_lra.data import listops_generator
 from mra_lra.data.listops_generator import (
     SIDECAR_NAME,
     ListOpsExample,
@@ -185,6 +186,14 @@ def test_splits_are_consecutive_draws() -> None:
 def test_rejects_empty_length_range() -> None:
     with pytest.raises(ValueError, match="min_length"):
         generate_listops(1, min_length=10, max_length=11)
+
+
+def test_bounds_with_too_few_trees_stop_with_a_clear_error(monkeypatch) -> None:
+    # 0 < length < 3 holds only the ten single digits: asking for 11 used to draw forever.
+    monkeypatch.setattr(listops_generator, "STALL_DRAWS", 2_000)
+    with pytest.raises(ValueError, match="after 10 of the 11 asked for.*data.gen_max_length"):
+        generate_listops(11, min_length=0, max_length=3, progress=False)
+    assert len(generate_listops(10, min_length=0, max_length=3, progress=False)) == 10
 
 
 def test_write_files_and_sidecar_refuses_overwrite(tmp_path) -> None:

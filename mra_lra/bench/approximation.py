@@ -33,10 +33,12 @@ compute the same function). Nystromformer's depthwise
 conv of v, a model layer and not part of the approximation, is off (`--set
 nystrom.conv_kernel_size=33` turns it on, with random weights).
 Methods whose random draws happen at construction or per call (Performer's features, Linformer's
-projection, YOSO's and Reformer's hashes, Skyformer's landmarks) are averaged over `--seeds`.
+projection, YOSO's and Reformer's hashes, Skyformer's landmarks, Sinkhorn's sorting network,
+Synthesizer's random logits) are averaged over `--seeds`.
 Methods that do not approximate softmax by design (linear: elu+1 kernel, cosformer: ReLU
 features, soft and skyformer: Gaussian kernel, yoso: normalised collision counts, reformer:
-shared query-key) can be listed, but their error measures the
+shared query-key, sinkhorn: two block softmaxes added, synthesizer: learned logits added to the
+dot product) can be listed, but their error measures the
 different function as well as the approximation.
 
 Writes <out>/<name>.csv (one row per layer, attention and setting), <name>.md (the table) and

@@ -69,6 +69,10 @@ PUBLISHED = {
     "linformer": ("Linformer", (35.70, 53.94, 52.27, 38.56, 76.34)),
     "reformer": ("Reformer", (37.27, 56.10, 53.40, 38.07, 68.50)),
     "longformer": ("Longformer", (35.63, 62.85, 56.89, 42.22, 69.71)),
+    "local": ("Local Attention", (15.82, 52.98, 53.39, 41.46, 66.63)),
+    "sparse_trans": ("Sparse Trans.", (17.07, 63.58, 59.59, 44.24, 71.71)),
+    "sinkhorn": ("Sinkhorn Trans.", (33.67, 61.20, 53.83, 41.23, 67.45)),
+    "synthesizer": ("Synthesizer", (36.99, 61.68, 54.67, 41.61, 69.45)),
     "linear": ("Linear Trans.", (16.13, 65.90, 53.09, 42.34, 75.30)),
 }
 

@@ -35,6 +35,13 @@ CASES = {
     "reformer": ("reformer", {"num_hashes": 2, "chunk_size": 16}),
     "longformer": ("longformer", {"window": 16, "num_global_tokens": 1}),
     "bigbird": ("bigbird", {"block_size": 16, "num_global_blocks": 1, "num_random_blocks": 1}),
+    "local": ("local", {"block_size": 16}),
+    "local_strided": ("local", {"block_size": 16, "strided": True}),
+    "sparse_trans": ("sparse_trans", {"block_size": 16, "summary_size": 4}),
+    "sparse_trans_causal_cls": (
+        "sparse_trans",
+        {"block_size": 16, "summary_size": 4, "causal": True, "prefix_tokens": 1},
+    ),
     "linear": ("linear", {}),
     "h_transformer": ("h_transformer", {"block_size": 16}),
     "scatterbrain": ("scatterbrain", {"window_size": 16, "num_features": 32}),
@@ -44,9 +51,21 @@ CASES = {
     "skyformer_all": ("skyformer", {"num_landmarks": 256, "pinv_iterations": 10}),
     "yoso": ("yoso", {"num_hashes": 8, "hash_code_len": 6}),
     "yoso_expectation": ("yoso", {"hash_code_len": 6, "expectation": True}),
+    "sinkhorn": ("sinkhorn", {"block_size": 16}),
+    "sinkhorn_iterations": (
+        "sinkhorn",
+        {"block_size": 16, "sort_activation": "sinkhorn", "sinkhorn_iterations": 3},
+    ),
+    "synthesizer": ("synthesizer", {}),
+    "synthesizer_dense": (
+        "synthesizer",
+        {"mode": "dense+factorized_random", "dot_product": False, "factorized_rank": 8},
+    ),
 }
 # Methods that derive keys from the queries (shared-QK), so `k` gets no gradient.
 KEYS_TIED_TO_QUERIES = {"reformer", "soft"}
+# Cases whose variant uses no keys at all (synthetic logits without the dot product).
+KEYS_UNUSED = {"synthesizer_dense"}
 # FlexAttention has no backward on CPU (tests/attention/test_flex_mra.py checks its message).
 NO_CPU_BACKWARD = {"flex_mra"}
 IDS = sorted(CASES)
@@ -126,7 +145,7 @@ def test_gradients_are_finite_reach_q_k_v_and_skip_padding(case):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
     (call(attn, q, k, v, mask) * weights).sum().backward()
-    tied = CASES[case][0] in KEYS_TIED_TO_QUERIES
+    tied = CASES[case][0] in KEYS_TIED_TO_QUERIES or case in KEYS_UNUSED
     for t in (q, v) if tied else (q, k, v):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
         assert (t.grad[1, :, pad_from:] == 0).all()

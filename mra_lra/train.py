@@ -7,6 +7,7 @@ with configs composed through Hydra's compose API.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import functools
 import json
 import logging
@@ -14,7 +15,9 @@ import netrc
 import os
 import platform
 import time
+import typing
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -27,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, SequentialSampler
 
 from mra_lra.bench.report import flatten_config
@@ -73,14 +77,41 @@ def _wandb_logged_in(settings: dict[str, str]) -> bool:
         return False  # wandb itself ignores an unreadable netrc, with a warning
 
 
+class EnvVarError(ValueError):
+    """An environment variable set to a value its reader rejects; the message names the
+    variable, its value and the values it takes (train.py prints it without a traceback)."""
+
+
+def _wandb_modes() -> tuple[str, ...]:
+    """The values wandb takes for its mode (WANDB_MODE), as its settings model declares them."""
+    try:
+        from wandb.sdk.wandb_settings import Settings
+
+        modes = typing.get_args(Settings.model_fields["mode"].annotation)
+    except (ImportError, AttributeError, KeyError):
+        modes = ()
+    return tuple(modes) or ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
 def _wandb_mode_default() -> None:
     """wandb works without an account: offline unless the user logged in or chose a mode.
 
     A mode chosen by WANDB_MODE or by `wandb offline/online/disabled` is kept; otherwise, with no
     credentials, WANDB_MODE=offline, so that wandb.init neither prompts nor waits on the network.
     Offline runs land in <run dir>/wandb/offline-run-*; `wandb sync <that folder>` uploads one.
+    A WANDB_MODE that wandb would reject (a typo: its pydantic error names neither the variable
+    nor the fix) is an EnvVarError, raised before the run folder is touched.
     """
-    if os.environ.get("WANDB_MODE"):
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        modes = _wandb_modes()
+        if mode not in modes:
+            others = [m for m in modes if m not in ("online", "offline", "disabled")]
+            raise EnvVarError(
+                f"WANDB_MODE={mode!r} is not a wandb mode: set it to online, offline or disabled"
+                f" (wandb also takes {', '.join(others)}), or unset it (then offline unless you"
+                " are logged in to wandb)"
+            )
         return
     settings = _wandb_settings()
     if settings.get("mode") or _wandb_logged_in(settings):
@@ -140,6 +171,33 @@ def protocol_card(cfg: DictConfig) -> str:
 class RunFolderError(RuntimeError):
     """A start that would overwrite a finished run, or a ckpt_path that is no checkpoint; the
     message names the fix (train.py prints it without a traceback)."""
+
+
+class RunTerminated(SystemExit):
+    """SIGTERM (a preemption, `scancel`, `kill`) stopped the run before it finished: no
+    results.json. Exits with 143 (128 + SIGTERM), not 0, so that a scheduler or script does not
+    take the run for finished; a SystemExit, so a sweep stops too instead of starting the next
+    trial. `message` says where the run stopped and how to resume it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(128 + 15)
+        self.message = message
+
+
+def _terminated(trainer: pl.Trainer, cfg: DictConfig, out_dir: Path) -> RunTerminated:
+    """What a run stopped by SIGTERM leaves: where it stopped and the checkpoint to resume from.
+
+    Lightning stops its loops on SIGTERM with SIGTERMException, a SystemExit whose code is None,
+    so the process would exit 0 as if the run had finished."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        resume = f"resume with ckpt_path={last} (step {_checkpoint_step(last)})"
+    else:
+        resume = "no checkpoint was saved yet (last.ckpt is written at each validation)"
+    return RunTerminated(
+        f"SIGTERM stopped the run at step {trainer.global_step} of trainer.max_steps="
+        f"{cfg.trainer.max_steps}, before it finished, so {out_dir} has no results.json; {resume}"
+    )
 
 
 # What a run folder holds once a run has started training in it.
@@ -210,6 +268,19 @@ def _warn_if_resumed_elsewhere(ckpt_path: str | None, out_dir: Path) -> None:
             out_dir,
             home,
         )
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(trainer: pl.Trainer, cfg: DictConfig, out_dir: Path) -> Iterator[None]:
+    """Around trainer.fit or trainer.test (which install Lightning's SIGTERM handler): a SIGTERM
+    raises RunTerminated, whether Lightning's loop stopped on it (SIGTERMException) or the loop
+    was at its end and finished (only the flag is left; the run must stop all the same)."""
+    try:
+        yield
+    except SIGTERMException:
+        raise _terminated(trainer, cfg, out_dir) from None
+    if trainer.received_sigterm:
+        raise _terminated(trainer, cfg, out_dir)
 
 
 def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
@@ -320,6 +391,8 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     reset_peak_memory()
     out_dir = Path(cfg.paths.output_dir)
+    if "wandb" in cfg.logger:
+        _wandb_mode_default()
     # The launch environment (torchrun, SLURM, Lightning's own re-launch) names the rank before
     # the trainer exists; ddp_spawn starts its ranks inside fit, so this process is rank 0.
     if rank_zero_only.rank == 0:
@@ -329,8 +402,6 @@ def run(cfg: DictConfig) -> dict:
         log.info("protocol card\n%s", protocol_card(cfg))
         _warn_if_resumed_elsewhere(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    if "wandb" in cfg.logger:
-        _wandb_mode_default()
 
     datamodule, module = build(cfg)
     net = module.net
@@ -344,7 +415,9 @@ def run(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    stop_on_sigterm = functools.partial(_stop_on_sigterm, trainer, cfg, out_dir)
+    with stop_on_sigterm():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     steps = trainer.global_step
     # Throughput of all ranks together: every rank trains one batch per step, in lockstep.
     tokens, seconds = (
@@ -365,13 +438,13 @@ def run(cfg: DictConfig) -> dict:
         best_step = _checkpoint_step(Path(best_path))
     test_acc = test_acc_last = None
     if cfg.test:
-        test_acc_last = trainer.test(module, datamodule=datamodule, ckpt_path=last_path)[0][
-            "test/acc"
-        ]
+        with stop_on_sigterm():
+            tested = trainer.test(module, datamodule=datamodule, ckpt_path=last_path)
+        test_acc_last = tested[0]["test/acc"]
         if best_path:
-            test_acc = trainer.test(module, datamodule=datamodule, ckpt_path=best_path)[0][
-                "test/acc"
-            ]
+            with stop_on_sigterm():
+                tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
+            test_acc = tested[0]["test/acc"]
         else:
             log.warning(
                 "there is no best checkpoint (no validation ran, or checkpoints were off, as "

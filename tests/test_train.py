@@ -310,3 +310,114 @@ def test_a_run_folder_is_not_overwritten_and_ckpt_path_is_checked(compose_cfg, t
         assert not caplog.records
         _check_run_folder(resume(checkpoint, attn="mra_s"), run_dir)
     assert "attn.approx_mode" in caplog.text and "attn.name" in caplog.text
+
+
+def test_sigterm_stops_the_run_with_a_failure_exit_and_no_results(tmp_path):
+    """A preemption (SIGTERM once training runs): Lightning stops its loop with SIGTERMException,
+    a SystemExit with no code, so the process exited 0 as if finished. It must exit 143 (128 +
+    SIGTERM), write no results.json and name the checkpoint to resume from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", "task=listops", "trainer=cpu", "logger=none"]
+    command += ["data.num_workers=0", "data.batch_size=8", "data.max_length=128"]
+    command += ["data.num_train=40", "data.num_val=8", "data.num_test=8"]
+    command += ["data.gen_min_length=10", "data.gen_max_length=120"]
+    command += ["trainer.max_steps=100000", "trainer.val_check_interval=2"]
+    command += ["trainer.enable_progress_bar=false", "scheduler.warmup_steps=0"]
+    command += [f"data.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert process.poll() is None, (tmp_path / "err").read_text()[-2000:]
+            process.send_signal(signal.SIGTERM)  # training is under way: a validation ran
+            code = process.wait(timeout=60)
+        finally:
+            process.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert code == 143, stderr[-2000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: SIGTERM stopped the run at step "), line
+    assert f"so {run_dir} has no results.json; resume with ckpt_path={last} (step " in line
+    assert "Traceback" not in stderr
+    assert not (run_dir / "results.json").exists() and last.is_file()
+
+
+def test_sigterm_after_a_loop_ended_stops_the_run(compose_cfg, tmp_path):
+    """A SIGTERM in a loop's last step leaves Lightning's flag set with no SIGTERMException (the
+    loop is done): the run must stop all the same, before testing or writing results.json."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from mra_lra.train import RunTerminated, _stop_on_sigterm
+
+    cfg = compose_cfg(["trainer.max_steps=20"], run_dir=tmp_path)
+    trainer = SimpleNamespace(received_sigterm=False, global_step=20)
+    with _stop_on_sigterm(trainer, cfg, tmp_path):
+        pass  # no signal: nothing happens
+    trainer.received_sigterm = True
+    with pytest.raises(RunTerminated) as stopped, _stop_on_sigterm(trainer, cfg, tmp_path):
+        pass
+    assert stopped.value.code == 143
+    assert "at step 20 of trainer.max_steps=20" in stopped.value.message
+    assert "no checkpoint was saved yet" in stopped.value.message
+    with pytest.raises(RunTerminated), _stop_on_sigterm(trainer, cfg, tmp_path):
+        raise SIGTERMException
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.max_step=5", "did you mean trainer.max_steps or trainer.max_epochs?"),
+        ("model.nlayers=2", "did you mean model.n_layers?"),
+        ("experment=demo", "did you mean experiment?"),
+        ("model.foo=1", "model has _target_, vocab_size"),
+    ],
+)
+def test_misspelt_key_is_one_message_naming_the_closest(
+    tmp_path, monkeypatch, capsys, override, expected
+):
+    """Hydra advises `+key=value` for a key the config lacks, which would add a key that nothing
+    reads; `python train.py` names the closest keys instead, before anything runs."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    argv = ["train.py", "experiment=demo", override, f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(root / "train.py"), run_name="__main__")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    assert err.startswith(f"error: {key} is not a key of the config; {expected}"), err
+    assert err.count("\n") == 1, err
+    assert "prefix it with +" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_override_key_check_passes_what_composes():
+    import train as entry
+
+    for argv in (
+        ["experiment=demo", "trainer.max_steps=2", "attn=nystrom", "attn.num_landmarks=8"],
+        ["logger=wandb", "+logger.wandb.id=abc", "+trainer.detect_anomaly=true"],
+        ["-m", "hparams_search=listops_optuna", "hydra.sweeper.n_trials=3"],
+        ["-m", "attn=mra,nystrom", "attn.num_landmarks=8"],  # a sweep: left to Hydra
+        ["attn=mrra"],  # no such option: Hydra lists the options itself
+    ):
+        assert entry._unknown_key_message(argv) is None, argv

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import runpy
 import struct
 import subprocess
 import sys
@@ -112,6 +113,28 @@ def test_wandb_netrc_for_another_host_is_not_a_login(wandb_env, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
     train_module._wandb_mode_default()
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_misspelt_wandb_mode_is_one_message(
+    compose_cfg, tmp_path, conftest_tiny, wandb_env, monkeypatch, capsys
+):
+    # wandb's own error is a pydantic "1 validation error for Settings" naming neither the
+    # variable nor the fix, raised once the data and model are built and config.yaml written.
+    import train as entry
+
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*conftest_tiny, *FEW_STEPS, "logger=wandb"], run_dir=run_dir)
+    with pytest.raises(SystemExit) as stopped:
+        entry.main(cfg)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: WANDB_MODE='ofline' is not a wandb mode")
+    assert "online, offline or disabled" in line and "unset it" in line
+    assert "Traceback" not in err and "validation error" not in err
+    assert not run_dir.exists()  # refused before anything was written
 
 
 def test_wandb_logger_writes_an_offline_run(compose_cfg, tmp_path, conftest_tiny, wandb_env):
@@ -395,6 +418,53 @@ def test_optuna_sweep_three_trials(tmp_path, conftest_tiny):
     top = max(value for value, _ in trials)
     assert best["best_value"] == pytest.approx(top)
     assert any(best["best_params"] == params for value, params in trials if value == top)
+
+
+def test_optuna_sweep_whose_every_trial_fails_is_one_message(tmp_path, monkeypatch, capsys):
+    """Optuna's sweeper ends such a sweep with a traceback ending in "No trials are completed
+    yet." and keeps no trial's traceback; train.py names the first trial's error and its log.
+    `python train.py` in this process, with run replaced: trial 0 raises (a bug), trial 1 never
+    validates (no value for the sweeper)."""
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    def failing_run(cfg):
+        if cfg.paths.output_dir.endswith("0"):
+            raise RuntimeError("boom\nat some depth")
+        return {"val_acc_best": None, "steps": 2}
+
+    monkeypatch.setattr(OptunaSweeper, "sweep", OptunaSweeper.sweep)  # restored afterwards
+    monkeypatch.setattr(train_module, "run", failing_run)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    sweep_dir = tmp_path / "sweep"
+    argv = ["train.py", "-m", "hparams_search=listops_optuna", "hydra.sweeper.n_trials=2"]
+    argv += ["logger=none", "trainer.val_check_interval=3", f"hydra.sweep.dir={sweep_dir}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:  # Hydra set up logging for its jobs (a file handler in each trial folder)
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        GlobalHydra.instance().clear()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    first = sweep_dir / "0"
+    assert err.strip().splitlines()[-1] == (
+        f"error: all 2 trials of the Optuna sweep failed, so it has no best value; the first "
+        f"({first}) failed: RuntimeError: boom (its log: {first / 'train.log'})"
+    )
+    assert "No trials are completed" not in err and "Traceback" not in err, err
+    log_text = (first / "train.log").read_text()
+    assert "Traceback" in log_text and "RuntimeError: boom" in log_text
+    log_text = (sweep_dir / "1" / "train.log").read_text()
+    assert "val/acc_best is null" in log_text
+    assert "no validation ran (2 steps, trainer.val_check_interval=3)" in log_text
 
 
 def test_attn_search_space_only_where_the_attention_has_the_knob(compose_cfg):

@@ -12,16 +12,15 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mra_lra.data.sources import SourceError
+from mra_lra.errors import CONFIG_ERRORS, user_error
 from mra_lra.train import EnvVarError, RunFolderError, RunTerminated, run
 
 log = logging.getLogger("train")
@@ -34,27 +33,9 @@ CONF = Path(__file__).resolve().parent / "conf"
 USER_ERRORS = (FileNotFoundError, PermissionError, SourceError, RunFolderError, EnvVarError)
 
 
-# Bad option values: the project's checks raise ValueError naming the option and what it takes,
-# and Lightning's MisconfigurationException names its own; printed the same way, with a pointer
-# to the traceback in case the value error is a bug's.
-CONFIG_ERRORS = (ValueError, MisconfigurationException)
-
-
-def _hint(err: BaseException) -> str:
-    if "gpu" in str(err).lower() and not torch.cuda.is_available():
-        return " (this machine has no GPU: add trainer=cpu)"
-    return ""
-
-
 def _user_error(err: BaseException) -> str | None:
     """The one-line message for a user's mistake (None: a bug, shown with its traceback)."""
-    if isinstance(err, USER_ERRORS):
-        return str(err)
-    # Hydra wraps what a config's target raised: report that.
-    cause = err.__cause__ if isinstance(err, InstantiationException) else err
-    if isinstance(cause, CONFIG_ERRORS):
-        return f"{cause}{_hint(cause)}\n(HYDRA_FULL_ERROR=1 shows where it was raised)"
-    return None
+    return user_error(err, USER_ERRORS, cpu_fix="add trainer=cpu")
 
 
 def _in_sweep() -> bool:

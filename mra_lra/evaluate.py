@@ -34,8 +34,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import pickle
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,16 @@ import hydra
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from mra_lra.data.cache import atomic_open, atomic_write_json
+from mra_lra import errors
+from mra_lra.data.cache import atomic_open, atomic_write_json, ensure_writable_dir
 from mra_lra.data.prepare import CONF_DIR
+from mra_lra.data.sources import SourceError
+from mra_lra.errors import CONFIG_ERRORS
 from mra_lra.train import build
 
 USAGE = (
@@ -57,6 +65,14 @@ USAGE = (
 SPLITS = ("val", "test")
 GPU_ACCELERATORS = ("gpu", "cuda")
 ATTN_CONF = CONF_DIR / "attn"
+# What a run's config.yaml holds (train.py writes it resolved): the sections the model, data and
+# trainer are built from, each a mapping; those with a _target_ are instantiated.
+RUN_SECTIONS = ("task", "data", "model", "optimizer", "trainer", "attn")
+BUILT_SECTIONS = ("data", "model", "optimizer", "trainer")
+RUN_FOLDER = (
+    "run_dir must be a run folder written by train.py (runs/<date>/<time>_<task>_<attn>/, or one "
+    "numbered folder of a multirun)"
+)
 
 log = logging.getLogger("mra_lra.evaluate")
 _MISSING = object()
@@ -64,6 +80,25 @@ _MISSING = object()
 
 class EvalError(ValueError):
     """A bad argument, run folder or checkpoint; the message names it and the fix."""
+
+
+class MissingKeyError(EvalError):
+    """An override of a key the run's config.yaml lacks (attn.block_per_row of a softmax run)."""
+
+
+# The user's to fix, printed alone: missing or unreadable files, and eval's own checks.
+USER_ERRORS = (EvalError, FileNotFoundError, PermissionError, SourceError)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The message for a user's mistake, as train.py prints it (None: a bug)."""
+    return errors.user_error(err, USER_ERRORS, cpu_fix="trainer.accelerator=cpu")
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        return f"{err.problem} at line {err.problem_mark.line + 1}"
+    return " ".join(str(err).split("\n")[0].split()) or type(err).__name__
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -96,11 +131,8 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     written `+key=value`), so a misspelt key fails instead of being silently ignored."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: run_dir must be a run folder written by train.py "
-            "(runs/<date>/<time>_<task>_<attn>/, or one numbered folder of a multirun)"
-        )
-    cfg = OmegaConf.load(path)
+        raise FileNotFoundError(f"{path} not found: {RUN_FOLDER}")
+    cfg = read_run_config(path)
     # config.yaml is resolved: model.attn is a copy of attn. Link it again, so that attn.<key>=...
     # and attn=<name> reach the model.
     if "attn" in cfg and cfg.model.get("attn") == cfg.attn:
@@ -120,12 +152,17 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
                 f"{arg!r}: model.attn is the run's attn section; write "
                 f"{arg.lstrip('+').replace('model.attn.', 'attn.', 1)}"
             )
+        parts = key.split(".")
+        for prefix in (".".join(parts[:i]) for i in range(1, len(parts))):
+            node = OmegaConf.select(cfg, prefix, default=None)
+            if node is not None and not isinstance(node, DictConfig):
+                raise EvalError(f"{arg!r}: {prefix} is a value ({node!r}), not a config section")
         exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
         if not exists and not add:
             section = key.rpartition(".")[0]
             known = OmegaConf.select(cfg, section) if section else cfg
             choices = sorted(known.keys()) if isinstance(known, DictConfig) else []
-            raise EvalError(
+            raise MissingKeyError(
                 f"{key!r} is not in {path}"
                 + (f"; {section or 'the top level'} has {choices}" if choices else "")
                 + f". Write +{key}=... to add it."
@@ -135,9 +172,66 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
                 f"{key!r} is a config section; set its keys one by one (e.g. {key}.<name>=...)"
             )
         # Values parse as on Hydra's command line (1e-4 is a float, null is None).
-        value = OmegaConf.from_dotlist([f"value={text}"]).value
-        OmegaConf.update(cfg, key, value, force_add=add)
+        try:
+            value = OmegaConf.from_dotlist([f"value={text}"]).value
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise EvalError(f"{arg!r}: {text!r} is not a value ({_one_line(err)})") from None
+        try:
+            OmegaConf.update(cfg, key, value, force_add=add)
+        except OmegaConfBaseException as err:
+            raise EvalError(f"{arg!r}: cannot set {key} ({_one_line(err)})") from None
     return cfg
+
+
+def read_run_config(path: Path) -> DictConfig:
+    """The config.yaml train.py wrote: YAML, resolved, with the sections a run is built from.
+    Anything else (a damaged file, another program's YAML, Hydra's unresolved copy in .hydra/)
+    is an EvalError naming the file."""
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        problem = f"not YAML: {_one_line(err)}"
+    else:
+        problem = _config_problem(cfg)
+    if problem is None:
+        return cfg
+    fix = RUN_FOLDER
+    if path.parent.name == ".hydra" and (path.parent.parent / "config.yaml").is_file():
+        run = path.parent.parent
+        fix = f"that is Hydra's copy; the run's own is in the folder above: run_dir={run}"
+    raise EvalError(f"{path} is not a run config written by train.py ({problem}): {fix}")
+
+
+def _config_problem(cfg: DictConfig | ListConfig) -> str | None:
+    """What keeps `cfg` (a loaded config.yaml) from being a run config; None when nothing."""
+    if not isinstance(cfg, DictConfig):
+        return "it holds a list, not the run's config sections"
+    if not cfg:
+        return "it is empty"
+    missing = [s for s in RUN_SECTIONS if not isinstance(cfg.get(s), DictConfig)]
+    if missing:
+        return f"no {', '.join(missing)} section{'s' if len(missing) > 1 else ''}"
+    untargeted = [s for s in BUILT_SECTIONS if "_target_" not in cfg[s]]
+    if untargeted or "name" not in cfg.task or "num_classes" not in cfg.task:
+        return f"{', '.join(untargeted) or 'task'} lacks the keys a run is built from"
+    # train.py writes it resolved; Hydra's copy in .hydra/ has ${...} (which may even resolve,
+    # in a process where Hydra ran).
+    unresolved = _interpolations(cfg)
+    if unresolved:
+        return "it is not resolved: {} is {}".format(*unresolved[0])
+    return None
+
+
+def _interpolations(node: DictConfig | ListConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, text) of each ${...} and ??? (missing) value in `node`."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    found = []
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+            found.append((f"{prefix}{key}", raw[key]))
+        elif isinstance(child := node[key], DictConfig | ListConfig):
+            found += _interpolations(child, f"{prefix}{key}.")
+    return found
 
 
 def attention_config(name: str) -> DictConfig:
@@ -151,17 +245,69 @@ def attention_config(name: str) -> DictConfig:
 
 
 def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
-    """best/last name the run's own checkpoints; anything else is a path."""
-    path = run_dir / "checkpoints" / f"{ckpt}.ckpt" if ckpt in ("best", "last") else Path(ckpt)
-    if not path.is_file():
-        hint = (
-            " (best.ckpt is written at the first validation: the run may have stopped before it;"
-            " try ckpt=last)"
-            if ckpt == "best"
-            else ""
+    """best/last name the run's own checkpoints; anything else is a path to a checkpoint file. A
+    missing or wrong one is an error that suggests only checkpoints that are there."""
+    if ckpt in ("best", "last"):
+        path = run_dir / "checkpoints" / f"{ckpt}.ckpt"
+        if path.is_file():
+            return path
+        saved = saved_checkpoints(run_dir)
+        if not saved:
+            raise FileNotFoundError(
+                f"{run_dir} holds no checkpoints ({run_dir / 'checkpoints'} has no .ckpt file): "
+                "its run stopped before its first validation, which writes best.ckpt and "
+                "last.ckpt (or it is still running). Train it again with train.py, or pass "
+                "ckpt=<path> of a checkpoint file"
+            )
+        when = " (best.ckpt is written at the first validation)" if ckpt == "best" else ""
+        raise FileNotFoundError(
+            f"checkpoint {path} not found{when}; the run saved "
+            f"{', '.join(p.name for p in saved)}: try {' or '.join(_ckpt_args(saved))}"
         )
+    path = Path(ckpt)
+    if path.is_dir():
+        inside = sorted({*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")})
+        example = f", e.g. {' or '.join(f'ckpt={p}' for p in inside[:2])}" if inside else ""
+        raise EvalError(f"ckpt={path} is a folder; pass a checkpoint file{example}")
+    if not path.is_file():
+        hint = ""
+        if not path.is_absolute() and (run_dir / path).is_file():
+            hint = f" (a path is taken from the current folder: ckpt={run_dir / path})"
         raise FileNotFoundError(f"checkpoint {path} not found{hint}")
     return path
+
+
+def saved_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints/*.ckpt files, best and last first."""
+    order = {"best": 0, "last": 1}
+    found = (run_dir / "checkpoints").glob("*.ckpt")
+    return sorted((p for p in found if p.is_file()), key=lambda p: (order.get(p.stem, 2), p.name))
+
+
+def _ckpt_args(paths: Sequence[Path]) -> list[str]:
+    return [f"ckpt={p.stem}" if p.stem in ("best", "last") else f"ckpt={p}" for p in paths]
+
+
+def load_checkpoint(path: Path, run_dir: Path) -> dict:
+    """The checkpoint's contents (weights on the CPU); a file that is none is an EvalError."""
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"checkpoint {path} is not readable (its permissions)")
+    problem = None
+    if not zipfile.is_zipfile(path):
+        problem = "not a zip archive, as torch.save writes: another file, or one cut short"
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+            problem = f"torch.load failed: {_one_line(err)}"
+        else:
+            if not isinstance(state, dict) or "state_dict" not in state:
+                problem = "no state_dict: not a Lightning checkpoint"
+    if problem is None:
+        return state
+    saved = [p for p in saved_checkpoints(run_dir) if p.resolve() != path.resolve()]
+    fix = f"pass {' or '.join(_ckpt_args(saved))}" if saved else "pass a checkpoint train.py wrote"
+    raise EvalError(f"{path} is not a checkpoint train.py wrote ({problem}); {fix}")
 
 
 def eval_trainer(cfg: DictConfig, overrides: Sequence[str] = ()) -> pl.Trainer:
@@ -248,8 +394,8 @@ def load_run(run_dir: str | Path, ckpt: str = "best", overrides: Sequence[str] =
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, ckpt)
+    state = load_checkpoint(path, run_dir)
     datamodule, module = build(cfg)
-    state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         module.load_state_dict(state["state_dict"])
     except RuntimeError as err:
@@ -285,6 +431,8 @@ def evaluate(
         raise EvalError(f"split={','.join(splits)}: choose from {', '.join(SPLITS)}")
     run = load_run(run_dir, ckpt, overrides)
     cfg, datamodule, module, path = run.cfg, run.datamodule, run.module, run.checkpoint
+    out = Path(out) if out else run_dir / f"{default_stem(path, overrides)}.json"
+    check_out(out)
     trainer = eval_trainer(cfg, overrides)
     results: dict = {
         "run_dir": str(run_dir),
@@ -294,7 +442,6 @@ def evaluate(
         "task": cfg.task.name,
         "attn": cfg.attn.name,
     }
-    out = Path(out) if out else run_dir / f"{default_stem(path, overrides)}.json"
     for split in splits:
         run_split = trainer.validate if split == "val" else trainer.test
         metrics = run_split(module, datamodule=datamodule, verbose=False)[0]
@@ -327,6 +474,14 @@ def evaluate(
     return results
 
 
+def check_out(out: Path) -> None:
+    """Fail before evaluating, not when writing: `out` must be a file name in a folder we may
+    write to (made when missing)."""
+    if out.is_dir():
+        raise EvalError(f"out={out} is a folder; give a file name, e.g. out={out / 'eval.json'}")
+    ensure_writable_dir(out.parent, "Pass out=<file> in a folder you may write to.")
+
+
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """`key=a,b,c` (a comma list, not a `[...]` value) becomes one evaluation per value; several
     such keys, one per combination. Without a list: one evaluation with the overrides as given."""
@@ -343,6 +498,15 @@ def find_runs(root: Path) -> list[Path]:
     (a multirun's numbered jobs, `make reproduce`'s folder, a folder of runs), sorted."""
     if (root / "config.yaml").is_file():
         return [root]
+    if root.is_file():
+        run = next((p for p in root.parents[:2] if (p / "config.yaml").is_file()), None)
+        if run is None:
+            raise EvalError(f"run_dir={root} is a file; {RUN_FOLDER}")
+        ckpt = ""
+        if root.suffix == ".ckpt":
+            own = root.parent == run / "checkpoints" and root.stem in ("best", "last")
+            ckpt = f" ckpt={root.stem if own else root}"
+        raise EvalError(f"run_dir={root} is a file; pass its run folder: run_dir={run}{ckpt}")
     runs = sorted(
         p.parent for p in root.rglob("config.yaml") if (p.parent / "checkpoints").is_dir()
     )
@@ -375,12 +539,24 @@ def evaluate_many(
     common = Path(os.path.commonpath(runs)) if len(runs) > 1 else runs[0]
     table_stem = Path(out).with_suffix("") if out else common / name
     rows = []
+    skipped: dict[Path, str] = {}  # runs of a folder whose config lacks an overridden key
     for run, combo in itertools.product(runs, combos):
+        if run in skipped:
+            continue
         stem = table_stem if len(runs) == 1 else run / name
         label = "__".join(combo[i].replace("/", "_") for i in swept)
-        result = evaluate(
-            run, ckpt, splits, combo, stem.with_name(f"{stem.name}__{label}.json"), predictions
-        )
+        try:
+            result = evaluate(
+                run, ckpt, splits, combo, stem.with_name(f"{stem.name}__{label}.json"), predictions
+            )
+        except MissingKeyError as err:
+            if len(runs) == 1:
+                raise
+            # A folder of runs may mix attentions (make reproduce: softmax beside mra): the
+            # overrides apply to the runs that have the key.
+            skipped[run] = str(err).partition(". Write +")[0]
+            print(f"skipped {run}: {skipped[run]}")
+            continue
         row = {"run": str(run.relative_to(common))} if len(runs) > 1 else {}
         row.update({combo[i].partition("=")[0]: combo[i].partition("=")[2] for i in swept})
         for split in splits:
@@ -388,11 +564,17 @@ def evaluate_many(
                 {f"{split}_acc": result[f"{split}_acc"], f"{split}_loss": result[f"{split}_loss"]}
             )
         rows.append({**row, "wall_seconds": result["wall_seconds"]})
+    if not rows:
+        raise EvalError(
+            f"no run below {common} has every key the overrides set: " + "; ".join(skipped.values())
+        )
     table = table_stem.with_name(f"{table_stem.name}_sweep.csv")
     with atomic_open(table) as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
     print(f"{len(rows)} evaluations: {table}")
+    if skipped:
+        print(f"{len(skipped)} run(s) skipped: their configs lack an overridden key (above)")
     for row in rows:
         print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()))  # fmt: skip
@@ -411,8 +593,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate(runs[0], options["ckpt"], splits, overrides, options.get("out"), predictions)
         else:
             evaluate_many(runs, combos, options["ckpt"], splits, options.get("out"), predictions)
-    except (EvalError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, *CONFIG_ERRORS, InstantiationException) as err:
+        message = user_error(err)
+        # HYDRA_FULL_ERROR=1 shows the traceback of a value error (eval's own checks name the
+        # fix and have none worth showing).
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, USER_ERRORS)
+        if message is None or full:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

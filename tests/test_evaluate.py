@@ -2,12 +2,14 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from mra_lra.evaluate import evaluate, main
@@ -108,11 +110,19 @@ def test_gpu_run_falls_back_to_cpu(trained, tmp_path):
         (["{run}", "oops"], "'oops' is not key=value"),
         (["{run}", "predictions=yes"], "write predictions=true or predictions=false"),
         (["run_dir={tmp}"], "config.yaml not found, and no run folder (config.yaml and"),
+        (["run_dir={tmp}/nowhere"], "config.yaml not found, and no run folder (config.yaml and"),
+        (["run_dir={path}/config.yaml"], "is a file; pass its run folder: run_dir={path}"),
+        (["run_dir={path}/checkpoints/last.ckpt"], "pass its run folder: run_dir={path} ckpt=last"),
+        (["{run}", "attn.block_per_row=${{x}}"], "'${{x}}' is not a value (Interpolation key"),
+        (["{run}", "attn.block_per_row=["], "'[' is not a value"),
+        (["{run}", "+task.name.x=1"], "task.name is a value ('listops'), not a config section"),
+        (["{run}", "out={tmp}"], "out={tmp} is a folder; give a file name"),
     ],
 )
 def test_bad_arguments_name_the_problem(trained, tmp_path, capsys, args, message):
     run_dir, _ = trained
-    args = [a.format(run=f"run_dir={run_dir}", tmp=tmp_path) for a in args]
+    args = [a.format(run=f"run_dir={run_dir}", tmp=tmp_path, path=run_dir) for a in args]
+    message = message.format(tmp=tmp_path, path=run_dir)
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
@@ -125,6 +135,157 @@ def test_missing_best_checkpoint_suggests_last(trained, tmp_path, capsys):
     (copy / "checkpoints" / "best.ckpt").unlink()
     assert main([f"run_dir={copy}"]) == 2
     assert "try ckpt=last" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("attn.block_per_row=0", "error: block_per_row must be >= 1, got 0\n"),
+        ("attn.backend=bogus", "error: backend must be one of ('auto', 'torch', 'triton')"),
+        ("data.batch_size=0", "error: data.batch_size must be an integer >= 1, got 0\n"),
+        ("trainer.precision=17", "error: Precision 17 is invalid"),
+    ],
+)
+def test_bad_option_values_are_one_message(
+    trained, tmp_path, capsys, monkeypatch, override, message
+):
+    """As train.py prints them: the check's own message and a pointer to the traceback, which
+    HYDRA_FULL_ERROR=1 shows."""
+    from hydra.errors import InstantiationException
+
+    run_dir, _ = trained
+    args = [f"run_dir={run_dir}", override, f"out={tmp_path / 'eval.json'}"]
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "(HYDRA_FULL_ERROR=1 shows where it was raised)" in err
+    assert not (tmp_path / "eval.json").exists()
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(InstantiationException):
+        main(args)
+
+
+def test_bad_option_value_on_the_command_line_has_no_traceback(trained, tmp_path):
+    run_dir, _ = trained
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"run_dir={run_dir}", "attn.block_per_row=0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: block_per_row must be >= 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def _hydra_copy(run_dir, folder):
+    """The run with its config.yaml also in .hydra/ as Hydra keeps it: unresolved."""
+    shutil.copytree(run_dir, folder)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.paths.output_dir = "${hydra:runtime.output_dir}"
+    cfg.trainer.default_root_dir = "${paths.output_dir}"
+    (folder / ".hydra").mkdir()
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+    return folder / ".hydra"
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (
+            b"model: [unclosed\n  d_model: :\n",
+            "(not YAML: expected ',' or ']', but got ':' at line 2)",
+        ),
+        (b"PK\x03\x04\x80\x81\xfe\xff", "(not YAML: 'utf-8' codec can't decode"),
+        (b"", "(it is empty)"),
+        (b"- task\n- model\n", "(it holds a list, not the run's config sections)"),
+        (b"seed: 1\nmodel: 3\n", "(no task, data, model, optimizer, trainer, attn sections)"),
+        (None, "(it is not resolved: paths.output_dir is ${hydra:runtime.output_dir})"),
+    ],
+)
+def test_a_config_yaml_train_py_did_not_write_is_named(trained, tmp_path, capsys, content, problem):
+    run_dir, _ = trained
+    folder = tmp_path / "run"
+    if content is None:  # Hydra's copy, in the run's .hydra/
+        folder = _hydra_copy(run_dir, folder)
+        fix = f"that is Hydra's copy; the run's own is in the folder above: run_dir={folder.parent}"
+    else:
+        shutil.copytree(run_dir, folder)
+        (folder / "config.yaml").write_bytes(content)
+        fix = "run_dir must be a run folder written by train.py"
+    assert main([f"run_dir={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {folder / 'config.yaml'} is not a run config written by train.py {problem}" in err
+    )
+    assert fix in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ckpt", ["best", "last"])
+@pytest.mark.parametrize("folder", [True, False])
+def test_a_run_without_checkpoints_suggests_nothing_that_fails(
+    trained, tmp_path, capsys, ckpt, folder
+):
+    run_dir, _ = trained
+    copy = tmp_path / "early"
+    copy.mkdir()
+    shutil.copy(run_dir / "config.yaml", copy)
+    if folder:
+        (copy / "checkpoints").mkdir()
+    assert main([f"run_dir={copy}", f"ckpt={ckpt}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy} holds no checkpoints" in err
+    assert "Train it again with train.py" in err
+    assert "ckpt=last" not in err and "ckpt=best" not in err
+
+
+def test_missing_last_checkpoint_suggests_best(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "last.ckpt").unlink()
+    assert main([f"run_dir={copy}", "ckpt=last"]) == 2
+    err = capsys.readouterr().err
+    assert "the run saved best.ckpt: try ckpt=best" in err and "ckpt=last" not in err
+
+
+@pytest.mark.parametrize("kind", ["text", "cut_short", "no_state_dict", "folder", "relative"])
+def test_a_ckpt_path_that_is_no_checkpoint_is_named(trained, tmp_path, capsys, monkeypatch, kind):
+    run_dir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "x.ckpt"
+    if kind == "text":
+        path = run_dir / "config.yaml"
+        message = f"{path} is not a checkpoint train.py wrote (not a zip archive"
+    elif kind == "cut_short":
+        path.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:20000])
+        message = f"{path} is not a checkpoint train.py wrote (not a zip archive"
+    elif kind == "no_state_dict":
+        torch.save({"weights": torch.zeros(2)}, path)
+        message = f"{path} is not a checkpoint train.py wrote (no state_dict"
+    elif kind == "folder":
+        path = run_dir
+        best = run_dir / "checkpoints" / "best.ckpt"
+        message = f"ckpt={run_dir} is a folder; pass a checkpoint file, e.g. ckpt={best} or"
+    else:
+        path = "checkpoints/last.ckpt"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        message = f"(a path is taken from the current folder: ckpt={last})"
+    assert main([f"run_dir={run_dir}", f"ckpt={path}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if kind in ("text", "cut_short", "no_state_dict"):
+        assert err.rstrip().endswith("; pass ckpt=best or ckpt=last")
+
+
+def test_out_in_a_new_folder_is_made(trained, tmp_path):
+    run_dir, results = trained
+    out = tmp_path / "new" / "eval.json"
+    assert main([f"run_dir={run_dir}", f"out={out}"]) == 0
+    assert json.loads(out.read_text())["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
 
 
 def test_eval_py_on_the_command_line(trained, tmp_path):
@@ -258,6 +419,30 @@ def test_a_folder_of_runs_is_evaluated_run_by_run(trained, tmp_path):
     assert json.loads((tmp_path / "multi" / "1" / name).read_text())["overrides"] == [
         "attn.block_per_row=4", "attn.backend=torch"
     ]  # fmt: skip
+
+
+def test_a_folder_mixing_attentions_skips_runs_without_the_key(trained, tmp_path, capsys):
+    """make reproduce puts softmax runs beside MRA's: attn.block_per_row applies to MRA's only."""
+    run_dir, _ = trained
+    shutil.copytree(run_dir, tmp_path / "multi" / "mra")
+    shutil.copytree(run_dir, tmp_path / "multi" / "softmax")
+    config = tmp_path / "multi" / "softmax" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["attn"] = {"name": "softmax", "dropout": 0.1}
+    config.write_text(yaml.safe_dump(cfg))
+    assert main([f"run_dir={tmp_path / 'multi'}", "attn.block_per_row=1,4"]) == 0
+    with (tmp_path / "multi" / "eval_best_sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["attn.block_per_row"]) for r in rows] == [("mra", "1"), ("mra", "4")]
+    out = capsys.readouterr().out
+    assert f"skipped {tmp_path / 'multi' / 'softmax'}: 'attn.block_per_row' is not in" in out
+    # Only runs without the key: an error naming why, no table.
+    shutil.rmtree(tmp_path / "multi" / "mra")
+    shutil.copytree(tmp_path / "multi" / "softmax", tmp_path / "multi" / "softmax2")
+    (tmp_path / "multi" / "eval_best_sweep.csv").unlink()
+    assert main([f"run_dir={tmp_path / 'multi'}", "attn.block_per_row=1,4"]) == 2
+    assert "has every key the overrides set" in capsys.readouterr().err
+    assert not (tmp_path / "multi" / "eval_best_sweep.csv").exists()
 
 
 def test_load_run_gives_the_trained_model_for_a_notebook(trained):

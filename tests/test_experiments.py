@@ -171,10 +171,69 @@ JAX_PER_MODEL = {
 }
 
 
+# Attention defaults of the LRA model code (lra_benchmarks/models/<model>/), which hold on every
+# task since no train.py passes these arguments and no per-model config sets them (except the
+# block sizes in JAX_PER_MODEL, applied after these); docs/lra_jax.md, "Attention defaults of the
+# LRA code". attn -> attn options.
+JAX_ATTN_DEFAULTS = {
+    # linformer_attention.py: LinformerAttention(low_rank_features=16)
+    "linformer": {"projected_length": 16},
+    # bigbird.py _DEFAULT_BLOCK_SIZE = 64; bigbird_attention.py num_rand_blocks=3
+    "bigbird": {"block_size": 64, "num_random_blocks": 3},
+    # longformer.py: sliding_window_size=512 (255 keys before, 256 after), global_mask=None
+    "longformer": {"window": 512, "num_global_tokens": 0},
+    # reformer_attention.py: n_hashes=1, n_buckets=10 (chunk sizes per task below)
+    "reformer": {"num_hashes": 1, "num_buckets": 10},
+    # local_attention.py reshapes [n] to [block_size, blocks]: strided groups
+    "local": {"strided": True},
+    # sparse_attention.py ANDs every pattern with a lower-triangular mask
+    "sparse_trans": {"causal": True},
+}
+# What those defaults come to at a task's length. (task, attn) -> attn options.
+# - Reformer: n_hashes * n_buckets = 10 chunks of n_pad / 10 tokens, n_pad = (n // 10 + 1) * 10
+#   (ReformerAttention pads chunk_len=10 - n % 10 tokens), n the tokens the attention sees.
+# - BigBird: BigBirdAttention pads block_size - n % block_size tokens, a whole block of padding
+#   when 64 divides n (Pathfinder 1024, Path-X 16384, mean pooling, no CLS token): its last
+#   global block holds no real token, so the first block is the only global one.
+JAX_ATTN_AT_LENGTH = {
+    **{
+        (task, "reformer"): {"chunk_size": chunk}
+        for task, chunk in {
+            "listops": 201,
+            "text": 101,
+            "retrieval": 401,
+            "image": 103,
+            "pathfinder": 103,
+            "pathx": 1639,
+        }.items()
+    },
+    ("pathfinder", "bigbird"): {"num_global_blocks": 1},
+    ("pathx", "bigbird"): {"num_global_blocks": 1},
+}
+
+
 def test_lra_jax_per_model_settings_name_real_experiments():
     assert {f"lra_jax/{t}_{a}" for t, a in JAX_PER_MODEL} <= set(LRA_JAX)
+    assert {f"lra_jax/{t}_{a}" for t, a in JAX_ATTN_AT_LENGTH} <= set(LRA_JAX)
     keys = {"sizes", "dropout", "pooling", "weight_decay", "attn"}
     assert all(set(change) <= keys for change in JAX_PER_MODEL.values())
+
+
+def test_lra_jax_per_model_length_settings_follow_the_lra_padding():
+    """The typed-in values at each task's length are what LRA's padding gives: the Reformer's 10
+    chunks of n_pad / 10 tokens, and one global BigBird block where 64 divides n. n is the number
+    of tokens the attention sees (one more with a CLS token)."""
+    for task, (*_, length, pooling, _) in JAX_MODEL.items():
+        for attn in ("reformer", "bigbird"):
+            cls = JAX_PER_MODEL.get((task, attn), {}).get("pooling", pooling) == "cls"
+            n = length + cls
+            if attn == "reformer":
+                chunk = JAX_ATTN_AT_LENGTH[(task, attn)]["chunk_size"]
+                n_pad = (n // 10 + 1) * 10
+                assert chunk * 10 == n_pad and -(-n // chunk) == 10, task
+            else:
+                whole_padding_block = n % 64 == 0
+                assert whole_padding_block == ((task, attn) in JAX_ATTN_AT_LENGTH), task
 
 
 def test_every_task_and_attention_has_an_lra_jax_experiment():
@@ -207,6 +266,8 @@ def test_lra_jax_experiment_holds_the_lra_code_recipe(compose_cfg, name):
     assert trainer.gradient_clip_val == (1.0 if task == "pathx" else None)
     emb, layers, heads, qkv, mlp, drop, attn_drop, length, pooling, positions = JAX_MODEL[task]
     emb, layers, heads, qkv, mlp = per_model.get("sizes", (emb, layers, heads, qkv, mlp))
+    if attn == "reformer":  # LRA's ReformerAttention takes its input's width, not qkv_dim
+        qkv = emb
     drop = per_model.get("dropout", drop)
     pooling = per_model.get("pooling", pooling)
     assert (model.d_model, model.n_layers, model.n_heads, model.qkv_dim, model.d_ffn) == (
@@ -227,10 +288,13 @@ def test_lra_jax_experiment_holds_the_lra_code_recipe(compose_cfg, name):
         assert cfg.data.text_length == length
     if task in PATCHED:  # pixels are tokens 0..255, black ones padding, as in the LRA code
         assert model.input_encoding == "tokens" and cfg.data.pixel_zero_is_pad
-    # The attention's settings: conf/attn/'s, changed only where the LRA code changes them.
+    # The attention's settings: conf/attn/'s, changed only where the LRA code changes them: its
+    # model code's defaults, what they come to at the task's length, then the per-model config.
     expected_attn = OmegaConf.to_container(
         compose_cfg([f"task={task}", f"attn={attn}"]).attn, resolve=True
     )
+    expected_attn.update(JAX_ATTN_DEFAULTS.get(attn, {}))
+    expected_attn.update(JAX_ATTN_AT_LENGTH.get((task, attn), {}))
     expected_attn.update(per_model.get("attn", {}))
     if attn == "softmax":
         expected_attn["dropout"] = attn_drop

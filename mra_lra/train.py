@@ -27,8 +27,10 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, SequentialSampler
@@ -184,18 +186,29 @@ class RunTerminated(SystemExit):
         self.message = message
 
 
-def _terminated(trainer: pl.Trainer, cfg: DictConfig, out_dir: Path) -> RunTerminated:
-    """What a run stopped by SIGTERM leaves: where it stopped and the checkpoint to resume from.
+def _terminated(
+    trainer: pl.Trainer, cfg: DictConfig, out_dir: Path, unsaved: str = ""
+) -> RunTerminated:
+    """What a run stopped by SIGTERM leaves: where it stopped and the checkpoint to resume from
+    (`unsaved`: why the state it stopped in is not in it, when it is not).
 
     Lightning stops its loops on SIGTERM with SIGTERMException, a SystemExit whose code is None,
     so the process would exit 0 as if the run had finished."""
     last = out_dir / "checkpoints" / "last.ckpt"
+    stopped = trainer.global_step
     if last.is_file():
-        resume = f"resume with ckpt_path={last} (step {_checkpoint_step(last)})"
+        step = _checkpoint_step(last)
+        resume = f"resume with ckpt_path={last} (step {step}"
+        if step < stopped:
+            lost = stopped - step
+            resume += f"; the {lost} steps after it are" if lost > 1 else "; the step after it is"
+            resume += " trained again"
+        resume += f"{unsaved})"
     else:
-        resume = "no checkpoint was saved yet (last.ckpt is written at each validation)"
+        before = " (SIGTERM came before its first step)" if stopped == 0 else ""
+        resume = f"no checkpoint holds it yet{unsaved or before}"
     return RunTerminated(
-        f"SIGTERM stopped the run at step {trainer.global_step} of trainer.max_steps="
+        f"SIGTERM stopped the run at step {stopped} of trainer.max_steps="
         f"{cfg.trainer.max_steps}, before it finished, so {out_dir} has no results.json; {resume}"
     )
 
@@ -270,17 +283,113 @@ def _warn_if_resumed_elsewhere(ckpt_path: str | None, out_dir: Path) -> None:
         )
 
 
+class _SigtermCheckpoint(Callback):
+    """Saves the state SIGTERM stopped trainer.fit in to checkpoints/last.ckpt, so that a resume
+    (the ckpt_path RunTerminated names) loses no step: last.ckpt is otherwise written only at
+    validations, hundreds of steps apart. Lightning stops fit with SIGTERMException after the
+    training step it came in (and its validation, if due) or after a validation batch;
+    `on_exception` sees it before the trainer is torn down.
+
+    Stopped during a validation, the checkpoint says so (as Lightning's own checkpoints written
+    during a validation step do), and the resumed run first runs that validation again from its
+    first batch: its metrics are in no checkpoint, and a plain checkpoint of that step would
+    make Lightning skip it as done. Nothing is saved when last.ckpt already holds the step (a
+    validation has just written it), nor inside an accumulation window (its gradients are in no
+    checkpoint; the previous last.ckpt is kept).
+
+    Rank 0 writes alone, with no collective (the ranks hold the same state, and Lightning may
+    stop them at different batches), to a temporary file renamed over last.ckpt: a SIGKILL at
+    the end of the grace period leaves the previous last.ckpt whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.unsaved = ""  # why last.ckpt does not hold the state the run stopped in
+
+    def on_validation_start(self, trainer: pl.Trainer, *args: object) -> None:
+        # A validation rerun that way leaves the per-epoch validation batch counts one batch
+        # apart, as if every later checkpoint of the epoch were written during a validation
+        # step too (a resume from one would validate twice): realign them.
+        total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+        restarted = total.ready == total.started == total.processed + 1
+        if trainer.state.fn == TrainerFn.FITTING and restarted:
+            total.ready = total.started = total.processed
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: object, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            self.save(trainer, in_validation=trainer.validating)
+
+    def save(self, trainer: pl.Trainer, in_validation: bool = False) -> None:
+        """Write the trainer's state to last.ckpt, unless it holds that step already (every rank
+        may call this; rank 0 writes)."""
+        if not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        try:
+            if self.path.is_file() and _checkpoint_step(self.path) == trainer.global_step:
+                return
+            if trainer.fit_loop.epoch_loop._should_accumulate():
+                self.unsaved = (
+                    "; SIGTERM came inside an accumulation window, whose gradients no checkpoint"
+                    " holds"
+                )
+                return
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+            if in_validation:
+                progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+                _mark_validation_started(
+                    checkpoint, progress.total.completed - progress.current.completed
+                )
+            partial = self.path.with_name(f".{self.path.name}.partial")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, self.path)
+        except Exception as err:  # the run must still stop with RunTerminated
+            log.exception("could not save the state SIGTERM stopped the run in")
+            self.unsaved = f"; saving the state it stopped in failed: {type(err).__name__}: {err}"
+            return
+        log.info("SIGTERM: saved step %d to %s", trainer.global_step, self.path)
+
+
+def _mark_validation_started(checkpoint: dict, earlier: int) -> None:
+    """Set the fit loop's validation progress in `checkpoint` to "a validation started, no batch
+    done" (`earlier`: the batches of this epoch's validations before it): Lightning resumes
+    from such a checkpoint by running that validation from its first batch."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["total"] = {
+        "ready": earlier + 1,
+        "started": earlier + 1,
+        "processed": earlier,
+        "completed": earlier,
+    }
+    progress["is_last_batch"] = False
+
+
 @contextlib.contextmanager
-def _stop_on_sigterm(trainer: pl.Trainer, cfg: DictConfig, out_dir: Path) -> Iterator[None]:
+def _stop_on_sigterm(
+    trainer: pl.Trainer,
+    cfg: DictConfig,
+    out_dir: Path,
+    saver: _SigtermCheckpoint | None = None,
+) -> Iterator[None]:
     """Around trainer.fit or trainer.test (which install Lightning's SIGTERM handler): a SIGTERM
-    raises RunTerminated, whether Lightning's loop stopped on it (SIGTERMException) or the loop
-    was at its end and finished (only the flag is left; the run must stop all the same)."""
+    raises RunTerminated, whether Lightning's loop stopped on it (SIGTERMException; `saver`, the
+    fit's callback, has saved the state it stopped in) or the loop was at its end and finished
+    (only the flag is left; the run must stop all the same, and `saver` saves its final state)."""
     try:
         yield
     except SIGTERMException:
-        raise _terminated(trainer, cfg, out_dir) from None
-    if trainer.received_sigterm:
-        raise _terminated(trainer, cfg, out_dir)
+        pass
+    else:
+        if not trainer.received_sigterm:
+            return
+        if saver is not None:
+            saver.save(trainer)
+    raise _terminated(trainer, cfg, out_dir, saver.unsaved if saver else "")
 
 
 def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
@@ -406,7 +515,10 @@ def run(cfg: DictConfig) -> dict:
     datamodule, module = build(cfg)
     net = module.net
     loggers = [_make_logger(c, cfg, out_dir) for c in cfg.logger.values()]
+    # Not in conf/callbacks: a run stopped by SIGTERM is always resumable from where it stopped.
+    sigterm_checkpoint = _SigtermCheckpoint(out_dir / "checkpoints" / "last.ckpt")
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    callbacks.append(sigterm_checkpoint)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, **_val_check_in_batches(cfg)
     )
@@ -416,7 +528,7 @@ def run(cfg: DictConfig) -> dict:
         logger.log_hyperparams(resolved)
 
     stop_on_sigterm = functools.partial(_stop_on_sigterm, trainer, cfg, out_dir)
-    with stop_on_sigterm():
+    with stop_on_sigterm(sigterm_checkpoint):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     steps = trainer.global_step
     # Throughput of all ranks together: every rank trains one batch per step, in lockstep.

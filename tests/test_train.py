@@ -312,11 +312,14 @@ def test_a_run_folder_is_not_overwritten_and_ckpt_path_is_checked(compose_cfg, t
     assert "attn.approx_mode" in caplog.text and "attn.name" in caplog.text
 
 
-def test_sigterm_stops_the_run_with_a_failure_exit_and_no_results(tmp_path):
-    """A preemption (SIGTERM once training runs): Lightning stops its loop with SIGTERMException,
-    a SystemExit with no code, so the process exited 0 as if finished. It must exit 143 (128 +
-    SIGTERM), write no results.json and name the checkpoint to resume from."""
+def test_sigterm_stops_the_run_where_it_is_and_the_resume_finishes(tmp_path, compose_cfg):
+    """A preemption (SIGTERM between two validations): Lightning stops its loop with
+    SIGTERMException, a SystemExit with no code, so the process exited 0 as if finished. It must
+    exit 143 (128 + SIGTERM), write no results.json, and leave last.ckpt holding the step it
+    stopped at (not the last validation's, up to val_check_interval steps back), named in its one
+    error line; a resume from it goes on at that step and finishes the run."""
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -325,33 +328,176 @@ def test_sigterm_stops_the_run_with_a_failure_exit_and_no_results(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     run_dir = tmp_path / "run"
-    command = [sys.executable, "train.py", "task=listops", "trainer=cpu", "logger=none"]
+    command = [sys.executable, "train.py", "task=listops", "trainer=cpu", "model.n_layers=1"]
     command += ["data.num_workers=0", "data.batch_size=8", "data.max_length=128"]
     command += ["data.num_train=40", "data.num_val=8", "data.num_test=8"]
     command += ["data.gen_min_length=10", "data.gen_max_length=120"]
-    command += ["trainer.max_steps=100000", "trainer.val_check_interval=2"]
+    command += ["trainer.max_steps=40", "trainer.val_check_interval=20", "test=true"]
     command += ["trainer.enable_progress_bar=false", "scheduler.warmup_steps=0"]
+    # metrics.csv rewritten at every step: the test sees how far training got
+    command += ["logger=csv", "+logger.csv.flush_logs_every_n_steps=1"]
+    command += ["trainer.log_every_n_steps=1"]
     command += [f"data.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     last = run_dir / "checkpoints" / "last.ckpt"
+
+    def logged_steps(version):
+        """(train steps logged, whether a validation was logged) so far; Lightning logs global
+        step g as step g - 1."""
+        try:
+            with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, csv.Error):
+            return [], False
+        # (the file may be read while a row is being appended)
+        logged = [row for row in rows if (row.get("step") or "").isdigit()]
+        train = [int(row["step"]) + 1 for row in logged if row.get("train/loss")]
+        return train, any(row.get("val/acc") for row in logged)
+
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err)
         try:
             deadline = time.monotonic() + 120
-            while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            while process.poll() is None and time.monotonic() < deadline:
+                train, validated = logged_steps(0)
+                if validated and train and max(train) >= 22:  # two steps past validation 20
+                    break
+                time.sleep(0.02)
             assert process.poll() is None, (tmp_path / "err").read_text()[-2000:]
-            process.send_signal(signal.SIGTERM)  # training is under way: a validation ran
+            process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=60)
         finally:
             process.kill()
     stderr = (tmp_path / "err").read_text()
     assert code == 143, stderr[-2000:]
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: SIGTERM stopped the run at step "), line
-    assert f"so {run_dir} has no results.json; resume with ckpt_path={last} (step " in line
+    stopped = int(re.match(r"error: SIGTERM stopped the run at step (\d+) of", line).group(1))
+    assert 22 <= stopped < 40, line
+    assert (
+        f"so {run_dir} has no results.json; resume with ckpt_path={last} (step {stopped})" in line
+    )
     assert "Traceback" not in stderr
-    assert not (run_dir / "results.json").exists() and last.is_file()
+    assert not (run_dir / "results.json").exists()
+    assert torch.load(last, weights_only=False)["global_step"] == stopped  # not 20
+
+    # The resume in this process (train.py's run, as the command line composes it).
+    overrides = [arg for arg in command[2:] if not arg.startswith(("data.data_dir", "hydra."))]
+    cfg = compose_cfg(
+        [*overrides, f"ckpt_path={last}"], run_dir=run_dir, data_dir=tmp_path / "data"
+    )
+    results = run(cfg)
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["steps"] == 40 and results["best_step"] in (20, 40)
+    train, validated = logged_steps(1)
+    assert min(train) == stopped + 1 and max(train) == 40 and validated
+
+
+def test_sigterm_in_a_validation_reruns_it_on_resume(
+    compose_cfg, tmp_path, conftest_tiny, monkeypatch
+):
+    """SIGTERM between two validation batches: last.ckpt holds that step, marked as stopped in
+    its validation, and the resumed run runs that validation again (a plain checkpoint of the step
+    would make Lightning skip it as done), reaching the losses, validations and weights of a run
+    never stopped. The checkpoint that rerun validation writes holds the train loader's place,
+    and a resume from it does not validate that step a third time."""
+    import os
+    import signal
+
+    from mra_lra.train import RunTerminated
+
+    overrides = [*conftest_tiny, "attn=softmax", "model.n_layers=1", "trainer.max_steps=10"]
+    overrides += ["trainer.val_check_interval=5", "trainer.log_every_n_steps=1", "test=false"]
+    validated = []  # the steps validations started at
+    validation_start = LRALitModule.on_validation_start
+
+    def record(module):
+        if not module.trainer.sanity_checking:
+            validated.append(module.global_step)
+        validation_start(module)
+
+    monkeypatch.setattr(LRALitModule, "on_validation_start", record)
+    straight = run(compose_cfg(overrides, run_dir=tmp_path / "a"))
+    assert validated == [5, 10]
+
+    validated.clear()
+    part = tmp_path / "b"
+    last = part / "checkpoints" / "last.ckpt"
+    validation_step, train_batch_start = (
+        LRALitModule.validation_step,
+        LRALitModule.on_train_batch_start,
+    )
+
+    def sigterm_in_first_validation(module, batch, batch_idx):  # 16 examples: 2 batches
+        if validated == [5] and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validation_step(module, batch, batch_idx)
+
+    def dies_at_7(module, batch, batch_idx):
+        if module.global_step == 7:
+            raise RuntimeError("killed")
+        train_batch_start(module, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LRALitModule, "validation_step", sigterm_in_first_validation)
+        with pytest.raises(RunTerminated) as stopped:
+            run(compose_cfg(overrides, run_dir=part))
+    assert "at step 5 of trainer.max_steps=10" in stopped.value.message
+    assert f"resume with ckpt_path={last} (step 5)" in stopped.value.message
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    with monkeypatch.context() as patch:
+        patch.setattr(LRALitModule, "on_train_batch_start", dies_at_7)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(compose_cfg([*overrides, f"ckpt_path={last}"], run_dir=part))
+    assert validated == [5, 5]  # stopped in it, then rerun
+    rerun = torch.load(last, weights_only=False)
+    assert rerun["global_step"] == 5
+    assert rerun["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 5
+    resumed = run(compose_cfg([*overrides, f"ckpt_path={last}"], run_dir=part))
+    assert validated == [5, 5, 10]
+
+    for key in ("steps", "best_step", "val_acc_best"):
+        assert resumed[key] == pytest.approx(straight[key]), key
+
+    def logged(run_dir, key):
+        return {row["step"]: float(row[key]) for row in read_metrics(run_dir) if row.get(key)}
+
+    for key in ("train/loss", "val/acc"):
+        a, b = logged(tmp_path / "a", key), logged(part, key)
+        assert a and b == pytest.approx(a), key
+    w_a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    for name, tensor in w_a["state_dict"].items():
+        torch.testing.assert_close(torch.load(last, weights_only=False)["state_dict"][name], tensor)
+
+
+def test_sigterm_inside_an_accumulation_window_keeps_the_last_checkpoint(
+    compose_cfg, tmp_path, conftest_tiny, monkeypatch
+):
+    """The gradients of a half-done accumulation window are in no checkpoint: a SIGTERM there
+    leaves last.ckpt at the validation before, and the message says why those steps are lost."""
+    import os
+    import signal
+
+    from mra_lra.train import RunTerminated
+
+    overrides = [*conftest_tiny, "attn=softmax", "model.n_layers=1", "data.batch_size=4"]
+    overrides += ["trainer.accumulate_grad_batches=2", "trainer.max_steps=6"]
+    overrides += ["trainer.val_check_interval=3", "scheduler.warmup_steps=2", "test=false"]
+    training_step = LRALitModule.training_step
+
+    def sigterm_in_a_window(module, batch, batch_idx):
+        if module.trainer.fit_loop.total_batch_idx == 8:  # the first half of step 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(LRALitModule, "training_step", sigterm_in_a_window)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunTerminated) as stopped:
+        run(compose_cfg(overrides, run_dir=run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert "at step 4 of trainer.max_steps=6" in stopped.value.message
+    expected = f"ckpt_path={last} (step 3; the step after it is trained again; SIGTERM came inside"
+    assert f"{expected} an accumulation window" in stopped.value.message
+    assert torch.load(last, weights_only=False)["global_step"] == 3
 
 
 def test_sigterm_after_a_loop_ended_stops_the_run(compose_cfg, tmp_path):
@@ -372,7 +518,7 @@ def test_sigterm_after_a_loop_ended_stops_the_run(compose_cfg, tmp_path):
         pass
     assert stopped.value.code == 143
     assert "at step 20 of trainer.max_steps=20" in stopped.value.message
-    assert "no checkpoint was saved yet" in stopped.value.message
+    assert "no checkpoint holds it yet" in stopped.value.message
     with pytest.raises(RunTerminated), _stop_on_sigterm(trainer, cfg, tmp_path):
         raise SIGTERMException
 

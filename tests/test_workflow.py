@@ -308,6 +308,12 @@ def test_resumable_loader_skips_the_batches_served_before_the_checkpoint(workers
     assert state == {"epoch": 1, "batches": 3}
     rest, resumed = epoch_batches(state, 1)
     assert rest == full[3:] and resumed.state_dict() == {"epoch": 1, "batches": 5}
+    # Restored and not yet drawn from (a resumed run validating first): the restored place.
+    waiting = loader()
+    waiting.load_state_dict(state)
+    assert waiting.state_dict() == state
+    iter(waiting)
+    assert waiting.state_dict() == state
     # A checkpoint from an earlier epoch (or one written after the epoch's last batch, which
     # Lightning resumes at the next epoch) skips nothing.
     with caplog.at_level(logging.WARNING, logger="mra_lra.data.sampling"):

@@ -58,8 +58,14 @@ class ResumableDataLoader(DataLoader):
         self._epoch_served = 0  # the sampler epoch of the batches counted in _served
         self._served = 0
         self._resume: dict[str, int] | None = None
+        # The restored place until the first batch is drawn: a checkpoint written before then
+        # (a resumed run's first validation) must hold it, not the empty count of a new epoch.
+        self._pending: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
+        pending = self._resume or self._pending
+        if pending is not None:
+            return dict(pending)
         return {"epoch": self._epoch_served, "batches": self._served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -67,6 +73,7 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         resume, self._resume = self._resume, None
+        self._pending = resume
         return self._batches(resume)
 
     def _batches(self, resume: dict[str, int] | None) -> Iterator[Any]:
@@ -97,6 +104,7 @@ class ResumableDataLoader(DataLoader):
                     resume["epoch"], resume["batches"], len(self), epoch, resume["epoch"],
                 )  # fmt: skip
         self._epoch_served, self._served = epoch, skip
+        self._pending = None
         for batch in iterator:
             self._served += 1
             yield batch

@@ -228,7 +228,7 @@ def test_triton_backend_trains_like_the_torch_path(compose_cfg, tmp_path, confte
     """attn.backend=triton through the whole training stack (padded ListOps batches, the
     Lightning module, AdamW), kernels under the interpreter: the same losses as the torch path."""
     overrides = [*conftest_tiny, "attn=mra", "trainer.max_steps=3", "data.max_length=96"]
-    overrides += ["trainer.val_check_interval=3", "trainer.log_every_n_steps=1"]
+    overrides += ["trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "model.n_layers=1"]
     overrides += ["scheduler.warmup_steps=2", "test=false", "trainer.num_sanity_val_steps=0"]
     overrides += ["trainer.limit_val_batches=1", "data.batch_size=4"]
 

@@ -36,7 +36,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, SequentialSampler
 
 from mra_lra.bench.report import flatten_config
-from mra_lra.data.cache import atomic_write_json, atomic_write_text
+from mra_lra.data.cache import atomic_open, atomic_write_json, atomic_write_text
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 
 if TYPE_CHECKING:
@@ -340,13 +340,9 @@ class _SigtermCheckpoint(Callback):
                 _mark_validation_started(
                     checkpoint, progress.total.completed - progress.current.completed
                 )
-            partial = self.path.with_name(f".{self.path.name}.partial")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as f:
+            with atomic_open(self.path, binary=True) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, self.path)
         except Exception as err:  # the run must still stop with RunTerminated
             log.exception("could not save the state SIGTERM stopped the run in")
             self.unsaved = f"; saving the state it stopped in failed: {type(err).__name__}: {err}"

@@ -52,11 +52,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mra_lra import errors
-from mra_lra.data.cache import atomic_open, atomic_write_json, ensure_writable_dir
-from mra_lra.data.prepare import CONF_DIR
 from mra_lra.data.sources import SourceError
 from mra_lra.errors import CONFIG_ERRORS
 from mra_lra.train import build
+from mra_lra.utils import CONF_DIR, atomic_open, atomic_write_json, ensure_writable_dir
 
 USAGE = (
     "usage: python eval.py run_dir=<run folder> [ckpt=best|last|<path>] [split=test|val|val,test]"

@@ -35,9 +35,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, SequentialSampler
 
-from mra_lra.bench.report import flatten_config
-from mra_lra.data.cache import atomic_open, atomic_write_json, atomic_write_text
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
+from mra_lra.utils import atomic_open, atomic_write_json, atomic_write_text, flatten_config
 
 if TYPE_CHECKING:
     import optuna

@@ -54,8 +54,8 @@ from mra_lra.attention import build, get, names
 from mra_lra.attention.mra import resolve_backend
 from mra_lra.bench.cli import check_at_least, check_csv_files, check_device, check_names
 from mra_lra.bench.plotting import pyplot, save, style
+from mra_lra.utils import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "attn"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
 PLOT_COLUMNS = "attn impl scope device dtype batch heads n d pass ms status".split()
@@ -138,7 +138,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 
 def config_options(name: str, overrides: dict[str, dict], backend: str) -> dict:
     """Options from conf/attn/<name>.yaml without Hydra interpolations, plus overrides."""
-    path = CONF_DIR / f"{name}.yaml"
+    path = CONF_DIR / "attn" / f"{name}.yaml"
     options = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     options.pop("name", None)
     options = {k: v for k, v in options.items() if not (isinstance(v, str) and "${" in v)}

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
 from mra_lra.bench.cli import check_at_least, check_device, check_names
 from mra_lra.bench.plotting import pyplot, save, style
-from mra_lra.data.prepare import CONF_DIR, compose_train
+from mra_lra.data.prepare import compose_train
+from mra_lra.utils import CONF_DIR
 
 FIELDS = (
     "family task attn impl device precision batch n pass ms steps_per_s peak_mib status".split()

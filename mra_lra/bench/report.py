@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from mra_lra.data.cache import atomic_open, atomic_write_text
+from mra_lra.utils import atomic_open, atomic_write_text, flatten_config
 
 # Task names as train.py writes them (cfg.task.name) -> the paper's column titles, in its order.
 TASKS = {
@@ -392,15 +392,6 @@ def _settings(run: Run, use_config: bool) -> dict[str, str]:
         value = run.results.get(name, DEFAULTS.get(name))
         flat[f"results.{name}"] = json.dumps(value, sort_keys=True)
     return {k: v for k, v in flat.items() if not _ignored(k)}
-
-
-def flatten_config(value: object, prefix: str, out: dict[str, str]) -> None:
-    """Nested dicts as out["a.b.c"] = the JSON of each leaf value (a prefix names the root)."""
-    if isinstance(value, dict) and value:
-        for key, item in value.items():
-            flatten_config(item, f"{prefix}.{key}" if prefix else str(key), out)
-    else:
-        out[prefix] = json.dumps(value, sort_keys=True)
 
 
 def _ignored(key: str) -> bool:

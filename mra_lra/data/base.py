@@ -32,13 +32,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mra_lra.data.cache import (
-    atomic_write_json,
     ensure_array_cache,
     find_array_cache,
     load_arrays,
 )
 from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from mra_lra.data.sources import SourceError
+from mra_lra.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 

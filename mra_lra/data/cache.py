@@ -36,11 +36,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any
 
 import numpy as np
 
 from mra_lra.data.sources import SourceError
+from mra_lra.utils import atomic_write_json, ensure_writable_dir
 
 try:
     import fcntl
@@ -55,50 +56,6 @@ LOCK_NAME = ".lock"
 # A temporary folder without a lock file is taken for abandoned once this old (by modification
 # time); no build runs anywhere near this long.
 STALE_AGE_SECONDS = 24 * 3600
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[TextIO | BinaryIO]:
-    """Open `path` for writing (UTF-8 text, or bytes with `binary=True`) through a temporary file
-    in the same folder that replaces `path` (os.replace) only when the block ends without an
-    error, so readers see either no file, the old one, or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    text_mode = {} if binary else {"encoding": "utf-8", "newline": "\n"}
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file should not be
-        with os.fdopen(fd, "wb" if binary else "w", **text_mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically (see `atomic_open`)."""
-    with atomic_open(path) as f:
-        f.write(text)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """`atomic_write_text` of `obj` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def ensure_writable_dir(path: str | os.PathLike, fix: str) -> Path:
-    """Create `path` if needed and check that we may write there; otherwise raise PermissionError
-    naming the folder and `fix` (what the user should change)."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"cannot create the folder {path} ({err.strerror}). {fix}") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"the folder {path} is not writable. {fix}")
-    return path
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import numpy as np
 from mra_lra.data.base import DATA_DIR_FIX, LRADataModule, pad_sequences
 from mra_lra.data.cache import (
     cache_key,
-    ensure_writable_dir,
     file_fingerprint,
     remove_stale_temp_dirs,
 )
@@ -48,6 +47,7 @@ from mra_lra.data.listops_generator import (
     write_listops_files,
 )
 from mra_lra.data.sources import SourceError, SourceTree, locate_source
+from mra_lra.utils import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 

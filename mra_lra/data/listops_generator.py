@@ -36,12 +36,11 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from mra_lra.data.cache import (
-    atomic_open,
-    atomic_write_json,
     building_dir,
     commit_dir,
     remove_stale_temp_dirs,
 )
+from mra_lra.utils import atomic_open, atomic_write_json
 
 MAX_DEPTH = 10
 MAX_ARGS = 10

@@ -56,8 +56,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from mra_lra.data.cache import atomic_open, atomic_write_json, ensure_writable_dir
 from mra_lra.data.sources import SourceError
+from mra_lra.utils import atomic_open, atomic_write_json, ensure_writable_dir
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from mra_lra.utils import CONF_DIR
+
 USAGE = "usage: python -m mra_lra.data.prepare task=<name>|all [source=<path>] [overrides...]"
 
 log = logging.getLogger("mra_lra.data.prepare")

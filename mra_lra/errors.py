@@ -1,30 +1,91 @@
-"""How train.py and eval.py report a user's mistake: one `error:` line instead of a traceback."""
+"""One way for every command to report a user's mistake: one `error:` line and exit status 2.
+
+A `UserError` (or a subclass) is raised wherever the code can name what is wrong and the fix. A
+few exceptions from elsewhere count as the user's too: a missing or unwritable file, a full disk,
+and a bad option value (a `ValueError` from an option check, Lightning's
+`MisconfigurationException`, either wrapped by Hydra's `instantiate`). Anything else is a bug and
+keeps its traceback. HYDRA_FULL_ERROR=1 shows the traceback of a user error too.
+"""
 
 from __future__ import annotations
 
-import torch
+import errno
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from hydra.errors import InstantiationException
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
-# Bad option values: the project's checks raise ValueError naming the option and what it takes,
-# and Lightning's MisconfigurationException names its own; printed with a pointer to the
-# traceback in case the value error is a bug's.
-CONFIG_ERRORS = (ValueError, MisconfigurationException)
 
 
-def user_error(
-    err: BaseException, user_errors: tuple[type[BaseException], ...], cpu_fix: str
-) -> str | None:
-    """The message for a user's mistake (None: a bug, shown with its traceback). `user_errors`
-    are printed alone (their messages name the file and the fix); option-value errors, also when
-    Hydra's instantiate wraps them, get the traceback pointer and, for a GPU asked of a machine
-    without one, `cpu_fix` (the override that runs on the CPU)."""
-    if isinstance(err, user_errors):
+class UserError(Exception):
+    """A mistake the user can fix; the message names what is wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value the code cannot use (also a ValueError, as option checks raise)."""
+
+
+class RunFolderError(UserError):
+    """A run folder that cannot take this start: it holds a finished run, another process is
+    training in it, or a ckpt_path that is no checkpoint."""
+
+
+class EnvVarError(UserError):
+    """An environment variable set to a value its reader rejects."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def _option_errors() -> tuple[type[BaseException], ...]:
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    return (ValueError, MisconfigurationException)
+
+
+def user_message(err: BaseException, cpu_fix: str = "add trainer=cpu") -> str | None:
+    """The one-line message for a user's mistake; None for a bug (shown with its traceback).
+    `cpu_fix` is the override that runs on the CPU, named when a GPU is asked of a machine
+    without one."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, UserError | FileNotFoundError | PermissionError):
         return str(err)
-    cause = err.__cause__ if isinstance(err, InstantiationException) else err
-    if isinstance(cause, CONFIG_ERRORS):
-        hint = ""
-        if "gpu" in str(cause).lower() and not torch.cuda.is_available():
-            hint = f" (this machine has no GPU: {cpu_fix})"
-        return f"{cause}{hint}\n(HYDRA_FULL_ERROR=1 shows where it was raised)"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}: free space there, or point the run elsewhere"
+    if isinstance(err, _option_errors()):
+        message = str(err)
+        import torch
+
+        if "gpu" in message.lower() and not torch.cuda.is_available():
+            message += f" (this machine has no GPU: {cpu_fix})"
+        return message
     return None
+
+
+def print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def reported(cpu_fix: str = "add trainer=cpu") -> Iterator[None]:
+    """Around a command's work: a user's mistake becomes one `error:` line and exit status 2;
+    a bug propagates with its traceback."""
+    try:
+        yield
+    except Exception as err:
+        message = user_message(err, cpu_fix)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print_error(message)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+# Transitional, until train.py and eval.py use `reported`.
+CONFIG_ERRORS = (ValueError,)
+
+
+def user_error(err: BaseException, user_errors: tuple, cpu_fix: str) -> str | None:
+    return user_message(err, cpu_fix)

@@ -24,12 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from mra_lra.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".gz")
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """A source file is missing, unreadable or truncated; the message says what to do."""
 
 

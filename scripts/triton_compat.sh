@@ -12,7 +12,7 @@ VERSION=${TRITON_VERSION:-3.6.0}
 PY=${PY:-python3}
 VENV=.venv-triton$VERSION
 TORCH=${TORCH:-torch==2.13.0}
-# Triton 3.6 and older interpreters fail on numpy 2.4 (kernels.interpreter_problem).
+# Triton 3.6 and older interpreters fail on numpy 2.4 (launch.interpreter_problem).
 NUMPY="numpy"
 if [[ $(printf '%s\n' "$VERSION" 3.7 | sort -V | head -1) != 3.7 ]]; then NUMPY="numpy<2.4"; fi
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"

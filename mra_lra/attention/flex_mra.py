@@ -3,7 +3,7 @@
 MRA-2-s (spec/mra.md, sparse mode) is softmax attention restricted to the k_sel blocks of
 block_size x block_size that MRA's selection picks (one global top-k over the coarse block scores,
 with the task's priors). This module reuses that selection (`mra.selection.pad_to_blocks` and
-`prepare`) and hands the chosen set to FlexAttention as a BlockMask:
+`mra.statistics`) and hands the chosen set to FlexAttention as a BlockMask:
 
     kv_num_blocks / kv_indices             chosen blocks whose key block has padding (partial)
     full_kv_num_blocks / full_kv_indices   chosen blocks whose key block is all real (full)
@@ -37,7 +37,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mra_lra.attention.mra import check_patch_shape, in_patch_order, selection
+from mra_lra.attention.mra import (
+    MRAOptions,
+    check_block_per_row,
+    check_patch_shape,
+    in_patch_order,
+    selection,
+    statistics,
+)
 from mra_lra.attention.registry import register
 from mra_lra.attention.softmax import zero_padded_queries
 
@@ -131,12 +138,15 @@ class FlexMRAAttention(nn.Module):
         prefix_tokens: int = 0,
     ):
         super().__init__()
+        self.options = MRAOptions(
+            approx_mode="sparse",
+            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            block_size=block_size,
+        )
+        self.block_per_row = check_block_per_row(block_per_row)
         self.patch_shape = check_patch_shape(patch_shape)
         self.prefix_tokens = prefix_tokens
-        if block_per_row < 1:
-            raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         if mask_block_size is not None and (
             mask_block_size < block_size or mask_block_size % block_size
         ):
@@ -145,14 +155,9 @@ class FlexMRAAttention(nn.Module):
                 f"got {mask_block_size}"
             )
         self.mask_block_size = mask_block_size or block_size
-        self.block_per_row = block_per_row
-        self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
-        self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
-        self.block_size = block_size
 
     def num_blocks(self, n: int) -> int:
-        nb = -(-n // self.block_size)
-        return min(nb * self.block_per_row, nb * nb)
+        return self.options.num_blocks(n, self.block_per_row)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         # On image tasks, the same 4 x 8 patch order as mra_s (attn.patch_shape).
@@ -161,24 +166,14 @@ class FlexMRAAttention(nn.Module):
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         flex_attention, BlockMask = _flex_api()
         B, H, n, d = q.shape
-        bs = self.block_size
+        bs = self.options.block_size
         qp, kp, vp, keep = selection.pad_to_blocks(q, k, v, mask, bs)
         n_pad = qp.shape[2]
         nb = n_pad // bs
         with torch.no_grad():
             # Selection as in mra2_attention (on a GPU, the same kernels: the same blocks).
-            sel, _, _, _ = selection.choose(
-                qp,
-                kp,
-                vp,
-                keep,
-                num_blocks=self.num_blocks(n),
-                block_size=bs,
-                initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
-                initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
-                padded=selection.has_padding(mask, n, bs),
-                with_vbar=False,
-            )
+            padded = selection.has_padding(mask, n, bs)
+            sel = statistics(qp, kp, vp, keep, self.num_blocks(n), self.options, padded)[0]
             chosen = chosen_block_table(sel.block_idx, nb)
             key_real = keep.bool()
             key_block_full = (sel.counts == bs)[:, None, None, :]  # [B, 1, 1, nb]
@@ -211,7 +206,6 @@ class FlexMRAAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"block_per_row={self.block_per_row}, priors=({self.initial_prior_first_n_blocks}, "
-            f"{self.initial_prior_diagonal_n_blocks}), block_size={self.block_size}, "
+            f"block_per_row={self.block_per_row}, {self.options}, "
             f"mask_block_size={self.mask_block_size}, patch_shape={self.patch_shape}"
         )

@@ -96,18 +96,18 @@ class _CountedKernel:
 @contextlib.contextmanager
 def _counting_kernels(counter: _OpCounter, launches: collections.Counter) -> Iterator[None]:
     try:
-        from mra_lra.attention.mra import kernels
+        from mra_lra.attention.mra import launch
     except ImportError:  # no triton: nothing to count
         yield
         return
-    originals = {name: getattr(kernels, name) for name in kernels.LAUNCHED}
+    originals = {name: getattr(launch, name) for name in launch.LAUNCHED}
     for name, kernel in originals.items():
-        setattr(kernels, name, _CountedKernel(kernel, name, counter, launches))
+        setattr(launch, name, _CountedKernel(kernel, name, counter, launches))
     try:
         yield
     finally:
         for name, kernel in originals.items():
-            setattr(kernels, name, kernel)
+            setattr(launch, name, kernel)
 
 
 def count_launches(attention, q, k, v, grad) -> dict[str, dict[str, collections.Counter]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mra_lra.attention import build
-from mra_lra.attention.mra import mra2_attention, reference, selection
+from mra_lra.attention.mra import MRAOptions, mra2_attention, reference, selection
 from tests.attention.dense import dense_softmax, random_qkv
 
 B, H, D = 2, 2, 16
@@ -17,17 +17,11 @@ def random_inputs(n, seed=0, dtype=torch.float64, pad_from=None):
 
 
 def chosen_selection(q, k, mask, num_blocks, b=32, first=0, diagonal=0):
-    qp, kp, _, mp = selection.pad_to_blocks(q, k, k, mask, b)
-    sel, _, _ = selection.prepare(
-        qp,
-        kp,
-        mp,
-        num_blocks=num_blocks,
-        block_size=b,
-        initial_prior_first_n_blocks=first,
-        initial_prior_diagonal_n_blocks=diagonal,
+    qp, kp, vp, mp = selection.pad_to_blocks(q, k, k, mask, b)
+    options = MRAOptions(
+        block_size=b, initial_prior_first_n_blocks=first, initial_prior_diagonal_n_blocks=diagonal
     )
-    return sel
+    return selection.prepare(qp, kp, vp, mp, num_blocks, options)[0]
 
 
 def dense_mra(q, k, v, mask, sel, mode, b=32):
@@ -214,7 +208,7 @@ def test_module_budget_and_bad_options():
     attn = build("mra", block_per_row=8)
     assert attn.num_blocks(2048) == 64 * 8
     assert attn.num_blocks(100) == 16  # 4 block rows: all 16 blocks
-    assert build("mra_s").approx_mode == "sparse"
+    assert build("mra_s").options.approx_mode == "sparse"
     with pytest.raises(ValueError, match="approx_mode"):
         build("mra", approx_mode="dense")
     with pytest.raises(ValueError, match="valid options"):
@@ -239,7 +233,7 @@ def fixed_selection_op(mask, sel, mode, b=32):
         S, _ = selection.coarse_logits(qbar, kbar, sel.counts)
         fixed = selection.Selection(sel.counts, S, sel.row_max, sel.block_idx, sel.excluded)
         vbar = selection.block_means(vp, sel.counts, b) if mode == "full" else None
-        out = reference.mra2_torch(qp, kp, vp, mp, fixed, vbar, approx_mode=mode, block_size=b)
+        out = reference.mra2_torch(qp, kp, vp, mp, fixed, vbar)
         return out[:, :, :n]
 
     return op

@@ -17,8 +17,8 @@ import pytest
 import torch
 import triton
 
-from mra_lra.attention.mra import kernels, mra2_attention, selection
-from mra_lra.attention.mra.kernels import block_lists
+from mra_lra.attention.mra import MRAOptions, launch, mra2_attention, selection, statistics
+from mra_lra.attention.mra.launch import block_lists
 
 B = 32  # MRA block size
 
@@ -50,6 +50,10 @@ def run(fn, q, k, v, mask, cot, **kwargs):
 
 def mra(backend):
     return lambda q, k, v, mask, **kw: mra2_attention(q, k, v, mask, backend=backend, **kw)
+
+
+def triton_path(q, k, v, mask=None, **kw):
+    return mra2_attention(q, k, v, mask, backend="triton", **kw)
 
 
 def dense_reference(q, k, v, mask, allowed_blocks=None):
@@ -123,7 +127,7 @@ def test_multi_row_query_tiles_match_torch_path(mode, rows):
     """64- and 128-row query tiles over the union of their blocks, with a partial last tile."""
     q, k, v, mask, cot = inputs(1, 2, 200, 32, pad=40)
     kw = dict(num_blocks=12, approx_mode=mode, initial_prior_diagonal_n_blocks=1)
-    got = run(kernels.mra2_triton, q, k, v, mask, cot, query_rows=rows, **kw)
+    got = run(mra("triton"), q, k, v, mask, cot, query_rows=rows, **kw)
     want = run(mra("torch"), q, k, v, mask, cot, **kw)
     assert_close(got, want, 1e-5)
 
@@ -136,7 +140,7 @@ def test_gathered_steps_match_torch_path(mode, rows, per_step):
     q, k, v, mask, cot = inputs(1, 2, 200, 32, pad=40)
     kw = dict(num_blocks=13, approx_mode=mode, initial_prior_diagonal_n_blocks=1)
     per = dict(query_rows=rows, blocks_per_step=per_step)
-    got = run(kernels.mra2_triton, q, k, v, mask, cot, **per, **kw)
+    got = run(mra("triton"), q, k, v, mask, cot, **per, **kw)
     want = run(mra("torch"), q, k, v, mask, cot, **kw)
     assert_close(got, want, 1e-5)
 
@@ -144,10 +148,10 @@ def test_gathered_steps_match_torch_path(mode, rows, per_step):
 def test_backward_gathers_fewer_where_tiles_pass_shared_memory():
     """The settings whose backward tiles passed Hopper's shared memory (compiled for sm_90) gather
     fewer blocks per step there; the rest keep attn.blocks_per_step."""
-    dkdv = functools.partial(kernels.backward_group, "dkdv")
+    dkdv = functools.partial(launch.backward_group, "dkdv")
     assert [dkdv(4, 4, 32, 128, 2), dkdv(4, 2, 32, 128, 4), dkdv(4, 4, 32, 64, 4)] == [2, 1, 2]
     assert [dkdv(1, 4, 32, 128, 4), dkdv(2, 4, 32, 128, 2), dkdv(4, 4, 32, 32, 4)] == [4, 4, 4]
-    dq = functools.partial(kernels.backward_group, "dq")
+    dq = functools.partial(launch.backward_group, "dq")
     assert [dq(4, 4, 32, 128, 4), dq(4, 4, 32, 128, 2), dq(4, 2, 32, 128, 4)] == [2, 4, 2]
 
 
@@ -155,8 +159,8 @@ def test_fewer_gathered_blocks_in_the_backward_match_torch_path():
     """fp32, d = 64, 128-row tiles gathering 4 blocks: the backward takes 2 per step."""
     q, k, v, mask, cot = inputs(1, 2, 200, 64, pad=40)
     kw = dict(num_blocks=13, approx_mode="full", initial_prior_diagonal_n_blocks=1)
-    assert kernels.backward_group("dkdv", 4, 4, 32, 64, q.element_size()) == 2
-    got = run(kernels.mra2_triton, q, k, v, mask, cot, query_rows=4, blocks_per_step=4, **kw)
+    assert launch.backward_group("dkdv", 4, 4, 32, 64, q.element_size()) == 2
+    got = run(mra("triton"), q, k, v, mask, cot, query_rows=4, blocks_per_step=4, **kw)
     want = run(mra("torch"), q, k, v, mask, cot, **kw)
     assert_close(got, want, 1e-5)
 
@@ -254,15 +258,12 @@ def test_fused_selection_equals_torch_selection(n, pad, first, diagonal, dtype):
     q, k, v, mask, _ = inputs(2, 2, n, 32, dtype, pad=pad)
     qp, kp, vp, mp = selection.pad_to_blocks(q, k, v, None if pad == 0 else mask, B)
     nb = qp.shape[2] // B
-    kw = dict(
-        num_blocks=3 * nb,
-        block_size=B,
-        initial_prior_first_n_blocks=first,
-        initial_prior_diagonal_n_blocks=diagonal,
-        padded=pad > 0,
+    options = MRAOptions(
+        block_size=B, initial_prior_first_n_blocks=first, initial_prior_diagonal_n_blocks=diagonal
     )
-    got_sel, *got = selection.choose(qp, kp, vp, mp, kernels=True, **kw)
-    want_sel, *want = selection.choose(qp, kp, vp, mp, kernels=False, **kw)
+    args = (qp, kp, vp, mp, 3 * nb, options, pad > 0)
+    got_sel, *got = statistics(*args, kernels=True)
+    want_sel, *want = statistics(*args, kernels=False)
     assert torch.equal(got_sel.block_idx, want_sel.block_idx)
     assert torch.equal(got_sel.excluded, want_sel.excluded)
     assert torch.equal(got_sel.counts, want_sel.counts)
@@ -318,13 +319,13 @@ def test_row_lists_equal_the_general_construction(nb, k_sel):
     gen = torch.Generator().manual_seed(nb)
     idx = torch.stack([torch.randperm(nb * nb, generator=gen)[:k_sel] for _ in range(6)])
     idx = idx.sort(dim=-1).values.view(2, 3, k_sel)
-    fast = kernels._row_lists(idx, nb, transposed=True)
+    fast = launch._row_lists(idx, nb, transposed=True)
     assert fast.indexed and fast.tile_ptr.dtype == fast.key_ptr.dtype == torch.int32
     flat = idx.reshape(6, k_sel)
     I, J = flat // nb, flat % nb
     ones = torch.ones_like(I)
-    tile_ptr, tile_cols, _ = kernels._compress(I, J, ones, nb, nb)
-    key_ptr, key_tiles, _ = kernels._compress(J, I, ones, nb, nb)
+    tile_ptr, tile_cols, _ = launch._compress(I, J, ones, nb, nb)
+    key_ptr, key_tiles, _ = launch._compress(J, I, ones, nb, nb)
     assert global_csr(fast.tile_ptr, fast.tile_cols, fast, "cols") == (
         tile_ptr.tolist(),
         tile_cols.tolist(),
@@ -339,15 +340,15 @@ def test_row_lists_equal_the_general_construction(nb, k_sel):
 def test_autotune_keeps_warps_that_fit_the_tile(rows, group, warps):
     """MRA_TRITON_AUTOTUNE (GPU only) tries num_warps between the tile's 32-row units and 4x."""
     configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-    kept = kernels._prune_configs(configs, {"ROWS": rows}, GROUP=group)
+    kept = launch._prune_configs(configs, {"ROWS": rows}, GROUP=group)
     assert [c.num_warps for c in kept] == warps
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(launch, "INTERPRET", False)
     q = torch.zeros(1, 1, 32, 16)
     with pytest.raises(RuntimeError, match="backend='torch'"):
-        kernels.mra2_triton(q, q, q, num_blocks=1)
+        triton_path(q, q, q, num_blocks=1)
 
 
 @pytest.mark.parametrize(
@@ -364,32 +365,32 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 )
 def test_interpreter_version_check(monkeypatch, triton_version, numpy_version, fails):
     """Triton <= 3.6's interpreter breaks on numpy >= 2.4 (seen: 3.6.0 with 2.4.6); say so."""
-    problem = kernels.interpreter_problem(triton_version, numpy_version)
+    problem = launch.interpreter_problem(triton_version, numpy_version)
     assert (problem is not None) == fails
     if fails:
         assert "triton>=3.7" in problem and "numpy<2.4" in problem
-        monkeypatch.setattr(kernels, "interpreter_problem", lambda *_: problem)
+        monkeypatch.setattr(launch, "interpreter_problem", lambda *_: problem)
         q = torch.zeros(1, 1, 32, 16)
         with pytest.raises(RuntimeError, match="numpy<2.4"):
-            kernels.mra2_triton(q, q, q, num_blocks=1)
+            triton_path(q, q, q, num_blocks=1)
 
 
 def test_rejects_unsupported_inputs():
     q = torch.zeros(1, 1, 32, 16)
     with pytest.raises(ValueError, match="block_size"):
-        kernels.mra2_triton(q, q, q, num_blocks=1, block_size=24)
+        triton_path(q, q, q, num_blocks=1, block_size=24)
     wide = torch.zeros(1, 1, 256, 128)  # 4 x 64 query rows of fp32 at d = 128: 128 KiB tiles
     with pytest.raises(ValueError, match="more shared memory.*lower attn.query_rows"):
-        kernels.mra2_triton(wide, wide, wide, num_blocks=1, block_size=64, query_rows=4)
+        triton_path(wide, wide, wide, num_blocks=1, block_size=64, query_rows=4)
     with pytest.raises(ValueError, match="head dims"):
         big = torch.zeros(1, 1, 32, 192)
-        kernels.mra2_triton(big, big, big, num_blocks=1)
+        triton_path(big, big, big, num_blocks=1)
     with pytest.raises(TypeError, match="float32"):
-        kernels.mra2_triton(q.double(), q.double(), q.double(), num_blocks=1)
+        triton_path(q.double(), q.double(), q.double(), num_blocks=1)
     with pytest.raises(ValueError, match=r"attn\.query_rows must be one of \(1, 2, 4\), got 3"):
-        kernels.mra2_triton(q, q, q, num_blocks=1, query_rows=3)
+        triton_path(q, q, q, num_blocks=1, query_rows=3)
     with pytest.raises(ValueError, match=r"attn\.blocks_per_step must be one of"):
-        kernels.mra2_triton(q, q, q, num_blocks=1, blocks_per_step=8)
+        triton_path(q, q, q, num_blocks=1, blocks_per_step=8)
 
 
 # The interpreter runs the Python of a kernel, not Triton's compiler: this compiles the kernels
@@ -402,7 +403,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
-from mra_lra.attention.mra import kernels as K
+from mra_lra.attention.mra import kernels as K, launch
 
 DTYPE_PTR = {"float32": "*fp32", "bfloat16": "*bf16"}
 IO = {
@@ -430,7 +431,7 @@ def compile_kernel(job):
 
 
 # (dtype, query_rows, padded head dim, blocks_per_step, kernels): the last two are the largest
-# tiles, whose backward gathers fewer blocks (K.backward_group) so as to fit in shared memory.
+# tiles, whose backward gathers fewer blocks (launch.backward_group) so as to fit in shared memory.
 ALL = tuple(IO)
 BACKWARD = ("_mra_bwd_dq_kernel", "_mra_bwd_dkdv_kernel")
 CASES = [("bfloat16", 1, 64, 1, ALL), ("bfloat16", 1, 128, 4, ALL), ("float32", 2, 128, 2, ALL),
@@ -444,7 +445,7 @@ for dtype, rows, d_pad, per_step, names in CASES:
         group = per_step
         if name in BACKWARD:
             kernel = "dq" if name == "_mra_bwd_dq_kernel" else "dkdv"
-            group = K.backward_group(kernel, rows, per_step, 32, d_pad, size)
+            group = launch.backward_group(kernel, rows, per_step, 32, d_pad, size)
         indexed = rows == 1  # one row per tile: lists of flat int64 block indices
         const = dict(BLOCK=32, ROWS=rows, BLOCK_M=32 * rows, GROUP=group, D_PAD=d_pad,
                      UPCAST=False, PRECISION="ieee" if dtype == "float32" else "tf32",
@@ -454,7 +455,7 @@ for dtype, rows, d_pad, per_step, names in CASES:
         types = {**dict.fromkeys(native.split(), DTYPE_PTR[dtype]),
                  **dict.fromkeys(fp32.split(), "*fp32"), lists[0]: "*i32" if indexed else "*i64",
                  **dict.fromkeys(lists[1:], entries), "sm_scale": "fp32"}
-        options = K._launch_settings(32 * rows * group, d_pad, size)
+        options = launch._launch_settings(32 * rows * group, d_pad, size)
         jobs.append((name, types, const, options))
     if names != ALL:
         continue
@@ -468,13 +469,14 @@ for dtype, rows, d_pad, per_step, names in CASES:
     jobs.append(("_block_stats_kernel", stats, dict(WITH_V=rows == 1, BLOCK=32, D_PAD=d_pad),
                  dict(num_warps=2)))
     logits = {**dict.fromkeys("Qbar Kbar Counts S P RowMax".split(), "*fp32"), "sm_scale": "fp32"}
-    const = dict(PADDED=per_step != 2, PRIORS=rows != 4, BLOCK_I=K.COARSE_TILE,
-                 BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
+    const = dict(PADDED=per_step != 2, PRIORS=rows != 4, BLOCK_I=launch.COARSE_TILE,
+                 BLOCK_J=launch.COARSE_TILE, D_PAD=d_pad)
     jobs.append(("_coarse_logits_kernel", logits, const, dict(num_warps=4)))
     for store in (True, False):
         types = {**dict.fromkeys("S RowMax Counts Vbar A Ol Nl".split(), "*fp32"),
                  "Excluded": "*u8"}
-        const = dict(STORE_A=store, BLOCK_I=K.COARSE_TILE, BLOCK_J=K.COARSE_TILE, D_PAD=d_pad)
+        const = dict(STORE_A=store, BLOCK_I=launch.COARSE_TILE, BLOCK_J=launch.COARSE_TILE,
+                     D_PAD=d_pad)
         jobs.append(("_coarse_fwd_kernel", types, const, dict(num_warps=4)))
 
 if __name__ == "__main__":

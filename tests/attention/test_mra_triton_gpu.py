@@ -2,7 +2,7 @@
 
 Run by scripts/gpu_check.sh (`TRITON_INTERPRET=0 python3 -m pytest -m gpu`); skipped without CUDA.
 Both paths choose the same blocks (on CUDA both take the selection statistics from the same
-fused kernels, `selection.choose`), so they compute the same function; the torch path computes in
+fused kernels, `mra.statistics`), so they compute the same function; the torch path computes in
 float32 whatever the input dtype.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mra_lra.attention.mra import kernels, mra2_attention, selection
+from mra_lra.attention.mra import MRAOptions, launch, mra2_attention, selection, statistics
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(kernels.INTERPRET, reason="TRITON_INTERPRET=1; run with TRITON_INTERPRET=0"),
+    pytest.mark.skipif(launch.INTERPRET, reason="TRITON_INTERPRET=1; run with TRITON_INTERPRET=0"),
 ]
 
 # Largest |error| over the largest |reference entry|. Half precision: the kernels round P and dS
@@ -109,7 +109,7 @@ def test_gathered_steps(rows, per_step, dtype, mode):
 
 def test_largest_tiles_at_head_dim_128():
     """128-row tiles gathering 4 blocks at d = 128 in bf16, whose backward would pass Hopper's
-    shared memory: it gathers fewer (kernels.backward_group) and computes the same gradients.
+    shared memory: it gathers fewer (launch.backward_group) and computes the same gradients.
     (The sm_90 compile test on CPU checks every such case's shared memory; fp32 is left to it
     and to the interpreter, to keep this check's compile time down.)"""
     q, k, v, mask, cot = inputs(1, 2, 1024, 128, torch.bfloat16, pad=100)
@@ -153,14 +153,10 @@ def test_fused_selection_against_torch_selection(dtype):
     chosen blocks except where two candidates are within rounding of the threshold."""
     q, k, v, mask, _ = inputs(2, 2, 16384, 64, dtype, pad=700)
     qp, kp, vp, mp = selection.pad_to_blocks(q, k, v, mask, 32)
-    kw = dict(
-        num_blocks=512 * BLOCK_PER_ROW,
-        block_size=32,
-        initial_prior_first_n_blocks=1,
-        initial_prior_diagonal_n_blocks=1,
-    )
-    got, *got_stats = selection.choose(qp, kp, vp, mp, kernels=True, **kw)
-    want, *want_stats = selection.choose(qp, kp, vp, mp, kernels=False, **kw)
+    options = MRAOptions(initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=1)
+    args = (qp, kp, vp, mp, 512 * BLOCK_PER_ROW, options, True)
+    got, *got_stats = statistics(*args, kernels=True)
+    want, *want_stats = statistics(*args, kernels=False)
     for a, b in zip(got_stats, want_stats, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.coarse, want.coarse, rtol=1e-5, atol=1e-4)

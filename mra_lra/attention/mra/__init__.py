@@ -1,7 +1,14 @@
 """MRA attention (Zeng et al., ICML 2022): MRA-2 (`approx_mode="full"`) and MRA-2-s ("sparse").
 
-`mra2_attention` is the function of spec/mra.md; `backend` picks the torch path or the Triton
-kernels (CUDA tensors only). `MRAAttention` is the module registered as `mra` and `mra_s`.
+`mra2_attention` is the function of spec/mra.md; `MRAAttention` is the module registered as `mra`
+and `mra_s`. The layers, each importing only those listed before it:
+
+    options.py    MRAOptions, the options as one frozen bundle, validated once
+    selection.py  steps 1-4 in torch: padding, block statistics, coarse logits, the top-k
+    reference.py  steps 5-10 in torch: the CPU path, and the reference of the kernels
+    kernels.py    the Triton kernels (`@triton.jit` code only)
+    launch.py     their host side: statistics, block lists, launch settings, autograd Function
+    here          `attend`, the one place that picks the path; the modules
 """
 
 from __future__ import annotations
@@ -11,37 +18,95 @@ import math
 import torch
 from torch import nn
 
-from mra_lra.attention.mra import selection
-from mra_lra.attention.mra.reference import mra2_torch
+from mra_lra.attention.mra import reference, selection
+from mra_lra.attention.mra.options import TRITON_DTYPES, TRITON_MAX_HEAD_DIM, MRAOptions
 from mra_lra.attention.registry import register
 
-APPROX_MODES = ("full", "sparse")
-BACKENDS = ("auto", "torch", "triton")
 
-
-TILE_CHOICES = (1, 2, 4)
-
-
-def check_tiles(query_rows: int, blocks_per_step: int) -> None:
-    """The Triton kernels' tile settings (attn.query_rows, attn.blocks_per_step)."""
-    for name, value in (("query_rows", query_rows), ("blocks_per_step", blocks_per_step)):
-        if value not in TILE_CHOICES:
-            raise ValueError(f"attn.{name} must be one of {TILE_CHOICES}, got {value!r}")
-
-
-def _check(approx_mode: str, backend: str, block_size: int) -> None:
-    if approx_mode not in APPROX_MODES:
-        raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """ "auto" is Triton for CUDA tensors when triton is installed, torch otherwise."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" and selection.triton_available() else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     return backend
+
+
+def statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    num_blocks: int,
+    options: MRAOptions,
+    padded: bool,
+    kernels: bool | None = None,
+) -> tuple[selection.Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Steps 2-4 for every MRA path (and flex_mra): (selection, qbar, kbar, vbar or None), no
+    gradient, from padded, zeroed q, k, v [B, H, n_pad, d] and mask [B, n_pad].
+
+    `kernels`: the fused Triton kernels (`launch.fused_statistics`) or torch
+    (`selection.prepare`); None takes the kernels for CUDA tensors they accept. On a GPU every
+    backend thus chooses the same blocks, even where two candidates tie to the last bit; both
+    ways compute the same function up to float32 rounding."""
+    if kernels is None:
+        kernels = (
+            q.is_cuda
+            and q.dtype in TRITON_DTYPES
+            and q.shape[-1] <= TRITON_MAX_HEAD_DIM
+            and triton_available()
+        )
+    if not kernels:
+        return selection.prepare(q, k, v, mask, num_blocks, options, padded)
+    from mra_lra.attention.mra import launch
+
+    q, k, v, mask = q.contiguous(), k.contiguous(), v.contiguous(), mask.float().contiguous()
+    return launch.fused_statistics(q, k, v, mask, num_blocks, options, padded)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_blocks: int,
+    options: MRAOptions,
+) -> torch.Tensor:
+    """`mra2_attention` with its options bundled: pad, select, then the fine and coarse parts on
+    the Triton kernels or in torch."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must all be [B, H, n, d], got {list(q.shape)}, {list(k.shape)}, "
+            f"{list(v.shape)}"
+        )
+    n, in_dtype = q.shape[2], q.dtype
+    on_triton = resolve_backend(options.backend, q.device) == "triton"
+    if on_triton:
+        from mra_lra.attention.mra import launch
+
+        launch.check_inputs(q, k, v, options)
+    # Statistics and the coarse part are float32 math at least: keep autocast from rounding them.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        padded = selection.has_padding(mask, n, options.block_size)
+        q, k, v, mask = selection.pad_to_blocks(q, k, v, mask, options.block_size)
+        if on_triton:
+            q, k, v, mask = (t.contiguous() for t in (q, k, v, mask.float()))
+        kernels = True if on_triton else None
+        sel, qbar, kbar, vbar = statistics(q, k, v, mask, num_blocks, options, padded, kernels)
+        # The statistics are values here: each path's backward differentiates the coarse part.
+        if on_triton:
+            out = launch.mra2_triton(q, k, v, mask, sel, qbar, kbar, vbar, options)
+        else:
+            compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+            q, k, v, mask = (t.to(compute) for t in (q, k, v, mask))
+            out = reference.mra2_torch(q, k, v, mask, sel, vbar)
+    return out[:, :, :n].to(in_dtype)
 
 
 def mra2_attention(
@@ -63,64 +128,19 @@ def mra2_attention(
 
     num_blocks is k_sel, the number of fine blocks each (batch, head) slice gets in total.
     Any n works (padded to a multiple of block_size inside); returns [B, H, n, d] in q's dtype.
-    query_rows and blocks_per_step are the Triton kernels' tile settings (`mra2_triton`); the
-    torch path does not use them.
+    query_rows and blocks_per_step are the Triton kernels' tiles; the torch path ignores them.
+    The Triton path takes float32, float16 and bfloat16, head dims up to 128.
     """
-    _check(approx_mode, backend, block_size)
-    check_tiles(query_rows, blocks_per_step)
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must all be [B, H, n, d], got {list(q.shape)}, {list(k.shape)}, "
-            f"{list(v.shape)}"
-        )
-    n = q.shape[2]
-    backend = resolve_backend(backend, q.device)
-    if backend == "triton":
-        from mra_lra.attention.mra.kernels import mra2_triton
-
-        return mra2_triton(
-            q,
-            k,
-            v,
-            mask,
-            num_blocks=num_blocks,
-            approx_mode=approx_mode,
-            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-            block_size=block_size,
-            query_rows=query_rows,
-            blocks_per_step=blocks_per_step,
-        )
-    in_dtype = q.dtype
-    compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-    padded = selection.has_padding(mask, n, block_size)
-    fused = selection.fused_available(q)
-    if fused:  # pad in the input dtype: the fused statistics read what the Triton path reads
-        qp, kp, vp, mask = selection.pad_to_blocks(q, k, v, mask, block_size)
-        q, k, v = qp.to(compute), kp.to(compute), vp.to(compute)
-    else:
-        q, k, v, mask = selection.pad_to_blocks(
-            q.to(compute), k.to(compute), v.to(compute), mask, block_size
-        )
-        qp, kp, vp = q, k, v
-    mask = mask.to(compute)
-    # The selection and the block means are values to mra2_torch, whose autograd Function
-    # differentiates the coarse part itself; no graph needs to be kept for them.
-    sel, _, _, vbar = selection.choose(
-        qp,
-        kp,
-        vp,
-        mask,
-        num_blocks=num_blocks,
-        block_size=block_size,
+    options = MRAOptions(
+        approx_mode=approx_mode,
         initial_prior_first_n_blocks=initial_prior_first_n_blocks,
         initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-        padded=padded,
-        with_vbar=approx_mode == "full",
-        kernels=fused,
+        block_size=block_size,
+        backend=backend,
+        query_rows=query_rows,
+        blocks_per_step=blocks_per_step,
     )
-    out = mra2_torch(q, k, v, mask, sel, vbar, approx_mode=approx_mode, block_size=block_size)
-    return out[:, :, :n].to(in_dtype)
+    return attend(q, k, v, mask, num_blocks, options)
 
 
 def patch_order(n: int, patch_shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -144,6 +164,12 @@ def check_patch_shape(patch_shape) -> tuple[int, int] | None:
     if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
         raise ValueError(f"attn.patch_shape must be [rows, columns] or null, got {patch_shape}")
     return tuple(patch_shape) if patch_shape is not None else None
+
+
+def check_block_per_row(block_per_row: int) -> int:
+    if not isinstance(block_per_row, int) or block_per_row < 1:
+        raise ValueError(f"attn.block_per_row must be an integer >= 1, got {block_per_row!r}")
+    return block_per_row
 
 
 def in_patch_order(
@@ -189,52 +215,30 @@ class MRAAttention(nn.Module):
         prefix_tokens: int = 0,
     ):
         super().__init__()
-        approx_mode = approx_mode or self.default_mode
-        _check(approx_mode, backend, block_size)
-        check_tiles(query_rows, blocks_per_step)
-        if block_per_row < 1:
-            raise ValueError(f"block_per_row must be >= 1, got {block_per_row}")
+        self.options = MRAOptions(
+            approx_mode=approx_mode or self.default_mode,
+            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+            block_size=block_size,
+            backend=backend,
+            query_rows=query_rows,
+            blocks_per_step=blocks_per_step,
+        )
+        self.block_per_row = check_block_per_row(block_per_row)
         self.patch_shape = check_patch_shape(patch_shape)
-        self.block_per_row = block_per_row
-        self.approx_mode = approx_mode
-        self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
-        self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
-        self.block_size = block_size
-        self.backend = backend
-        self.query_rows = query_rows
-        self.blocks_per_step = blocks_per_step
         self.prefix_tokens = prefix_tokens
 
     def num_blocks(self, n: int) -> int:
-        nb = -(-n // self.block_size)
-        return min(nb * self.block_per_row, nb * nb)
+        return self.options.num_blocks(n, self.block_per_row)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         return in_patch_order(self._attend, q, k, v, mask, self.patch_shape, self.prefix_tokens)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        return mra2_attention(
-            q,
-            k,
-            v,
-            mask,
-            num_blocks=self.num_blocks(q.shape[2]),
-            approx_mode=self.approx_mode,
-            initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
-            initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks,
-            block_size=self.block_size,
-            backend=self.backend,
-            query_rows=self.query_rows,
-            blocks_per_step=self.blocks_per_step,
-        )
+        return attend(q, k, v, mask, self.num_blocks(q.shape[2]), self.options)
 
     def extra_repr(self) -> str:
-        return (
-            f"approx_mode={self.approx_mode}, block_per_row={self.block_per_row}, "
-            f"priors=({self.initial_prior_first_n_blocks}, "
-            f"{self.initial_prior_diagonal_n_blocks}), backend={self.backend}, "
-            f"patch_shape={self.patch_shape}"
-        )
+        return f"block_per_row={self.block_per_row}, {self.options}, patch_shape={self.patch_shape}"
 
 
 @register("mra")

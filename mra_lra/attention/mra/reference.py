@@ -286,21 +286,19 @@ def mra2_torch(
     mask: torch.Tensor,
     sel: Selection,
     vbar: torch.Tensor | None,
-    *,
-    approx_mode: str,
-    block_size: int,
 ) -> torch.Tensor:
-    """Steps 5-10 on padded, zeroed float inputs [B, H, n, d]; returns [B, H, n, d].
+    """Steps 5-10 on padded, zeroed float inputs [B, H, n, d] and mask [B, n]; returns
+    [B, H, n, d]. Full mode (MRA-2) when `vbar` is given, sparse mode (MRA-2-s) when it is None.
 
-    `sel` and `vbar` must be `selection.prepare`'s and `selection.block_means`' results for these
-    q, k, v and mask. Gradients reach q, k, v through the fine part and, in full mode, through the
-    block means of the coarse part; that second path is computed here from q, k, v, so no gradient
-    flows into `sel.coarse` or `vbar` themselves (none through the selection, r or mu either).
+    `sel` and `vbar` must be `selection.prepare`'s results for these q, k, v and mask.
+    Gradients reach q, k, v through the fine part and, in full mode, through the block means of
+    the coarse part; that second path is computed here from q, k, v, so no gradient flows into
+    `sel.coarse` or `vbar` themselves (none through the selection, r or mu either).
     """
     B, H, n, d = q.shape
+    block_size = n // sel.num_block_rows
     chunk_blocks = max(1, CHUNK_ELEMENTS // (block_size * max(block_size, d)))
-    plan = block_plan(sel.block_idx, n // block_size, chunk_blocks)
-    full = approx_mode == "full"
+    plan = block_plan(sel.block_idx, sel.num_block_rows, chunk_blocks)
     # float math in the inputs' dtype: autocast would round the scores and clash with the
     # float32 buffers.
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -310,7 +308,7 @@ def mra2_torch(
             v.contiguous(),
             mask,
             sel,
-            vbar.detach() if full else None,
+            None if vbar is None else vbar.detach(),
             plan,
             block_size,
         )

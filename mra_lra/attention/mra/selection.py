@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mra_lra.attention.mra.options import MRAOptions
+
 EPS = 1e-6
 PAD_PENALTY = 1e4  # subtracted from scores that touch padding
 PRIOR_BOOST = 5e3  # added to prior blocks so that top-k takes them first
@@ -114,63 +116,30 @@ def cached_per_shape(make):
     return get
 
 
-def check_priors(first_n_blocks: int, diagonal_n_blocks: int) -> None:
-    if first_n_blocks < 0 or diagonal_n_blocks < 0:
-        raise ValueError("prior block counts must be >= 0")
-
-
 @cached_per_shape
 def prior_bonus(
     nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
 ) -> torch.Tensor | None:
     """Step 4 priors as an [nb, nb] additive bonus (None when there are no priors); made once
     per shape and device (treat it as read-only)."""
-    check_priors(first_n_blocks, diagonal_n_blocks)
     if first_n_blocks == 0 and diagonal_n_blocks == 0:
         return None
     with torch.inference_mode(False), torch.no_grad():
-        return _prior_bonus(nb, first_n_blocks, diagonal_n_blocks, device)
-
-
-def _prior_bonus(
-    nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
-) -> torch.Tensor:
-    bonus = torch.zeros(nb, nb, device=device)
-    if diagonal_n_blocks > 0:
-        idx = torch.arange(nb, device=device)
-        near = (idx[:, None] - idx[None, :]).abs() <= diagonal_n_blocks // 2
-        bonus += PRIOR_BOOST * near
-    if first_n_blocks > 0:
+        bonus = torch.zeros(nb, nb, device=device)
+        if diagonal_n_blocks > 0:
+            idx = torch.arange(nb, device=device)
+            bonus += PRIOR_BOOST * ((idx[:, None] - idx[None, :]).abs() <= diagonal_n_blocks // 2)
         bonus[:first_n_blocks, :] += PRIOR_BOOST
         bonus[:, :first_n_blocks] += PRIOR_BOOST
-    return bonus
-
-
-@torch.no_grad()
-def select_blocks(
-    coarse: torch.Tensor,
-    row_max: torch.Tensor,
-    num_blocks: int,
-    initial_prior_first_n_blocks: int = 0,
-    initial_prior_diagonal_n_blocks: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4: one global top-k over the nb x nb grid of each slice (not k per row).
-
-    Returns the chosen flat block indices [B, H, k_sel] (ascending, so row-major) and the
-    excluded set M (the chosen blocks) as a bool [B, H, nb, nb].
-    """
-    nb = coarse.shape[-1]
-    P = (coarse - row_max[..., None]).float()
-    bonus = prior_bonus(nb, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks, P.device)
-    if bonus is not None:
-        P += bonus
-    return top_blocks(P, num_blocks)
+        return bonus
 
 
 @torch.no_grad()
 def top_blocks(P: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of step 4 on the row-normalised, prior-boosted P [B, H, nb, nb]: chosen flat
-    indices [B, H, k_sel] (ascending) and the excluded set M, which is exactly the chosen set.
+    """Step 4's top-k on the row-normalised, prior-boosted P [B, H, nb, nb]: one global top-k
+    over the nb x nb grid of each slice (not k per row). Returns the chosen flat indices
+    I * nb + J, [B, H, k_sel] (ascending, so row-major), and the excluded set M as a bool
+    [B, H, nb, nb], which is exactly the chosen set.
 
     The published code (and spec/mra.md) takes M = {P >= smallest chosen value}, which differs
     only when values tie at the cut: a tied block that top-k did not choose then sits in M and in
@@ -188,98 +157,36 @@ def top_blocks(P: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Te
     return idx.sort(dim=-1).values, excluded.view_as(P)
 
 
-def prepare(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    num_blocks: int,
-    block_size: int,
-    initial_prior_first_n_blocks: int,
-    initial_prior_diagonal_n_blocks: int,
-    padded: bool = True,
-) -> tuple[Selection, torch.Tensor, torch.Tensor]:
-    """Steps 2-4 on padded, zeroed inputs. Returns the selection and qbar, kbar.
-
-    Runs in the inputs' dtype even under autocast, so that the coarse logits (and the chosen
-    blocks) do not depend on it. `padded=False`: see `coarse_logits`.
-    """
-    B, H, n, d = q.shape
-    nb = n // block_size
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        counts = mask.view(B, nb, block_size).sum(dim=-1)
-        denominator = (counts + EPS)[:, None, :, None]
-        qbar = q.view(B, H, nb, block_size, d).sum(dim=3) / denominator
-        kbar = k.view(B, H, nb, block_size, d).sum(dim=3) / denominator
-        S, r = coarse_logits(qbar, kbar, counts, padded)
-        block_idx, excluded = select_blocks(
-            S, r, num_blocks, initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks
-        )
-    return Selection(counts, S, r, block_idx, excluded), qbar, kbar
-
-
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FUSED_MAX_HEAD_DIM = 128  # as the Triton attention kernels
-
-
-def fused_available(x: torch.Tensor) -> bool:
-    """Whether `choose` takes the fused Triton kernels for x [B, H, n, d] by default: CUDA
-    tensors of a dtype and head dim they take, with triton installed."""
-    return (
-        x.is_cuda
-        and x.dtype in FUSED_DTYPES
-        and x.shape[-1] <= FUSED_MAX_HEAD_DIM
-        and triton_available()
-    )
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @torch.no_grad()
-def choose(
+def prepare(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor,
-    *,
     num_blocks: int,
-    block_size: int,
-    initial_prior_first_n_blocks: int,
-    initial_prior_diagonal_n_blocks: int,
+    options: MRAOptions,
     padded: bool = True,
-    with_vbar: bool = True,
-    kernels: bool | None = None,
 ) -> tuple[Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Steps 2-4 and the value block means for every MRA path: (selection, qbar, kbar, vbar or
-    None), no gradient. q, k, v: padded, zeroed [B, H, n_pad, d] in the input dtype (statistics
-    in float32 at least); mask [B, n_pad].
-
-    `kernels=True` runs `kernels.prepare_fused` (two Triton kernels and the top-k), False the
-    torch ops above, None the kernels for CUDA tensors (`fused_available`) and torch otherwise.
-    On a GPU every backend (and flex_mra) thus computes the same statistics the same way and
-    chooses the same blocks even where two candidates tie to the last bit; both ways compute the
-    same function up to float32 rounding."""
-    kw = dict(
-        num_blocks=num_blocks,
-        block_size=block_size,
-        initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-        padded=padded,
-    )
-    if kernels is None:
-        kernels = fused_available(q)
-    if kernels:
-        from mra_lra.attention.mra.kernels import prepare_fused
-
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return prepare_fused(q, k, v, mask.float().contiguous(), with_vbar=with_vbar, **kw)
+    """Steps 2-4 in torch on padded, zeroed [B, H, n_pad, d] inputs and mask [B, n_pad]:
+    (selection, qbar, kbar, vbar; vbar None in sparse mode), no gradient, in float32 at least
+    whatever the input dtype and autocast, so that the chosen blocks do not depend on them.
+    `padded=False`: see `coarse_logits`."""
+    b = options.block_size
+    B, H, n, d = q.shape
+    nb = n // b
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    sel, qbar, kbar = prepare(q.to(compute), k.to(compute), mask.to(compute), **kw)
-    vbar = block_means(v.to(compute), sel.counts, block_size) if with_vbar else None
-    return sel, qbar, kbar, vbar
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        counts = mask.to(compute).view(B, nb, b).sum(dim=-1)
+        qbar, kbar = (block_means(x.to(compute), counts, b) for x in (q, k))
+        vbar = block_means(v.to(compute), counts, b) if options.full else None
+        S, r = coarse_logits(qbar, kbar, counts, padded)
+        P = (S - r[..., None]).float()
+        first, diagonal = (
+            options.initial_prior_first_n_blocks,
+            options.initial_prior_diagonal_n_blocks,
+        )
+        bonus = prior_bonus(nb, first, diagonal, P.device)
+        if bonus is not None:
+            P += bonus
+        block_idx, excluded = top_blocks(P, num_blocks)
+    return Selection(counts, S, r, block_idx, excluded), qbar, kbar, vbar

@@ -1,12 +1,41 @@
 """Learning-rate schedules: the MRA recipe's one cycle (torch's OneCycleLR: linear warm-up, linear
-decay, beta1 cycled against the rate) and the original LRA recipe's product of factors."""
+decay, beta1 cycled against the rate) and the original LRA recipe's product of factors.
+
+Both take the warm-up as `warmup_fraction` of the run (the task recipes do, so a run shortened
+with trainer.max_steps keeps its shape) or as `warmup_steps`, which wins when set (debug and
+experiment configs fix it in steps)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
+
+from mra_lra.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_warmup(
+    total_steps: int, warmup_steps: int | None = None, warmup_fraction: float | None = None
+) -> int:
+    """The warm-up in updates: `warmup_steps` when set, else `warmup_fraction` of `total_steps`
+    rounded to the nearest update (at least one for a positive fraction)."""
+    if warmup_steps is not None:
+        if warmup_steps < 0:
+            raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {warmup_steps}")
+        return warmup_steps
+    if warmup_fraction is None:
+        raise ConfigError(
+            "the schedule has no warm-up: set scheduler.warmup_fraction (of trainer.max_steps) "
+            "or scheduler.warmup_steps"
+        )
+    if not 0 <= warmup_fraction < 1:
+        raise ConfigError(f"scheduler.warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    steps = round(warmup_fraction * total_steps)
+    return max(steps, 1) if warmup_fraction > 0 else 0
 
 
 class OneCycle(OneCycleLR):
@@ -17,7 +46,7 @@ class OneCycle(OneCycleLR):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("total_steps", self.total_steps)
         if saved != self.total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's one-cycle schedule spans {saved} steps, this run's "
                 f"{self.total_steps} (trainer.max_steps): a cycle cannot be stretched once "
                 f"started; resume with trainer.max_steps={saved}, or start a new run"
@@ -27,7 +56,6 @@ class OneCycle(OneCycleLR):
 
 def one_cycle(
     optimizer: Optimizer,
-    warmup_steps: int,
     total_steps: int,
     anneal_strategy: str,
     cycle_momentum: bool,
@@ -35,35 +63,45 @@ def one_cycle(
     max_momentum: float,
     div_factor: float,
     final_div_factor: float,
+    warmup_steps: int | None = None,
+    warmup_fraction: float | None = None,
 ) -> OneCycle:
     """The MRA recipe's schedule: torch's OneCycleLR, as the published LRA code calls it (peak
-    optimizer.lr after `warmup_steps` updates, `pct_start = warmup_steps / total_steps`).
+    optimizer.lr after the warm-up's W updates, `pct_start = W / total_steps`).
 
-    From lr / div_factor the rate rises to the peak at update warmup_steps - 1, then anneals to
-    lr / (div_factor * final_div_factor) at the last update. With cycle_momentum, Adam's beta1
-    moves the other way, from max_momentum down to base_momentum at the peak and back (the
-    optimizer's configured beta1 is overwritten from the first step on).
+    From lr / div_factor the rate rises to the peak at update W - 1, then anneals to
+    lr / (div_factor * final_div_factor) at the last update (W of 0 or 1: from the peak at the
+    first update). With cycle_momentum, Adam's beta1 moves the other way, from max_momentum down
+    to base_momentum at the peak and back (the optimizer's configured beta1 is overwritten from
+    the first step on). A warm-up as long as the run is clipped to total_steps - 1, so that one
+    update of decay remains; a warning says so.
     """
     if total_steps <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.total_steps must be > 0, got {total_steps} (it follows trainer.max_steps: "
             "training is counted in steps)"
         )
-    if not (warmup_steps == 0 or 2 <= warmup_steps < total_steps):
-        raise ValueError(
-            f"scheduler.warmup_steps must be 0 or in [2, total_steps={total_steps}), got "
-            f"{warmup_steps}: OneCycleLR's warm-up ends at update warmup_steps - 1 and its decay "
-            "needs at least one more step"
+    warmup = resolve_warmup(total_steps, warmup_steps, warmup_fraction)
+    if warmup >= total_steps:
+        log.warning(
+            "the warm-up of %d steps is not shorter than the run (trainer.max_steps=%d): "
+            "clipped to %d",
+            warmup,
+            total_steps,
+            total_steps - 1,
         )
+        warmup = total_steps - 1
     if anneal_strategy not in ("linear", "cos"):
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.anneal_strategy must be linear or cos, got {anneal_strategy!r}"
         )
     return OneCycle(
         optimizer,
         max_lr=[group["lr"] for group in optimizer.param_groups],
         total_steps=total_steps,
-        pct_start=warmup_steps / total_steps,
+        # OneCycleLR ends its warm-up at update pct_start * total_steps - 1: W = 1 would divide
+        # by zero there, and means the same as W = 0.
+        pct_start=warmup / total_steps if warmup >= 2 else 0.0,
         anneal_strategy=anneal_strategy,
         cycle_momentum=cycle_momentum,
         base_momentum=base_momentum,
@@ -79,7 +117,9 @@ FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "rsqrt_normalized_decay",
 def factor_schedule(
     optimizer: Optimizer,
     factors: str,
-    warmup_steps: int,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    warmup_fraction: float | None = None,
     steps_per_cycle: int = 100000,
 ) -> LambdaLR:
     """The original LRA (JAX) schedule: the product of named factors, e.g.
@@ -91,18 +131,23 @@ def factor_schedule(
         rsqrt_normalized_decay   sqrt(warmup_steps) / sqrt(max(s, warmup_steps))  (peak: lr)
         cosine_decay             max(0, (1 + cos(pi * (p mod 1))) / 2),
                                  p = max(0, (s - warmup_steps) / steps_per_cycle)
+
+    `warmup_steps` is the warm-up W resolved from the config (see `resolve_warmup`). A warm-up
+    longer than the run is kept, as the LRA code runs its Retrieval recipe: with rsqrt_decay, W
+    also sets the peak rate.
     """
     names = [f.strip() for f in factors.split("*")]
     unknown = [f for f in names if f not in FACTORS]
     if unknown or not names:
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.factors has unknown factor(s) {unknown} in {factors!r}; "
             f"use a '*'-separated product of {', '.join(FACTORS)}"
         )
+    warmup_steps = resolve_warmup(total_steps, warmup_steps, warmup_fraction)
     if warmup_steps < 1 and any(f != "constant" for f in names):
-        raise ValueError(f"scheduler.warmup_steps must be >= 1, got {warmup_steps}")
+        raise ConfigError(f"scheduler.warmup_steps must be >= 1, got {warmup_steps}")
     if steps_per_cycle < 1:
-        raise ValueError(f"scheduler.steps_per_cycle must be >= 1, got {steps_per_cycle}")
+        raise ConfigError(f"scheduler.steps_per_cycle must be >= 1, got {steps_per_cycle}")
 
     def factor(step: int) -> float:
         ret = 1.0

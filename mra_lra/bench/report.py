@@ -1,29 +1,23 @@
-"""LRA results report: the paper's table (attention x task, mean ± std over seeds) from run folders.
+"""LRA results report from run folders: one row per run, and the paper's table (attention x task,
+mean ± std over seeds) that pools only runs whose settings agree apart from the seed.
 
     python -m mra_lra.bench.report runs/reproduce/listops --out report.md --plot acc_vs_speed.png
-    python -m mra_lra.bench.report runs/2026-11-27/*_listops_mra runs/multirun/2026-11-28
-    python -m mra_lra.bench.report runs/reproduce --csv cells.csv --latex table.tex
+    python -m mra_lra.bench.report runs --exclude '*/multirun/*' --csv runs.csv --latex table.tex
 
-Every `results.json` below the given paths (run folders, Hydra multirun folders with their
-numbered subfolders, or any folder above them) is one run; runs are grouped by (attention, task)
-(the original LRA recipes, experiment=lra_jax/..., are rows of their own: "mra (lra_jax)") and each
-cell is `mean ± std (n)` in percent over the group's seeds (sample std, ddof=1; a single
-run shows no std). Tables: test accuracy at the best-validation checkpoint (`test_acc`), at the
-last step (`test_acc_last`), then training throughput and peak memory per cell. Avg is the mean of
-a row's task means, as in the LRA paper, and is left out (marked) for a row that lacks a task
-another row has, so averages over different task sets are never set side by side. `--csv` writes
-every cell in long form, `--latex` the `--metric` table as a booktabs tabular (best in bold).
+A run folder holds results.json, config.yaml (train.py writes it when a run starts) or train.log;
+folders inside one (.hydra, a logger's) are not runs. --include/--exclude are globs on its path.
+Runs of one task and attention (and recipe family, e.g. lra_jax) are one group, a row of the
+tables, when their config.yaml agree apart from IGNORED_CONFIG_KEYS (FALLBACK_FIELDS of
+results.json where a run lacks one) and their results.json in OUTCOME_FIELDS. A row's [...]
+names where its group departs from the setting most of the cell's runs share; the CSV (one row
+per run) has every such setting. Cells: `mean ± std (n)` in percent (sample std), ‡ when a seed
+appears twice, § on a set our generators made (not LRA numbers). Avg is the mean of a row's task
+means, as in the LRA paper, left out for a row that lacks a task another row has.
 
-Nothing is dropped silently. A cell is marked † when its runs differ in anything but the seed:
-config.yaml (the resolved Hydra config train.py writes next to results.json) is compared key by
-key, minus IGNORED_CONFIG_KEYS; without config.yaml, the results.json fields in FALLBACK_FIELDS
-are compared instead. A cell is marked ‡ when a seed appears twice in it, and § when its runs
-trained on a set our generators made (results.json's `data_generated`: ListOps or Pathfinder
-without the release), whose accuracies are not LRA numbers. Runs whose results.json
-is unreadable or lacks a known task, an attention or a seed are listed as skipped; runs without a
-value for one table are listed under that table's name. The notes at the end say which and why.
-
-Imports the standard library, pyyaml and our atomic writers (and matplotlib for --plot).
+Nothing is dropped silently: folders without results.json (failed, stopped or still running; the
+first error of train.log quoted), debug runs (debug=..., from .hydra/hydra.yaml; --with-debug
+reports them), folders the globs leave out, unreadable results and runs without a value for one
+table are named under Notes with the reason.
 """
 
 from __future__ import annotations
@@ -34,15 +28,18 @@ import fnmatch
 import io
 import json
 import math
+import os
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 import yaml
 
+from mra_lra.errors import UserError, reported
 from mra_lra.utils import atomic_open, atomic_write_text, flatten_config
 
 # Task names as train.py writes them (cfg.task.name) -> the paper's column titles, in its order.
@@ -110,23 +107,20 @@ IGNORED_CONFIG_KEYS = (
     "ckpt_path",
     "model.attn",  # conf/model/lra.yaml copies `attn`, which is compared itself
 )
-# Compared when a run has no config.yaml: the settings results.json records itself.
+# Compared when a run of the cell has no config.yaml: the settings results.json records itself.
 FALLBACK_FIELDS = ("attn_options", "max_length", "precision")
 # Compared always: what the run did (steps), where (throughput and memory depend on it;
 # throughput is of all ranks together) and on which data (a generated set or the release).
 OUTCOME_FIELDS = ("steps", "device", "world_size", "data_generated")
-# results.json written before train.py recorded world_size came from one-device runs; before it
-# recorded data_generated, only generated ListOps sets existed and were not marked.
+# results.json written before train.py recorded world_size came from one-device runs.
 DEFAULTS = {"world_size": 1}
+# Which differing settings name a row first: what the run did, then the recipe's main knobs.
+SETTING_ORDER = ("results.", "data.max_length", "attn.", "optimizer.", "scheduler.")
+MAX_SHOWN = 3  # settings a row names at most (unless more are needed to tell rows apart)
 
-MIXED = "†"
 DUPLICATE = "‡"
 GENERATED = "§"
 ABSENT = "<absent>"
-
-
-class ReportError(ValueError):
-    """Bad input to the report: the message names the problem and what fixes it."""
 
 
 @dataclass
@@ -136,7 +130,7 @@ class Run:
     path: Path  # the run folder
     results: dict
     config: dict | None = None
-    config_problem: str | None = None  # why config is None, when a config.yaml was expected
+    config_problem: str | None = None  # why config is None
 
     @property
     def task(self) -> str:
@@ -147,22 +141,17 @@ class Run:
         return self.results["attn"]
 
     @property
+    def seed(self) -> int:
+        return self.results["seed"]
+
+    @property
     def family(self) -> str | None:
         """The experiment family that set the recipe (`recipe.family`, e.g. lra_jax), or None for
-        the task configs' own recipe (the MRA paper's, experiment=lra/...)."""
+        the task configs' own recipe (the MRA paper's)."""
         family = self.results.get("recipe")
         if family is None and self.config:
             family = (self.config.get("recipe") or {}).get("family")
         return family if isinstance(family, str) else None
-
-    @property
-    def row(self) -> str:
-        """The table row: the attention, and the recipe family when it is not the default."""
-        return f"{self.attn} ({self.family})" if self.family else self.attn
-
-    @property
-    def seed(self) -> int:
-        return self.results["seed"]
 
 
 @dataclass
@@ -186,67 +175,134 @@ class Stat:
 
 @dataclass
 class Group:
-    """The runs of one (attention, task) cell and what is wrong with them as a set of seeds."""
+    """Runs of one task and attention whose settings agree apart from the seed: one table row."""
 
-    attn: str
+    row: str  # attention (family) [the first settings that tell it from the cell's other groups]
+    cell: str  # attention (family)
     task: str
     runs: list[Run]
-    # key -> {value as written: seeds that have it}, for every compared key that differs.
-    differing: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-    duplicate_seeds: dict[int, list[Path]] = field(default_factory=dict)
-    # Runs without a usable config.yaml (their settings were compared on results.json fields).
-    without_config: list[Run] = field(default_factory=list)
-    # Runs on a set our generators made (results.json's data_generated), not the LRA release.
-    generated: list[Run] = field(default_factory=list)
+    settings: str = ""  # every setting that tells it apart, "key=value, ..."
+    differing_keys: list[str] = field(default_factory=list)  # of its cell, in SETTING_ORDER
+
+    @property
+    def duplicate_seeds(self) -> dict[int, list[Path]]:
+        by_seed: dict[int, list[Path]] = {}
+        for run in self.runs:
+            by_seed.setdefault(run.seed, []).append(run.path)
+        return {seed: paths for seed, paths in by_seed.items() if len(paths) > 1}
+
+    @property
+    def generated(self) -> object:
+        """The generator settings of its (generated) set, or None for the release."""
+        return self.runs[0].results.get("data_generated")
+
+    @property
+    def marks(self) -> str:
+        return (DUPLICATE if self.duplicate_seeds else "") + (GENERATED if self.generated else "")
 
 
 @dataclass
 class Summary:
+    runs: list[Run]
     tasks: list[str]  # present ones, in the paper's order
-    attns: list[str]  # rows (attention, with its recipe family if not the default), in order
-    groups: dict[tuple[str, str], Group]  # (attn, task) -> group
+    rows: list[str]  # in order
+    groups: dict[tuple[str, str], Group]  # (row, task) -> group
     metrics: tuple[str, ...]  # accuracy tables, in order
-    # field -> (attn, task) -> Stat, for the accuracy metrics, THROUGHPUT and MEMORY.
-    tables: dict[str, dict[tuple[str, str], Stat]]
-    # field -> runs left out of that table, with the reason.
-    left_out: dict[str, list[Skipped]]
+    tables: dict[str, dict[tuple[str, str], Stat]]  # field -> (row, task) -> Stat
+    left_out: dict[str, list[Skipped]]  # field -> runs without a value for it
     skipped: list[Skipped]
-    memory_kinds: list[str]
-    devices: dict[str, int]  # device -> run count
 
 
-def collect_runs(paths: Iterable[str | Path]) -> Collection:
-    """Every results.json at or below `paths`, read and checked; bad ones become `Skipped`."""
+# --- finding and reading runs --------------------------------------------------------------
+
+
+def collect_runs(
+    paths: Iterable[str | Path],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    with_debug: bool = False,
+) -> Collection:
+    """Every run folder at or below `paths`, read and checked; the rest become `Skipped`."""
     paths = [Path(p) for p in paths]
-    found: dict[Path, Path] = {}  # resolved -> as reached from the given path (for messages)
+    folders: dict[Path, Path] = {}  # resolved -> as reached from the given path (for messages)
     for root in paths:
         if not root.exists():
-            raise ReportError(
+            raise UserError(
                 f"{root} does not exist: pass run folders or multirun folders "
                 "(train.py writes them under runs/ unless hydra.run.dir / hydra.sweep.dir say "
                 "otherwise)"
             )
-        if root.is_file() and root.name != "results.json":
-            raise ReportError(
-                f"{root} is a file: pass run folders, multirun folders or results.json"
-            )
-        files = [root] if root.is_file() else sorted(root.rglob("results.json"))
-        for file in files:
-            found.setdefault(file.resolve(), file)
+        if root.is_file():
+            if root.name != "results.json":
+                raise UserError(
+                    f"{root} is a file: pass run folders, multirun folders or results.json"
+                )
+            root = root.parent
+        for name in ("results.json", "config.yaml", "train.log"):
+            for file in root.rglob(name):
+                parts = file.parent.relative_to(root).parts
+                if file.is_file() and not any(p.startswith(".") for p in parts):
+                    folders.setdefault(file.parent.resolve(), file.parent)
+    # Inside a run folder, a folder without results.json (wandb's files/config.yaml) is no run.
+    found = sorted(
+        (
+            folder
+            for resolved, folder in folders.items()
+            if (folder / "results.json").is_file()
+            or not any(parent in folders for parent in resolved.parents)
+        ),
+        key=str,
+    )
     if not found:
-        raise ReportError(
-            f"no results.json under {', '.join(map(str, paths))}: a run writes it when training "
-            "and testing finish (python train.py task=<task> attn=<attn> seed=<s>)"
+        raise UserError(
+            f"no run folder under {', '.join(map(str, paths))}: a run writes config.yaml when it "
+            "starts and results.json when it ends (python train.py task=<task> attn=<attn>)"
         )
     runs, skipped = [], []
-    for file in sorted(found.values()):
-        run = _read_run(file)
-        (runs if isinstance(run, Run) else skipped).append(run)
+    for folder in found:
+        where = folder.as_posix()
+        if include and not any(fnmatch.fnmatch(where, p) for p in include):
+            item = Skipped(folder, f"not matched by --include {' '.join(include)}")
+        elif hit := next((p for p in exclude if fnmatch.fnmatch(where, p)), None):
+            item = Skipped(folder, f"excluded by --exclude {hit}")
+        elif not with_debug and (debug := _debug_choice(folder)):
+            item = Skipped(folder, f"a debug run (debug={debug}; --with-debug reports it)")
+        else:
+            item = _read_run(folder)
+        (runs if isinstance(item, Run) else skipped).append(item)
     return Collection(runs, skipped)
 
 
-def _read_run(file: Path) -> Run | Skipped:
-    folder = file.parent
+def _debug_choice(folder: Path) -> str | None:
+    """The run's debug=<name> choice, from the Hydra record of the run (.hydra/hydra.yaml)."""
+    try:
+        hydra = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        return hydra["hydra"]["runtime"]["choices"].get("debug")
+    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _first_error(folder: Path) -> str | None:
+    """The first ERROR (or CRITICAL) record of train.log, with its exception's last line."""
+    try:
+        lines = (folder / "train.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for i, line in enumerate(lines):
+        if "][ERROR] - " in line or "][CRITICAL] - " in line:
+            # A traceback follows the record, up to the next record ("[<time>][<logger>]...").
+            tail = takewhile(lambda more: not more.startswith("["), lines[i + 1 :])
+            last = [more.strip() for more in tail if more.strip()][-1:]
+            return ": ".join([line.split("] - ", 1)[1], *last])
+    return None
+
+
+def _read_run(folder: Path) -> Run | Skipped:
+    file = folder / "results.json"
+    if not file.is_file():
+        error = _first_error(folder)
+        why = f"train.log: {error}" if error else "failed, stopped or still running"
+        return Skipped(folder, f"no results.json ({why})")
     try:
         results = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -265,32 +321,35 @@ def _read_run(file: Path) -> Run | Skipped:
             f"add it to TASKS in {__name__}",
         )
     results = {**results, "task": task}
-    config_file = folder / "config.yaml"
-    if not config_file.is_file():
-        return Run(folder, results, None, "no config.yaml")
     try:
-        config = yaml.safe_load(config_file.read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except FileNotFoundError:
+        return Run(folder, results, None, "no config.yaml")
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        return Run(folder, results, None, f"unreadable config.yaml ({type(error).__name__})")
+        return Run(folder, results, None, f"an unreadable config.yaml ({type(error).__name__})")
     if not isinstance(config, dict):
-        return Run(folder, results, None, "config.yaml is not a mapping")
+        return Run(folder, results, None, "a config.yaml that is not a mapping")
     return Run(folder, results, config)
+
+
+# --- grouping and statistics ---------------------------------------------------------------
 
 
 def summarise(
     collection: Collection, metrics: Sequence[str] = ("test_acc", "test_acc_last")
 ) -> Summary:
-    """Group runs by (attention, task), compare their settings, and compute every cell."""
+    """Split each (attention, task) cell into groups of equal settings and compute every cell."""
     unknown = [m for m in metrics if m not in ACCURACY_TITLES]
     if unknown:
-        raise ReportError(f"unknown metric {unknown}: choose from {', '.join(ACCURACY_TITLES)}")
+        raise UserError(f"unknown metric {unknown}: choose from {', '.join(ACCURACY_TITLES)}")
     if not collection.runs:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in collection.skipped)
-        raise ReportError(f"no usable runs: {reasons}")
+        raise UserError(f"no usable runs: {reasons}")
     by_cell: dict[tuple[str, str], list[Run]] = {}
     for run in collection.runs:
-        by_cell.setdefault((run.row, run.task), []).append(run)
-    groups = {cell: _group(*cell, runs) for cell, runs in by_cell.items()}
+        name = f"{run.attn} ({run.family})" if run.family else run.attn
+        by_cell.setdefault((name, run.task), []).append(run)
+    groups = {(g.row, g.task): g for cell, runs in by_cell.items() for g in _split(*cell, runs)}
 
     tables: dict[str, dict[tuple[str, str], Stat]] = {}
     left_out: dict[str, list[Skipped]] = {}
@@ -305,38 +364,93 @@ def summarise(
                 else:
                     values.append(value)
             if values:
-                tables[name][cell] = _stat(values)
+                std = statistics.stdev(values) if len(values) > 1 else None
+                tables[name][cell] = Stat(statistics.fmean(values), std, len(values))
 
-    # Rows: the default recipe first, then each family; within one, FIRST_ATTNS, then A-Z.
-    rows = {
-        (
-            run.family or "",
-            FIRST_ATTNS.index(run.attn) if run.attn in FIRST_ATTNS else len(FIRST_ATTNS),
-            run.attn,
-            run.row,
-        )
-        for run in collection.runs
-    }
-    devices: dict[str, int] = {}
-    for run in collection.runs:
-        device = str(run.results.get("device", "unknown"))
-        world_size = run.results.get("world_size", DEFAULTS["world_size"])
-        if world_size != 1:
-            device += f" ×{world_size}"
-        devices[device] = devices.get(device, 0) + 1
+    def order(group: Group) -> tuple:
+        run = group.runs[0]
+        first = FIRST_ATTNS.index(run.attn) if run.attn in FIRST_ATTNS else len(FIRST_ATTNS)
+        return run.family or "", first, run.attn, group.row
+
     return Summary(
+        runs=sorted(collection.runs, key=lambda r: str(r.path)),
         tasks=[t for t in TASKS if any(run.task == t for run in collection.runs)],
-        attns=[row for *_, row in sorted(rows)],
+        rows=list(dict.fromkeys(g.row for g in sorted(groups.values(), key=order))),
         groups=groups,
         metrics=tuple(metrics),
         tables=tables,
         left_out=left_out,
         skipped=list(collection.skipped),
-        memory_kinds=sorted(
-            {str(r.results.get("peak_memory_kind") or "kind unknown") for r in collection.runs}
-        ),
-        devices=devices,
     )
+
+
+def _split(name: str, task: str, runs: list[Run]) -> list[Group]:
+    """The groups of equal settings among one cell's runs, each named by what tells it apart."""
+    on_results = any(run.config is None for run in runs)
+    buckets: dict[tuple, list[Run]] = {}
+    settings: dict[tuple, dict[str, str]] = {}
+    for run in runs:
+        flat = _settings(run, on_results)
+        key = tuple(sorted(flat.items()))
+        buckets.setdefault(key, []).append(run)
+        settings[key] = flat
+    keys = sorted(set().union(*settings.values()), key=_setting_order)
+    differing = [k for k in keys if len({s.get(k, ABSENT) for s in settings.values()}) > 1]
+    # A row names the settings where its group departs from the value most of the cell's runs
+    # share (every group names a setting without such a majority).
+    labels = {b: [] for b in buckets}
+    for key in differing:
+        counts = Counter()
+        for bucket, members in buckets.items():
+            counts[settings[bucket].get(key, ABSENT)] += len(members)
+        (top, n), (_, second) = counts.most_common(2)
+        for bucket in buckets:
+            value = settings[bucket].get(key, ABSENT)
+            if value != top or n == second:
+                labels[bucket].append(f"{key.removeprefix('results.')}={value}")
+    short = {b: v[:MAX_SHOWN] + ["…"] * (len(v) > MAX_SHOWN) for b, v in labels.items()}
+    if len({tuple(v) for v in short.values()}) < len(buckets):
+        short = labels
+    groups = []
+    for bucket, members in buckets.items():
+        groups.append(
+            Group(
+                row=f"{name} [{', '.join(short[bucket])}]" if short[bucket] else name,
+                cell=name,
+                task=task,
+                runs=sorted(members, key=lambda r: (r.seed, str(r.path))),
+                settings=", ".join(labels[bucket]),
+                differing_keys=differing,
+            )
+        )
+    return groups
+
+
+def _setting_order(key: str) -> tuple[int, str]:
+    first = [i for i, prefix in enumerate(SETTING_ORDER) if key.startswith(prefix)]
+    return (first[0] if first else len(SETTING_ORDER)), key
+
+
+def _settings(run: Run, on_results: bool) -> dict[str, str]:
+    """Flat {key: value as JSON} of what must be equal across the seeds of one group."""
+    if on_results:
+        flat = flatten_config({"results": {k: run.results.get(k) for k in FALLBACK_FIELDS}})
+    else:
+        flat = flatten_config(run.config)
+    for name in OUTCOME_FIELDS:
+        flat[f"results.{name}"] = json.dumps(
+            run.results.get(name, DEFAULTS.get(name)), sort_keys=True
+        )
+    return {k: v for k, v in flat.items() if not _ignored(k)}
+
+
+def _ignored(key: str) -> bool:
+    parts = key.split(".")
+    for pattern in IGNORED_CONFIG_KEYS:
+        depth = pattern.count(".") + 1
+        if len(parts) >= depth and fnmatch.fnmatchcase(".".join(parts[:depth]), pattern):
+            return True
+    return False
 
 
 def _value(results: dict, name: str) -> tuple[float, str | None]:
@@ -357,203 +471,111 @@ def _value(results: dict, name: str) -> tuple[float, str | None]:
     return float(value), None
 
 
-def _stat(values: list[float]) -> Stat:
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return Stat(statistics.fmean(values), std, len(values))
-
-
-def _group(attn: str, task: str, runs: list[Run]) -> Group:
-    group = Group(attn, task, sorted(runs, key=lambda r: (r.seed, str(r.path))))
-    group.without_config = [r for r in group.runs if r.config is None]
-    group.generated = [r for r in group.runs if r.results.get("data_generated")]
-    settings = [_settings(r, use_config=not group.without_config) for r in group.runs]
-    for key in sorted(set().union(*settings)):
-        seeds_by_value: dict[str, list[int]] = {}
-        for run, setting in zip(group.runs, settings, strict=True):
-            seeds_by_value.setdefault(setting.get(key, ABSENT), []).append(run.seed)
-        if len(seeds_by_value) > 1:
-            group.differing[key] = seeds_by_value
-    paths_by_seed: dict[int, list[Path]] = {}
-    for run in group.runs:
-        paths_by_seed.setdefault(run.seed, []).append(run.path)
-    group.duplicate_seeds = {s: p for s, p in paths_by_seed.items() if len(p) > 1}
-    return group
-
-
-def _settings(run: Run, use_config: bool) -> dict[str, str]:
-    """Flat {key: value as JSON} of what should be equal across the seeds of one cell."""
-    flat: dict[str, str] = {}
-    if use_config:
-        flatten_config(run.config, "", flat)
-    else:
-        for name in FALLBACK_FIELDS:
-            flatten_config({f"results.{name}": run.results.get(name)}, "", flat)
-    for name in OUTCOME_FIELDS:
-        value = run.results.get(name, DEFAULTS.get(name))
-        flat[f"results.{name}"] = json.dumps(value, sort_keys=True)
-    return {k: v for k, v in flat.items() if not _ignored(k)}
-
-
-def _ignored(key: str) -> bool:
-    parts = key.split(".")
-    for pattern in IGNORED_CONFIG_KEYS:
-        depth = pattern.count(".") + 1
-        if len(parts) >= depth and fnmatch.fnmatchcase(".".join(parts[:depth]), pattern):
-            return True
-    return False
+# --- output --------------------------------------------------------------------------------
 
 
 def format_markdown(summary: Summary) -> str:
-    """The report: accuracy tables in the paper's layout, throughput and memory, then notes."""
-    runs = sum(len(g.runs) for g in summary.groups.values())
-    devices = ", ".join(f"{d} ({_runs(n)})" for d, n in sorted(summary.devices.items()))
+    """The report: accuracy tables in the paper's layout, throughput and memory, every run,
+    then notes."""
+    devices = Counter(_device(run) for run in summary.runs)
     lines = [
         "# LRA results",
         "",
-        f"{_runs(runs)}, {len(summary.skipped)} skipped. Cells: mean ± sample std (n runs) over "
-        "seeds. Devices: " + devices + ".",
+        f"{_count(len(summary.runs), 'run')} in {_count(len(summary.groups), 'group')}, "
+        f"{len(summary.skipped)} skipped. Cells: mean ± sample std (n runs) over the seeds of "
+        "runs whose settings agree; [...] names what tells a row from the others of its "
+        "attention and task. Devices: "
+        + ", ".join(f"{d} ({_count(n, 'run')})" for d, n in sorted(devices.items()))
+        + ".",
     ]
     for metric in summary.metrics:
-        lines += ["", f"## {ACCURACY_TITLES[metric]}", ""]
-        lines += _table(summary, metric, lambda s: _cell(s, ".2f"), average=True)
+        lines += ["", f"## {ACCURACY_TITLES[metric]}", "", *_table(summary, metric, ".2f", True)]
     lines += _published(summary)
-    memory = ", ".join(summary.memory_kinds)
-    for name, title, spec in (
-        (THROUGHPUT, "Training throughput (tokens/s)", ",.0f"),
-        (MEMORY, f"Peak memory (MiB, {memory})", ",.0f"),
+    kinds = sorted({str(r.results.get("peak_memory_kind") or "kind unknown") for r in summary.runs})
+    for name, title in (
+        (THROUGHPUT, "Training throughput (tokens/s)"),
+        (MEMORY, f"Peak memory (MiB, {', '.join(kinds)})"),
     ):
-        lines += ["", f"## {title}", ""]
-        lines += _table(summary, name, lambda s, spec=spec: _cell(s, spec), average=False)
+        lines += ["", f"## {title}", "", *_table(summary, name, ",.0f", False)]
+    lines += ["", "## Runs", "", *_runs_table(summary)]
     notes = _notes(summary)
     if notes:
         lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
 
 
-def format_csv(summary: Summary) -> str:
-    """Every cell of every table in long form, one row per (attention, task, metric): for
-    plotting or a spreadsheet. `mixed`, `duplicate_seeds` and `generated_runs` (how many of the
-    cell's runs trained on a generated set) are the †, ‡ and § of the markdown."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        ["attention", "task", "metric", "mean", "std", "n", "mixed", "duplicate_seeds",
-         "generated_runs"]
-    )  # fmt: skip
-    for name, stats in summary.tables.items():
-        for attn in summary.attns:
-            for task in summary.tasks:
-                stat = stats.get((attn, task))
-                if stat is None:
-                    continue
-                group = summary.groups[attn, task]
-                std = "" if stat.std is None else f"{stat.std:.6g}"
-                writer.writerow(
-                    [attn, task, name, f"{stat.mean:.6g}", std, stat.n,
-                     int(bool(group.differing)), int(bool(group.duplicate_seeds)),
-                     len(group.generated)]
-                )  # fmt: skip
-    return out.getvalue()
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
-def format_latex(summary: Summary, metric: str = "test_acc") -> str:
-    """The `metric` table as a LaTeX tabular (booktabs): mean ± std in percent, the best mean of
-    each column in bold, †, ‡ and § as in the markdown (whose notes say why), Avg as there ("--"
-    where a row lacks a task)."""
-    stats = summary.tables[metric]
-    present = _present_tasks(summary, stats)
-    averages = {
-        attn: _average(stats, attn, present)
-        for attn in summary.attns
-        if present and all((attn, t) in stats for t in present)
-    }
-    best = {t: max(stats[a, t].mean for a in summary.attns if (a, t) in stats) for t in present}
-    best_avg = max(averages.values(), default=None)
-
-    def cell(mean: float, std: float | None, top: float | None) -> str:
-        text = f"{mean:.2f}" + (f" $\\pm$ {std:.2f}" if std is not None else "")
-        return f"\\textbf{{{text}}}" if top is not None and math.isclose(mean, top) else text
-
-    def escape(text: str) -> str:
-        return text.replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")
-
-    lines = [
-        f"% {ACCURACY_TITLES[metric]}; mean $\\pm$ sample std over seeds "
-        "(python -m mra_lra.bench.report)",
-        "\\begin{tabular}{l" + "c" * (len(present) + 1) + "}",
-        "\\toprule",
-        " & ".join(["Attention", *(TASKS[t] for t in present), "Avg"]) + " \\\\",
-        "\\midrule",
-    ]
-    for attn in summary.attns:
-        cells = [escape(attn)]
-        for task in present:
-            stat = stats.get((attn, task))
-            group = summary.groups.get((attn, task))
-            marks = "".join(
-                mark for mark, on in (("\\dagger", group and group.differing),
-                                      ("\\ddagger", group and group.duplicate_seeds),
-                                      ("\\S", group and group.generated)) if on
-            )  # fmt: skip
-            text = cell(stat.mean, stat.std, best[task]) if stat else "--"
-            cells.append(text + (f"$^{{{marks}}}$" if stat and marks else ""))
-        cells.append(cell(averages[attn], None, best_avg) if attn in averages else "--")
-        lines.append(" & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def _runs(n: int) -> str:
-    return f"{n} run" if n == 1 else f"{n} runs"
-
-
-def _cell(stat: Stat, spec: str) -> str:
-    if stat.std is None:
-        return f"{stat.mean:{spec}} ({stat.n})"
-    return f"{stat.mean:{spec}} ± {stat.std:{spec}} ({stat.n})"
-
-
-def _marks(group: Group | None) -> str:
-    if group is None:
-        return ""
-    return (
-        (MIXED if group.differing else "")
-        + (DUPLICATE if group.duplicate_seeds else "")
-        + (GENERATED if group.generated else "")
+def _device(run: Run) -> str:
+    world_size = run.results.get("world_size", DEFAULTS["world_size"])
+    return str(run.results.get("device", "unknown")) + (
+        f" ×{world_size}" if world_size != 1 else ""
     )
 
 
-def _table(summary: Summary, name: str, fmt: Callable[[Stat], str], average: bool) -> list[str]:
-    stats = summary.tables[name]
-    header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
-    present = _present_tasks(summary, stats)
-    rows = []
-    for attn in summary.attns:
-        row = [attn]
-        for task in summary.tasks:
-            stat = stats.get((attn, task))
-            marks = _marks(summary.groups.get((attn, task)))
-            row.append((fmt(stat) if stat else "—") + (f" {marks}" if marks else ""))
-        if average:
-            missing = [TASKS[t] for t in present if (attn, t) not in stats]
-            if len(missing) == len(present):
-                row.append("—")
-            elif missing:
-                row.append(f"— (no {', '.join(missing)})")
-            else:
-                row.append(f"{_average(stats, attn, present):.2f}")
-        rows.append(row)
-    return _markdown_table(header, rows)
+def _cell(stat: Stat, spec: str) -> str:
+    spread = "" if stat.std is None else f" ± {stat.std:{spec}}"
+    return f"{stat.mean:{spec}}{spread} ({stat.n})"
 
 
-def _present_tasks(summary: Summary, stats: dict[tuple[str, str], Stat]) -> list[str]:
+def _present(summary: Summary, stats: dict[tuple[str, str], Stat]) -> list[str]:
     """The tasks some row has in this table: a row missing one of them gets no average."""
     return [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
 
 
-def _average(stats: dict[tuple[str, str], Stat], attn: str, tasks: list[str]) -> float:
-    """A row's Avg, as in the LRA paper: the mean of its task means."""
-    return statistics.fmean(stats[attn, t].mean for t in tasks)
+def _table(summary: Summary, name: str, spec: str, average: bool) -> list[str]:
+    stats = summary.tables[name]
+    present = _present(summary, stats)
+    rows = []
+    for row in summary.rows:
+        cells = [row]
+        for task in summary.tasks:
+            stat, group = stats.get((row, task)), summary.groups.get((row, task))
+            marks = f" {group.marks}" if group and group.marks else ""
+            cells.append((_cell(stat, spec) if stat else "—") + marks)
+        if average:
+            missing = [TASKS[t] for t in present if (row, t) not in stats]
+            if len(missing) == len(present):
+                cells.append("—")
+            elif missing:
+                cells.append(f"— (no {', '.join(missing)})")
+            else:
+                cells.append(f"{statistics.fmean(stats[row, t].mean for t in present):.2f}")
+        rows.append(cells)
+    header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
+    return _markdown_table(header, rows)
+
+
+def _runs_table(summary: Summary) -> list[str]:
+    """One row per run, its path under the runs' common folder."""
+    root = Path(os.path.commonpath([r.path.resolve() for r in summary.runs]))
+    row_of = {id(run): g.row for g in summary.groups.values() for run in g.runs}
+    rows = []
+    for run in summary.runs:
+        path = run.path.resolve()
+        numbers = [(n, ".2f") for n in ("test_acc", "test_acc_last")]
+        numbers += [(THROUGHPUT, ",.0f"), (MEMORY, ",.0f")]
+        numbers = [
+            "—" if problem else f"{value:{spec}}"
+            for name, spec in numbers
+            for value, problem in [_value(run.results, name)]
+        ]
+        rows.append(
+            [
+                str(path.relative_to(root)) if path != root else path.name,
+                TASKS[run.task],
+                row_of[id(run)],
+                str(run.seed),
+                str(run.results.get("max_length", "—")),
+                str(run.results.get("steps", "—")),
+                *numbers,
+            ]
+        )
+    header = ["run", "task", "attention", "seed", "length", "steps", "test acc (%)",
+              "last-step acc (%)", "tokens/s", "memory (MiB)"]  # fmt: skip
+    return [f"Paths under `{root}`.", "", *_markdown_table(header, rows)]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -562,21 +584,12 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [
-        line(r) for r in rows
-    ]
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
 
 
 def _published(summary: Summary) -> list[str]:
     """The LRA paper's accuracies for the attentions and tasks of this report, if any."""
-    # Each row's attention as its runs name it (a row may add its recipe family to the name).
-    in_rows = (
-        summary.groups[row, t].runs[0].attn
-        for row in summary.attns
-        for t in summary.tasks
-        if (row, t) in summary.groups
-    )
-    attns = [a for a in dict.fromkeys(in_rows) if a in PUBLISHED]
+    attns = [a for a in dict.fromkeys(g.runs[0].attn for g in _ordered(summary)) if a in PUBLISHED]
     tasks = [t for t in summary.tasks if t in PUBLISHED_TASKS]
     if not attns or not tasks:
         return []
@@ -586,6 +599,7 @@ def _published(summary: Summary) -> list[str]:
         + [f"{statistics.fmean(PUBLISHED[attn][1]):.2f}"]
         for attn in attns
     ]
+    generated = any(g.generated for g in summary.groups.values())
     return [
         "",
         "## Published test accuracy (%): LRA paper (Tay et al. 2021), Table 1",
@@ -594,7 +608,7 @@ def _published(summary: Summary) -> list[str]:
         "Avg is theirs, over their five tasks."
         + (
             f" Cells marked {GENERATED} above are on generated data, not the release."
-            if any(g.generated for g in summary.groups.values())
+            if generated
             else ""
         ),
         "",
@@ -602,69 +616,132 @@ def _published(summary: Summary) -> list[str]:
     ]
 
 
-def _seeds(seeds: list[int]) -> str:
-    counts = Counter(seeds)
-    listed = ", ".join(f"{s} ×{n}" if n > 1 else str(s) for s, n in sorted(counts.items()))
-    return ("seed " if len(counts) == 1 else "seeds ") + listed
+def _ordered(summary: Summary) -> list[Group]:
+    """The groups in table order: by row, then by task."""
+    return [
+        summary.groups[row, task]
+        for row in summary.rows
+        for task in summary.tasks
+        if (row, task) in summary.groups
+    ]
 
 
 def _notes(summary: Summary) -> list[str]:
     notes = []
-    cells = [
-        summary.groups[a, t]
-        for a in summary.attns
-        for t in summary.tasks
-        if (a, t) in summary.groups
-    ]
-    for group in cells:
-        where = f"{group.attn} / {TASKS[group.task]}"
-        if group.differing:
-            diffs = "; ".join(
-                f"`{key}` = "
-                + " vs ".join(f"{value} ({_seeds(seeds)})" for value, seeds in values.items())
-                for key, values in group.differing.items()
-            )
-            notes.append(f"- {MIXED} {where}: runs differ in more than the seed: {diffs}.")
+    generated: dict[str, list[str]] = {}
+    cells_named = set()
+    for group in _ordered(summary):
+        where = f"{group.row} / {TASKS[group.task]}"
         for seed, paths in group.duplicate_seeds.items():
+            listed = ", ".join(f"`{p}`" for p in paths)
             notes.append(
                 f"- {DUPLICATE} {where}: seed {seed} appears {len(paths)} times (all counted): "
-                + ", ".join(f"`{p}`" for p in paths)
-                + "."
+                f"{listed}."
             )
         if group.generated:
-            settings = dict.fromkeys(
-                json.dumps(r.results["data_generated"], sort_keys=True) for r in group.generated
-            )
+            generated.setdefault(json.dumps(group.generated, sort_keys=True), []).append(where)
+        if group.row.endswith("…]") and (group.cell, group.task) not in cells_named:
+            cells_named.add((group.cell, group.task))
+            keys = ", ".join(f"`{k.removeprefix('results.')}`" for k in group.differing_keys)
             notes.append(
-                f"- {GENERATED} {where}: {len(group.generated)} of {_runs(len(group.runs))} "
-                "trained and tested on a set generated by our reimplementation of the task's "
-                "generator (no LRA release was found), so its accuracy is not comparable with "
-                "numbers on the release, such as the published ones; generator settings: "
-                + "; ".join(f"`{x}`" for x in settings)
-                + "."
+                f"- {group.cell} / {TASKS[group.task]}: its groups differ in {keys} (the CSV's "
+                "settings column has the values)."
             )
-        if group.without_config:
+        missing = [r for r in group.runs if r.config is None]
+        if missing:
+            why = ", ".join(f"`{r.path}` has {r.config_problem}" for r in missing)
+            fields = ", ".join(FALLBACK_FIELDS + OUTCOME_FIELDS)
             notes.append(
-                f"- {where}: settings compared on results.json fields "
-                f"({', '.join(FALLBACK_FIELDS + OUTCOME_FIELDS)}) only, as "
-                + ", ".join(f"`{r.path}` has {r.config_problem}" for r in group.without_config)
-                + "."
+                f"- {where}: settings compared on results.json fields ({fields}) only, as {why}."
             )
-    for name, left in summary.left_out.items():
-        by_reason: dict[str, list[Path]] = {}
-        for item in left:
-            by_reason.setdefault(item.reason, []).append(item.path)
-        for reason, paths in by_reason.items():
-            listed = ", ".join(f"`{p}`" for p in paths)
-            notes.append(f"- Left out of the {name} table, as {reason}: {listed}.")
-    for item in summary.skipped:
-        notes.append(f"- Skipped: `{item.path}`: {item.reason}.")
+    for setting, where in generated.items():
+        notes.append(
+            f"- {GENERATED} {'; '.join(where)}: trained and tested on a set our reimplementation "
+            "of the task's generator made (no LRA release was found), not comparable with "
+            f"numbers on the release; generator settings `{setting}`."
+        )
+    left = [
+        (f"Left out of the {name} table", item)
+        for name, items in summary.left_out.items()
+        for item in items
+    ]
+    left += [("Skipped", item) for item in summary.skipped]
+    by_reason: dict[tuple[str, str], list[Path]] = {}
+    for what, item in left:
+        by_reason.setdefault((what, item.reason), []).append(item.path)
+    for (what, reason), paths in by_reason.items():
+        notes.append(f"- {what}, as {reason}: {', '.join(f'`{p}`' for p in paths)}.")
     return notes
 
 
+def format_csv(summary: Summary) -> str:
+    """One row per run: its group (`attention`, the table's row), every setting that tells the
+    group apart, and its numbers as results.json has them (accuracies as fractions)."""
+    fields = ["run", "task", "attention", "settings", "seed", "max_length", "steps", "device"]
+    fields += ["test_acc", "test_acc_last", "val_acc_best", THROUGHPUT, MEMORY, "data_generated"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fields, lineterminator="\n")
+    writer.writeheader()
+    for group in _ordered(summary):
+        for run in group.runs:
+            values = {k: run.results.get(k) for k in fields}
+            values.update(
+                run=run.path,
+                task=run.task,
+                attention=group.row,
+                settings=group.settings,
+                device=_device(run),
+            )
+            values["data_generated"] = json.dumps(run.results.get("data_generated"), sort_keys=True)
+            writer.writerow({k: "" if v is None else v for k, v in values.items()})
+    return out.getvalue()
+
+
+def format_latex(summary: Summary, metric: str = "test_acc") -> str:
+    """The `metric` table as a LaTeX tabular (booktabs): mean ± std in percent, the best mean of
+    each column in bold, ‡ and § as in the markdown, Avg as there ("--" where a row lacks a
+    task)."""
+    stats = summary.tables[metric]
+    present = _present(summary, stats)
+    averages = {
+        row: statistics.fmean(stats[row, t].mean for t in present)
+        for row in summary.rows
+        if present and all((row, t) in stats for t in present)
+    }
+    best = {t: max(s.mean for (_, task), s in stats.items() if task == t) for t in present}
+    best["Avg"] = max(averages.values(), default=math.nan)
+
+    def cell(mean: float, std: float | None, column: str, marks: str = "") -> str:
+        text = f"{mean:.2f}" + (f" $\\pm$ {std:.2f}" if std is not None else "")
+        if math.isclose(mean, best[column]):
+            text = f"\\textbf{{{text}}}"
+        latex = marks.replace(DUPLICATE, "\\ddagger").replace(GENERATED, "\\S")
+        return text + (f"$^{{{latex}}}$" if latex else "")
+
+    lines = [
+        f"% {ACCURACY_TITLES[metric]}; mean $\\pm$ sample std over seeds "
+        "(python -m mra_lra.bench.report)",
+        "\\begin{tabular}{l" + "c" * (len(present) + 1) + "}",
+        "\\toprule",
+        " & ".join(["Attention", *(TASKS[t] for t in present), "Avg"]) + " \\\\",
+        "\\midrule",
+    ]
+    for row in summary.rows:
+        cells = [row.replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")]
+        for task in present:
+            stat = stats.get((row, task))
+            cells.append(
+                cell(stat.mean, stat.std, task, summary.groups[row, task].marks) if stat else "--"
+            )
+        cells.append(cell(averages[row], None, "Avg") if row in averages else "--")
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
-    """Accuracy against training throughput: one labelled point per attention and task
-    (marker shape = task), error bars = std over seeds. Written atomically as a PNG."""
+    """Accuracy against training throughput: one labelled point per row and task (marker shape =
+    task), error bars = std over seeds. Written atomically as a PNG."""
     try:
         import matplotlib
 
@@ -673,31 +750,27 @@ def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
         from matplotlib.lines import Line2D
         from matplotlib.ticker import FuncFormatter
     except ImportError as error:
-        raise ReportError("--plot needs matplotlib: pip install matplotlib") from error
-    if metric not in summary.metrics:
-        raise ReportError(f"{metric} is not among the summarised metrics {summary.metrics}")
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from error
     acc, speed = summary.tables[metric], summary.tables[THROUGHPUT]
-    cells = [
-        (a, t) for a in summary.attns for t in summary.tasks if (a, t) in acc and (a, t) in speed
-    ]
+    cells = [cell for cell in acc if cell in speed]
     if not cells:
-        raise ReportError(f"nothing to plot: no cell has both {metric} and {THROUGHPUT}")
+        raise UserError(f"nothing to plot: no cell has both {metric} and {THROUGHPUT}")
     markers = dict(zip(summary.tasks, "osD^vP", strict=False))
-    colors = plt.get_cmap("tab10" if len(summary.attns) <= 10 else "tab20")
-    color = {a: colors(i) for i, a in enumerate(summary.attns)}
+    colors = plt.get_cmap("tab10" if len(summary.rows) <= 10 else "tab20")
+    color = {row: colors(i % 20) for i, row in enumerate(summary.rows)}
     fig, ax = plt.subplots(figsize=(7, 5))
-    for attn, task in cells:
-        x, y = speed[attn, task].mean, acc[attn, task]
+    for row, task in cells:
+        x, y = speed[row, task].mean, acc[row, task]
         ax.errorbar(
-            x, y.mean, yerr=y.std or 0, fmt=markers[task], color=color[attn], capsize=3, ms=7
+            x, y.mean, yerr=y.std or 0, fmt=markers[task], color=color[row], capsize=3, ms=7
         )
-        ax.annotate(attn, (x, y.mean), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        ax.annotate(row, (x, y.mean), xytext=(5, 4), textcoords="offset points", fontsize=8)
     xs = [speed[cell].mean for cell in cells]
     # Speeds across tasks and attentions span decades; within one decade a log axis has no ticks.
     ax.set(
         xscale="log" if max(xs) > 10 * min(xs) else "linear",
         xlabel="training throughput (tokens/s, mean over seeds)",
-        ylabel=f"{ACCURACY_TITLES[metric]}",
+        ylabel=ACCURACY_TITLES[metric],
         title="LRA: accuracy vs training speed",
     )
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
@@ -719,18 +792,24 @@ def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mra_lra.bench.report",
-        description="LRA results table (attention x task, mean ± std over seeds) from run folders.",
+        description="LRA results: every run, and attention x task (mean ± std over the seeds of "
+        "equal settings) from run folders.",
     )
-    p.add_argument("paths", nargs="+", type=Path, help="run folders or multirun folders")
+    p.add_argument("paths", nargs="+", type=Path, help="run folders or folders above them")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="report only run folders whose path matches (repeatable)")  # fmt: skip
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out run folders whose path matches (repeatable)")  # fmt: skip
+    p.add_argument("--with-debug", action="store_true", help="also report debug=... runs")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     p.add_argument("--plot", type=Path, default=None, help="accuracy vs tokens/s PNG")
-    p.add_argument("--csv", type=Path, default=None, help="every cell in long form")
+    p.add_argument("--csv", type=Path, default=None, help="one row per run")
     p.add_argument("--latex", type=Path, default=None, help="the --metric table as a tabular")
     p.add_argument(
         "--metric",
         default="test_acc",
         choices=list(ACCURACY_TITLES),
-        help="accuracy for the plot (val_acc_best also adds its table)",
+        help="accuracy for the plot and --latex (val_acc_best also adds its table)",
     )
     return p.parse_args(argv)
 
@@ -739,26 +818,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 _RUN_FILES = ("results.json", "config.yaml", "train.log", "metrics.csv")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    metrics = ("test_acc", "test_acc_last")
-    if args.metric not in metrics:
-        metrics += (args.metric,)
-    try:
-        for path in (args.out, args.plot, args.csv, args.latex):
-            if path is not None and (
-                path.name in _RUN_FILES or path.suffix == ".ckpt" or path.is_dir()
-            ):
-                raise ReportError(
+    metrics = tuple(dict.fromkeys(("test_acc", "test_acc_last", args.metric)))
+    outputs = [p for p in (args.out, args.plot, args.csv, args.latex) if p is not None]
+    with reported():
+        for path in outputs:
+            if path.name in _RUN_FILES or path.suffix == ".ckpt" or path.is_dir():
+                raise UserError(
                     f"{path} is a run's file or a folder; write the report to a new file, e.g. "
                     f"{path.parent / 'report.md'}"
                 )
-        summary = summarise(collect_runs(args.paths), metrics)
+        collection = collect_runs(args.paths, args.include, args.exclude, args.with_debug)
+        summary = summarise(collection, metrics)
         text = format_markdown(summary)
         print(text, end="", flush=True)
-        for path in (args.out, args.plot, args.csv, args.latex):
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+        for path in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
         for path, make in (
             (args.out, lambda: text),
             (args.csv, lambda: format_csv(summary)),
@@ -766,15 +842,11 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if path:
                 atomic_write_text(path, make())
-                print(f"wrote {path}", file=sys.stderr)
         if args.plot:
             plot(summary, args.plot, args.metric)
-            print(f"wrote {args.plot}", file=sys.stderr)
-    except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        for path in outputs:
+            print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -15,7 +15,7 @@ appears twice, § on a set our generators made (not LRA numbers). Avg is the mea
 means, as in the LRA paper, left out for a row that lacks a task another row has.
 
 Nothing is dropped silently: folders without results.json (failed, stopped or still running; the
-first error of train.log quoted), debug runs (debug=..., from .hydra/hydra.yaml; --with-debug
+first error of train.log quoted), debug runs (debug=... in .hydra/overrides.yaml; --with-debug
 reports them), folders the globs leave out, unreadable results and runs without a value for one
 table are named under Notes with the reason.
 """
@@ -274,12 +274,17 @@ def collect_runs(
 
 
 def _debug_choice(folder: Path) -> str | None:
-    """The run's debug=<name> choice, from the Hydra record of the run (.hydra/hydra.yaml)."""
+    """The run's debug=<name> override, from its record of the command line
+    (.hydra/overrides.yaml; a debug config can only be chosen there)."""
     try:
-        hydra = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
-        return hydra["hydra"]["runtime"]["choices"].get("debug")
-    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
         return None
+    for override in overrides if isinstance(overrides, list) else []:
+        key, _, value = str(override).partition("=")
+        if key.lstrip("+~") == "debug" and value not in ("", "null"):
+            return value
+    return None
 
 
 def _first_error(folder: Path) -> str | None:

@@ -37,8 +37,8 @@ def write_run(
     debug: str | None = None,
     **results,
 ) -> Path:
-    """A run folder as train.py leaves it: results.json, the resolved config.yaml and Hydra's
-    record of the run's choices (.hydra/hydra.yaml, with `debug` when given).
+    """A run folder as train.py leaves it: results.json, the resolved config.yaml and the
+    command line's overrides (.hydra/overrides.yaml, with debug=<debug> when given).
 
     The config varies with the seed in exactly the keys the report must ignore (output paths,
     the data folder, the loader's workers, the wandb run name)."""
@@ -86,9 +86,9 @@ def write_run(
             node[leaf] = value
         (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
     (folder / ".hydra").mkdir()
-    choices = {"task": task, "attn": attn, "debug": debug, "hparams_search": None}
-    hydra = {"hydra": {"runtime": {"choices": choices}, "run": {"dir": str(folder)}}}
-    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    overrides = [f"task={task}", f"attn={attn}", f"seed={seed}"]
+    overrides += [f"debug={debug}"] if debug else ["debug=null"]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     return folder
 
 

@@ -1,27 +1,43 @@
-"""A seeded Pathfinder / Path-X generator (Linsley et al. 2018), reimplemented and vectorised.
+"""A seeded Pathfinder / Path-X generator that draws like the original (Linsley et al. 2018).
 
-An image holds dashed curves ("snakes" of short straight "paddles") on black. A snake is grown
-from a pivot point: paddle k spans pivot_k + m*u_k .. pivot_k + (L + m)*u_k (L = paddle length,
-m = margin, u_k the paddle's direction) and the next pivot is pivot_k + (L + 2m)*u_k, so the dashes
-are L long with gaps of about 2m. The next direction turns by an angle delta drawn with weight
-cos(min(|delta| * continuity, pi/2))^2 (small turns favoured; continuity 1 allows up to 90
-degrees, 1.8 up to 50) and zero where the new paddle would come within 2m of a paddle already
-drawn (other than the snake's own previous one) or leave the image's border padding. Per image:
+We read the original generator (drewlinsley/pathfinder, `snakes2.py` + `snakes.py`, run by LRA
+with the settings of `PRESETS`) and rewrote its algorithm: the same integer pixel grid, the same
+paddle stencils (a PIL line on an `antialias_scale` times finer canvas, shrunk with a Lanczos
+filter), the same occupancy mask and the same sampling rules, so that our images have the
+original's statistics (docs/pathfinder_generator.md tabulates them). None of its code is here.
 
-1. Two target snakes: the first starts at a point at least 2 * seed_distance from every border
-   (near the centre, as in the release code), the second seed_distance away from it; both grow in
-   lockstep, one paddle each per step, to contour_length paddles. A snake that gets stuck restarts
-   the pair.
-2. num_distractors snakes of distractor_length paddles, seeded anywhere free (a distractor that
-   cannot be placed in a few tries is left out, as in the release).
-3. Two round markers of marker_radius: at the start of one target snake, and at the end of the
-   same snake (label 1, connected) or of the other one (label 0). The label is drawn 50/50.
-4. Drawing: every paddle and marker is an antialiased distance-field stroke on a canvas
-   `supersampling` times finer, paddles at intensity snake_contrast * paddle_contrast and markers
-   at 1; the canvas is averaged down and scaled so that the brightest pixel is 255.
+An image holds dashed curves ("snakes" of short straight "paddles") on black. Positions are
+pixels (row, col); angles are radians with rows growing downwards.
 
-Image i of a data set depends only on (seed, i) (`np.random.default_rng([seed, i])`), so the output
-is the same for any number of workers and any shard size.
+- A paddle anchored at pixel p with angle a is a line of `round(thickness * aa)` fine pixels from
+  the centre of a fine canvas of side 2 * h * aa + 1 (h = L + ceil(thickness) + m, aa the
+  antialias scale) to that centre plus ceil(L * aa * (sin a, cos a)), shrunk with Lanczos to side
+  2 * h + 1 and centred on p. Its mask is the same line dilated by a disc of radius m * aa, shrunk
+  the same way (values in [0, 1], with Lanczos ringing); the image's mask is the maximum of the
+  masks of the paddles placed so far, with a border band of `border_padding` pixels set to 1.
+- A snake starts with a paddle drawn from a start pixel in a random whole-degree direction, and
+  its pivot is ceil(head - (L + m) u) behind it. The next pivot is ceil(pivot + (L + 2m) u); the
+  next paddle's far end is one of the pixels hit by points one pixel of arc apart on the circle
+  of radius L + m around it, drawn with weight cos(min(turn * continuity, pi / 2))^2 times (1 -
+  the mask dilated by a disc of radius m at that pixel). The paddle is drawn from that pixel
+  back towards the pivot, and refused when its mask plus the image's mask reaches 1.8 somewhere
+  (three draws; then the snake is stuck). A snake's newest paddle joins the mask when the snake
+  grows again or is finished, so that its successor is not tested against it.
+- Start pixels are drawn uniformly among the free ones: those where the paddle's stencil (the
+  pixels where its mask is 1, shifted by one pixel as in the original) meets no mask value above
+  0.3. The first target snake starts at least 2 * seed_distance from every border; the second
+  at the rounded point seed_distance away in a whole-degree direction. Both grow in lockstep to
+  contour_length paddles; a stuck one restarts the pair.
+- Then num_distractors snakes of distractor_length paddles (5 attempts each, then left out; none
+  once less than 1% of the image is free), and two markers: discs of marker_radius * aa fine
+  pixels, shrunk with Lanczos, at the start pixel of one target snake and at the far end of the
+  last paddle of the same snake (label 1) or of the other one (label 0). The label is 50/50.
+- Paddles of target snakes have intensity snake_contrast * paddle_contrast, distractors
+  snake_contrast (the original passes its snake contrast list as their paddle contrast), markers
+  1; the image is the pixel-wise maximum, scaled so that its brightest pixel is 255.
+
+Image i of a data set depends only on (seed, i) (`np.random.default_rng([seed, i])`), so the
+output is the same for any number of workers and any shard size.
 
 Public API (what the Pathfinder datamodule calls):
 
@@ -29,11 +45,13 @@ Public API (what the Pathfinder datamodule calls):
   `pathx128`): the knobs, with LRA's values.
 - `generate_image(settings, rng) -> (image uint8 [H, W], label)`: one sample.
 - `generate_dataset(out_dir, num_images, settings, seed)`: writes shards `images-<k>.npy` (uint8
-  [n, H, W]) and `labels-<k>.npy` (uint8 [n]) with a `manifest.json`, each file atomically; a rerun
-  skips complete shards, so an interrupted run resumes. All cores by default.
-- `load_dataset(out_dir)`: (images, labels) of a finished folder, concatenated from memory-mapped
-  shards (pass `out=` to fill an array of your own, e.g. a memory-mapped cache file);
-  `iter_shards(out_dir)` streams them instead.
+  [n, H, W]) and `labels-<k>.npy` (uint8 [n]) with a `manifest.json`, each file atomically; or,
+  with `layout="release"`, the release's `imgs/<k>/sample_<i>.png` and `metadata/<k>.npy`. A
+  rerun skips complete shards, so an interrupted run resumes. All cores by default.
+- `load_dataset(out_dir)`: (images, labels) of a finished folder of either layout (pass `out=` to
+  fill an array of your own, e.g. a memory-mapped cache file); `iter_shards(out_dir)` streams
+  them instead.
+- `image_statistics(images)`: the five per-image statistics we compare with the original's.
 
     python -m mra_lra.data.pathfinder_generator --preset pathfinder32 --num 200000 \\
         --out data/generated/pathfinder32 --grid docs/pathfinder_samples.png
@@ -54,32 +72,35 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mra_lra.data.sources import SourceError
-from mra_lra.utils import atomic_open, atomic_write_json, ensure_writable_dir
+from mra_lra.utils import atomic_open, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 
 @dataclass(frozen=True)
 class PathfinderSettings:
-    """What an image looks like. Lengths are in output pixels (pixel (r, c) spans [c, c+1) x
-    [r, r+1), so the image spans [0, image_size] on both axes)."""
+    """What an image looks like, in the original generator's terms and units (pixels of the
+    output image; lengths that place paddles on the pixel grid are whole numbers)."""
 
     image_size: int  # side of the square output image
-    paddle_length: float  # L, the length of one dash
-    paddle_thickness: float  # stroke width of a dash
-    paddle_margins: tuple[float, ...]  # m, one drawn per image: gap between dashes ~2m, and
-    # paddles of different snakes (or far apart on one snake) stay >= 2m apart (centre lines)
-    seed_distance: float  # distance between the starts of the two target snakes
+    paddle_length: int  # L, the length of one dash
+    paddle_thickness: float  # stroke width of a dash; times antialias_scale a whole number
+    paddle_margins: tuple[int, ...]  # m, one drawn per image: pivots are L + 2m apart, and a
+    # paddle's mask reaches m beyond its line
+    seed_distance: int  # distance between the starts of the two target snakes
     marker_radius: float  # radius of the two round markers
     contour_length: int  # paddles per target snake
     distractor_length: int  # paddles per distractor snake
     num_distractors: int  # distractor snakes per image
     continuity: float  # turn weight cos(min(|turn| * continuity, pi/2))^2: higher = smoother
-    snake_contrast: float  # intensity factor of a snake (the release's snake_contrast_list)
-    paddle_contrast: float  # intensity factor of a paddle; a paddle's intensity is the product
-    border_padding: float  # paddles keep their end points at least this far inside the border
-    supersampling: int = 2  # drawing canvas is this many times finer, then averaged down
+    snake_contrast: float  # intensity of distractor paddles (the original's snake_contrast_list)
+    paddle_contrast: float  # target paddles have intensity snake_contrast * paddle_contrast
+    border_padding: int  # width of the border band that the mask starts with
+    antialias_scale: int = 2  # paddles and markers are drawn this many times finer, then shrunk
+    distractor_fraction: float = 1.0  # each distractor snake is attempted with this probability
+    # (0.1 for the 32 x 32 presets, to match the original's images: docs/pathfinder_generator.md)
 
     def __post_init__(self) -> None:
         positive = {
@@ -91,19 +112,37 @@ class PathfinderSettings:
             "continuity": self.continuity,
             "snake_contrast": self.snake_contrast,
             "paddle_contrast": self.paddle_contrast,
-            "supersampling": self.supersampling,
+            "antialias_scale": self.antialias_scale,
         }
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"Pathfinder settings must be > 0: {bad}")
-        if not self.paddle_margins or any(not m > 0 for m in self.paddle_margins):
+        whole = {
+            "image_size": self.image_size,
+            "paddle_length": self.paddle_length,
+            "seed_distance": self.seed_distance,
+            "border_padding": self.border_padding,
+            "antialias_scale": self.antialias_scale,
+            "paddle_thickness * antialias_scale": self.paddle_thickness * self.antialias_scale,
+        }
+        bad = {k: v for k, v in whole.items() if not float(v).is_integer()}
+        if bad:
+            raise ValueError(f"Pathfinder settings must be whole numbers: {bad}")
+        if not self.paddle_margins or any(
+            not (m > 0 and float(m).is_integer()) for m in self.paddle_margins
+        ):
             raise ValueError(
-                f"paddle_margins must be a non-empty tuple of values > 0, got {self.paddle_margins}"
+                "paddle_margins must be a non-empty tuple of whole numbers > 0, got "
+                f"{self.paddle_margins}"
             )
         if self.contour_length < 1 or self.distractor_length < 1 or self.num_distractors < 0:
             raise ValueError(
                 "need contour_length >= 1, distractor_length >= 1 and num_distractors >= 0, got "
                 f"{self.contour_length}, {self.distractor_length}, {self.num_distractors}"
+            )
+        if not 0.0 <= self.distractor_fraction <= 1.0:
+            raise ValueError(
+                f"distractor_fraction must be in [0, 1], got {self.distractor_fraction}"
             )
         if self.border_padding < 0:
             raise ValueError(f"border_padding must be >= 0, got {self.border_padding}")
@@ -125,8 +164,9 @@ class PathfinderSettings:
         return d
 
 
-# LRA's sets, from the spec (spec/lra.md, "Pathfinder generator"). The 32 x 32 sets differ only
-# in contour length: 6 (release folder curv_baseline), 9, 14 (the "hard" set LRA reports).
+# LRA's sets: the settings its TFDS builder (long-range-arena, lra_benchmarks/data/pathfinder.py)
+# lists for the 32 x 32 and 128 x 128 runs of the original generator. The 32 x 32 sets differ
+# only in contour length: 6 (release folder curv_baseline), 9, 14 (the "hard" set LRA reports).
 _PATHFINDER32 = {
     "image_size": 32,
     "paddle_length": 2,
@@ -134,19 +174,19 @@ _PATHFINDER32 = {
     "paddle_margins": (1,),
     "seed_distance": 7,
     "marker_radius": 1.5,
-    "distractor_length": 4,
-    "num_distractors": 5,
+    "distractor_length": 4,  # contour_length // 3 for the hard set
+    "num_distractors": 5,  # 20 // distractor_length
     "continuity": 1.0,
     "snake_contrast": 2.0,
     "paddle_contrast": 0.75,
     "border_padding": 1,
+    "antialias_scale": 2,
+    "distractor_fraction": 0.1,
 }
 PRESETS: dict[str, PathfinderSettings] = {
     "pathfinder32": PathfinderSettings(contour_length=14, **_PATHFINDER32),
     "pathfinder32_easy": PathfinderSettings(contour_length=6, **_PATHFINDER32),
     "pathfinder32_medium": PathfinderSettings(contour_length=9, **_PATHFINDER32),
-    # The spec gives Path-X one "contrast 0.9" and no border padding: we read the contrast as the
-    # paddle contrast (snake contrast 1) and keep the 32 x 32 sets' padding of 1 pixel.
     "pathx128": PathfinderSettings(
         image_size=128,
         paddle_length=5,
@@ -155,309 +195,398 @@ PRESETS: dict[str, PathfinderSettings] = {
         seed_distance=20,
         marker_radius=3,
         contour_length=14,
-        distractor_length=4,
-        num_distractors=8,
+        distractor_length=4,  # 14 / 3 in the original's Python 2
+        num_distractors=8,  # 35 / 4
         continuity=1.8,
-        snake_contrast=1.0,
-        paddle_contrast=0.9,
+        snake_contrast=0.9,
+        paddle_contrast=1.0,  # the generator's default: LRA set only the snake contrast
         border_padding=1,
+        antialias_scale=2,
     ),
 }
 
 # Bump when a change here changes the images a seed gives, so that shards written by an older
 # version are reported as made with other settings.
-GENERATOR_VERSION = 1
-NUM_DIRECTIONS = 64  # a snake turns in whole steps of 2 pi / 64 (5.6 degrees)
-STAMP_BINS = 64  # paddle orientations in [0, pi) with a precomputed occupancy stamp (_Layout)
-SEED_BATCH = 16  # candidate starts tried at once
-SEED_BATCHES = 4  # batches before a snake's start counts as impossible
-DISTRACTOR_TRIES = 5  # attempts per distractor snake before it is left out (the release's 4 + 1)
+GENERATOR_VERSION = 2
+PADDLE_TRIES = 3  # draws of a snake's next paddle before it counts as stuck (the original's 2 + 1)
+SEED_TRIES = 3  # start draws whose paddle leaves the image before a start fails (2 + 1)
+DISTRACTOR_TRIES = 5  # attempts per distractor snake before it is left out (4 + 1)
 TARGET_TRIES = 20_000  # attempts at the two target snakes before the settings count as impossible
+FREE_LEVEL = 0.3  # a pixel is free to start a paddle on when the mask there is at most this
+COLLISION_LEVEL = 1.8  # a paddle is refused where its mask plus the image's mask reaches this
+FULL_FRACTION = 0.01  # no more distractors once fewer pixels than this fraction are free
 MANIFEST_NAME = "manifest.json"
 DEFAULT_SHARD_SIZE = 5000
+LAYOUTS = ("shards", "release")
 
 
 class PathfinderGeometry(NamedTuple):
-    """What `sample_geometry` placed, in output pixels, points as complex x + iy (x = column)."""
+    """What `sample_geometry` placed. Pixels are (row, col) integer pairs."""
 
-    tails: np.ndarray  # complex [P], start of each paddle
-    heads: np.ndarray  # complex [P], end of each paddle
+    anchors: np.ndarray  # int [P, 2]: the pixel each paddle is drawn from
+    angles: np.ndarray  # float [P]: the direction each paddle is drawn in from its anchor
     snake_ids: np.ndarray  # int [P]: 0 and 1 are the target snakes, 2.. the distractors
-    markers: np.ndarray  # complex [2]: origin marker, terminal marker
+    markers: np.ndarray  # int [2, 2]: origin marker, terminal marker
     label: int  # 1 if both markers sit on the same target snake
-    margin: float  # the paddle margin drawn for this image
+    margin: int  # the paddle margin drawn for this image
 
 
-def _point_segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """|p - closest point of segment ab|, broadcast over complex arrays (a == b allowed)."""
-    ab = b - a
-    length2 = np.maximum((ab * ab.conjugate()).real, 1e-12)
-    t = np.clip(((p - a) * ab.conjugate()).real / length2, 0.0, 1.0)
-    return np.abs(p - a - t * ab)
+def _flip(angle: float) -> float:
+    """The opposite direction, in (-pi, pi] like the original's."""
+    return angle + math.pi if angle < 0 else angle - math.pi
 
 
-class _Layout:
-    """Tables shared by every image with the same settings and margin (built once per process).
-
-    Occupancy lives on a raster of `cells` cells per pixel whose border band (outside the
-    padding) starts out marked. A placed paddle marks, through a precomputed stamp for its
-    orientation, every cell whose centre lies within `mark_radius` of it; a candidate paddle is
-    free when none of its sample points (spaced at most one cell apart, end points included)
-    falls on a marked cell. mark_radius is 2m plus the sampling and cell slack, and the stamps
-    add the error of snapping a paddle to a cell and an orientation bin, so a free paddle is
-    truly >= 2m from every marked one (the raster only ever errs on the side of "occupied")."""
-
-    def __init__(self, settings: PathfinderSettings, margin: float) -> None:
-        length, gap = float(settings.paddle_length), 2.0 * margin
-        self.margin, self.gap, self.length = margin, gap, length
-        # About 16 cells across the gap keeps the slack near 15% of it.
-        self.cells = cells = 2 ** max(1, math.ceil(math.log2(16.0 / gap)))
-        num_points = math.ceil(length * cells) + 1
-        fractions = np.linspace(0.0, 1.0, num_points)
-        self.slack = length / (num_points - 1) / 2  # a paddle point is this close to a sample
-        self.seed_radii = length * fractions  # sample points, as distances from a paddle's tail
-        self.grow_radii = margin + length * fractions  # ... and from the pivot of a new paddle
-        # Turns are whole steps of 2 pi / NUM_DIRECTIONS; keep those with non-zero weight.
-        step = 2.0 * math.pi / NUM_DIRECTIONS
-        k_max = math.ceil(math.pi / (2.0 * settings.continuity * step)) - 1
-        k_max = min(k_max, (NUM_DIRECTIONS - 1) // 2)
-        self.turn_offsets = np.arange(-k_max, k_max + 1)
-        # candidates[k]: the directions a snake heading in direction k may take next
-        self.candidates = (np.arange(NUM_DIRECTIONS)[:, None] + self.turn_offsets) % NUM_DIRECTIONS
-        self.turn_weights = np.cos(self.turn_offsets * step * settings.continuity) ** 2
-        self.direction_angles = np.arange(NUM_DIRECTIONS) * step
-
-        half_diagonal = math.sqrt(0.5) / cells
-        self.mark_radius = gap + self.slack + half_diagonal
-        # A stamp is drawn for the midpoint snapped to its cell's centre and the orientation
-        # snapped to its bin: widen it by both errors.
-        snap_error = half_diagonal + length / 2 * math.pi / (2 * STAMP_BINS)
-        stamp_radius = self.mark_radius + snap_error
-        self.stamp_half = h = math.ceil((length / 2 + stamp_radius) * cells) + 1
-        offsets = np.arange(-h, h + 1) / cells
-        grid = offsets[None, :] + 1j * offsets[:, None]
-        self.stamps = np.empty((STAMP_BINS, 2 * h + 1, 2 * h + 1), bool)
-        for b in range(STAMP_BINS):
-            half = length / 2 * np.exp(1j * math.pi * b / STAMP_BINS)
-            self.stamps[b] = _point_segment_distance(grid, -half, half) <= stamp_radius
-
-        # Candidate points reach at most length + 2m outside the padded square; stamps reach h.
-        self.pad = pad = h + math.ceil((length + 2.0 * margin + 1.0) * cells) + 1
-        side = settings.image_size * cells + 2 * pad
-        lo, hi = settings.border_padding, settings.image_size - settings.border_padding
-        cell_lo = (np.arange(side) - pad) / cells  # each cell spans [cell_lo, cell_lo + 1/cells)
-        inside = (cell_lo >= lo) & (cell_lo + 1.0 / cells <= hi)
-        self.template = ~(inside[:, None] & inside[None, :])
-        self.lo, self.hi = lo, hi
+def _lanczos_shrink(fine: np.ndarray, side: int) -> np.ndarray:
+    """A 0/255 uint8 canvas shrunk to side x side with PIL's Lanczos filter, as floats in [0, 1]
+    (what the original's `scipy.misc.imresize(..., interp='lanczos')` did through PIL)."""
+    image = Image.fromarray(fine).resize((side, side), Image.LANCZOS)
+    return np.asarray(image, np.float64) / 255.0
 
 
-_LAYOUTS: dict[tuple[PathfinderSettings, float], _Layout] = {}
+def _disc(radius: float) -> np.ndarray:
+    """int [K, 2]: the offsets (dy, dx) with dy^2 + dx^2 <= radius^2."""
+    r = int(math.floor(radius))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    inside = dy**2 + dx**2 <= radius**2
+    return np.stack([dy[inside], dx[inside]], axis=1)
 
 
-def _layout(settings: PathfinderSettings, margin: float) -> _Layout:
+class _Paddle(NamedTuple):
+    """The stencils of a paddle at one angle, centred on its anchor (arrays of side 2h + 1)."""
+
+    ink: np.ndarray  # float [side, side], in [0, 1]
+    mask: np.ndarray  # float [side, side], in [0, 1]
+    start_check: np.ndarray  # int [K, 2]: offsets (from anchor + (1, 1)) where mask == 1
+    end: tuple[float, float]  # far end of the drawn line from the anchor, in output pixels
+
+
+class _Stencils:
+    """Everything that depends only on the settings and the margin: paddle stencils by angle,
+    the next-paddle candidates around a pivot, marker stencils; built once per process."""
+
+    def __init__(self, settings: PathfinderSettings, margin: int) -> None:
+        self.settings, self.margin = settings, margin
+        size, length = settings.image_size, settings.paddle_length
+        self.half = half = length + math.ceil(settings.paddle_thickness) + margin
+        self.side = 2 * half + 1
+        self.pad = pad = half + 2  # room around the image for stencils and start checks
+        self.width = size + 2 * pad  # side of the padded mask and ink arrays
+        self._paddles: dict[float, _Paddle] = {}
+        self._weights: dict[float, np.ndarray] = {}
+        self._first_starts: dict[int, np.ndarray] = {}
+
+        # Next-paddle candidates: the pixels hit by points one pixel of arc apart on the circle
+        # of radius L + m around the pivot (int() of pivot + offset; the pivot is a whole pixel,
+        # so that is pivot + floor(offset), rounded first against sin(pi) = 1e-16 and the like).
+        radius = length + margin
+        arc = np.arange(0.0, 360.0, 360.0 / (2.0 * math.pi * radius)) * math.pi / 180.0
+        offsets = np.floor(np.round(radius * np.stack([np.sin(arc), np.cos(arc)], 1), 9))
+        candidates = np.unique(offsets.astype(np.int64), axis=0)
+        self.candidate_rows, self.candidate_cols = candidates[:, 0], candidates[:, 1]
+        self.candidate_angles = np.arctan2(candidates[:, 0], candidates[:, 1])
+        self.step = length + 2 * margin  # from one pivot to the next
+        self.reach = int(np.abs(candidates).max())  # pivots this far inside keep all candidates
+        # Flat offsets into the padded mask of each candidate's disc of radius m.
+        disc = _disc(margin)
+        near = candidates[:, None, :] + disc[None, :, :]
+        self.candidate_discs = near[..., 0] * self.width + near[..., 1]
+
+        self.empty_mask = np.zeros((self.width, self.width))
+        inner = self.empty_mask[pad : pad + size, pad : pad + size]
+        b = settings.border_padding
+        if b > 0:
+            inner[:b], inner[-b:], inner[:, :b], inner[:, -b:] = 1.0, 1.0, 1.0, 1.0
+        self._marker_disc = _disc(settings.marker_radius * settings.antialias_scale)
+
+    def paddle(self, angle: float) -> _Paddle:
+        """The stencils of a paddle drawn from its anchor in direction `angle` (cached)."""
+        stencil = self._paddles.get(angle)
+        if stencil is None:
+            stencil = self._paddles[angle] = self._draw_paddle(angle)
+        return stencil
+
+    def _draw_paddle(self, angle: float) -> _Paddle:
+        s, m, half = self.settings, self.margin, self.half
+        aa = s.antialias_scale
+        fine_side = 2 * half * aa + 1
+        c = half * aa  # the anchor's fine pixel
+        end_row = math.ceil(c + s.paddle_length * aa * math.sin(angle))
+        end_col = math.ceil(c + s.paddle_length * aa * math.cos(angle))
+        canvas = Image.new("L", (fine_side, fine_side), 0)
+        width = round(s.paddle_thickness * aa)
+        ImageDraw.Draw(canvas).line([(c, c), (end_col, end_row)], fill=255, width=width)
+        line = np.asarray(canvas) > 0
+        ink = _lanczos_shrink(np.asarray(canvas), self.side)
+        # The mask: the line dilated by a disc of radius m * aa on the fine canvas, shrunk too.
+        grown = np.zeros_like(line)
+        rows, cols = np.nonzero(line)
+        for dy, dx in _disc(m * aa):
+            r, c2 = rows + dy, cols + dx
+            keep = (r >= 0) & (r < fine_side) & (c2 >= 0) & (c2 < fine_side)
+            grown[r[keep], c2[keep]] = True
+        mask = _lanczos_shrink(grown.astype(np.uint8) * 255, self.side)
+        # Start check: the original dilates the mask with the stencil's full pixels cut to a
+        # (2(L + m) + 1)^2 window whose centre is one pixel up and left of the anchor.
+        lo = half - (s.paddle_length + m + 1)
+        window = mask[
+            lo : lo + 2 * (s.paddle_length + m) + 1, lo : lo + 2 * (s.paddle_length + m) + 1
+        ]
+        full = np.argwhere(window >= 1.0) + lo - half
+        scale = self.side / fine_side  # output pixels per fine pixel of the shrunk stencil
+        end = ((end_row - c) * scale, (end_col - c) * scale)
+        return _Paddle(ink, mask, full, end)
+
+    def turn_weights(self, angle: float) -> np.ndarray:
+        """cos(min(turn * continuity, pi / 2))^2 of each candidate after a paddle at `angle`."""
+        weights = self._weights.get(angle)
+        if weights is None:
+            turn = np.abs(self.candidate_angles - angle)
+            turn = np.minimum(turn, 2.0 * math.pi - turn)
+            turn = np.minimum(turn * self.settings.continuity, 0.5 * math.pi)
+            weights = self._weights[angle] = np.maximum(np.cos(turn), 0.0) ** 2
+        return weights
+
+    def first_starts(self, degrees: int) -> np.ndarray:
+        """Free start pixels (flat, row-major) of the first target snake's paddle at `degrees`:
+        the mask then holds only the border band, widened to 2 * seed_distance (cached). Unlike
+        the original, whose dilation ignores what lies outside the image (so a start on the last
+        row or column could pass), pixels outside the image count as occupied here."""
+        starts = self._first_starts.get(degrees)
+        if starts is None:
+            s, pad = self.settings, self.pad
+            lo, hi = pad + 2 * s.seed_distance, pad + s.image_size - 2 * s.seed_distance
+            blocked = np.ones_like(self.empty_mask, bool)
+            blocked[lo:hi, lo:hi] = False
+            starts = self._first_starts[degrees] = self.free_starts(
+                blocked, self.paddle(math.radians(degrees))
+            )
+        return starts
+
+    def free_starts(self, blocked: np.ndarray, paddle: _Paddle) -> np.ndarray:
+        """Pixels (flat, row-major) where `paddle`'s start check meets no blocked pixel of the
+        padded `blocked` array (outside the image nothing is blocked)."""
+        size, pad = self.settings.image_size, self.pad
+        free = np.ones((size, size), bool)
+        for dy, dx in paddle.start_check + pad + 1:
+            free &= ~blocked[dy : dy + size, dx : dx + size]
+        return np.flatnonzero(free)
+
+    def marker(self, row: int, col: int) -> np.ndarray:
+        """float [H, W]: a disc of marker_radius * aa fine pixels around fine pixel (aa * row,
+        aa * col), shrunk with Lanczos to the image size."""
+        s = self.settings
+        aa = s.antialias_scale
+        fine = np.zeros((s.image_size * aa, s.image_size * aa), np.uint8)
+        r = self._marker_disc[:, 0] + aa * row
+        c = self._marker_disc[:, 1] + aa * col
+        keep = (r >= 0) & (r < fine.shape[0]) & (c >= 0) & (c < fine.shape[1])
+        fine[r[keep], c[keep]] = 255
+        return _lanczos_shrink(fine, s.image_size)
+
+
+_STENCILS: dict[tuple[PathfinderSettings, int], _Stencils] = {}
+
+
+def _stencils(settings: PathfinderSettings, margin: int) -> _Stencils:
     key = (settings, margin)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = _Layout(settings, margin)
-    return _LAYOUTS[key]
-
-
-class _Placer:
-    """The paddles placed so far in one image and the occupancy raster (see `_Layout`). A snake's
-    last paddle stays off the raster until the snake grows again (its next paddle must not be
-    tested against it); other snakes test against it exactly."""
-
-    def __init__(self, layout: _Layout, capacity: int) -> None:
-        self.layout = layout
-        self.occupied = layout.template.copy()
-        self.tails = np.empty(capacity, np.complex128)
-        self.heads = np.empty(capacity, np.complex128)
-        self.snake_ids = np.empty(capacity, np.int64)
-        self.n = 0
-        self.pending: dict[int, int] = {}  # snake id -> its last paddle, not yet on the raster
-
-    def free(
-        self,
-        cols: np.ndarray,
-        rows: np.ndarray,
-        snake_id: int,
-        centre: complex | None = None,
-        reach: float = 0.0,
-    ) -> np.ndarray:
-        """Which candidate paddles, given as sample points [candidates, points] in raster
-        coordinates (`x * cells + pad`, `y * cells + pad`), are free for snake `snake_id`. If
-        all points lie within `reach` pixels of `centre`, saying so skips the exact test against
-        other snakes' last paddles that are far away."""
-        layout = self.layout
-        ok = ~self.occupied[rows.astype(np.intp), cols.astype(np.intp)].any(axis=1)
-        for other, i in self.pending.items():
-            if other == snake_id:
-                continue
-            if centre is not None:
-                a, b = complex(self.tails[i]), complex(self.heads[i])
-                ab = b - a
-                t = ((centre - a) * ab.conjugate()).real / (ab * ab.conjugate()).real
-                if abs(centre - a - min(max(t, 0.0), 1.0) * ab) > reach + layout.gap + layout.slack:
-                    continue  # every point is farther than gap + slack from that paddle
-            points = (cols - layout.pad + 1j * (rows - layout.pad)) / layout.cells
-            dist = _point_segment_distance(points, self.tails[i], self.heads[i])
-            ok &= dist.min(axis=1) >= layout.gap + layout.slack
-        return ok
-
-    def _mark(self, i: int) -> None:
-        layout = self.layout
-        tail, head = self.tails[i], self.heads[i]
-        mid = (tail + head) / 2
-        angle = math.atan2((head - tail).imag, (head - tail).real) % math.pi
-        stamp = layout.stamps[round(angle * STAMP_BINS / math.pi) % STAMP_BINS]
-        h = layout.stamp_half
-        col = int(mid.real * layout.cells) + layout.pad
-        row = int(mid.imag * layout.cells) + layout.pad
-        self.occupied[row - h : row + h + 1, col - h : col + h + 1] |= stamp
-
-    def add(self, tail: complex, head: complex, snake_id: int) -> None:
-        """Place a paddle as the snake's new last paddle; its previous one goes on the raster."""
-        if snake_id in self.pending:
-            self._mark(self.pending[snake_id])
-        i = self.n
-        self.tails[i], self.heads[i], self.snake_ids[i] = tail, head, snake_id
-        self.n += 1
-        self.pending[snake_id] = i
-
-    def finish(self, snake_id: int) -> None:
-        """The snake is complete: its last paddle goes on the raster too."""
-        self._mark(self.pending.pop(snake_id))
-
-    def save(self) -> tuple[int, dict[int, int], np.ndarray]:
-        return self.n, dict(self.pending), self.occupied.copy()
-
-    def restore(self, state: tuple[int, dict[int, int], np.ndarray]) -> None:
-        self.n, self.pending, self.occupied = state
-
-    def start_snake(
-        self, snake_id: int, xs: np.ndarray, ys: np.ndarray, angles: np.ndarray
-    ) -> _Snake | None:
-        """A new snake whose first paddle is the first free one among candidate tails (xs, ys)
-        and directions, or None if none is free."""
-        layout = self.layout
-        radii = layout.seed_radii
-        ok = self.free(
-            (xs[:, None] + radii * np.cos(angles)[:, None]) * layout.cells + layout.pad,
-            (ys[:, None] + radii * np.sin(angles)[:, None]) * layout.cells + layout.pad,
-            snake_id,
-        )
-        hits = np.flatnonzero(ok)
-        if hits.size == 0:
-            return None
-        j = hits[0]
-        return _Snake(self, snake_id, complex(xs[j], ys[j]), float(angles[j]))
+    if key not in _STENCILS:
+        _STENCILS[key] = _Stencils(settings, margin)
+    return _STENCILS[key]
 
 
 class _Snake:
-    """A growing snake. Its directions are its first direction plus whole turn steps, so the
-    sample-point offsets of every direction are tabulated once per snake."""
+    """A growing snake: where its next pivot is computed from, and its far end."""
 
-    def __init__(self, placer: _Placer, snake_id: int, tail: complex, angle: float) -> None:
-        layout = placer.layout
-        self.placer, self.snake_id = placer, snake_id
-        self.direction = 0  # index into the tables below; 0 is the first direction
-        self.start = tail
-        self.end = tail + layout.length * complex(math.cos(angle), math.sin(angle))
-        angles = angle + layout.direction_angles
-        self.ux, self.uy = np.cos(angles), np.sin(angles)
-        # offsets of the sample points in raster cells, per direction
-        self.dx = self.ux[:, None] * (layout.grow_radii * layout.cells)
-        self.dy = self.uy[:, None] * (layout.grow_radii * layout.cells)
-        placer.add(tail, self.end, snake_id)
+    def __init__(self, snake_id: int, pivot: tuple[int, int], angle: float, tip: tuple[int, int]):
+        self.snake_id, self.pivot, self.angle = snake_id, pivot, angle
+        self.start = self.tip = tip
 
-    def grow(self, rng: np.random.Generator) -> bool:
-        """Add one paddle; False when every direction is blocked (the snake is stuck)."""
-        placer, layout = self.placer, self.placer.layout
-        k = self.direction
-        pivot = self.end + layout.margin * complex(self.ux[k], self.uy[k])
-        candidates = layout.candidates[k]
-        ok = placer.free(
-            (pivot.real * layout.cells + layout.pad) + self.dx[candidates],
-            (pivot.imag * layout.cells + layout.pad) + self.dy[candidates],
-            self.snake_id,
-            pivot,
-            layout.margin + layout.length,
+
+class _Canvas:
+    """The paddles of one image and its mask (padded by `_Stencils.pad` on every side). A
+    snake's newest paddle is kept apart (`pending`) until the snake grows again or is finished,
+    so that its successor is not tested against it; snakes growing side by side (the two target
+    snakes) are tested against each other's newest paddle all the same, through a mask of their
+    own (`views`)."""
+
+    def __init__(self, stencils: _Stencils, parallel: Sequence[int] = ()) -> None:
+        self.st = stencils
+        self.mask = stencils.empty_mask.copy()
+        self.views = {k: self.mask.copy() for k in parallel}
+        self.paddles: list[tuple[int, int, float, int]] = []  # row, col, angle, snake id
+        self.pending: dict[int, tuple[int, int, np.ndarray]] = {}  # snake -> row, col, mask
+
+    def _stamp(self, array: np.ndarray, row: int, col: int, stencil: np.ndarray) -> None:
+        st = self.st
+        r, c = row + st.pad - st.half, col + st.pad - st.half
+        region = array[r : r + st.side, c : c + st.side]
+        np.maximum(region, stencil, out=region)
+
+    def finish(self, snake_id: int) -> None:
+        """The snake's newest paddle joins the mask (only the views while there are views)."""
+        row, col, stencil = self.pending.pop(snake_id)
+        for array in self.views.values() or (self.mask,):
+            self._stamp(array, row, col, stencil)
+
+    def end_parallel(self) -> None:
+        """After the parallel snakes are finished, their views all equal the mask."""
+        self.mask = next(iter(self.views.values()))
+        self.views = {}
+
+    def _add(self, snake_id: int, row: int, col: int, angle: float, paddle: _Paddle) -> None:
+        if snake_id in self.pending:
+            self.finish(snake_id)
+        self.paddles.append((row, col, angle, snake_id))
+        self.pending[snake_id] = (row, col, paddle.mask)
+        for other, view in self.views.items():
+            if other != snake_id:
+                self._stamp(view, row, col, paddle.mask)
+
+    def save(self) -> tuple[np.ndarray, int, dict]:
+        return self.mask.copy(), len(self.paddles), dict(self.pending)
+
+    def restore(self, state: tuple[np.ndarray, int, dict]) -> None:
+        self.mask, n, self.pending = state
+        del self.paddles[n:]
+
+    def place_start(self, snake_id: int, row: int, col: int, angle: float) -> _Snake | None:
+        """A snake whose first paddle is drawn from (row, col) at `angle`, or None when its far
+        end or its pivot falls outside the image."""
+        st = self.st
+        s = st.settings
+        size, length = s.image_size, s.paddle_length
+        head = (
+            math.ceil(row + length * math.sin(angle)),
+            math.ceil(col + length * math.cos(angle)),
         )
-        cdf = np.cumsum(layout.turn_weights * ok)
-        if cdf[-1] <= 0.0:
+        back = _flip(angle)
+        pivot = (
+            math.ceil(head[0] + (length + st.margin) * math.sin(back)),
+            math.ceil(head[1] + (length + st.margin) * math.cos(back)),
+        )
+        if not all(0 <= v < size for v in (*head, *pivot)):
+            return None
+        self._add(snake_id, row, col, angle, st.paddle(angle))
+        return _Snake(snake_id, pivot, angle, (row, col))
+
+    def start_snake(self, rng: np.random.Generator, snake_id: int) -> _Snake | None:
+        """A distractor's first paddle on a free start pixel, or None (image full, no free
+        pixel, or three starts whose paddle left the image)."""
+        st = self.st
+        size, pad = st.settings.image_size, st.pad
+        inner = self.mask[pad : pad + size, pad : pad + size]
+        for _ in range(SEED_TRIES):
+            angle = math.radians(int(rng.integers(-180, 180)))
+            if np.count_nonzero(inner <= FREE_LEVEL) < FULL_FRACTION * size * size:
+                return None
+            blocked = self.mask > FREE_LEVEL
+            edge = blocked[pad : pad + size, pad : pad + size]
+            edge[0], edge[-1], edge[:, 0], edge[:, -1] = (True,) * 4
+            starts = st.free_starts(blocked, st.paddle(angle))
+            if starts.size == 0:
+                return None
+            row, col = divmod(int(starts[rng.integers(starts.size)]), size)
+            snake = self.place_start(snake_id, row, col, angle)
+            if snake is not None:
+                return snake
+        return None
+
+    def grow(self, rng: np.random.Generator, snake: _Snake) -> bool:
+        """Add one paddle to `snake`; False when it is stuck."""
+        st = self.st
+        pr = math.ceil(snake.pivot[0] + st.step * math.sin(snake.angle))
+        pc = math.ceil(snake.pivot[1] + st.step * math.cos(snake.angle))
+        rows, cols, angles = st.candidate_rows + pr, st.candidate_cols + pc, st.candidate_angles
+        weights, discs = st.turn_weights(snake.angle), st.candidate_discs
+        lo, hi = st.reach, st.settings.image_size - st.reach
+        if not (lo <= pr < hi and lo <= pc < hi):  # some candidates may leave the image
+            size = st.settings.image_size
+            inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+            if not inside.any():
+                return False
+            rows, cols, angles = rows[inside], cols[inside], angles[inside]
+            weights, discs = weights[inside], discs[inside]
+        mask = self.views.get(snake.snake_id, self.mask)
+        near = mask.ravel()[(pr + st.pad) * st.width + (pc + st.pad) + discs]
+        cdf = np.cumsum(weights * (1.0 - near.max(axis=1)))
+        total = cdf[-1]
+        if total < 1e-4:
             return False
-        j = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1)
-        self.direction = k = int(candidates[j])
-        u = complex(self.ux[k], self.uy[k])
-        tail = pivot + layout.margin * u
-        self.end = tail + layout.length * u
-        placer.add(tail, self.end, self.snake_id)
-        return True
+        for _ in range(PADDLE_TRIES):
+            j = min(int(np.searchsorted(cdf, rng.random() * total, side="right")), cdf.size - 1)
+            row, col = int(rows[j]), int(cols[j])
+            angle = _flip(float(angles[j]))
+            paddle = st.paddle(angle)
+            r, c = row + st.pad - st.half, col + st.pad - st.half
+            if (mask[r : r + st.side, c : c + st.side] + paddle.mask).max() < COLLISION_LEVEL:
+                self._add(snake.snake_id, row, col, angle, paddle)
+                snake.pivot, snake.angle, snake.tip = (pr, pc), float(angles[j]), (row, col)
+                return True
+        return False
 
 
-def _uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
-    """n uniform draws from [lo, hi)."""
-    return lo + (hi - lo) * rng.random(n)
-
-
-def _target_snakes(
-    rng: np.random.Generator, layout: _Layout, settings: PathfinderSettings, capacity: int
-) -> tuple[_Placer, list[_Snake]] | None:
-    """One attempt at the two target snakes; None if a start or a paddle could not be placed."""
-    placer = _Placer(layout, capacity)
-    size, sd = settings.image_size, settings.seed_distance
-    xs, ys = (
-        _uniform(rng, 2 * sd, size - 2 * sd, SEED_BATCH),
-        _uniform(rng, 2 * sd, size - 2 * sd, SEED_BATCH),
-    )
-    first = placer.start_snake(0, xs, ys, _uniform(rng, -math.pi, math.pi, SEED_BATCH))
+def _target_snakes(rng: np.random.Generator, canvas: _Canvas) -> list[_Snake] | None:
+    """One attempt at the two target snakes; None when a start or a paddle could not be placed."""
+    st = canvas.st
+    s = st.settings
+    degrees = int(rng.integers(-180, 180))
+    starts = st.first_starts(degrees)
+    first = None
+    for _ in range(SEED_TRIES):
+        if starts.size == 0:
+            return None
+        row, col = divmod(int(starts[rng.integers(starts.size)]), s.image_size)
+        first = canvas.place_start(0, row, col, math.radians(degrees))
+        if first is not None:
+            break
+        degrees = int(rng.integers(-180, 180))
+        starts = st.first_starts(degrees)
     if first is None:
         return None
-    bearings = _uniform(rng, -math.pi, math.pi, SEED_BATCH)
-    xs = first.start.real + sd * np.cos(bearings)
-    ys = first.start.imag + sd * np.sin(bearings)
-    second = placer.start_snake(1, xs, ys, _uniform(rng, -math.pi, math.pi, SEED_BATCH))
+    second = None
+    for _ in range(SEED_TRIES):
+        angle = math.radians(int(rng.integers(-180, 180)))
+        bearing = math.radians(int(rng.integers(0, 360)))
+        row = int(np.round(first.tip[0] + s.seed_distance * math.sin(bearing)))
+        col = int(np.round(first.tip[1] + s.seed_distance * math.cos(bearing)))
+        second = canvas.place_start(1, row, col, angle)
+        if second is not None:
+            break
     if second is None:
         return None
     snakes = [first, second]
-    for _ in range(settings.contour_length - 1):
+    for _ in range(s.contour_length - 1):
         for snake in snakes:
-            if not snake.grow(rng):
+            if not canvas.grow(rng, snake):
                 return None
-    placer.finish(0)
-    placer.finish(1)
-    return placer, snakes
+    canvas.finish(0)
+    canvas.finish(1)
+    canvas.end_parallel()
+    return snakes
 
 
-def _distractor(rng: np.random.Generator, placer: _Placer, snake_id: int, length: int) -> None:
-    """Try to add one distractor snake; on failure remove its paddles and try again, a few times."""
-    lo, hi = placer.layout.lo, placer.layout.hi
+def _distractor(rng: np.random.Generator, canvas: _Canvas, snake_id: int) -> None:
+    """Add one distractor snake, or leave it out after DISTRACTOR_TRIES failed attempts."""
+    length = canvas.st.settings.distractor_length
     for _ in range(DISTRACTOR_TRIES):
-        state = placer.save()
-        snake = None
-        for _ in range(SEED_BATCHES):
-            xs, ys = _uniform(rng, lo, hi, SEED_BATCH), _uniform(rng, lo, hi, SEED_BATCH)
-            angles = _uniform(rng, -math.pi, math.pi, SEED_BATCH)
-            snake = placer.start_snake(snake_id, xs, ys, angles)
-            if snake is not None:
-                break
-        if snake is None:
-            return  # the image is full
-        if all(snake.grow(rng) for _ in range(length - 1)):
-            placer.finish(snake_id)
+        state = canvas.save()
+        snake = canvas.start_snake(rng, snake_id)
+        if snake is not None and all(canvas.grow(rng, snake) for _ in range(length - 1)):
+            canvas.finish(snake_id)
             return
-        placer.restore(state)
+        canvas.restore(state)
 
 
 def sample_geometry(settings: PathfinderSettings, rng: np.random.Generator) -> PathfinderGeometry:
     """Place the snakes and markers of one image (see the module docstring)."""
     label = int(rng.integers(2))
     origin = int(rng.integers(2))
-    margin = float(settings.paddle_margins[rng.integers(len(settings.paddle_margins))])
-    capacity = 2 * settings.contour_length + settings.num_distractors * settings.distractor_length
-    layout = _layout(settings, margin)
+    margin = int(settings.paddle_margins[rng.integers(len(settings.paddle_margins))])
+    stencils = _stencils(settings, margin)
     for _ in range(TARGET_TRIES):
-        placed = _target_snakes(rng, layout, settings, capacity)
-        if placed is not None:
+        canvas = _Canvas(stencils, parallel=(0, 1))
+        snakes = _target_snakes(rng, canvas)
+        if snakes is not None:
             break
     else:
         raise RuntimeError(
@@ -465,54 +594,50 @@ def sample_geometry(settings: PathfinderSettings, rng: np.random.Generator) -> P
             f"{TARGET_TRIES} tries with {settings}; the snakes are too long or the margins too "
             "wide for the image: lower contour_length, paddle_length or paddle_margins"
         )
-    placer, snakes = placed
     for k in range(settings.num_distractors):
-        _distractor(rng, placer, 2 + k, settings.distractor_length)
+        if rng.random() < settings.distractor_fraction:
+            _distractor(rng, canvas, 2 + k)
     terminal = origin if label == 1 else 1 - origin
-    n = placer.n
+    rows, cols, angles, ids = zip(*canvas.paddles, strict=True)
     return PathfinderGeometry(
-        tails=placer.tails[:n].copy(),
-        heads=placer.heads[:n].copy(),
-        snake_ids=placer.snake_ids[:n].copy(),
-        markers=np.array([snakes[origin].start, snakes[terminal].end]),
+        anchors=np.stack([rows, cols], axis=1).astype(np.int64),
+        angles=np.array(angles),
+        snake_ids=np.array(ids, np.int64),
+        markers=np.array([snakes[origin].start, snakes[terminal].tip], np.int64),
         label=label,
         margin=margin,
     )
 
 
 def render(geometry: PathfinderGeometry, settings: PathfinderSettings) -> np.ndarray:
-    """Draw paddles and markers as antialiased strokes on a `supersampling` times finer canvas
-    (value clip(radius + 1/2 - distance, 0, 1) in canvas pixels, times the intensity), average
-    down, and scale so the brightest pixel is 255. Returns uint8 [H, W]."""
-    s = settings.supersampling
-    size = settings.image_size
-    contrast = settings.snake_contrast * settings.paddle_contrast
-    n = len(geometry.tails)
-    # Every stroke is a segment with a radius (a marker is a segment of length 0).
-    a = np.concatenate([geometry.tails, geometry.markers]) * s
-    b = np.concatenate([geometry.heads, geometry.markers]) * s
-    radius = np.array([settings.paddle_thickness / 2] * n + [settings.marker_radius] * 2) * s
-    intensity = np.array([contrast] * n + [1.0, 1.0])
-    # Each stroke is evaluated on its own patch of side `box` canvas pixels, which covers it.
-    reach = max(settings.paddle_length * s / 2 + radius[0], radius[-1]) + 1.0
-    box = int(math.ceil(2 * reach)) + 2
-    centre = (a + b) / 2
-    x0 = np.floor(centre.real - box / 2).astype(np.int64)
-    y0 = np.floor(centre.imag - box / 2).astype(np.int64)
-    offsets = np.arange(box)
-    px = x0[:, None, None] + offsets[None, None, :] + 0.5
-    py = y0[:, None, None] + offsets[None, :, None] + 0.5
-    dist = _point_segment_distance(px + 1j * py, a[:, None, None], b[:, None, None])
-    value = np.clip(radius[:, None, None] + 0.5 - dist, 0.0, 1.0) * intensity[:, None, None]
-    # Scatter the patches into a canvas padded by `box` on every side, so no patch falls off.
-    side = size * s + 2 * box
-    rows = y0[:, None, None] + box + offsets[None, :, None]
-    cols = x0[:, None, None] + box + offsets[None, None, :]
-    canvas = np.zeros(side * side)
-    np.maximum.at(canvas, (rows * side + cols).ravel(), value.ravel())
-    canvas = canvas.reshape(side, side)[box : box + size * s, box : box + size * s]
-    image = canvas.reshape(size, s, size, s).mean(axis=(1, 3))
-    return np.rint(image * (255.0 / image.max())).astype(np.uint8)
+    """Draw the paddles' and markers' stencils (pixel-wise maximum, each times its intensity) and
+    scale so the brightest pixel is 255. Returns uint8 [H, W]."""
+    st = _stencils(settings, geometry.margin)
+    size, pad, half = settings.image_size, st.pad, st.half
+    target = settings.snake_contrast * settings.paddle_contrast
+    ink = np.zeros((st.width, st.width))
+    for (row, col), angle, snake_id in zip(
+        geometry.anchors, geometry.angles, geometry.snake_ids, strict=True
+    ):
+        intensity = target if snake_id < 2 else settings.snake_contrast
+        r, c = row + pad - half, col + pad - half
+        region = ink[r : r + st.side, c : c + st.side]
+        np.maximum(region, st.paddle(float(angle)).ink * intensity, out=region)
+    image = ink[pad : pad + size, pad : pad + size]
+    for row, col in geometry.markers:
+        image = np.maximum(image, st.marker(int(row), int(col)))
+    return (np.clip(image * (255.0 / image.max()), 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def paddle_segments(
+    geometry: PathfinderGeometry, settings: PathfinderSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each paddle's line is drawn, as complex points x + iy in output pixels (pixel (r, c)
+    spans [c, c + 1) x [r, r + 1)): from the centre of its anchor pixel to its far end."""
+    st = _stencils(settings, geometry.margin)
+    starts = geometry.anchors[:, 1] + 0.5 + 1j * (geometry.anchors[:, 0] + 0.5)
+    ends = np.array([complex(*reversed(st.paddle(float(a)).end)) for a in geometry.angles])
+    return starts, starts + ends
 
 
 def generate_image(
@@ -532,18 +657,28 @@ def generate_images(
     settings: PathfinderSettings, seed: int, start: int, stop: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images start..stop-1 of the data set with `seed`: (uint8 [n, H, W], uint8 [n])."""
-    n = stop - start
-    images = np.empty((n, *settings.image_shape), np.uint8)
-    labels = np.empty(n, np.uint8)
-    for k in range(n):
-        images[k], labels[k] = generate_image(settings, image_rng(seed, start + k))
+    images, labels, _ = _generate_chunk((settings, seed, start, stop))
     return images, labels
 
 
 def _generate_chunk(
     task: tuple[PathfinderSettings, int, int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    return generate_images(*task)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, paddle margins) of images start..stop-1 (the release's metadata lists
+    each image's margin)."""
+    settings, seed, start, stop = task
+    n = stop - start
+    images = np.empty((n, *settings.image_shape), np.uint8)
+    labels = np.empty(n, np.uint8)
+    margins = np.empty(n, np.int64)
+    for k in range(n):
+        geometry = sample_geometry(settings, image_rng(seed, start + k))
+        images[k], labels[k], margins[k] = (
+            render(geometry, settings),
+            geometry.label,
+            geometry.margin,
+        )
+    return images, labels, margins
 
 
 def _available_cores() -> int:
@@ -567,9 +702,65 @@ def _shard_bounds(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + shard_size, num_images)) for i in range(0, num_images, shard_size)]
 
 
-def _shard_complete(out_dir: Path, k: int, n: int, shape: tuple[int, int]) -> bool:
-    """Both files of shard k exist with the right shapes. Labels are written last, so their
-    presence marks a shard whose images were written in full."""
+def _release_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
+    """The image folder and the metadata file of folder k of the release layout."""
+    return out_dir / "imgs" / str(k), out_dir / "metadata" / f"{k}.npy"
+
+
+def _metadata_lines(
+    k: int, labels: np.ndarray, margins: np.ndarray, settings: PathfinderSettings
+) -> str:
+    """The release's metadata text for folder k, in the original's column order: folder, file,
+    index, label, continuity, contour length, distractor length, paddle length, paddle
+    thickness, paddle margin, number of paddle contrasts."""
+    s = settings
+    return "".join(
+        f"imgs/{k} sample_{i}.png {i} {int(label)} {s.continuity} {s.contour_length} "
+        f"{s.distractor_length} {s.paddle_length} {s.paddle_thickness} {int(margin)} 1\n"
+        for i, (label, margin) in enumerate(zip(labels, margins, strict=True))
+    )
+
+
+def _release_labels(out_dir: Path, k: int) -> np.ndarray | None:
+    """The labels of folder k of the release layout, or None if it is incomplete. The metadata
+    file is written last, so its presence marks a folder whose images were written in full."""
+    folder, metadata = _release_paths(out_dir, k)
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        labels = np.array([int(line.split()[3]) for line in lines], np.uint8)
+    except (IndexError, ValueError):
+        return None
+    return labels
+
+
+def _write_release_folder(
+    out_dir: Path,
+    k: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    margins: np.ndarray,
+    settings: PathfinderSettings,
+) -> None:
+    folder, metadata = _release_paths(out_dir, k)
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"sample_{i}.png")
+    atomic_write_text(metadata, _metadata_lines(k, labels, margins, settings))  # last
+
+
+def _shard_complete(
+    out_dir: Path, k: int, n: int, shape: tuple[int, int], layout: str = "shards"
+) -> bool:
+    """Shard k is complete: both files exist with the right shapes (labels are written last,
+    so their presence marks a shard whose images were written in full); for the release
+    layout, its metadata file lists n images."""
+    if layout == "release":
+        labels = _release_labels(out_dir, k)
+        return labels is not None and labels.shape == (n,)
     images_path, labels_path = _shard_paths(out_dir, k)
     if not (images_path.is_file() and labels_path.is_file()):
         return False
@@ -587,7 +778,7 @@ def _shard_complete(out_dir: Path, k: int, n: int, shape: tuple[int, int]) -> bo
 
 
 def _manifest(
-    num_images: int, settings: PathfinderSettings, seed: int, shard_size: int
+    num_images: int, settings: PathfinderSettings, seed: int, shard_size: int, layout: str
 ) -> dict[str, Any]:
     return {
         "generator_version": GENERATOR_VERSION,
@@ -595,6 +786,7 @@ def _manifest(
         "seed": seed,
         "num_images": num_images,
         "shard_size": shard_size,
+        "layout": layout,
     }
 
 
@@ -629,11 +821,16 @@ def generate_dataset(
     workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
+    layout: str = "shards",
 ) -> Path:
     """Write images 0..num_images-1 of the data set with `seed` into `out_dir` as shards (see the
-    module docstring), with `workers` processes (default: all cores). Complete shards already in
-    `out_dir` are kept, so rerunning an interrupted call finishes the job; a folder made with
-    other settings, seed, size or shard size is an error."""
+    module docstring), with `workers` processes (default: all cores). `layout="release"` writes
+    the release's `imgs/<k>/sample_<i>.png` and `metadata/<k>.npy` instead, `shard_size` images
+    per folder k. Complete shards already in `out_dir` are kept, so rerunning an interrupted
+    call finishes the job; a folder made with other settings, seed, size, shard size or layout
+    is an error."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if num_images < 1 or shard_size < 1:
         raise ValueError(
             f"need num_images >= 1 and shard_size >= 1, got {num_images}, {shard_size}"
@@ -643,7 +840,7 @@ def generate_dataset(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = ensure_writable_dir(out_dir, "Choose another output folder (--out).")
-    manifest = _manifest(num_images, settings, seed, shard_size)
+    manifest = _manifest(num_images, settings, seed, shard_size, layout)
     if (out_dir / MANIFEST_NAME).is_file():
         existing = _read_manifest(out_dir)
         if existing != json.loads(json.dumps(manifest)):
@@ -651,7 +848,11 @@ def generate_dataset(
                 f"the folder {out_dir} holds Pathfinder shards made with other settings "
                 f"({existing}, asked for {manifest}); delete {out_dir} or choose another folder"
             )
-    elif any(out_dir.glob("images-*.npy")) or any(out_dir.glob("labels-*.npy")):
+    elif (
+        any(out_dir.glob("images-*.npy"))
+        or any(out_dir.glob("labels-*.npy"))
+        or any(out_dir.glob("metadata/*.npy"))
+    ):
         raise ValueError(
             f"the folder {out_dir} holds shard files but no {MANIFEST_NAME}, so their settings are "
             f"unknown; delete {out_dir} or choose another folder"
@@ -660,13 +861,13 @@ def generate_dataset(
         atomic_write_json(out_dir / MANIFEST_NAME, manifest)
 
     # Temporary files left by a killed writer (one process per folder at a time, so none is live).
-    for stale in out_dir.glob(".*-*.npy.*.tmp"):
+    for stale in [*out_dir.glob(".*-*.npy.*.tmp"), *out_dir.glob("metadata/.*.npy.*.tmp")]:
         stale.unlink(missing_ok=True)
     bounds = _shard_bounds(num_images, shard_size)
     todo = [
         k
         for k, (a, b) in enumerate(bounds)
-        if not _shard_complete(out_dir, k, b - a, settings.image_shape)
+        if not _shard_complete(out_dir, k, b - a, settings.image_shape, layout)
     ]
     done = num_images - sum(bounds[k][1] - bounds[k][0] for k in todo)
     # Chunks of about 1 MB of pixels: small enough for a smooth progress bar and little memory.
@@ -678,28 +879,32 @@ def generate_dataset(
             tasks.append((settings, seed, start, min(start + chunk, b)))
             owners.append(k)
     remaining = {k: sum(1 for o in owners if o == k) for k in todo}
-    buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     with tqdm(
         total=num_images, initial=done, desc="Pathfinder images", unit="img", disable=not progress
     ) as bar:
         with _ChunkResults(tasks, workers) as results:
-            for (_, _, start, stop), k, (images, labels) in zip(
-                tasks, owners, results, strict=True
-            ):
+            for (_, _, start, stop), k, chunk_arrays in zip(tasks, owners, results, strict=True):
                 a, b = bounds[k]
                 if k not in buffers:
                     buffers[k] = (
                         np.empty((b - a, *settings.image_shape), np.uint8),
                         np.empty(b - a, np.uint8),
+                        np.empty(b - a, np.int64),
                     )
-                buffers[k][0][start - a : stop - a] = images
-                buffers[k][1][start - a : stop - a] = labels
+                for buffer, values in zip(buffers[k], chunk_arrays, strict=True):
+                    buffer[start - a : stop - a] = values
                 remaining[k] -= 1
                 if remaining[k] == 0:
-                    images_path, labels_path = _shard_paths(out_dir, k)
-                    shard_images, shard_labels = buffers.pop(k)
-                    _atomic_save_npy(images_path, shard_images)
-                    _atomic_save_npy(labels_path, shard_labels)  # last: marks the shard complete
+                    shard_images, shard_labels, shard_margins = buffers.pop(k)
+                    if layout == "release":
+                        _write_release_folder(
+                            out_dir, k, shard_images, shard_labels, shard_margins, settings
+                        )
+                    else:
+                        images_path, labels_path = _shard_paths(out_dir, k)
+                        _atomic_save_npy(images_path, shard_images)
+                        _atomic_save_npy(labels_path, shard_labels)  # last: marks it complete
                 bar.update(stop - start)
     return out_dir
 
@@ -714,7 +919,7 @@ class _ChunkResults:
     def __init__(self, tasks: list, workers: int) -> None:
         self.tasks, self.workers, self.pool = tasks, min(workers, max(len(tasks), 1)), None
 
-    def __enter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __enter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if self.workers == 1:
             return map(_generate_chunk, self.tasks)
         # fork where there is one (fast start); spawn elsewhere works too, the worker is importable
@@ -732,24 +937,36 @@ class _ChunkResults:
 
 
 def iter_shards(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, labels) of each shard in order, images memory-mapped. Raises FileNotFoundError if
-    the folder is incomplete (rerun the generation: it resumes)."""
+    """(images, labels) of each shard in order, images memory-mapped (read from the PNGs for
+    the release layout). Raises FileNotFoundError if the folder is incomplete (rerun the
+    generation: it resumes)."""
     out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
     size = manifest["settings"]["image_size"]
+    layout = manifest.get("layout", "shards")
     bounds = _shard_bounds(manifest["num_images"], manifest["shard_size"])
     missing = [
-        k for k, (a, b) in enumerate(bounds) if not _shard_complete(out_dir, k, b - a, (size, size))
+        k
+        for k, (a, b) in enumerate(bounds)
+        if not _shard_complete(out_dir, k, b - a, (size, size), layout)
     ]
     if missing:
         raise FileNotFoundError(
             f"{out_dir} is incomplete: {len(missing)} of {len(bounds)} shards are missing (first: "
-            f"{_shard_paths(out_dir, missing[0])[0].name}); rerun the same generation command "
-            "(it resumes)"
+            f"{_shard_paths(out_dir, missing[0])[0].name if layout == 'shards' else missing[0]}); "
+            "rerun the same generation command (it resumes)"
         )
     for k in range(len(bounds)):
-        images_path, labels_path = _shard_paths(out_dir, k)
-        yield np.load(images_path, mmap_mode="r"), np.load(labels_path)
+        if layout == "release":
+            folder, _ = _release_paths(out_dir, k)
+            labels = _release_labels(out_dir, k)
+            images = np.stack(
+                [np.asarray(Image.open(folder / f"sample_{i}.png")) for i in range(len(labels))]
+            )
+            yield images, labels
+        else:
+            images_path, labels_path = _shard_paths(out_dir, k)
+            yield np.load(images_path, mmap_mode="r"), np.load(labels_path)
 
 
 def load_dataset(
@@ -772,6 +989,51 @@ def load_dataset(
         labels[i : i + len(images)] = shard_labels
         i += len(images)
     return out, labels
+
+
+def _count_pieces(bright: np.ndarray) -> np.ndarray:
+    """int [N]: 8-connected components of each boolean image of [N, H, W]: every pixel takes
+    the smallest index in its 3 x 3 neighbourhood until nothing changes; a component is counted
+    at the pixel that keeps its own index."""
+    n, h, w = bright.shape
+    big = np.int64(h * w)
+    own = np.where(bright, np.arange(h * w).reshape(1, h, w), big)
+    labels = own.copy()
+    while True:
+        padded = np.pad(labels, ((0, 0), (1, 1), (1, 1)), constant_values=big)
+        smallest = labels.copy()
+        for dy in range(3):
+            for dx in range(3):
+                np.minimum(smallest, padded[:, dy : dy + h, dx : dx + w], out=smallest)
+        smallest = np.where(bright, smallest, big)
+        if np.array_equal(smallest, labels):
+            return ((labels == own) & bright).sum(axis=(1, 2))
+        labels = smallest
+
+
+STATISTICS = {
+    "fraction of pixels > 0": "gt0",
+    "fraction of pixels >= 64": "ge64",
+    "bright pieces (8-connected, >= 64)": "pieces",
+    "median of pixels >= 8": "median8",
+    "pixels at 255": "at255",
+}
+
+
+def image_statistics(images: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation over uint8 images [N, H, W] of the five per-image statistics
+    that we compare with the original generator's (docs/pathfinder_generator.md)."""
+    images = np.asarray(images)
+    flat = images.reshape(len(images), -1)
+    medians = [np.median(row[row >= 8]) if (row >= 8).any() else 0.0 for row in flat]
+    per_image = {
+        "gt0": (flat > 0).mean(axis=1),
+        "ge64": (flat >= 64).mean(axis=1),
+        "pieces": _count_pieces(images >= 64),
+        "median8": np.array(medians),
+        "at255": (flat == 255).sum(axis=1),
+    }
+    return {k: (float(np.mean(v)), float(np.std(v))) for k, v in per_image.items()}
 
 
 def save_sample_grid(
@@ -809,7 +1071,8 @@ def save_sample_grid(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mra_lra.data.pathfinder_generator",
-        description="Generate Pathfinder / Path-X images as uint8 .npy shards (resumable).",
+        description="Generate Pathfinder / Path-X images (resumable), as uint8 .npy shards or in "
+        "the LRA release's layout.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="pathfinder32")
     parser.add_argument("--num", type=int, default=200_000, help="number of images")
@@ -820,6 +1083,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", help="also write a PNG grid of the first images here")
     parser.add_argument("--grid-count", type=int, default=32, help="images in the grid")
     parser.add_argument("--grid-columns", type=int, default=8)
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="shards",
+        help="shards: our .npy shards; release: the LRA release's imgs/<k>/sample_<i>.png and "
+        "metadata/<k>.npy (plain text), --shard-size images per folder",
+    )
+    parser.add_argument(
+        "--stats", action="store_true", help="print the set's per-image statistics (mean, sd)"
+    )
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]
     try:
@@ -830,6 +1103,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             workers=args.workers,
             shard_size=args.shard_size,
+            layout=args.layout,
         )
     except (ValueError, SourceError) as err:
         parser.error(str(err))
@@ -839,7 +1113,14 @@ def main(argv: list[str] | None = None) -> None:
             f"\ninterrupted: the complete shards in {args.out} are kept; run the same "
             "command again to finish\n",
         )
-    print(f"wrote {args.num} {args.preset} images to {out}")
+    print(f"wrote {args.num} {args.preset} images to {out} ({args.layout} layout)")
+    if args.stats:
+        images, labels = load_dataset(out)
+        print(f"label 1: {labels.mean():.3f} of {len(labels)} images")
+        statistics = image_statistics(images)
+        for name, key in STATISTICS.items():
+            mean, sd = statistics[key]
+            print(f"{name}: {mean:.3f} (sd {sd:.3f})")
     if args.grid:
         first = next(iter_shards(out))
         count = min(args.grid_count, len(first[0]))

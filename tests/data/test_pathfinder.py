@@ -353,3 +353,34 @@ def test_generated_set_without_train_or_test_examples_is_refused_before_generati
     with pytest.raises(ValueError, match=message):
         make_dm(tmp_path, **sizes).prepare_data()
     assert not (tmp_path / "generated").exists() and cache_entries(tmp_path, "pathfinder") == []
+
+
+def test_generated_release_layout_round_trips_through_the_loader(tmp_path) -> None:
+    """`--layout release` writes the release's files (text metadata in the original's column
+    order), which this loader reads as a release: the tokens are the generated images, split as
+    any release folder is."""
+    out = tmp_path / "made" / "pathfinder32" / HARD
+    settings = pathfinder_generator.PRESETS["pathfinder32_easy"]
+    argv = ["--preset", "pathfinder32_easy", "--num", "20", "--out", str(out), "--workers", "1"]
+    pathfinder_generator.main([*argv, "--shard-size", "6", "--layout", "release"])
+    assert sorted(p.name for p in (out / "imgs").iterdir()) == ["0", "1", "2", "3"]
+    lines = (out / "metadata" / "3.npy").read_text().splitlines()
+    images, labels = pathfinder_generator.generate_images(settings, 0, 0, 20)
+    # folder 3 holds images 18 and 19 as sample_0, sample_1; the margin column is 1
+    assert [line.split()[:4] for line in lines] == [
+        ["imgs/3", f"sample_{i}.png", str(i), str(labels[18 + i])] for i in range(2)
+    ]
+    assert all(line.split()[4:] == ["1.0", "6", "4", "2", "0.5", "1", "1"] for line in lines)
+    with Image.open(out / "imgs" / "3" / "sample_1.png") as png:
+        assert png.mode == "L" and np.array_equal(np.asarray(png), images[19])
+    dm = ready(make_dm(tmp_path / "data", source=str(tmp_path / "made")))
+    assert dm.generated is None
+    for split, rows in split_indices(20, seed=0).items():
+        batch = split_batch(dm, split)
+        np.testing.assert_array_equal(
+            batch["input_ids"].numpy(), images[rows].reshape(len(rows), -1)
+        )
+        np.testing.assert_array_equal(batch["label"].numpy(), labels[rows])
+    # and our own reader gives the same arrays back
+    got = pathfinder_generator.load_dataset(out)
+    assert np.array_equal(got[0], images) and np.array_equal(got[1], labels)

@@ -37,6 +37,16 @@ class EnvVarError(UserError):
 
 EXIT_USER_ERROR = 2
 
+# What to do about a file the system refused (the message names the file).
+_OS_FIXES = {
+    errno.ENOSPC: "free space there, or point the data or run folder elsewhere",
+    errno.EDQUOT: "free space there, or point the data or run folder elsewhere",
+    errno.EACCES: "make it writable, or pick another folder (hydra.run.dir=..., data.data_dir=...)",
+    errno.EPERM: "make it writable, or pick another folder (hydra.run.dir=..., data.data_dir=...)",
+    errno.EROFS: "pick a folder on a writable disk (hydra.run.dir=..., data.data_dir=...)",
+    errno.ENOENT: "check the path",
+}
+
 
 def _option_errors() -> tuple[type[BaseException], ...]:
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -50,11 +60,12 @@ def user_message(err: BaseException, cpu_fix: str = "add trainer=cpu") -> str | 
     without one."""
     if isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
-    if isinstance(err, UserError | FileNotFoundError | PermissionError):
+    if isinstance(err, UserError):
         return str(err)
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        where = f" writing {err.filename}" if err.filename else ""
-        return f"{err.strerror}{where}: free space there, or point the run elsewhere"
+    if isinstance(err, OSError) and err.filename and err.errno in _OS_FIXES:
+        return f"{err.filename}: {err.strerror}; {_OS_FIXES[err.errno]}"
+    if isinstance(err, FileNotFoundError | PermissionError):  # raised with our own message
+        return str(err)
     if isinstance(err, _option_errors()):
         message = str(err)
         import torch
@@ -63,6 +74,12 @@ def user_message(err: BaseException, cpu_fix: str = "add trainer=cpu") -> str | 
             message += f" (this machine has no GPU: {cpu_fix})"
         return message
     return None
+
+
+def tracebacks_wanted() -> bool:
+    """HYDRA_FULL_ERROR=1, as the user set it (a command that sets it for Hydra keeps the user's
+    choice in MRA_LRA_TRACEBACKS)."""
+    return os.environ.get("MRA_LRA_TRACEBACKS", os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 def print_error(message: str) -> None:
@@ -77,13 +94,13 @@ def reported(cpu_fix: str = "add trainer=cpu") -> Iterator[None]:
         yield
     except Exception as err:
         message = user_message(err, cpu_fix)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if message is None or tracebacks_wanted():
             raise
         print_error(message)
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-# Transitional, until train.py and eval.py use `reported`.
+# Transitional, until eval.py uses `reported`.
 CONFIG_ERRORS = (ValueError,)
 
 

@@ -177,7 +177,6 @@ def test_missing_data_is_one_message_and_no_traceback(tmp_path):
             "task=image",
             f"data.data_dir={tmp_path}",
             "trainer=cpu",
-            "logger=none",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         cwd=root,
@@ -190,6 +189,9 @@ def test_missing_data_is_one_message_and_no_traceback(tmp_path):
     assert "error: no files for this task" in result.stderr
     assert "cifar-10-python.tar.gz" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    # A start that failed before training leaves only its log, holding the error.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train.log"]
+    assert "cifar-10-python.tar.gz" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.parametrize(
@@ -219,9 +221,9 @@ def test_bad_options_and_run_folders_are_one_message(tmp_path, case, expected):
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    if case == "finished_run":
+    if case == "finished_run":  # the refused start changed nothing in the folder
+        assert [p.name for p in run_dir.iterdir()] == ["results.json"]
         assert (run_dir / "results.json").read_text() == "{}"
-        assert not (run_dir / "config.yaml").exists()
 
 
 def test_triton_backend_trains_like_the_torch_path(compose_cfg, tmp_path, conftest_tiny):
@@ -266,58 +268,108 @@ def test_debug_configs_cut_the_run_short(compose_cfg, tmp_path, conftest_tiny):
 
 
 def test_resuming_into_another_folder_is_warned(tmp_path, caplog):
-    from mra_lra.train import _warn_if_resumed_elsewhere
+    from mra_lra.run_folder import warn_if_resumed_elsewhere
 
     checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with caplog.at_level("WARNING", logger="mra_lra.train"):
-        _warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "a")
+    with caplog.at_level("WARNING", logger="mra_lra.run_folder"):
+        warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "a")
         assert not caplog.records
-        _warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "b")
-    assert f"pass hydra.run.dir={tmp_path / 'a'}" in caplog.text
+        warn_if_resumed_elsewhere(str(checkpoint), tmp_path / "b")
+    assert "ckpt_path alone" in caplog.text
 
 
-def test_a_run_folder_is_not_overwritten_and_ckpt_path_is_checked(compose_cfg, tmp_path, caplog):
-    """A fresh start in a finished run's folder is refused (naming the resume and the new-folder
-    fixes); a folder or a non-checkpoint file as ckpt_path is named as such; a resume that
-    changes the attention is warned about."""
-    from omegaconf import OmegaConf
+def test_a_run_folder_is_not_overwritten_and_ckpt_path_is_checked(tmp_path):
+    """A fresh start in a finished run's folder is refused (naming the resume); a folder, a
+    missing file, a file that is no zip and a zip that is no checkpoint are named as such."""
+    import zipfile
 
-    from mra_lra.train import RunFolderError, _check_run_folder
+    from mra_lra.run_folder import RunFolderError, check_run_folder
 
     run_dir = tmp_path / "run"
-    cfg = compose_cfg(["attn=mra"], run_dir=run_dir)
-    _check_run_folder(cfg, run_dir)  # a new folder: fine
+    check_run_folder(None, run_dir)  # a new folder: fine
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
-    with pytest.raises(RunFolderError, match="already holds a run.*ckpt_path=.*last.ckpt"):
-        _check_run_folder(cfg, run_dir)
-
-    def resume(path, attn="mra"):
-        return compose_cfg([f"attn={attn}", f"ckpt_path={path}"], run_dir=run_dir)
-
-    with pytest.raises(RunFolderError, match="is a folder"):
-        _check_run_folder(resume(run_dir), run_dir)
+    with pytest.raises(RunFolderError, match="ckpt_path=.*last.ckpt"):
+        check_run_folder(None, run_dir)
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
-    with pytest.raises(RunFolderError, match="is not a checkpoint"):
-        _check_run_folder(resume(text), run_dir)
-
+    archive = tmp_path / "archive.ckpt"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.txt", "a zip, but not torch.save's")
+    for path in (run_dir, tmp_path / "missing.ckpt", text, archive):
+        with pytest.raises(RunFolderError, match=f"ckpt_path={path}"):
+            check_run_folder(str(path), run_dir)
     checkpoint = tmp_path / "real.ckpt"
-    torch.save({"state_dict": {}}, checkpoint)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    with caplog.at_level("WARNING", logger="mra_lra.train"):
-        _check_run_folder(resume(checkpoint), run_dir)
-        assert not caplog.records
-        _check_run_folder(resume(checkpoint, attn="mra_s"), run_dir)
-    assert "attn.approx_mode" in caplog.text and "attn.name" in caplog.text
+    torch.save({"global_step": 3}, checkpoint)
+    check_run_folder(str(checkpoint), run_dir)
 
 
-def test_sigterm_stops_the_run_where_it_is_and_the_resume_finishes(tmp_path, compose_cfg):
-    """A preemption (SIGTERM between two validations): Lightning stops its loop with
-    SIGTERMException, a SystemExit with no code, so the process exited 0 as if finished. It must
-    exit 143 (128 + SIGTERM), write no results.json, and leave last.ckpt holding the step it
-    stopped at (not the last validation's, up to val_check_interval steps back), named in its one
-    error line; a resume from it goes on at that step and finishes the run."""
+def test_a_run_folder_takes_one_process_at_a_time(tmp_path):
+    """A second process cannot train into a folder in use; once the first is gone (also killed:
+    the kernel drops its lock) the folder is free again, lock file and all."""
+    import subprocess
+    import sys
+
+    from mra_lra.run_folder import RunFolderError, locked
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\nfrom mra_lra.run_folder import locked\n"
+         f"with locked(Path({str(tmp_path)!r})):\n    print('in', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "in"
+        with pytest.raises(RunFolderError, match=str(tmp_path)), locked(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(tmp_path):  # a killed holder's stale lock file is taken over
+        pass
+
+
+def test_a_diverged_run_stops_with_no_results(compose_cfg, tmp_path, conftest_tiny):
+    """optimizer.lr=1e30: the training loss is NaN within steps. The run stops there with
+    DivergedError (one line, exit 2, from train.py), without results.json or a best checkpoint."""
+    from mra_lra.callbacks import DivergedError
+
+    overrides = [*conftest_tiny, "attn=softmax", "model.n_layers=1", "optimizer.lr=1e30"]
+    overrides += ["scheduler.warmup_steps=0"]
+    with pytest.raises(DivergedError, match="optimizer.lr"):
+        run(compose_cfg(overrides, run_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
+
+
+def test_a_validation_with_a_non_finite_loss_is_never_best(monkeypatch):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from mra_lra.callbacks import BestCheckpoint
+
+    saved = []
+    monkeypatch.setattr(ModelCheckpoint, "on_validation_end", lambda self, t, m: saved.append(t))
+    callback = BestCheckpoint(monitor="val/acc", mode="max")
+    for loss in (float("nan"), float("inf"), 2.0):
+        trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(loss)}, global_step=1)
+        callback.on_validation_end(trainer, None)
+    assert len(saved) == 1 and saved[0].callback_metrics["val/loss"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "signame, code, said",
+    [("SIGINT", 130, "Ctrl-C"), pytest.param("SIGTERM", 143, "SIGTERM", marks=pytest.mark.slow)],
+)
+def test_a_signal_stops_the_run_where_it_is_and_ckpt_path_alone_finishes_it(
+    tmp_path, compose_cfg, signame, code, said
+):
+    """Ctrl-C or a preemption (SIGTERM) between two validations: the run exits 130 or 143, writes
+    no results.json, and leaves last.ckpt holding the step it stopped at (not the last
+    validation's, up to val_check_interval steps back), named in its one error line. Then
+    `train.py ckpt_path=<it>` alone resumes the run in its folder with its own settings and ends
+    with the results of a run never stopped."""
     import os
     import re
     import signal
@@ -364,14 +416,14 @@ def test_sigterm_stops_the_run_where_it_is_and_the_resume_finishes(tmp_path, com
                     break
                 time.sleep(0.02)
             assert process.poll() is None, (tmp_path / "err").read_text()[-2000:]
-            process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=60)
+            process.send_signal(getattr(signal, signame))
+            process.wait(timeout=60)
         finally:
             process.kill()
     stderr = (tmp_path / "err").read_text()
-    assert code == 143, stderr[-2000:]
+    assert process.returncode == code, stderr[-2000:]
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
-    stopped = int(re.match(r"error: SIGTERM stopped the run at step (\d+) of", line).group(1))
+    stopped = int(re.match(rf"error: {said} stopped the run at step (\d+) of", line).group(1))
     assert 22 <= stopped < 40, line
     assert (
         f"so {run_dir} has no results.json; resume with ckpt_path={last} (step {stopped})" in line
@@ -380,16 +432,26 @@ def test_sigterm_stops_the_run_where_it_is_and_the_resume_finishes(tmp_path, com
     assert not (run_dir / "results.json").exists()
     assert torch.load(last, weights_only=False)["global_step"] == stopped  # not 20
 
-    # The resume in this process (train.py's run, as the command line composes it).
-    overrides = [arg for arg in command[2:] if not arg.startswith(("data.data_dir", "hydra."))]
-    cfg = compose_cfg(
-        [*overrides, f"ckpt_path={last}"], run_dir=run_dir, data_dir=tmp_path / "data"
+    # The resume: the checkpoint alone, from another folder.
+    resumed = subprocess.run(
+        [sys.executable, str(root / "train.py"), f"ckpt_path={last}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
-    results = run(cfg)
-    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert results["steps"] == 40 and results["best_step"] in (20, 40)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
     train, validated = logged_steps(1)
     assert min(train) == stopped + 1 and max(train) == 40 and validated
+
+    overrides = [arg for arg in command[2:] if not arg.startswith(("data.data_dir", "hydra."))]
+    straight = run(
+        compose_cfg(overrides, run_dir=tmp_path / "straight", data_dir=tmp_path / "data")
+    )
+    for key in ("steps", "best_step", "test_acc", "test_acc_last", "val_acc_best"):
+        assert results[key] == pytest.approx(straight[key]), key
 
 
 def test_sigterm_in_a_validation_reruns_it_on_resume(
@@ -495,7 +557,7 @@ def test_sigterm_inside_an_accumulation_window_keeps_the_last_checkpoint(
         run(compose_cfg(overrides, run_dir=run_dir))
     last = run_dir / "checkpoints" / "last.ckpt"
     assert "at step 4 of trainer.max_steps=6" in stopped.value.message
-    expected = f"ckpt_path={last} (step 3; the step after it is trained again; SIGTERM came inside"
+    expected = f"ckpt_path={last} (step 3; the step after it is trained again; it came inside"
     assert f"{expected} an accumulation window" in stopped.value.message
     assert torch.load(last, weights_only=False)["global_step"] == 3
 
@@ -507,19 +569,21 @@ def test_sigterm_after_a_loop_ended_stops_the_run(compose_cfg, tmp_path):
 
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from mra_lra.train import RunTerminated, _stop_on_sigterm
+    from mra_lra.callbacks import InterruptCheckpoint
+    from mra_lra.train import RunTerminated, _stop_on_signal
 
     cfg = compose_cfg(["trainer.max_steps=20"], run_dir=tmp_path)
     trainer = SimpleNamespace(received_sigterm=False, global_step=20)
-    with _stop_on_sigterm(trainer, cfg, tmp_path):
+    saver = InterruptCheckpoint(tmp_path / "checkpoints" / "last.ckpt")
+    with _stop_on_signal(trainer, cfg, saver, fitting=False):
         pass  # no signal: nothing happens
     trainer.received_sigterm = True
-    with pytest.raises(RunTerminated) as stopped, _stop_on_sigterm(trainer, cfg, tmp_path):
+    with pytest.raises(RunTerminated) as stopped, _stop_on_signal(trainer, cfg, saver, False):
         pass
     assert stopped.value.code == 143
     assert "at step 20 of trainer.max_steps=20" in stopped.value.message
     assert "no checkpoint holds it yet" in stopped.value.message
-    with pytest.raises(RunTerminated), _stop_on_sigterm(trainer, cfg, tmp_path):
+    with pytest.raises(RunTerminated), _stop_on_signal(trainer, cfg, saver, False):
         raise SIGTERMException
 
 
@@ -543,6 +607,7 @@ def test_misspelt_key_is_one_message_naming_the_closest(
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("MRA_LRA_TRACEBACKS", "0")
     argv = ["train.py", "experiment=demo", override, f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stopped:
@@ -554,16 +619,3 @@ def test_misspelt_key_is_one_message_naming_the_closest(
     assert err.count("\n") == 1, err
     assert "prefix it with +" in err
     assert not (tmp_path / "run").exists()
-
-
-def test_override_key_check_passes_what_composes():
-    import train as entry
-
-    for argv in (
-        ["experiment=demo", "trainer.max_steps=2", "attn=nystrom", "attn.num_landmarks=8"],
-        ["logger=wandb", "+logger.wandb.id=abc", "+trainer.detect_anomaly=true"],
-        ["-m", "hparams_search=listops_optuna", "hydra.sweeper.n_trials=3"],
-        ["-m", "attn=mra,nystrom", "attn.num_landmarks=8"],  # a sweep: left to Hydra
-        ["attn=mrra"],  # no such option: Hydra lists the options itself
-    ):
-        assert entry._unknown_key_message(argv) is None, argv

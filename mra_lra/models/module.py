@@ -155,7 +155,8 @@ class LRALitModule(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        # A validation with a non-finite loss measured no model: it is no candidate for best.
+        if self.trainer.sanity_checking or not torch.isfinite(self.val_loss.compute()):
             return
         self.val_acc_best(self.val_acc.compute())
         # The same value on every rank (val_acc's states are synced); sync_dist says so to DDP.

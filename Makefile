@@ -33,15 +33,14 @@ SOURCE ?=
 data: $(STAMP)
 	$(BIN)/python -m mra_lra.data.prepare task=$(TASK) $(if $(SOURCE),source=$(SOURCE)) $(ARGS)
 
-# One row group of the paper table: softmax, MRA-2 and MRA-2-s on TASK with seeds 0-2, then the
-# report. FAMILY=lra: the MRA paper's recipe (experiment=lra/<task>_<attn>); FAMILY=lra_jax: the
-# original LRA code's. On a CPU-only machine add ARGS=trainer=cpu.
-FAMILY ?= lra
-REPRO_DIR ?= runs/reproduce/$(if $(filter lra,$(FAMILY)),,$(FAMILY)/)$(TASK)
+# One row group of the paper table: softmax, MRA-2 and MRA-2-s on TASK with seeds 0-2 on one GPU,
+# then the report. The MRA paper's recipe (task=TASK attn=...), or RECIPE=lra_jax: the original LRA
+# code's (recipe=lra_jax, conf/recipe/). On a CPU-only machine add ARGS=trainer=cpu.
+RECIPE ?=
+REPRO_DIR ?= runs/reproduce/$(if $(RECIPE),$(RECIPE)/)$(TASK)
 reproduce: $(STAMP)
-	$(BIN)/python train.py -m \
-		experiment=$(FAMILY)/$(TASK)_softmax,$(FAMILY)/$(TASK)_mra,$(FAMILY)/$(TASK)_mra_s \
-		seed=0,1,2 hydra.sweep.dir=$(REPRO_DIR) $(ARGS)
+	$(BIN)/python train.py -m task=$(TASK) attn=softmax,mra,mra_s $(if $(RECIPE),recipe=$(RECIPE)) \
+		trainer=gpu seed=0,1,2 hydra.sweep.dir=$(REPRO_DIR) $(ARGS)
 	$(BIN)/python -m mra_lra.bench.report $(REPRO_DIR) --out $(REPRO_DIR)/report.md \
 		--plot $(REPRO_DIR)/acc_vs_speed.png
 

@@ -3,7 +3,7 @@
 #   1. hydra-core, omegaconf and antlr4 unpacked from the wheels in .whl/ when the image lacks
 #      them (GPU images carry torch, triton and Lightning but not hydra; `make gpu-wheels` fetches
 #      the wheels on a machine with PyPI, and the device tool carries .whl/ along);
-#   2. train.py: the paper's ListOps recipe (experiment=lra/listops_<attn>, bf16-mixed, MRA on
+#   2. train.py: the paper's ListOps recipe (task=listops attn=<attn>, bf16-mixed, MRA on
 #      Triton) for softmax, mra and mra_s on a small generated ListOps set at length 2048;
 #   3. eval.py on mra's best checkpoint twice: as trained (Triton) and with attn.backend=torch
 #      (the same function computed by the other path: the accuracies must agree);
@@ -65,7 +65,7 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 DATA=(data.data_dir="$WORK/data" data.num_train=2000 data.num_val=256 data.num_test=256
     data.num_workers=2)
 for attn in $ATTNS; do
-    if step "train $attn" 150 "$PYTHON" train.py experiment=lra/listops_$attn trainer=$TRAINER \
+    if step "train $attn" 150 "$PYTHON" train.py task=listops attn=$attn trainer=$TRAINER \
         "${DATA[@]}" trainer.max_steps="$STEPS" trainer.val_check_interval=$((STEPS / 2)) \
         scheduler.warmup_steps=$((STEPS / 6 > 2 ? STEPS / 6 : 2)) trainer.enable_progress_bar=false logger=csv \
         hydra.run.dir="$WORK/run_$attn"; then

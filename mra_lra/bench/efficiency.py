@@ -2,18 +2,18 @@
 
     python -m mra_lra.bench.efficiency --attn softmax,mra,mra_s,nystrom,performer \\
         --n 1024,2048,3072,4096 --batch 32 --out bench_out
-    python -m mra_lra.bench.efficiency --family lra_jax --task text --override model.n_layers=2
+    python -m mra_lra.bench.efficiency --recipe lra_jax --task text --override model.n_layers=2
 
 The LRA paper (Tay et al. 2021, Table 2) times each model on byte-level Text at lengths 1K-4K with
 batch 32 and reports steps per second and peak memory relative to the Transformer; this module
-does the same with our models. Each model is the one `python train.py
-experiment=<family>/<task>_<attn>` trains (the MRA paper's backbone for `--family lra`, the LRA
-code's for `lra_jax`), with `data.max_length=<n>` and any `--override` (Hydra syntax, e.g.
-`attn.backend=torch`), composed through Hydra from conf/.
+does the same with our models. Each model is the one `python train.py task=<task> attn=<attn>
+trainer=gpu` trains (the MRA paper's backbone), or with `--recipe lra_jax` the one `recipe=lra_jax`
+adds trains (the LRA code's, conf/recipe/), with `data.max_length=<n>` and any `--override` (Hydra
+syntax, e.g. `attn.backend=torch`), composed through Hydra from conf/.
 
 A training step is what Lightning runs per batch: forward on random full-length token sequences
 (no padding), cross-entropy, backward and the optimiser's step, under bf16 autocast where the
-family's trainer uses bf16-mixed and the device is CUDA (float32 otherwise). `infer` rows time
+run's trainer uses bf16-mixed and the device is CUDA (float32 otherwise). `infer` rows time
 the forward alone, without gradients, in eval mode. Time: median of --repeats after --warmup.
 Memory: what a step needs beyond what is allocated before it (weights, gradients and optimiser
 state of earlier steps excluded), measured as in `mra_lra.bench.attention`. Writes
@@ -41,16 +41,23 @@ from mra_lra.data.prepare import compose_train
 from mra_lra.utils import CONF_DIR
 
 FIELDS = (
-    "family task attn impl device precision batch n pass ms steps_per_s peak_mib status".split()
+    "recipe task attn impl device precision batch n pass ms steps_per_s peak_mib status".split()
 )
 PASSES = ("train", "infer")
 MRA_NAMES = ("mra", "mra_s", "flex_mra")
 
 
-def compose_model_cfg(family: str, task: str, attn: str, n: int, overrides: list[str]):
-    """The run config `python train.py experiment=<family>/<task>_<attn> data.max_length=<n>`
-    would train, with `overrides` after it."""
-    return compose_train([f"experiment={family}/{task}_{attn}", f"data.max_length={n}", *overrides])
+def compose_model_cfg(recipe: str | None, task: str, attn: str, n: int, overrides: list[str]):
+    """The run config `python train.py task=<task> attn=<attn> trainer=gpu [recipe=<recipe>]
+    data.max_length=<n>` would train, with `overrides` after it."""
+    chosen = [f"task={task}", f"attn={attn}", "trainer=gpu", f"data.max_length={n}"]
+    if recipe:
+        chosen.append(f"recipe={recipe}")
+    return compose_train([*chosen, *overrides])
+
+
+def recipe_label(recipe: str | None) -> str:
+    return f"{recipe} recipe" if recipe else "MRA paper's recipe"
 
 
 def random_batch(cfg, batch: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -111,9 +118,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for attn in args.attn:
         failed = None  # after an out-of-memory error, longer lengths are skipped
         for n in args.n:
-            cfg = compose_model_cfg(args.family, args.task, attn, n, args.override)
+            cfg = compose_model_cfg(args.recipe, args.task, attn, n, args.override)
             base = {
-                "family": args.family,
+                "recipe": args.recipe or "",  # blank: the task's own (as results.json's null)
                 "task": args.task,
                 "attn": attn,
                 "impl": impl_label(cfg, device),
@@ -221,7 +228,8 @@ def plot(rows: list[dict], path: Path) -> None:
             style(ax)
     first = ok[0]
     title = (
-        f"whole model, {first['family']} {first['task']}, batch {first['batch']}, {first['device']}"
+        f"whole model, {recipe_label(first['recipe'])}, {first['task']}, batch {first['batch']}, "
+        f"{first['device']}"
     )
     save(fig, path, title)
 
@@ -229,7 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     first = next((r for r in rows if r["status"] == "ok"), rows[0] if rows else {})
     head = (
-        f"# Efficiency: {args.family} recipe, task {args.task}, batch {args.batch}\n\n"
+        f"# Efficiency: {recipe_label(args.recipe)}, task {args.task}, batch {args.batch}\n\n"
         f"Device {args.device_name}, torch {torch.__version__}, precision "
         f"{first.get('precision', '')}. Command: `python -m mra_lra.bench.efficiency "
         f"{' '.join(args.argv)}`. Ratios are to softmax at the same length.\n"
@@ -246,7 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=_list(int), default=[1024, 2048, 3072, 4096])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--task", default="text")
-    p.add_argument("--family", default="lra", choices=["lra", "lra_jax"])
+    recipes = sorted(f.stem for f in (CONF_DIR / "recipe").glob("*.yaml"))
+    p.add_argument("--recipe", choices=recipes, help="default: the task's own (the MRA paper's)")
     p.add_argument("--passes", type=_list(str), default=list(PASSES), help="train,infer")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,11 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_at_least(p, args, 1, "n", "batch", "repeats")
     check_at_least(p, args, 0, "warmup")
     check_names(p, "--task", [args.task], (f.stem for f in (CONF_DIR / "task").glob("*.yaml")))
-    experiments = CONF_DIR / "experiment" / args.family
-    missing = [a for a in args.attn if not (experiments / f"{args.task}_{a}.yaml").is_file()]
-    if missing:
-        known = sorted({f.stem.split("_", 1)[1] for f in experiments.glob(f"{args.task}_*.yaml")})
-        p.error(f"no {args.family} experiment for {args.task} with {missing}; attentions: {known}")
+    check_names(p, "--attn", args.attn, (f.stem for f in (CONF_DIR / "attn").glob("*.yaml")))
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
 

@@ -33,10 +33,10 @@ def test_rows_and_table_for_each_attention_and_length(tmp_path):
     assert (tmp_path / "efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_model_is_the_experiments_and_a_train_step_updates_it():
+def test_model_is_the_recipes_and_a_train_step_updates_it():
     cfg = compose_model_cfg("lra_jax", "listops", "mra", 256, ["model.n_layers=1"])
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.max_length) == (512, 1, 256)
-    cfg = compose_model_cfg("lra", "retrieval", "softmax", 128, [])
+    cfg = compose_model_cfg(None, "retrieval", "softmax", 128, [])
     batch = random_batch(cfg, 2, 128, torch.device("cpu"))
     assert set(batch) == {"label", "input_ids", "mask", "input_ids_2", "mask_2"}
     assert int(batch["input_ids"].min()) >= 1  # no padding token
@@ -93,7 +93,8 @@ def test_unknown_task_lists_the_tasks(capsys):
     assert "--task: unknown txt; choose from image, listops, pathfinder" in capsys.readouterr().err
 
 
-def test_unknown_attention_names_the_experiment_folder(capsys):
+def test_unknown_attention_lists_the_attentions(capsys):
     with pytest.raises(SystemExit):
         main(["--attn", "mra3", "--task", "text"])
-    assert "no lra experiment for text with ['mra3']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--attn: unknown mra3" in err and "softmax" in err

@@ -44,8 +44,8 @@ reproduce: $(STAMP)
 	$(BIN)/python -m mra_lra.bench.report $(REPRO_DIR) --out $(REPRO_DIR)/report.md \
 		--plot $(REPRO_DIR)/acc_vs_speed.png
 
-# Evaluate a run's checkpoint again from its config.yaml: make eval RUN=runs/<date>/<run>
-# (ARGS: ckpt=last, split=val,test, attn=softmax, attn.block_per_row=16, data.data_dir=...).
+# Evaluate a run's checkpoint again from its config.yaml: make eval RUN=runs/<date>/<run> (ARGS:
+# ckpt=last, split=[val,test], run.attn=softmax, run.attn.block_per_row=16, -m with a list).
 RUN ?=
 eval: $(STAMP)
 	$(BIN)/python eval.py run_dir=$(RUN) $(ARGS)

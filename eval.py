@@ -1,12 +1,9 @@
-"""Evaluate a run's checkpoint again: `python eval.py run_dir=runs/<date>/<run>`.
+"""Evaluate a trained run's checkpoint again: `python eval.py run_dir=runs/<date>/<run>`.
 
-Rebuilds the model and data from the run's config.yaml; options and overrides in
-mra_lra/evaluate.py (`python eval.py --help`).
+Options in mra_lra/conf/eval.yaml (`python eval.py --help`); the code is mra_lra/evaluate.py.
 """
-
-import sys
 
 from mra_lra.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -21,9 +21,9 @@ Inputs:
   entry 1.
 - `--run <run folder>`: the q, k, v and mask that each layer of a trained model gives its
   attention on the first `--examples` examples of `--split`, captured with hooks while the model
-  runs with its own attention (rebuilt by `mra_lra.evaluate.load_run`, so `--ckpt` and
-  `--override key=value` work as in eval.py). One row per layer and setting; the table adds
-  the mean over layers.
+  runs with its own attention (rebuilt by `mra_lra.evaluate.load_run`, so `--ckpt` works as in
+  eval.py and `--override key=value` as its `run.key=value`). One row per layer and setting; the
+  table adds the mean over layers.
 
 Each attention takes the options of conf/attn/<name>.yaml (for a run, its interpolations, such as
 MRA's per-task priors, resolve against the run's config; synthetic inputs keep the class
@@ -70,6 +70,7 @@ from mra_lra.attention import build, names
 from mra_lra.bench.attention import config_options, parse_overrides, sync
 from mra_lra.bench.cli import check_at_least, check_device, check_names
 from mra_lra.bench.plotting import pyplot, save, style
+from mra_lra.errors import UserError
 
 DEFAULT_ATTN = (
     "softmax,mra,mra_s,nystrom,performer,linformer,longformer,bigbird,h_transformer,scatterbrain"
@@ -179,9 +180,10 @@ def run_options(name: str, cfg) -> dict:
     """conf/attn/<name>.yaml with its interpolations resolved against a run's config."""
     from omegaconf import OmegaConf
 
-    from mra_lra.evaluate import attention_config
+    from mra_lra.utils import CONF_DIR
 
-    merged = OmegaConf.merge({"task": cfg.get("task", {})}, {"attn": attention_config(name)})
+    attn = OmegaConf.load(CONF_DIR / "attn" / f"{name}.yaml")
+    merged = OmegaConf.merge({"task": cfg.get("task", {})}, {"attn": attn})
     options = OmegaConf.to_container(merged.attn, resolve=True)
     options.pop("name", None)
     return options
@@ -520,7 +522,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.run:
         try:
             layers, cfg = captured_inputs(args)
-        except (FileNotFoundError, ValueError) as error:  # load_run's messages name the fix
+        except (UserError, FileNotFoundError, ValueError) as error:  # load_run's name the fix
             raise SystemExit(f"--run {args.run}: {error}") from None
     else:
         layers, cfg = synthetic_inputs(args), None

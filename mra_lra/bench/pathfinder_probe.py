@@ -23,7 +23,7 @@ from mra_lra.bench.cli import check_at_least
 from mra_lra.data.pathfinder_generator import PRESETS, generate_images
 
 
-def probe_model(width: int = 32) -> nn.Module:
+def probe_model(width: int = 16) -> nn.Module:
     """Six 3x3 convolutions (width, width, 2 width, 2 width, 4 width, 4 width channels) with
     batch norm and ReLU, max-pooled after the 2nd, 4th and 6th, then a linear layer on the
     global maximum: its receptive field spans a 32 x 32 image."""
@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m mra_lra.bench.pathfinder_probe", description=__doc__.split("\n")[0]
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="pathfinder32_easy")
-    p.add_argument("--num-train", type=int, default=8000)
+    p.add_argument("--num-train", type=int, default=6000)
     p.add_argument("--num-test", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -28,10 +28,12 @@ demo: $(STAMP)
 	$(BIN)/python train.py experiment=demo $(ARGS)
 
 # Find (or generate), verify and cache one task's data: make data TASK=text SOURCE=~/aclImdb_v1.tar.gz
+# (TASK=all: every task, a Hydra -m sweep; ARGS: overrides as train.py takes them).
 TASK ?= listops
 SOURCE ?=
 data: $(STAMP)
-	$(BIN)/python -m mra_lra.data.prepare task=$(TASK) $(if $(SOURCE),source=$(SOURCE)) $(ARGS)
+	$(BIN)/python -m mra_lra.data.prepare $(if $(filter all,$(TASK)),-m,task=$(TASK)) \
+		$(if $(SOURCE),source=$(SOURCE)) $(ARGS)
 
 # One row group of the paper table: softmax, MRA-2 and MRA-2-s on TASK with seeds 0-2 on one GPU,
 # then the report. The MRA paper's recipe (task=TASK attn=...), or RECIPE=lra_jax: the original LRA

@@ -407,3 +407,26 @@ def test_damaged_manifest_is_named_and_kept(tmp_path, content: str) -> None:
     with pytest.raises(SystemExit):  # the command line prints it, without a traceback
         main(["--out", str(out), "--num", "4", "--workers", "1"])
     assert (out / MANIFEST_NAME).read_text() == content
+
+
+def test_release_layout_resumes_folder_by_folder(tmp_path):
+    """A release folder k counts once its metadata file (written last) is there: a rerun after
+    a kill rewrites only the folders without one, and a shard-layout folder is not mistaken
+    for it."""
+    out = generate_dataset(
+        tmp_path / "pf", 10, SMALL, 0, workers=1, shard_size=4, progress=False, layout="release"
+    )
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == ["0.npy", "1.npy", "2.npy"]
+    kept = out / "imgs" / "0" / "sample_0.png"
+    before = kept.stat().st_mtime_ns
+    (out / "metadata" / "1.npy").unlink()  # folder 1 was cut short
+    (out / "imgs" / "1" / "sample_3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="rerun"):
+        load_dataset(out)
+    generate_dataset(out, 10, SMALL, 0, workers=1, shard_size=4, progress=False, layout="release")
+    assert kept.stat().st_mtime_ns == before
+    images, labels = load_dataset(out)
+    want_images, want_labels = generate_images(SMALL, 0, 0, 10)
+    assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels)
+    with pytest.raises(ValueError, match=f"delete {out}"):
+        generate_dataset(out, 10, SMALL, 0, workers=1, shard_size=4, progress=False)

@@ -22,16 +22,21 @@ pixels (row, col); angles are radians with rows growing downwards.
   the mask dilated by a disc of radius m at that pixel). The paddle is drawn from that pixel
   back towards the pivot, and refused when its mask plus the image's mask reaches 1.8 somewhere
   (three draws; then the snake is stuck). A snake's newest paddle joins the mask when the snake
-  grows again or is finished, so that its successor is not tested against it.
+  grows again or is finished, so that its successor is not tested against it (the two target
+  snakes, grown side by side, are tested against each other's newest paddle: the original
+  skips it, which lets them touch).
 - Start pixels are drawn uniformly among the free ones: those where the paddle's stencil (the
   pixels where its mask is 1, shifted by one pixel as in the original) meets no mask value above
   0.3. The first target snake starts at least 2 * seed_distance from every border; the second
   at the rounded point seed_distance away in a whole-degree direction. Both grow in lockstep to
   contour_length paddles; a stuck one restarts the pair.
-- Then num_distractors snakes of distractor_length paddles (5 attempts each, then left out; none
-  once less than 1% of the image is free), and two markers: discs of marker_radius * aa fine
-  pixels, shrunk with Lanczos, at the start pixel of one target snake and at the far end of the
-  last paddle of the same snake (label 1) or of the other one (label 0). The label is 50/50.
+- Then num_distractors snakes of distractor_length paddles, each attempted with probability
+  distractor_fraction (ours: 0.1 on the 32 x 32 presets matches the original's images, which
+  hold far fewer distractors than its code as we read it would draw; see the docs); 5 attempts
+  each, then left out; none once less than 1% of the image is free. Then two markers: discs
+  of marker_radius * aa fine pixels, shrunk with Lanczos, at the start pixel of one target
+  snake and at the far end of the last paddle of the same snake (label 1) or of the other one
+  (label 0). The label is 50/50.
 - Paddles of target snakes have intensity snake_contrast * paddle_contrast, distractors
   snake_contrast (the original passes its snake contrast list as their paddle contrast), markers
   1; the image is the pixel-wise maximum, scaled so that its brightest pixel is 255.

@@ -106,6 +106,7 @@ class StartGuard:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
+        self.existed = out_dir.exists()
         self.before = {p: p.stat().st_size for p in out_dir.rglob("*")} if out_dir.is_dir() else {}
         self.new_folder = not any(p.name != LOG_NAME for p in self.before)
         self.training = False
@@ -126,6 +127,8 @@ class StartGuard:
                 path.unlink(missing_ok=True)
         if logfile in self.before and logfile.is_file():
             os.truncate(logfile, self.before[logfile])
+        if not self.existed and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
 
 
 def write_overrides(out_dir: Path, overrides: Sequence[str]) -> None:

@@ -48,6 +48,7 @@ from mra_lra.errors import (
 )
 from mra_lra.loggers import make_logger, wandb_mode_default
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
+from mra_lra.models.schedule import resolve_warmup
 from mra_lra.run_folder import (
     StartGuard,
     check_run_folder,
@@ -62,6 +63,13 @@ if TYPE_CHECKING:
     import optuna
 
 log = logging.getLogger(__name__)
+
+
+def _warmup(scheduler: DictConfig) -> str:
+    steps, fraction = scheduler.get("warmup_steps"), scheduler.get("warmup_fraction")
+    if steps is not None or fraction is None:
+        return str(steps)
+    return f"{resolve_warmup(scheduler.total_steps, None, fraction)} ({fraction} of the run)"
 
 
 def protocol_card(cfg: DictConfig) -> str:
@@ -86,7 +94,7 @@ def protocol_card(cfg: DictConfig) -> str:
         f" attention_float32={cfg.model.get('attention_float32', False)}",
         f"optimiser: lr={cfg.optimizer.lr} betas={list(cfg.optimizer.betas)}"
         f" schedule={cfg.scheduler._target_.rsplit('.', 1)[-1]}"
-        f" warmup={cfg.scheduler.warmup_steps} steps={cfg.trainer.max_steps}"
+        f" warmup={_warmup(cfg.scheduler)} steps={cfg.trainer.max_steps}"
         f" batch={cfg.data.batch_size}x{cfg.trainer.get('accumulate_grad_batches', 1)}"
         f" eval_every={cfg.trainer.val_check_interval} precision={cfg.trainer.precision}",
     ]
@@ -290,6 +298,8 @@ def run(cfg: DictConfig) -> dict:
     A start refused or failed before training leaves an existing folder as it was, and a new
     one with train.log alone, holding the error."""
     out_dir = Path(cfg.paths.output_dir)
+    if "wandb" in cfg.logger:
+        wandb_mode_default()
     if rank_zero_only.rank != 0:
         return _run(cfg, out_dir, StartGuard(out_dir))
     guard = StartGuard(out_dir)
@@ -307,8 +317,6 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     start = time.perf_counter()
     reset_peak_memory()
-    if "wandb" in cfg.logger:
-        wandb_mode_default()
     if rank_zero_only.rank == 0:
         log.info("protocol card\n%s", protocol_card(cfg))
         warn_if_resumed_elsewhere(cfg.get("ckpt_path"), out_dir)
@@ -516,6 +524,7 @@ def cli() -> None:
     mistake (a bad override, option value or file; failed sweep trials) as one `error:` line and
     exit status 2. HYDRA_FULL_ERROR=1 shows tracebacks instead."""
     sys.argv[1:] = resume_arguments(sys.argv[1:])
+    TrialFailures.failures.clear()
     os.environ.setdefault("MRA_LRA_TRACEBACKS", "1" if tracebacks_wanted() else "0")
     # Hydra then raises instead of printing a trimmed traceback: the errors come here.
     os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -326,7 +326,7 @@ def evaluate_runs(cfg: DictConfig, overrides: Sequence[str]) -> list[dict]:
     out = cfg.out
     if out is not None and len(runs) > 1:
         raise ConfigError(f"out= names one file, and {cfg.run_dir} holds {len(runs)} runs")
-    if out is not None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if out is not None and HydraConfig.get().mode == RunMode.MULTIRUN:  # a file per job
         out = Path(out).with_name("__".join([Path(out).stem, *overrides]) + ".json")
     results = []
     for run in runs:

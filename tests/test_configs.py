@@ -29,7 +29,7 @@ def test_mra_tile_settings_reach_the_attention(compose_cfg):
 
 
 @pytest.mark.parametrize(
-    "group", ["task", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "debug"]
+    "group", "task model optimizer scheduler trainer logger callbacks debug recipe".split()
 )
 def test_every_option_of_every_group_composes(compose_cfg, group):
     for option in options(group):
@@ -47,6 +47,12 @@ def test_unknown_attention_lists_valid_ones(compose_cfg):
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg(["attn=mra3"])
     assert "softmax" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_recipe_lists_valid_ones(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["recipe=lra_jx"])
+    assert "lra_jax" in str(err.value.__cause__ or err.value)
 
 
 def test_unknown_attention_option_lists_valid_ones(compose_cfg):

@@ -1,26 +1,42 @@
-"""Every shipped experiment config holds the paper's recipe and still runs (two steps each).
+"""Every task x attention under each recipe holds its paper's values and still runs (two steps).
 
-The recipe values are typed in from the MRA paper's PyTorch LRA table (spec/lra.md) and its MRA
-constants (spec/mra.md), not read from our configs, so a config that drifts fails here.
+`task=X attn=Y` is the MRA paper's recipe (the task configs carry it); `recipe=lra_jax` the
+original LRA code's (conf/recipe/). The values are typed in from the MRA paper's PyTorch LRA table
+(spec/lra.md), its MRA constants (spec/mra.md) and the LRA code (docs/lra_jax.md), not read from
+our configs, so a config that drifts fails here.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from mra_lra.models.schedule import resolve_warmup
 from mra_lra.train import run
+from mra_lra.utils import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = sorted(
-    p.relative_to(CONF / "experiment").with_suffix("").as_posix()
-    for p in (CONF / "experiment").rglob("*.yaml")
-)
-LRA = [name for name in EXPERIMENTS if name.startswith("lra/")]
-LRA_JAX = [name for name in EXPERIMENTS if name.startswith("lra_jax/")]
+TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+ATTNS = sorted(p.stem for p in (CONF_DIR / "attn").glob("*.yaml"))
+PAIRS = list(itertools.product(TASKS, ATTNS))
+RECIPES = [None, "lra_jax"]  # None: the task's own, the MRA paper's
+
+
+@functools.cache
+def composed(task: str, attn: str, recipe: str | None = None):
+    """`python train.py task=<task> attn=<attn> trainer=gpu [recipe=<recipe>]`'s config, composed
+    once per session and shared by the tests below (read-only)."""
+    overrides = [f"task={task}", f"attn={attn}", "trainer=gpu"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides + ([f"recipe={recipe}"] if recipe else []))
+
 
 # task: (padded length, batch, lr, warm-up, steps, eval every)
 PAPER = {
@@ -42,18 +58,11 @@ PRIORS = {
 PATCHED = {"image", "pathfinder", "pathx"}
 
 
-def test_every_task_and_attention_has_an_experiment():
-    tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
-    attns = sorted(p.stem for p in (CONF / "attn").glob("*.yaml"))
-    expected = {f"lra/{t}_{a}" for t in tasks for a in attns}
-    assert expected <= set(LRA), sorted(expected - set(LRA))
-
-
-@pytest.mark.parametrize("name", LRA)
-def test_experiment_holds_the_paper_recipe(compose_cfg, name):
-    cfg = compose_cfg([f"experiment={name}"])
-    task, attn = cfg.task.name, cfg.attn.name
-    assert name == f"lra/{task}_{attn}"
+@pytest.mark.parametrize("task,attn", PAIRS)
+def test_task_and_attention_hold_the_paper_recipe(task, attn):
+    cfg = composed(task, attn)
+    assert (cfg.task.name, cfg.attn.name) == (task, attn)
+    assert OmegaConf.select(cfg, "recipe.family") is None  # results.json's "recipe": null
     model = cfg.model
     assert (model.d_model, model.n_layers, model.n_heads, model.d_ffn) == (64, 2, 2, 128)
     assert (model.dropout, model.pooling, model.head_hidden) == (0.1, "mean", 128)
@@ -74,7 +83,7 @@ def test_experiment_holds_the_paper_recipe(compose_cfg, name):
             cfg.data.max_length,
             cfg.data.batch_size,
             opt.lr,
-            cfg.scheduler.warmup_steps,
+            resolve_warmup(sched.total_steps, sched.warmup_steps, sched.warmup_fraction),
             cfg.trainer.max_steps,
             cfg.trainer.val_check_interval,
         )
@@ -212,11 +221,22 @@ JAX_ATTN_AT_LENGTH = {
 }
 
 
-def test_lra_jax_per_model_settings_name_real_experiments():
-    assert {f"lra_jax/{t}_{a}" for t, a in JAX_PER_MODEL} <= set(LRA_JAX)
-    assert {f"lra_jax/{t}_{a}" for t, a in JAX_ATTN_AT_LENGTH} <= set(LRA_JAX)
+def test_lra_jax_per_model_settings_name_real_tasks_and_attentions():
+    assert set(JAX_PER_MODEL) <= set(PAIRS) and set(JAX_ATTN_AT_LENGTH) <= set(PAIRS)
+    assert set(JAX_ATTN_DEFAULTS) <= set(ATTNS)
     keys = {"sizes", "dropout", "pooling", "weight_decay", "attn"}
     assert all(set(change) <= keys for change in JAX_PER_MODEL.values())
+
+
+def test_recipe_files_name_real_tasks_and_attentions():
+    """A recipe's per-task, per-attention and per-pair files are pulled in by name (optional
+    defaults entries), so a missing, misspelt or renamed one would silently apply to nothing."""
+    for family in (p for p in (CONF_DIR / "recipe").iterdir() if p.is_dir()):
+        assert {p.stem for p in family.glob("*.yaml")} == set(TASKS), family
+        assert {p.stem for p in family.glob("attn/*.yaml")} <= set(ATTNS), family
+        pairs = {f"{task}_{attn}" for task, attn in PAIRS}
+        assert {p.stem for p in family.glob("pair/*.yaml")} <= pairs, family
+        assert {p.name for p in family.iterdir() if p.is_dir()} <= {"attn", "pair"}, family
 
 
 def test_lra_jax_per_model_length_settings_follow_the_lra_padding():
@@ -236,17 +256,10 @@ def test_lra_jax_per_model_length_settings_follow_the_lra_padding():
                 assert whole_padding_block == ((task, attn) in JAX_ATTN_AT_LENGTH), task
 
 
-def test_every_task_and_attention_has_an_lra_jax_experiment():
-    tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
-    attns = sorted(p.stem for p in (CONF / "attn").glob("*.yaml"))
-    assert {f"lra_jax/{t}_{a}" for t in tasks for a in attns} == set(LRA_JAX)
-
-
-@pytest.mark.parametrize("name", LRA_JAX)
-def test_lra_jax_experiment_holds_the_lra_code_recipe(compose_cfg, name):
-    cfg = compose_cfg([f"experiment={name}"])
-    task, attn = cfg.task.name, cfg.attn.name
-    assert name == f"lra_jax/{task}_{attn}"
+@pytest.mark.parametrize("task,attn", PAIRS)
+def test_lra_jax_recipe_holds_the_lra_code_values(task, attn):
+    cfg = composed(task, attn, "lra_jax")
+    assert (cfg.task.name, cfg.attn.name, cfg.recipe.family) == (task, attn, "lra_jax")
     batch, lr, steps, warmup, decay, cycle, wd, every = JAX_RECIPE[task]
     opt, sched, trainer, model = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.model
     assert (cfg.data.batch_size, opt.lr, trainer.max_steps, sched.warmup_steps) == (
@@ -290,9 +303,7 @@ def test_lra_jax_experiment_holds_the_lra_code_recipe(compose_cfg, name):
         assert model.input_encoding == "tokens" and cfg.data.pixel_zero_is_pad
     # The attention's settings: conf/attn/'s, changed only where the LRA code changes them: its
     # model code's defaults, what they come to at the task's length, then the per-model config.
-    expected_attn = OmegaConf.to_container(
-        compose_cfg([f"task={task}", f"attn={attn}"]).attn, resolve=True
-    )
+    expected_attn = OmegaConf.to_container(composed(task, attn).attn, resolve=True)
     expected_attn.update(JAX_ATTN_DEFAULTS.get(attn, {}))
     expected_attn.update(JAX_ATTN_AT_LENGTH.get((task, attn), {}))
     expected_attn.update(per_model.get("attn", {}))
@@ -361,26 +372,32 @@ def tiny_data_dirs(tmp_path_factory):
     return {task: tmp_path_factory.mktemp(f"data_{task}") for task in TINY_DATA}
 
 
-def _two_step_case(name: str):
-    """In `make test`: every lra_jax experiment (each may carry the LRA code's settings for its
-    model and task), and in the lra family every attention on ListOps and every task with
-    softmax, mra and mra_s; the other lra pairs (an attention's conf/attn on one more task, both
-    already composed by the recipe test above and run in lra_jax) under `make test-slow`."""
-    family, _, pair = name.partition("/")
-    task, _, attn = pair.partition("_")
-    quick = family == "lra_jax" or task == "listops" or attn in ("softmax", "mra", "mra_s")
-    return pytest.param(name, marks=() if quick else pytest.mark.slow)
+def _two_step_case(recipe: str | None, task: str, attn: str):
+    """In `make test`: every pair under lra_jax (each may carry the LRA code's settings for its
+    model and task), and under the MRA paper's recipe every attention on ListOps and every task
+    with softmax, mra and mra_s; the other pairs (an attention's conf/attn on one more task, both
+    already composed by the recipe test above and run under lra_jax) under `make test-slow`."""
+    quick = recipe == "lra_jax" or task == "listops" or attn in ("softmax", "mra", "mra_s")
+    return pytest.param(
+        recipe,
+        task,
+        attn,
+        id=f"{recipe or 'paper'}/{task}_{attn}",
+        marks=() if quick else pytest.mark.slow,
+    )
 
 
-@pytest.mark.parametrize("name", [_two_step_case(name) for name in EXPERIMENTS])
-def test_experiment_runs_two_steps(compose_cfg, tiny_data_dirs, name, tmp_path):
-    composed = compose_cfg([f"experiment={name}"])
-    task, attn = composed.task.name, composed.attn.name
+@pytest.mark.parametrize(
+    "recipe,task,attn", [_two_step_case(r, t, a) for r in RECIPES for t, a in PAIRS]
+)
+def test_recipe_runs_two_steps(compose_cfg, tiny_data_dirs, recipe, task, attn, tmp_path):
     if attn == "flex_mra" and not torch.cuda.is_available():
         pytest.skip("FlexAttention has no backward on CPU (tests/attention/test_flex_mra.py)")
     data_dir = tiny_data_dirs[task]
     overrides = [
-        f"experiment={name}",
+        f"task={task}",
+        f"attn={attn}",
+        *([f"recipe={recipe}"] if recipe else []),
         *TINY_DATA[task](data_dir),
         "data.batch_size=2",
         "data.num_workers=0",
@@ -391,10 +408,10 @@ def test_experiment_runs_two_steps(compose_cfg, tiny_data_dirs, name, tmp_path):
         "trainer.enable_progress_bar=false",
         "model.n_layers=1",  # the recipe's depth is held above; one layer runs the same plumbing
         # one_cycle needs 0 or >= 2 (and < 2 steps), lra_jax's factor_schedule >= 1
-        f"scheduler.warmup_steps={1 if name.startswith('lra_jax/') else 0}",
+        f"scheduler.warmup_steps={1 if recipe == 'lra_jax' else 0}",
         "logger=none",
         "test=false",
     ]
     results = run(compose_cfg(overrides, run_dir=tmp_path / "run", data_dir=data_dir))
     assert results["steps"] == 2 and results["val_acc_best"] is not None
-    assert results["recipe"] == ("lra_jax" if name.startswith("lra_jax/") else None)
+    assert results["recipe"] == recipe

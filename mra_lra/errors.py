@@ -9,13 +9,24 @@ keeps its traceback. HYDRA_FULL_ERROR=1 shows the traceback of a user error too.
 
 from __future__ import annotations
 
+import difflib
 import errno
+import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+log = logging.getLogger(__name__)
 
 
 class UserError(Exception):
@@ -100,9 +111,89 @@ def reported(cpu_fix: str = "add trainer=cpu") -> Iterator[None]:
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-# Transitional, until eval.py uses `reported`.
-CONFIG_ERRORS = (ValueError,)
+class FailedJobs(Callback):
+    """Hydra callback (hydra.callbacks in conf/train.yaml): a failed job of a multirun (a sweep
+    trial) logs its error in its own log (with the traceback, when it is a bug) and prints one
+    line; when the multirun ends on failures, `run_app` names the first."""
+
+    failures: list[tuple[str, str]] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.FAILED or job_return.hydra_cfg is None:
+            return
+        hydra_cfg = job_return.hydra_cfg.hydra
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        try:
+            job_return.return_value  # noqa: B018 (raises the trial's error)
+        except Exception as err:
+            message = user_message(err)
+            if message is None:
+                log.error("this trial failed", exc_info=err)
+                message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            else:
+                log.error("error: %s", message)
+            folder = hydra_cfg.runtime.output_dir
+            FailedJobs.failures.append((folder, message))
+            print_error(f"trial {hydra_cfg.job.num} ({folder}) failed: {message}")
 
 
-def user_error(err: BaseException, user_errors: tuple, cpu_fix: str) -> str | None:
-    return user_message(err, cpu_fix)
+def composition_message(err: Exception) -> str | None:
+    """One line for a command line that does not compose: a misspelt key names the closest keys
+    (Hydra's advice, +key=value, would add a key nothing reads), a missing option the closest
+    options."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        close = difflib.get_close_matches(name, err.options, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return (
+            f"{group}={name} is not an option of {group}; {hint}({group}: {', '.join(err.options)})"
+        )
+    if not isinstance(err, ConfigCompositionException):
+        return None
+    cause = err.__cause__
+    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or cause.parent_node is None:
+        return str(err).strip().splitlines()[0]
+    key = cause.full_key
+    parent = key.rpartition(".")[0]
+    names = [str(name) for name in cause.parent_node.keys()]
+    if not parent:  # the top level: its keys and the config groups (experiment=, debug=, ...)
+        from mra_lra.utils import CONF_DIR
+
+        names += [p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in names]
+        names = [n for n in names if n != "hydra" and not n.startswith("_")]
+    close = difflib.get_close_matches(key.rpartition(".")[2], names, n=3)
+    if close:
+        hint = f"did you mean {' or '.join(f'{parent}.{n}' if parent else n for n in close)}?"
+    else:
+        hint = f"{parent or 'the top level'} has {', '.join(names)}"
+    return (
+        f"{key} is not a key of the config; {hint} (to add a key the config leaves out, such as "
+        "another Trainer argument, prefix it with +)"
+    )
+
+
+def run_app(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` app (train, eval, prepare): Hydra raises its errors here instead of
+    printing a trimmed traceback, and a mistake this module can name (a misspelt key or option,
+    a user error, failed sweep trials) becomes one `error:` line with exit status 2.
+    HYDRA_FULL_ERROR=1 shows tracebacks instead."""
+    FailedJobs.failures.clear()
+    os.environ.setdefault("MRA_LRA_TRACEBACKS", "1" if tracebacks_wanted() else "0")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as err:
+        if tracebacks_wanted():
+            raise
+        message = composition_message(err) or user_message(err)
+        if FailedJobs.failures:
+            folder, reason = FailedJobs.failures[0]
+            message = (
+                f"{len(FailedJobs.failures)} job(s) of the multirun failed; the first ({folder})"
+                f" failed: {reason} (its log: {Path(folder) / 'train.log'})"
+            )
+        if message is None:
+            raise
+        print_error(message)
+        raise SystemExit(EXIT_USER_ERROR) from None

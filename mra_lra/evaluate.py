@@ -39,7 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from mra_lra.errors import ConfigError, RunFolderError, reported
+from mra_lra.errors import ConfigError, RunFolderError, reported, run_app
 from mra_lra.train import build
 from mra_lra.utils import CONF_DIR, atomic_open, atomic_write_json, ensure_writable_dir
 
@@ -393,5 +393,11 @@ def main(cfg: DictConfig) -> list[dict]:
         return evaluate_runs(cfg, command_line_overrides())
 
 
+def cli() -> None:
+    """eval.py and its console script: the Hydra app, with a user's mistake (also a command line
+    that does not compose) as one `error:` line (errors.run_app)."""
+    run_app(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -9,28 +9,22 @@ Hydra app, and `cli` the one place that turns a user's mistake into one `error:`
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import json
 import logging
-import os
 import platform
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_only
@@ -38,14 +32,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, SequentialSampler
 
 from mra_lra.callbacks import FiniteLoss, InterruptCheckpoint, checkpoint_step
-from mra_lra.errors import (
-    EXIT_USER_ERROR,
-    ConfigError,
-    print_error,
-    reported,
-    tracebacks_wanted,
-    user_message,
-)
+from mra_lra.errors import ConfigError, print_error, reported, run_app, user_message
 from mra_lra.loggers import make_logger, wandb_mode_default
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 from mra_lra.models.schedule import resolve_warmup
@@ -57,7 +44,7 @@ from mra_lra.run_folder import (
     warn_if_resumed_elsewhere,
     write_overrides,
 )
-from mra_lra.utils import CONF_DIR, atomic_write_json, atomic_write_text
+from mra_lra.utils import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     import optuna
@@ -440,7 +427,7 @@ def main(cfg: DictConfig) -> float | None:
     optimises; a trial that ends without it fails)."""
     try:
         # One run: a user's mistake ends it with one line and exit 2. A sweep trial's error goes
-        # to the sweeper, which marks the trial failed (TrialFailures reports it).
+        # to the sweeper, which marks the trial failed (errors.FailedJobs reports it).
         with contextlib.nullcontext() if _in_sweep() else reported():
             results = run(cfg)
     except RunTerminated as stop:
@@ -459,91 +446,11 @@ def main(cfg: DictConfig) -> float | None:
     return None if value is None else float(value)
 
 
-class TrialFailures(HydraCallback):
-    """Hydra callback (conf/train.yaml, hydra.callbacks): a failed sweep trial logs its error in
-    its own train.log (with the traceback, when it is a bug) and prints one line; when the sweep
-    ends on failures, `cli` names the first."""
-
-    failures: list[tuple[str, str]] = []
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status != JobStatus.FAILED or job_return.hydra_cfg is None:
-            return
-        hydra_cfg = job_return.hydra_cfg.hydra
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return
-        try:
-            job_return.return_value  # noqa: B018 (raises the trial's error)
-        except Exception as err:
-            message = user_message(err)
-            if message is None:
-                log.error("this trial failed", exc_info=err)
-                message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-            else:
-                log.error("error: %s", message)
-            folder = hydra_cfg.runtime.output_dir
-            TrialFailures.failures.append((folder, message))
-            print_error(f"trial {hydra_cfg.job.num} ({folder}) failed: {message}")
-
-
-def _composition_message(err: Exception) -> str | None:
-    """One line for a command line that does not compose: a misspelt key names the closest keys
-    (Hydra's advice, +key=value, would add a key nothing reads), a missing option the closest
-    options."""
-    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
-        group, _, name = err.missing_cfg_file.rpartition("/")
-        close = difflib.get_close_matches(name, err.options, n=3)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        return (
-            f"{group}={name} is not an option of {group}; {hint}({group}: {', '.join(err.options)})"
-        )
-    if not isinstance(err, ConfigCompositionException):
-        return None
-    cause = err.__cause__
-    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or cause.parent_node is None:
-        return str(err).strip().splitlines()[0]
-    key = cause.full_key
-    parent = key.rpartition(".")[0]
-    names = [str(name) for name in cause.parent_node.keys()]
-    if not parent:  # the top level: its keys and the config groups (experiment=, debug=, ...)
-        names += [p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in names]
-        names = [n for n in names if n != "hydra" and not n.startswith("_")]
-    close = difflib.get_close_matches(key.rpartition(".")[2], names, n=3)
-    if close:
-        hint = f"did you mean {' or '.join(f'{parent}.{n}' if parent else n for n in close)}?"
-    else:
-        hint = f"{parent or 'the top level'} has {', '.join(names)}"
-    return (
-        f"{key} is not a key of the config; {hint} (to add a key the config leaves out, such as "
-        "another Trainer argument, prefix it with +)"
-    )
-
-
 def cli() -> None:
-    """`python -m mra_lra.train`, `train.py` and `mra-lra-train`: the Hydra app, with a user's
-    mistake (a bad override, option value or file; failed sweep trials) as one `error:` line and
-    exit status 2. HYDRA_FULL_ERROR=1 shows tracebacks instead."""
+    """`python -m mra_lra.train`, `train.py` and `mra-lra-train`: the Hydra app, a checkpoint
+    alone resuming its run, and a user's mistake as one `error:` line (errors.run_app)."""
     sys.argv[1:] = resume_arguments(sys.argv[1:])
-    TrialFailures.failures.clear()
-    os.environ.setdefault("MRA_LRA_TRACEBACKS", "1" if tracebacks_wanted() else "0")
-    # Hydra then raises instead of printing a trimmed traceback: the errors come here.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        main()
-    except Exception as err:
-        if tracebacks_wanted():
-            raise
-        message = _composition_message(err) or user_message(err)
-        if TrialFailures.failures:
-            folder, reason = TrialFailures.failures[0]
-            message = (
-                f"{len(TrialFailures.failures)} trial(s) of the sweep failed; the first ({folder})"
-                f" failed: {reason} (its log: {Path(folder) / 'train.log'})"
-            )
-        if message is None:
-            raise
-        print_error(message)
-        raise SystemExit(EXIT_USER_ERROR) from None
+    run_app(main)
 
 
 if __name__ == "__main__":

@@ -75,10 +75,10 @@ for attn in $ATTNS; do
 done
 
 if [[ -f "$WORK/run_mra/checkpoints/best.ckpt" ]]; then
-    step "eval mra (as trained)" 90 "$PYTHON" eval.py run_dir="$WORK/run_mra" split=val,test \
+    step "eval mra (as trained)" 90 "$PYTHON" eval.py run_dir="$WORK/run_mra" "split=[val,test]" \
         out="$OUT/eval_triton.json"
     step "eval mra (attn.backend=torch)" 90 "$PYTHON" eval.py run_dir="$WORK/run_mra" \
-        split=val,test attn.backend=torch out="$OUT/eval_torch.json"
+        "split=[val,test]" run.attn.backend=torch out="$OUT/eval_torch.json"
     step "eval: both paths agree" 30 "$PYTHON" -c "
 import json, sys
 a, b = (json.load(open(f'$OUT/eval_{p}.json')) for p in ('triton', 'torch'))

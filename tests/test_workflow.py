@@ -461,7 +461,7 @@ def test_optuna_sweep_whose_every_trial_fails_is_one_message(tmp_path, monkeypat
     err = capsys.readouterr().err
     first = sweep_dir / "0"
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: 2 trial") and f"({first}) failed: RuntimeError: boom" in last
+    assert last.startswith("error: 2 job") and f"({first}) failed: RuntimeError: boom" in last
     assert str(first / "train.log") in last
     assert "No trials are completed" not in err and "Traceback" not in err, err
     log_text = (first / "train.log").read_text()

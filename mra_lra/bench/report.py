@@ -146,7 +146,7 @@ class Run:
 
     @property
     def family(self) -> str | None:
-        """The experiment family that set the recipe (`recipe.family`, e.g. lra_jax), or None for
+        """The recipe family (`recipe.family`, e.g. lra_jax), or None for
         the task configs' own recipe (the MRA paper's)."""
         family = self.results.get("recipe")
         if family is None and self.config:

@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mra_lra.errors import EXIT_USER_ERROR, print_error, reported
+from mra_lra.errors import EXIT_USER_ERROR, print_error, reported, run_app
 from mra_lra.utils import CONF_DIR
 
 
@@ -75,5 +75,11 @@ def main(cfg: DictConfig) -> str | None:
     return None
 
 
+def cli() -> None:
+    """`python -m mra_lra.data.prepare` and its console script: the Hydra app, with a user's
+    mistake (also a command line that does not compose) as one `error:` line (errors.run_app)."""
+    run_app(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -5,7 +5,7 @@ positions (learned, or fixed sinusoids), a final LayerNorm, pooling, and a two-l
 Retrieval runs both documents through one shared encoder and classifies [u, v, u*v, u-v].
 
 The MRA paper's recipe (conf/model/lra.yaml) is small: width 64, 2 layers, mean pooling. The
-original LRA (JAX) recipes (conf/lra_jax/<task>.yaml, experiment=lra_jax/...) are wider, set
+original LRA (JAX) recipes (conf/recipe/lra_jax/, recipe=lra_jax) are wider, set
 the attention width apart from the model width (`qkv_dim`), mostly use fixed sinusoidal positions
 and pool a learned CLS token prepended to the sequence (docs/lra_jax.md).
 """

@@ -5,30 +5,24 @@
     python -m mra_lra.bench.attention --profile-published --device cuda --out bench_out
     python -m mra_lra.bench.attention --plot-from bench_out/a.csv bench_out/b.csv --out bench_out
 
-Each attention is built by `mra_lra.attention.build(name, context=...)` with the options of
-conf/attn/<name>.yaml; values Hydra would interpolate (the per-task MRA priors) keep the class
-default, and `--set key=value` or `--set name.key=value` overrides. `sdpa_flash` (SDPA restricted
-to its flash backend) is a peer outside the registry; `flex_mra`, when registered, compiles its
-FlexAttention call itself on CUDA. Inputs are random [B, H, n, d] with no padding mask (the flash
-backend takes none); modules run in eval mode (no dropout).
+Each attention is built through the registry with the options of conf/attn/<name>.yaml (values
+Hydra would interpolate keep the class default), then `--set [name.]key=value`; `sdpa_flash` is
+a peer outside the registry. Inputs are random [B, H, n, d] without a padding mask (the flash
+backend takes none); modules run in eval mode.
 
-Time: median over --repeats runs after --warmup runs (compilation, autotuning), synchronised on
-CUDA. Memory: on CUDA, torch.cuda.max_memory_allocated during one step above what was allocated
-before it (so inputs are excluded, saved activations and gradients are not); on CPU (Linux,
-glibc), how much the peak resident set (VmHWM, reset through /proc/self/clear_refs) grows during
-one step run with malloc's mmap threshold at 128 KiB, so that big blocks get fresh pages: an
-estimate, blocks under 128 KiB may reuse freed memory unseen. Out-of-memory and other failures
-become rows with a status; after an out-of-memory error longer lengths are skipped. Rows reach
-the CSV as they finish, so a run cut short keeps what it measured.
+Time: median of --repeats runs after --warmup runs, synchronised on CUDA. Memory: on CUDA,
+max_memory_allocated during one step above what was allocated before it (inputs excluded). On
+CPU (Linux, glibc): how much the peak resident set (VmHWM, reset through /proc/self/clear_refs)
+grows during one step run with malloc's mmap threshold at 128 KiB, so that big blocks get fresh
+pages; an estimate, as smaller blocks may reuse freed memory unseen. Failures become rows with a
+status, out of memory skips the longer lengths, and rows reach the CSV as they finish.
 
---profile-published repeats the published code's profiling setup: one layer, 12 heads of 64,
-block_per_row 8, float32, n = 4096, the batch at half the largest power of two that fits
-(searched with forward+backward), time per instance. The layer is a pre-LN encoder block of
-width 768 (FFN 3072) around the attention; rows for the attention alone come at the same batch.
+--profile-published repeats the published code's profiling setup: one pre-LN encoder layer of
+width 768 (12 heads of 64, FFN 3072), block_per_row 8, float32, n = 4096, the batch at half the
+largest power of two that fits, time per instance; rows for the attention alone at that batch.
 
-Imports only torch, pyyaml (and matplotlib for the plot) besides mra_lra.attention,
-mra_lra.bench.plotting and mra_lra.bench.cli, so it runs on a bare GPU image with PYTHONPATH
-set to the repository.
+Needs only torch and pyyaml (matplotlib for the plot) besides mra_lra, so it runs on a bare GPU
+image with PYTHONPATH set to the repository.
 """
 
 from __future__ import annotations
@@ -36,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import functools
 import inspect
 import itertools
 import math
@@ -52,8 +47,14 @@ from torch import nn
 
 from mra_lra.attention import build, get, names
 from mra_lra.attention.mra import resolve_backend
-from mra_lra.bench.cli import check_at_least, check_csv_files, check_device, check_names
-from mra_lra.bench.plotting import pyplot, save, style
+from mra_lra.bench.cli import (
+    check_at_least,
+    check_csv_files,
+    check_device,
+    check_names,
+    comma_list,
+)
+from mra_lra.bench.plotting import length_panel, pyplot, save
 from mra_lra.utils import CONF_DIR
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -101,27 +102,30 @@ class EncoderLayer(nn.Module):
 
 
 class Recorder:
-    """Prints each row and appends it to the CSV at once."""
+    """Appends each row to the CSV as it finishes, so that a run cut short keeps what it
+    measured, and prints it as `line(row)`."""
 
-    def __init__(self, path: Path):
-        self.path, self.rows = path, []
+    def __init__(self, path: Path, fields: list[str], line: Callable[[dict], str]):
+        self.path, self.fields, self.line, self.rows = path, fields, line, []
         with path.open("w", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writeheader()
+            csv.DictWriter(f, fieldnames=fields).writeheader()
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writerow(
+            csv.DictWriter(f, fieldnames=self.fields).writerow(
                 {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}
             )
-        ms = f"{row['ms']:.3f} ms" if "ms" in row else ""
-        mem = f"{row['peak_mib']:.1f} MiB" if "peak_mib" in row else ""
-        print(
-            f"{row['attn']:>11} {row['impl']:>15} {row['scope']:>9} {row['dtype']:>8} "
-            f"B={row['batch']:<4} n={row['n']:<6} {row['pass']:>7} {ms:>13} {mem:>13}  "
-            f"{row['status']}",
-            flush=True,
-        )
+        print(self.line(row), flush=True)
+
+
+def row_text(row: dict) -> str:
+    ms = f"{row['ms']:.3f} ms" if "ms" in row else ""
+    mem = f"{row['peak_mib']:.1f} MiB" if row.get("peak_mib") is not None else ""
+    return (
+        f"{row['attn']:>11} {row['impl']:>15} {row['scope']:>9} {row['dtype']:>8} "
+        f"B={row['batch']:<4} n={row['n']:<6} {row['pass']:>7} {ms:>13} {mem:>13}  {row['status']}"
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
@@ -204,8 +208,7 @@ def peak_mib(step: Step, device: torch.device) -> float:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return math.nan
-    # glibc serves big blocks from its heap and keeps them after free, where a new step reuses
-    # them unseen; during this step, every block over 128 KiB gets fresh pages instead.
+    # glibc keeps freed heap blocks, where a new step would reuse them unseen.
     libc.mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
     libc.malloc_trim(0)
     try:
@@ -219,6 +222,17 @@ def peak_mib(step: Step, device: torch.device) -> float:
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's largest dynamic threshold
 
 
+def median_ms(step: Step, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def measure(step: Step, device: torch.device, args: argparse.Namespace) -> tuple[float, float]:
     """(median milliseconds, peak MiB). Fewer repeats when they would take over max_seconds."""
     last = 0.0
@@ -228,34 +242,35 @@ def measure(step: Step, device: torch.device, args: argparse.Namespace) -> tuple
         sync(device)
         last = time.perf_counter() - start
     repeats = max(1, min(args.repeats, int(args.max_seconds / max(last, 1e-9))))
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), peak_mib(step, device)
+    return median_ms(step, device, repeats), peak_mib(step, device)
 
 
-def attention_steps(module: nn.Module, q, k, v) -> dict[str, Step]:
-    grad = torch.randn_like(q)
+def pass_steps(run: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> dict[str, Step]:
+    """`fwd` without gradients and `fwd+bwd` to the gradients of `inputs` (the first shaped as
+    the output)."""
+    grad = torch.randn_like(inputs[0])
 
     def forward() -> None:
         with torch.no_grad():
-            module(q, k, v, None)
+            run()
 
-    def forward_backward() -> None:
-        out = module(q, k, v, None)
-        torch.autograd.grad(out, (q, k, v), grad, allow_unused=True)  # reformer, soft: k unused
+    def forward_backward() -> None:  # allow_unused: reformer and soft ignore k
+        torch.autograd.grad(run(), inputs, grad, allow_unused=True)
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
+def attention_steps(module: nn.Module, q, k, v) -> dict[str, Step]:
+    return pass_steps(lambda: module(q, k, v, None), [q, k, v])
+
+
+def layer_steps(layer: nn.Module, x: torch.Tensor) -> dict[str, Step]:
+    return pass_steps(lambda: layer(x), [x, *layer.parameters()])
+
+
 def graphed(step: Step) -> Step:
-    """`step` captured once in a CUDA graph, returned as its replay. Shapes are static and the MRA
-    path reads nothing back to the host, so the graph replays the same kernels without Python or
-    launch cost: the time left is the kernels' own (what a graph-captured training step gets)."""
+    """`step` captured once in a CUDA graph, returned as its replay: the kernels' own time
+    without Python or launch cost (shapes are static, MRA reads nothing back to the host)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream: compilation, autotuning
@@ -268,18 +283,10 @@ def graphed(step: Step) -> Step:
     return graph.replay
 
 
-def layer_steps(layer: nn.Module, x: torch.Tensor) -> dict[str, Step]:
-    grad = torch.randn_like(x)
-
-    def forward() -> None:
-        with torch.no_grad():
-            layer(x)
-
-    def forward_backward() -> None:
-        out = layer(x)
-        torch.autograd.grad(out, [x, *layer.parameters()], grad)
-
-    return {"fwd": forward, "fwd+bwd": forward_backward}
+def _lazy(wrap: Callable[[Step], Step], step: Step) -> Step:
+    """wrap(step), built on the first call, so that a capture failure is the row's failure."""
+    built = functools.cache(lambda: wrap(step))
+    return lambda: built()()
 
 
 def is_oom(error: BaseException) -> bool:
@@ -306,8 +313,7 @@ def measure_rows(steps: dict[str, Step], base: dict, device, args, rec: Recorder
         if status is None:
             try:
                 ms, peak = measure(steps[pass_name], device, args)
-                # A replayed CUDA graph allocates nothing (its temporaries live in the graph's
-                # private pool), so its peak would read about 0: left blank.
+                # A replayed graph allocates nothing (its pool is private): no peak to report.
                 if base["impl"].endswith("+graph"):
                     peak = None
                 row.update(ms=ms, ms_per_instance=ms / base["batch"], peak_mib=peak)
@@ -322,30 +328,19 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
     device = torch.device(args.device)
     on_triton = resolve_backend(args.backend, device) == "triton"
     for dtype_name, name in itertools.product(args.dtype, args.attn):
-        tiles = (
-            list(itertools.product(args.query_rows, args.blocks_per_step))
-            if name in MRA_NAMES and on_triton
-            else [None]
-        )
+        tiles = [None]
+        if name in MRA_NAMES and on_triton:
+            tiles = list(itertools.product(args.query_rows, args.blocks_per_step))
+        common = dict(attn=name, scope="attention", device=device.type, dtype=dtype_name)
         for tile in tiles:
-            # Longer lengths are skipped after an out-of-memory error, and after the same other
-            # error failing every pass at two lengths in a row (a compile failure repeats at every
+            # Longer lengths are skipped after an out-of-memory error, and after the same error
+            # failing every pass at two lengths in a row (a compile failure repeats at every
             # length, and each try costs a GPU run seconds of its budget).
             skipped: str | None = None  # the status of every longer length, once set
             impl = ""
             last_error: tuple[int, str] | None = None  # (n, status) when every pass failed
             for n in args.n:
-                base = dict(
-                    attn=name,
-                    impl=impl,
-                    scope="attention",
-                    device=device.type,
-                    dtype=dtype_name,
-                    batch=args.batch,
-                    heads=args.heads,
-                    n=n,
-                    d=args.d,
-                )
+                base = dict(common, impl=impl, batch=args.batch, heads=args.heads, n=n, d=args.d)
                 if skipped:
                     for pass_name in args.passes:
                         rec.add(dict(base, status=skipped, **{"pass": pass_name}))
@@ -353,7 +348,6 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
                 statuses = run_length(args, device, base, tile, rec)
                 impl = base["impl"]
                 free(device)
-                # Only when no pass ran: a forward that works is measured at every length.
                 error = statuses[0] if "ok" not in statuses else None
                 if "oom" in statuses:
                     skipped = f"skipped (out of memory at n={n})"
@@ -388,18 +382,6 @@ def run_length(args, device: torch.device, base: dict, tile, rec: Recorder) -> l
         base["impl"] += "+graph"
         steps = {name: _lazy(graphed, step) for name, step in steps.items()}
     return measure_rows(steps, base, device, args, rec)
-
-
-def _lazy(wrap: Callable[[Step], Step], step: Step) -> Step:
-    """wrap(step), built on the first call, so that a capture failure is the row's failure."""
-    built: list[Step] = []
-
-    def run() -> None:
-        if not built:
-            built.append(wrap(step))
-        built[0]()
-
-    return run
 
 
 def largest_fitting_batch(make_step: Callable[[int], Step], device, max_batch: int) -> int:
@@ -460,8 +442,8 @@ def profile_one(name, base, device, heads, d, n, args) -> dict[str, dict[str, St
 
 
 def speedups(rows: list[dict], baseline: str) -> list[dict]:
-    """Baseline time over each other row's time, for every row with a baseline row of the same
-    dtype, batch, heads, length, head dim, pass and scope: how many times faster than it."""
+    """How many times faster than `baseline` each row is, where `baseline` has a row of the same
+    dtype, batch, heads, length, head dim, pass and scope."""
     key = ("dtype", "batch", "heads", "n", "d", "pass", "scope")
     ok = [r for r in rows if r.get("status") == "ok" and r.get("ms")]
     base = {tuple(r[k] for k in key): r["ms"] for r in ok if r["attn"] == baseline}
@@ -477,9 +459,8 @@ def speedups(rows: list[dict], baseline: str) -> list[dict]:
 
 def print_speedups(rows: list[dict], baseline: str) -> None:
     table = speedups(rows, baseline)
-    if not table:
-        return
-    print(f"\nspeed-up over {baseline} (its time / this time):")
+    if table:
+        print(f"\nspeed-up over {baseline} (its time / this time):")
     for r in table:
         print(
             f"{r['attn']:>11} {r['impl']:>18} {r['dtype']:>8} B={r['batch']:<4} n={r['n']:<6} "
@@ -500,37 +481,24 @@ def read_csv(path: Path) -> list[dict]:
 def plot(rows: list[dict], path: Path) -> None:
     """Time against length, log-log: one panel per (dtype, pass), one line per attention."""
     plt = pyplot("plot")
-    if plt is None:
-        return
     ok = [r for r in rows if r.get("status") == "ok" and r.get("scope") == "attention"]
-    if not ok:
+    if plt is None or not ok:
         return
     dtypes = sorted({r["dtype"] for r in ok})
     labels = sorted({(r["attn"], r["impl"]) for r in ok})
-    colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    lengths = sorted({r["n"] for r in ok})
     fig, axes = plt.subplots(
         len(dtypes), len(PASSES), figsize=(5.5 * len(PASSES), 4 * len(dtypes)), squeeze=False
     )
     for (i, dtype), (j, pass_name) in itertools.product(enumerate(dtypes), enumerate(PASSES)):
-        ax = axes[i][j]
-        for c, label in enumerate(labels):
-            line = sorted(
+        lines = {
+            f"{attn} [{impl}]": [
                 (r["n"], r["ms"])
                 for r in ok
-                if (r["attn"], r["impl"]) == label
-                and r["dtype"] == dtype
-                and r["pass"] == pass_name
-            )
-            if line:
-                ax.plot(
-                    *zip(*line, strict=True), "o-", color=colors(c), label="{} [{}]".format(*label)
-                )
-        ax.set(xscale="log", yscale="log", xlabel="n (tokens)", ylabel="ms")
-        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.minorticks_off()
-        ax.set_title(f"{dtype}, {pass_name}")
-        style(ax)
+                if (r["attn"], r["impl"], r["dtype"], r["pass"]) == (attn, impl, dtype, pass_name)
+            ]
+            for attn, impl in labels
+        }
+        length_panel(axes[i][j], lines, "ms", f"{dtype}, {pass_name}")
     first = ok[0]
     title = (
         f"attention time vs length ({first['device']}, B={first['batch']}, "
@@ -539,33 +507,29 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, path, title)
 
 
-def _list(kind: Callable[[str], object]) -> Callable[[str], list]:
-    return lambda text: [kind(item) for item in text.split(",") if item]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mra_lra.bench.attention",
         description="Time and peak memory of attentions against sequence length.",
     )
-    p.add_argument("--attn", type=_list(str), default=["mra", "mra_s", "softmax"])
-    p.add_argument("--n", type=_list(int), default=[1024, 4096, 16384])
+    p.add_argument("--attn", type=comma_list(), default=["mra", "mra_s", "softmax"])
+    p.add_argument("--n", type=comma_list(int), default=[1024, 4096, 16384])
     p.add_argument("--d", type=int, default=32, help="head dim")
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--dtype", type=_list(str), default=["float32"], help=", ".join(DTYPES))
-    p.add_argument("--passes", type=_list(str), default=list(PASSES), help="fwd,fwd+bwd")
+    p.add_argument("--dtype", type=comma_list(), default=["float32"], help=", ".join(DTYPES))
+    p.add_argument("--passes", type=comma_list(), default=list(PASSES), help="fwd,fwd+bwd")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument(
         "--query-rows",
-        type=_list(int),
+        type=comma_list(int),
         default=[1],
         help="block rows per MRA Triton query tile to compare (1, 2, 4: 32, 64, 128 rows)",
     )
     p.add_argument(
         "--blocks-per-step",
-        type=_list(int),
+        type=comma_list(int),
         default=[1],
         help="chosen blocks per MRA Triton kernel loop step to compare (1, 2, 4: 32 to 128 "
         "keys); impl labels read triton(q<query rows>,k<keys per step>)",
@@ -611,15 +575,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_from:
-        plot(
-            [row for path in args.plot_from for row in read_csv(path)],
-            args.out / f"{args.name}.png",
-        )
+        rows = [row for path in args.plot_from for row in read_csv(path)]
+        plot(rows, args.out / f"{args.name}.png")
         return
     torch.manual_seed(0)
     gpu = f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""
     print(f"device {args.device}{gpu}, torch {torch.__version__}", flush=True)
-    rec = Recorder(args.out / f"{args.name}.csv")
+    rec = Recorder(args.out / f"{args.name}.csv", FIELDS, row_text)
     if args.profile_published:
         profile_published(args, rec)
     else:

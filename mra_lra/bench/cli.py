@@ -1,17 +1,22 @@
-"""Argument checks the benchmark tools share: each turns a bad option into argparse's one-line
-usage error (exit 2) before anything runs, instead of a traceback or rows of errors.
-
-Imports only the standard library and torch, so the GPU image runs the tools without extras.
-"""
+"""Argument helpers the benchmark tools share: a bad option becomes argparse's one-line usage
+error (exit 2) before anything runs. Standard library and torch only, for bare GPU images."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+def comma_list(kind: Callable[[str], T] = str) -> Callable[[str], list[T]]:
+    """An argparse `type` for comma lists: "1,2," -> [1, 2] with kind=int."""
+    return lambda text: [kind(item) for item in text.split(",") if item]
 
 
 def check_device(p: argparse.ArgumentParser, text: str) -> torch.device:

@@ -1,31 +1,23 @@
-"""LRA's efficiency table: training steps per second and memory of the whole model, per attention.
+"""LRA's efficiency table (Tay et al. 2021, Table 2: Text at 1K-4K tokens, batch 32) for our
+models: training steps per second and memory of the whole model, per attention and length.
 
     python -m mra_lra.bench.efficiency --attn softmax,mra,mra_s,nystrom,performer \\
         --n 1024,2048,3072,4096 --batch 32 --out bench_out
     python -m mra_lra.bench.efficiency --recipe lra_jax --task text --override model.n_layers=2
 
-The LRA paper (Tay et al. 2021, Table 2) times each model on byte-level Text at lengths 1K-4K with
-batch 32 and reports steps per second and peak memory relative to the Transformer; this module
-does the same with our models. Each model is the one `python train.py task=<task> attn=<attn>
-trainer=gpu` trains (the MRA paper's backbone), or with `--recipe lra_jax` the one `recipe=lra_jax`
-adds trains (the LRA code's, conf/recipe/), with `data.max_length=<n>` and any `--override` (Hydra
-syntax, e.g. `attn.backend=torch`), composed through Hydra from conf/.
-
-A training step is what Lightning runs per batch: forward on random full-length token sequences
-(no padding), cross-entropy, backward and the optimiser's step, under bf16 autocast where the
-run's trainer uses bf16-mixed and the device is CUDA (float32 otherwise). `infer` rows time
-the forward alone, without gradients, in eval mode. Time: median of --repeats after --warmup.
-Memory: what a step needs beyond what is allocated before it (weights, gradients and optimiser
-state of earlier steps excluded), measured as in `mra_lra.bench.attention`. Writes
-`<out>/efficiency.csv` as rows finish, `<out>/efficiency.md` (steps per second and memory, each
-also relative to softmax at the same length) and `<out>/efficiency.png` (both against length).
+Each model is the one `python train.py task=<task> attn=<attn> trainer=gpu [recipe=<recipe>]
+data.max_length=<n> <--override...>` trains. A `train` step is what Lightning runs per batch on
+random full-length sequences (forward, cross-entropy, backward, the optimiser's step), under bf16
+autocast where the trainer is bf16-mixed and the device CUDA; `infer` is the forward alone in eval
+mode. Time and memory are measured as in `mra_lra.bench.attention` (earlier steps' weights,
+gradients and optimiser state excluded). Writes efficiency.csv as rows finish, efficiency.md
+(each number also relative to softmax at the same length) and efficiency.png under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import sys
 from collections.abc import Callable
@@ -33,27 +25,28 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
-from mra_lra.bench.attention import _list, describe, free, is_oom, measure, sync
-from mra_lra.bench.cli import check_at_least, check_device, check_names
-from mra_lra.bench.plotting import pyplot, save, style
-from mra_lra.data.prepare import compose_train
+from mra_lra.bench.attention import Recorder, describe, free, is_oom, measure, sync
+from mra_lra.bench.cli import check_at_least, check_device, check_names, comma_list
+from mra_lra.bench.plotting import length_panel, pyplot, save
 from mra_lra.utils import CONF_DIR
 
 FIELDS = (
     "recipe task attn impl device precision batch n pass ms steps_per_s peak_mib status".split()
 )
 PASSES = ("train", "infer")
-MRA_NAMES = ("mra", "mra_s", "flex_mra")
 
 
 def compose_model_cfg(recipe: str | None, task: str, attn: str, n: int, overrides: list[str]):
-    """The run config `python train.py task=<task> attn=<attn> trainer=gpu [recipe=<recipe>]
-    data.max_length=<n>` would train, with `overrides` after it."""
+    """The config `python train.py task=<task> attn=<attn> trainer=gpu [recipe=<recipe>]
+    data.max_length=<n> <overrides>` composes (minus Hydra's runtime fields)."""
     chosen = [f"task={task}", f"attn={attn}", "trainer=gpu", f"data.max_length={n}"]
-    if recipe:
-        chosen.append(f"recipe={recipe}")
-    return compose_train([*chosen, *overrides])
+    chosen += [f"recipe={recipe}"] if recipe else []
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*chosen, *overrides])
 
 
 def recipe_label(recipe: str | None) -> str:
@@ -81,9 +74,7 @@ def model_steps(
     bf16 = device.type == "cuda" and str(cfg.trainer.precision).startswith("bf16")
 
     def autocast():
-        if bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def train() -> None:
         model.train()
@@ -111,10 +102,7 @@ def impl_label(cfg, device: torch.device) -> str:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    path = args.out / "efficiency.csv"
-    with path.open("w", newline="") as f:
-        csv.DictWriter(f, fieldnames=FIELDS).writeheader()
-    rows = []
+    rec = Recorder(args.out / "efficiency.csv", FIELDS, row_text)
     for attn in args.attn:
         failed = None  # after an out-of-memory error, longer lengths are skipped
         for n in args.n:
@@ -147,20 +135,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                     except Exception as e:  # every failure becomes a row
                         status = describe(e)
                         failed = status if is_oom(e) else None
-                row["status"] = status or "ok"
-                rows.append(row)
-                with path.open("a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=FIELDS).writerow(
-                        {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}
-                    )
-                print(_row_text(row), flush=True)
+                rec.add(dict(row, status=status or "ok"))
             steps.clear()
             sync(device)
             free(device)
-    return rows
+    return rec.rows
 
 
-def _row_text(row: dict) -> str:
+def row_text(row: dict) -> str:
     timing = f"{row['ms']:9.1f} ms {row['peak_mib']:9.1f} MiB" if row["status"] == "ok" else ""
     return (
         f"{row['attn']:>13} {row['impl']:>6} n={row['n']:<6} {row['pass']:>5} {timing:>27}  "
@@ -202,30 +184,19 @@ def plot(rows: list[dict], path: Path) -> None:
     """Steps per second and memory against length, log-log, one line per attention; a panel
     pair per pass."""
     plt = pyplot("plot")
-    if plt is None:
-        return
     ok = [r for r in rows if r["status"] == "ok"]
-    passes = [p for p in PASSES if any(r["pass"] == p for r in ok)]
-    if not ok:
+    if plt is None or not ok:
         return
+    passes = [p for p in PASSES if any(r["pass"] == p for r in ok)]
     attns = list(dict.fromkeys(r["attn"] for r in ok))
-    colors = plt.get_cmap("tab10" if len(attns) <= 10 else "tab20")
-    lengths = sorted({r["n"] for r in ok})
     fig, axes = plt.subplots(len(passes), 2, figsize=(11, 4 * len(passes)), squeeze=False)
     for i, pass_name in enumerate(passes):
         for j, (key, unit) in enumerate((("steps_per_s", "steps / s"), ("peak_mib", "MiB"))):
-            ax = axes[i][j]
-            for c, attn in enumerate(attns):
-                line = sorted(
-                    (r["n"], r[key]) for r in ok if r["attn"] == attn and r["pass"] == pass_name
-                )
-                if line:
-                    ax.plot(*zip(*line, strict=True), "o-", color=colors(c), label=attn)
-            ax.set(xscale="log", yscale="log", xlabel="n (tokens)", ylabel=unit)
-            ax.set_xticks(lengths, [str(n) for n in lengths])
-            ax.minorticks_off()
-            ax.set_title(f"{pass_name}: {unit}")
-            style(ax)
+            lines = {
+                attn: [(r["n"], r[key]) for r in ok if (r["attn"], r["pass"]) == (attn, pass_name)]
+                for attn in attns
+            }
+            length_panel(axes[i][j], lines, unit, f"{pass_name}: {unit}")
     first = ok[0]
     title = (
         f"whole model, {recipe_label(first['recipe'])}, {first['task']}, batch {first['batch']}, "
@@ -250,13 +221,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m mra_lra.bench.efficiency",
         description="Training steps per second and memory of the whole LRA model, per attention.",
     )
-    p.add_argument("--attn", type=_list(str), default=["softmax", "mra", "mra_s"])
-    p.add_argument("--n", type=_list(int), default=[1024, 2048, 3072, 4096])
+    p.add_argument("--attn", type=comma_list(), default=["softmax", "mra", "mra_s"])
+    p.add_argument("--n", type=comma_list(int), default=[1024, 2048, 3072, 4096])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--task", default="text")
     recipes = sorted(f.stem for f in (CONF_DIR / "recipe").glob("*.yaml"))
     p.add_argument("--recipe", choices=recipes, help="default: the task's own (the MRA paper's)")
-    p.add_argument("--passes", type=_list(str), default=list(PASSES), help="train,infer")
+    p.add_argument("--passes", type=comma_list(), default=list(PASSES), help="train,infer")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)

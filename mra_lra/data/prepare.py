@@ -19,12 +19,9 @@ goes on from what is complete (generated Pathfinder shards, finished cache entri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -32,15 +29,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mra_lra.errors import EXIT_USER_ERROR, print_error, reported, run_app
-from mra_lra.utils import CONF_DIR
-
-
-def compose_train(overrides: Sequence[str]) -> DictConfig:
-    """conf/train.yaml with Hydra `overrides`, composed outside a Hydra app (as `python train.py
-    <overrides>` would compose it, minus Hydra's own runtime fields)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 class Unprepared(Callback):

@@ -102,3 +102,35 @@ def make_logger(logger_cfg: DictConfig, cfg: DictConfig, out_dir: Path) -> pl.lo
     if is_wandb and rank_zero_only.rank == 0:
         atomic_write_text(id_file, logger.experiment.id + "\n")
     return logger
+
+
+class _OncePerRun(logging.Filter):
+    """Lets each warning through once per run (a datamodule set up for fit and again for test
+    repeats its own), and no third-party advertising (Lightning's litlogger tip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "litlogger" in message:
+            return False
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, message)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_console() -> None:
+    """Start a run's console and log file afresh: every warning once, no adverts."""
+    rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    for handler in [*logging.getLogger().handlers, *rank_zero_log.handlers, rank_zero_log]:
+        once = [f for f in handler.filters if isinstance(f, _OncePerRun)]
+        if once:
+            once[0].seen.clear()
+        else:
+            handler.addFilter(_OncePerRun())

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from mra_lra.callbacks import FiniteLoss, InterruptCheckpoint, checkpoint_step
 from mra_lra.errors import ConfigError, print_error, reported, run_app, user_message
-from mra_lra.loggers import make_logger, wandb_mode_default
+from mra_lra.loggers import make_logger, quiet_console, wandb_mode_default
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 from mra_lra.models.schedule import resolve_warmup
 from mra_lra.run_folder import (
@@ -86,6 +86,22 @@ def protocol_card(cfg: DictConfig) -> str:
         f" eval_every={cfg.trainer.val_check_interval} precision={cfg.trainer.precision}",
     ]
     return "\n".join(lines)
+
+
+def _print_config_tree(cfg: DictConfig) -> None:
+    """The composed config, one branch per section (print_config=false turns it off)."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    sections = {k: v for k, v in container.items() if isinstance(v, dict)}
+    container = {"run": {k: v for k, v in container.items() if k not in sections}, **sections}
+    tree = Tree("config", guide_style="dim")
+    for key, value in container.items():
+        text = OmegaConf.to_yaml(OmegaConf.create(value)).rstrip()
+        tree.add(key).add(Syntax(text, "yaml", background_color="default"))
+    rich_print(tree)
 
 
 class RunTerminated(SystemExit):
@@ -304,7 +320,10 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     start = time.perf_counter()
     reset_peak_memory()
+    quiet_console()
     if rank_zero_only.rank == 0:
+        if cfg.get("print_config"):
+            _print_config_tree(cfg)
         log.info("protocol card\n%s", protocol_card(cfg))
         warn_if_resumed_elsewhere(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -339,13 +358,14 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     best_step = checkpoint_step(Path(best_path)) if best_path else None
     test_acc = test_acc_last = None
     if cfg.test:
+
+        def test(path: str) -> float:
+            return trainer.test(module, datamodule=datamodule, ckpt_path=path)[0]["test/acc"]
+
         with _stop_on_signal(trainer, cfg, saver, fitting=False):
-            test_acc_last = trainer.test(module, datamodule=datamodule, ckpt_path=last_path)[0][
-                "test/acc"
-            ]
-            if best_path:
-                tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
-                test_acc = tested[0]["test/acc"]
+            test_acc_last = test(last_path)
+            if best_path:  # once only when the best validation was the last step
+                test_acc = test_acc_last if best_step == steps else test(best_path)
         if not best_path:
             log.warning(
                 "there is no best checkpoint (no validation ran, or checkpoints were off, as "
@@ -408,10 +428,15 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
             # Close the wandb run: the next run in this process (a sweep trial) starts its own.
             logger.experiment.finish()
     log.info("results: %s", json.dumps({k: results[k] for k in ("test_acc", "val_acc_best")}))
+
+    def acc(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     print(
-        f"{results['task']} / {results['attn']}: test accuracy {test_acc} at the best validation "
-        f"step {best_step} ({test_acc_last} at the last step {steps}); majority-class baseline "
-        f"{results['majority_class_test_acc']}; results in {out_dir / 'results.json'}",
+        f"{results['task']} / {results['attn']}: test accuracy {acc(test_acc)} at the best "
+        f"validation step {best_step} ({acc(test_acc_last)} at the last step {steps}); "
+        f"majority-class baseline {acc(results['majority_class_test_acc'])}; results in "
+        f"{out_dir / 'results.json'}",
         flush=True,
     )
     return results

@@ -496,7 +496,7 @@ def test_every_task_optuna_config_composes(task):
 
 
 def test_wandb_sweep_parameters_are_hydra_overrides():
-    sweep = yaml.safe_load((CONF / "sweeps" / "wandb_listops.yaml").read_text())
+    sweep = yaml.safe_load((ROOT / "sweeps" / "wandb_listops.yaml").read_text())
     assert (ROOT / sweep["program"]).is_file()
     assert sweep["method"] == "bayes"
     assert sweep["metric"] == {"name": "val/acc_best", "goal": "maximize"}

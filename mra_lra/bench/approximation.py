@@ -6,60 +6,38 @@
     python -m mra_lra.bench.approximation --run runs/<date>/<run> --split val --examples 8 \\
         --attn mra,nystrom --sweep mra.block_per_row=1,2,4,8 --out approx_out
 
-Every attention gets the same q, k, v and padding mask, and is compared with exact softmax
-attention on them (float64): the error is ||O - O_softmax|| / ||O_softmax||, Frobenius norms over
-the real query rows of every batch entry and head. Next to it stands the forward time on the same
-inputs (median of --repeats; `softmax` in the list gives the exact attention's time), so that the
-table and plot give an error-against-cost trade-off. Where attention is nearly uniform, O_softmax
-is close to the mean of v and small, so relative errors are large for every method: compare
-methods on the same inputs, not numbers across inputs.
+Every attention gets the same q, k, v and padding mask; its error is ||O - O_softmax|| /
+||O_softmax|| against exact softmax attention in float64, over the real query rows, next to its
+forward time (`softmax` in the list times the exact attention). Where attention is nearly uniform,
+O_softmax is small and every method's relative error large: compare methods on the same inputs.
 
-Inputs:
-- synthetic (default): q, k, v ~ N(0, scale^2) of [batch, heads, n, d]; `--smooth W` averages
-  each over a sliding window of W tokens (then rescales), giving the local correlation of real
-  sequences, where block means carry information; `--pad F` pads the last fraction F of batch
-  entry 1.
-- `--run <run folder>`: the q, k, v and mask that each layer of a trained model gives its
-  attention on the first `--examples` examples of `--split`, captured with hooks while the model
-  runs with its own attention (rebuilt by `mra_lra.evaluate.load_run`, so `--ckpt` works as in
-  eval.py and `--override key=value` as its `run.key=value`). One row per layer and setting; the
-  table adds the mean over layers.
+Inputs are synthetic ([batch, heads, n, d] of N(0, scale^2); `--smooth W` averages over a window
+of W tokens, the local correlation of real sequences where block means carry information), or
+with `--run` the q, k, v and mask each layer of a trained model gives its attention on the first
+`--examples` examples of `--split` (the run rebuilt by `mra_lra.evaluate.load_run`: `--ckpt` and
+`--override` as in eval.py). Options: conf/attn/<name>.yaml (interpolations such as MRA's task
+priors resolve against the run's config; synthetic inputs keep the class defaults), then `--set
+name.key=value`, then each value of `--sweep name.key=v1,v2,...`. Model layers that are not part
+of the approximation are off (Nystromformer's conv of v: `--set nystrom.conv_kernel_size=33`).
+Random methods (Performer, Linformer, YOSO, Reformer, Skyformer, Sinkhorn, Synthesizer) are
+averaged over `--seeds`. Methods that do not approximate softmax by design (linear, cosformer,
+soft, skyformer, yoso, reformer, sinkhorn, synthesizer) can be listed, but their error measures
+the different function as well.
 
-Each attention takes the options of conf/attn/<name>.yaml (for a run, its interpolations, such as
-MRA's per-task priors, resolve against the run's config; synthetic inputs keep the class
-defaults), then `--set name.key=value`, then each value of its `--sweep name.key=v1,v2,...`.
-MRA takes `--backend` (auto: Triton kernels on `--device cuda`, the torch path on CPU; the two
-compute the same function). Nystromformer's depthwise
-conv of v, a model layer and not part of the approximation, is off (`--set
-nystrom.conv_kernel_size=33` turns it on, with random weights).
-Methods whose random draws happen at construction or per call (Performer's features, Linformer's
-projection, YOSO's and Reformer's hashes, Skyformer's landmarks, Sinkhorn's sorting network,
-Synthesizer's random logits) are averaged over `--seeds`.
-Methods that do not approximate softmax by design (linear: elu+1 kernel, cosformer: ReLU
-features, soft and skyformer: Gaussian kernel, yoso: normalised collision counts, reformer:
-shared query-key, sinkhorn: two block softmaxes added, synthesizer: learned logits added to the
-dot product) can be listed, but their error measures the
-different function as well as the approximation.
-
-Writes <out>/<name>.csv (one row per layer, attention and setting), <name>.md (the table) and
-<name>.png (error against budget and against time). `--maps` also draws, for layer --maps-layer,
-batch entry 0 and head 0, the attention matrix each setting applies (read off by passing the
-identity as v, which is exact for every method linear in v, so not YOSO) next to the exact one:
-<name>_maps.png, the first --maps-tokens queries and keys. `--grad` also compares gradients:
-for a fixed random output gradient dO (zero at padded queries), the relative errors of each
-method's dq, dk and dv against exact softmax's (blank where no gradient reaches: Reformer and
-SOFT tie keys to queries; FlexAttention has no backward on CPU). They show how well a method
-trains, as opposed to how well it evaluates.
+Writes <out>/<name>.csv, .md and .png (error against budget and against time). `--maps` draws the
+matrix each setting applies (entry 0, head 0 of --maps-layer; read off by passing the identity as
+v, exact for every method linear in v) next to the exact one. `--grad` adds the relative errors of
+dq, dk, dv for a fixed random dO (blank where no gradient reaches): how well a method trains.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -67,19 +45,17 @@ import torch.nn.functional as F
 import yaml
 
 from mra_lra.attention import build, names
-from mra_lra.bench.attention import config_options, parse_overrides, sync
-from mra_lra.bench.cli import check_at_least, check_device, check_names
+from mra_lra.bench.attention import config_options, median_ms, parse_overrides
+from mra_lra.bench.cli import check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import pyplot, save, style
 from mra_lra.errors import UserError
 
 DEFAULT_ATTN = (
     "softmax,mra,mra_s,nystrom,performer,linformer,longformer,bigbird,h_transformer,scatterbrain"
 )
-# Parts of a method that are model layers rather than the approximation: freshly built they are
-# random (Nystromformer's depthwise conv of v), so they are off here unless --set turns them on.
+# Model layers rather than the approximation: freshly built they are random, so off here.
 APPROXIMATION_ONLY = {"nystrom": {"conv_kernel_size": None}}
-# No map for softmax (the exact panel is drawn) nor YOSO (each output row is L2-normalised, so
-# the output is not A v for any matrix A).
+# YOSO normalises each output row, so its output is not A v for any matrix A.
 NO_MAP = {"softmax", "yoso"}
 GRADS = ("dq", "dk", "dv")
 FIELDS = (
@@ -91,17 +67,14 @@ def exact_softmax(q, k, v, mask, rows_per_chunk: int = 1024) -> torch.Tensor:
     """Masked softmax attention in float64, a chunk of query rows at a time (so 16k tokens fit):
     padded keys get no weight, padded queries output 0."""
     q, k, v = q.double(), k.double(), v.double()
-    bias = None
-    if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=torch.float64, device=q.device)
-        bias = bias.masked_fill(mask == 0, -torch.inf)
-        bias = bias[:, None, None, :]
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    for lo in range(0, q.shape[2], rows_per_chunk):
-        logits = q[:, :, lo : lo + rows_per_chunk] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        if bias is not None:
-            logits = logits + bias
-        out[:, :, lo : lo + rows_per_chunk] = torch.softmax(logits, dim=-1) @ v
+    keep = None if mask is None else mask[:, None, None, :] != 0
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(q[:, :, lo : lo + rows_per_chunk], k, v, attn_mask=keep)
+            for lo in range(0, q.shape[2], rows_per_chunk)
+        ],
+        dim=2,
+    )
     return out if mask is None else out * mask[:, None, :, None].double()
 
 
@@ -113,7 +86,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor, mask) -> float:
 
 
 def synthetic_inputs(args: argparse.Namespace) -> list[dict]:
-    """One 'layer' of random q, k, v (and a padding mask when --pad > 0)."""
+    """One 'layer' of random q, k, v; `--pad F` pads the last fraction F of batch entry 1."""
     g = torch.Generator().manual_seed(args.input_seed)
     shape = (args.batch, args.heads, args.n, args.d)
     q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
@@ -144,21 +117,18 @@ def captured_inputs(args: argparse.Namespace) -> tuple[list[dict], object]:
 
     run = load_run(args.run, ckpt=args.ckpt, overrides=args.override)
     net = run.net.eval()
-    calls: dict[int, list[tuple]] = {}
-    hooks = []
     layers = [m for m in net.modules() if isinstance(m, MultiHeadAttention)]
     if not layers:
         raise SystemExit(f"{args.run}: the model has no MultiHeadAttention layers to capture")
-    for index, layer in enumerate(layers):
-
-        def grab(module, inputs, index=index):
-            q, k, v, mask = inputs
-            calls.setdefault(index, []).append(tuple(t.detach().float() for t in (q, k, v, mask)))
-
-        hooks.append(layer.attention.register_forward_pre_hook(grab))
-    datamodule = run.datamodule
-    datamodule.setup("validate" if args.split == "val" else "test")
-    loader = datamodule.val_dataloader() if args.split == "val" else datamodule.test_dataloader()
+    calls: dict[int, list[tuple]] = {i: [] for i in range(len(layers))}
+    hooks = [
+        layer.attention.register_forward_pre_hook(
+            lambda module, inputs, i=i: calls[i].append(tuple(t.detach().float() for t in inputs))
+        )
+        for i, layer in enumerate(layers)
+    ]
+    run.datamodule.setup("validate" if args.split == "val" else "test")
+    loader = getattr(run.datamodule, f"{args.split}_dataloader")()
     seen = 0
     with torch.no_grad():
         for batch in loader:
@@ -170,9 +140,9 @@ def captured_inputs(args: argparse.Namespace) -> tuple[list[dict], object]:
     for hook in hooks:
         hook.remove()
     out = []
-    for index, layer in enumerate(layers):
-        q, k, v, mask = (torch.cat(parts) for parts in zip(*calls[index], strict=True))
-        out.append({"layer": index, "q": q, "k": k, "v": v, "mask": mask, "context": layer.context})
+    for i, layer in enumerate(layers):
+        q, k, v, mask = (torch.cat(parts) for parts in zip(*calls[i], strict=True))
+        out.append({"layer": i, "q": q, "k": k, "v": v, "mask": mask, "context": layer.context})
     return out, run.cfg
 
 
@@ -203,21 +173,8 @@ def settings(args: argparse.Namespace) -> list[tuple[str, str, object, dict]]:
     out = []
     for name in args.attn:
         key, values = sweeps.get(name, ("", [None]))
-        for value in values:
-            out.append((name, key, value, {key: value} if key else {}))
+        out += [(name, key, value, {key: value} if key else {}) for value in values]
     return out
-
-
-def forward_ms(attn, q, k, v, mask, repeats: int) -> float:
-    """Median wall time of `repeats` forward passes (synchronised on CUDA)."""
-    times = []
-    for _ in range(repeats):
-        sync(q.device)
-        start = time.perf_counter()
-        attn(q, k, v, mask)
-        sync(q.device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def attention_options(name: str, extra: dict, args: argparse.Namespace, cfg) -> dict:
@@ -249,8 +206,7 @@ def effective_matrix(attn, q, k, mask, seed: int) -> torch.Tensor:
 
 
 def gradients(fn, q, k, v, mask, weights) -> list[torch.Tensor | None]:
-    """dq, dk, dv of sum(fn(q, k, v, mask) * weights); None where no gradient reaches (methods
-    that tie keys to queries)."""
+    """dq, dk, dv of sum(fn(q, k, v, mask) * weights); None where no gradient reaches."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     (fn(q, k, v, mask) * weights).sum().backward()
     return [t.grad for t in (q, k, v)]
@@ -276,6 +232,7 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
         q, k, v, mask = (layer[key].to(args.device) for key in ("q", "k", "v", "mask"))
         ref = exact_softmax(q, k, v, mask)
         B, H, n, d = q.shape
+        fixed = dict(source=source, layer=layer["layer"], n=n, d=d, heads=H, batch=B)
         context = {**layer["context"], "max_length": max(layer["context"]["max_length"], n)}
         if args.grad:
             g = torch.Generator().manual_seed(args.input_seed)
@@ -288,6 +245,7 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
             maps.append(("exact softmax", probs[0, 0].cpu()))
         for name, key, value, extra in settings(args):
             options = attention_options(name, extra, args, cfg)
+            setting = f"{key}={value}" if key else "default"
             errors, times, grad_errors = [], [], []
             for seed in args.seeds:
                 torch.manual_seed(seed)
@@ -297,11 +255,11 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                     raise SystemExit(f"{name} with {options}: {error}") from None
                 with torch.no_grad():
                     torch.manual_seed(seed)
-                    out = attn(q, k, v, mask)
-                    errors.append(relative_error(out, ref, mask))
-                    times.append(forward_ms(attn, q, k, v, mask, args.repeats))
+                    errors.append(relative_error(attn(q, k, v, mask), ref, mask))
+                    forward = functools.partial(attn, q, k, v, mask)
+                    times.append(median_ms(forward, q.device, args.repeats))
                     if draw and seed == args.seeds[0] and name not in NO_MAP:
-                        label = f"{name} {key}={value}" if key else name
+                        label = f"{name} {setting}" if key else name
                         maps.append((label, effective_matrix(attn, q, k, mask, seed).cpu()))
                 if args.grad:
                     try:
@@ -317,16 +275,11 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
             ] or [None] * len(GRADS)
             rows.append(
                 {
-                    "source": source,
-                    "layer": layer["layer"],
+                    **fixed,
                     "attn": name,
-                    "setting": f"{key}={value}" if key else "default",
+                    "setting": setting,
                     "budget_key": key,
                     "budget": value if key else "",
-                    "n": n,
-                    "d": d,
-                    "heads": H,
-                    "batch": B,
                     "rel_error": statistics.fmean(errors),
                     "rel_error_std": statistics.pstdev(errors),
                     "ms": statistics.median(times),
@@ -335,23 +288,50 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                 }
             )
             print(
-                f"layer {layer['layer']} {name:>14} {rows[-1]['setting']:>22}: "
+                f"layer {layer['layer']} {name:>14} {setting:>22}: "
                 f"error {rows[-1]['rel_error']:.4f}  {rows[-1]['ms']:8.2f} ms"
             )
     return rows, maps
 
 
+def by_setting(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The rows of each (attention, setting), one per layer, in first-seen order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["attn"], r["setting"]), []).append(r)
+    return groups
+
+
 def gradient_table(rows: list[dict]) -> str:
     """Markdown: the gradient errors of each (attention, setting), mean over layers."""
-    keys = list(dict.fromkeys((r["attn"], r["setting"]) for r in rows))
     lines = ["| attention | setting | dq | dk | dv |", "|---|---|---|---|---|"]
-    for name, setting in keys:
-        group = [r for r in rows if (r["attn"], r["setting"]) == (name, setting)]
+    for (name, setting), group in by_setting(rows).items():
         cells = []
         for g in GRADS:
             values = [r[f"rel_error_{g}"] for r in group]
             cells.append("" if None in values else f"{statistics.fmean(values):.4f}")
         lines.append("| " + " | ".join([name, setting, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per (attention, setting), one error column per layer (+ mean), and the
+    forward time summed over layers."""
+    layers = sorted({r["layer"] for r in rows})
+    head = ["attention", "setting", *(f"layer {i}" for i in layers)]
+    head += ["mean", "ms"] if len(layers) > 1 else ["ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (name, setting), group in by_setting(rows).items():
+        cells = {r["layer"]: r for r in group}
+        line = [
+            name,
+            setting,
+            *(f"{cells[i]['rel_error']:.4f}" if i in cells else "" for i in layers),
+        ]
+        if len(layers) > 1:
+            line.append(f"{statistics.fmean(r['rel_error'] for r in group):.4f}")
+        line.append(f"{sum(r['ms'] for r in group):.2f}")
+        lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,59 +360,29 @@ def plot_maps(maps: list, path: Path, tokens: int, title: str) -> None:
     save(fig, path, dpi=110)
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: one row per (attention, setting), one error column per layer (+ mean), and the
-    forward time summed over layers."""
-    layers = sorted({r["layer"] for r in rows})
-    keys = list(dict.fromkeys((r["attn"], r["setting"]) for r in rows))
-    head = ["attention", "setting", *(f"layer {i}" for i in layers)]
-    head += ["mean", "ms"] if len(layers) > 1 else ["ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, setting in keys:
-        cells = {r["layer"]: r for r in rows if (r["attn"], r["setting"]) == (name, setting)}
-        errors = [cells[i]["rel_error"] for i in layers if i in cells]
-        line = [
-            name,
-            setting,
-            *(f"{cells[i]['rel_error']:.4f}" if i in cells else "" for i in layers),
-        ]
-        if len(layers) > 1:
-            line.append(f"{statistics.fmean(errors):.4f}")
-        line.append(f"{sum(cells[i]['ms'] for i in cells):.2f}")
-        lines.append("| " + " | ".join(line) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Mean error over layers against the swept budget (one line per attention) and against
     forward time."""
     plt = pyplot("plot")
-    if plt is None:
-        return
-    points: dict[str, list[tuple]] = {}
     exact_ms = [r["ms"] for r in rows if r["attn"] == "softmax"]
     rows = [r for r in rows if r["attn"] != "softmax"]  # error 0: a time, drawn as a line
-    if not rows:
+    if plt is None or not rows:
         return
-    for (name, _), group in itertools.groupby(
-        sorted(rows, key=lambda r: (r["attn"], r["setting"])),
-        key=lambda r: (r["attn"], r["setting"]),
-    ):
-        group = list(group)
-        budget = group[0]["budget"]
+    points: dict[str, list[tuple]] = {}
+    for (name, _), group in sorted(by_setting(rows).items()):
+        budget_key = group[0]["budget_key"]
+        label = f"{name} ({budget_key})" if budget_key else name
         error = statistics.fmean(r["rel_error"] for r in group)
-        ms = sum(r["ms"] for r in group)
-        label = f"{name} ({group[0]['budget_key']})" if group[0]["budget_key"] else name
-        points.setdefault(label, []).append((budget, error, ms))
+        points.setdefault(label, []).append(
+            (group[0]["budget"], error, sum(r["ms"] for r in group))
+        )
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
     for c, (label, pts) in enumerate(sorted(points.items())):
-        numeric = [p for p in pts if isinstance(p[0], int | float) and p[0] != ""]
+        numeric = sorted(p for p in pts if isinstance(p[0], int | float))
         if len(numeric) > 1:
-            numeric.sort()
-            left.plot(
-                [p[0] for p in numeric], [p[1] for p in numeric], "o-", color=colors(c), label=label
-            )
+            xs, ys = [p[0] for p in numeric], [p[1] for p in numeric]
+            left.plot(xs, ys, "o-", color=colors(c), label=label)
         pts = sorted(pts, key=lambda p: p[2])
         right.plot([p[2] for p in pts], [p[1] for p in pts], "o-", color=colors(c), label=label)
     if exact_ms:
@@ -440,8 +390,8 @@ def plot(rows: list[dict], path: Path) -> None:
         right.axvline(total, color="black", ls="--", label=f"exact softmax ({total:.1f} ms)")
     left.set(xscale="log", yscale="log", xlabel="swept option (own units)", ylabel="relative error")
     right.set(xscale="log", yscale="log", xlabel="forward ms (all layers)", ylabel="relative error")
-    for ax in (left, right):
-        style(ax)
+    style(left)
+    style(right)
     first = rows[0]
     title = (
         f"error against exact softmax ({first['source']}, n={first['n']}, d={first['d']}, "
@@ -456,10 +406,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--attn", default=DEFAULT_ATTN, help="comma list of registered attentions")
+    p.add_argument("--attn", type=comma_list(), default=DEFAULT_ATTN, help="registered names")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME.KEY=V1,V2,...")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME.KEY=V")
-    p.add_argument("--seeds", default="0,1,2", help="comma list: seeds averaged per setting")
+    p.add_argument("--seeds", type=comma_list(int), default="0,1,2", help="averaged per setting")
     p.add_argument("--repeats", type=int, default=3, help="forward timings per seed (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the inputs go there)")
     p.add_argument(
@@ -498,9 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     captured.add_argument("--examples", type=int, default=8)
     captured.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    args.attn = [a for a in args.attn.split(",") if a]
     check_names(p, "--attn", args.attn, names())
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.overrides = parse_overrides(args.overrides)
     if "*" in args.overrides:
         p.error("--set takes name.key=value here (each attention has its own options)")

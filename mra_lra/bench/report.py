@@ -4,20 +4,11 @@ mean ± std over seeds) that pools only runs whose settings agree apart from the
     python -m mra_lra.bench.report runs/reproduce/listops --out report.md --plot acc_vs_speed.png
     python -m mra_lra.bench.report runs --exclude '*/multirun/*' --csv runs.csv --latex table.tex
 
-A run folder holds results.json, config.yaml (train.py writes it when a run starts) or train.log;
-folders inside one (.hydra, a logger's) are not runs. --include/--exclude are globs on its path.
-Runs of one task and attention (and recipe family, e.g. lra_jax) are one group, a row of the
-tables, when their config.yaml agree apart from IGNORED_CONFIG_KEYS (FALLBACK_FIELDS of
-results.json where a run lacks one) and their results.json in OUTCOME_FIELDS. A row's [...]
-names where its group departs from the setting most of the cell's runs share; the CSV (one row
-per run) has every such setting. Cells: `mean ± std (n)` in percent (sample std), ‡ when a seed
-appears twice, § on a set our generators made (not LRA numbers). Avg is the mean of a row's task
-means, as in the LRA paper, left out for a row that lacks a task another row has.
-
-Nothing is dropped silently: folders without results.json (failed, stopped or still running; the
-first error of train.log quoted), debug runs (debug=... in .hydra/overrides.yaml; --with-debug
-reports them), folders the globs leave out, unreadable results and runs without a value for one
-table are named under Notes with the reason.
+A run folder holds results.json, config.yaml or train.log. Runs of one task, attention and recipe
+family share a row when their config.yaml agree outside IGNORED_CONFIG_KEYS (FALLBACK_FIELDS of
+results.json where a config is missing) and their OUTCOME_FIELDS agree; a row's [...] names where
+it departs from the setting most of its cell's runs share. Nothing is dropped silently: failed or
+unfinished runs, debug runs, folders the globs leave out and unusable values are named under Notes.
 """
 
 from __future__ import annotations
@@ -52,12 +43,10 @@ TASKS = {
     "pathx": "Path-X",
 }
 TASK_ALIASES = {"path_x": "pathx", "path-x": "pathx"}
-# Rows: the exact baseline, then the paper's two MRA variants, then every other attention A-Z.
-FIRST_ATTNS = ("softmax", "mra", "mra_s")
+FIRST_ATTNS = ("softmax", "mra", "mra_s")  # then every other attention A-Z
 
-# The LRA paper's Table 1 (the LRA repository's leaderboard; spec/lra.md lists all but Linear
-# Trans.) for the attentions we also run: (their model name, accuracies in PUBLISHED_TASKS order).
-# Path-X: every model failed.
+# The LRA paper's Table 1 for the attentions we also run: (their model name, accuracies in
+# PUBLISHED_TASKS order). On Path-X every model failed.
 PUBLISHED_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 PUBLISHED = {
     "softmax": ("Transformer", (36.37, 64.27, 57.46, 42.44, 71.40)),
@@ -87,33 +76,30 @@ NULL_CAUSES = {
 THROUGHPUT = "train_tokens_per_second"
 MEMORY = "peak_memory_mb"
 
-# config.yaml keys that do not change what a run measures, so runs differing only in them are
-# still seeds of one setting. A pattern matches a key and everything below it (`*`: any part).
+# config.yaml keys that do not change what a run measures; a pattern matches a key and everything
+# below it (`*`: any part).
 IGNORED_CONFIG_KEYS = (
-    "seed",  # what a group is meant to vary
-    "paths",  # output_dir, log_dir: where the run was written
+    "seed",
+    "paths",
     "trainer.default_root_dir",
     "callbacks.*.dirpath",
-    "data.data_dir",  # where the data was read from, not what it is
+    "data.data_dir",
     # Batches do not depend on the worker count: the order comes from EpochShuffleSampler and no
     # datamodule draws random numbers in its workers.
     "data.num_workers",
-    "logger",  # which loggers ran (wandb's run name even holds the seed)
+    "logger",  # wandb's run name even holds the seed
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
-    "optimized_metric",  # what a sweeper maximises
-    "test",  # whether testing ran: a run without test accuracy is listed on its own anyway
-    # A resumed run is the same run: resuming from last.ckpt is exact (tests/test_train.py).
-    "ckpt_path",
-    "model.attn",  # conf/model/lra.yaml copies `attn`, which is compared itself
+    "optimized_metric",
+    "test",  # a run without test accuracy is listed on its own anyway
+    "ckpt_path",  # resuming from last.ckpt is exact (tests/test_train.py)
+    "model.attn",  # a copy of `attn`, which is compared itself
 )
 # Compared when a run of the cell has no config.yaml: the settings results.json records itself.
 FALLBACK_FIELDS = ("attn_options", "max_length", "precision")
-# Compared always: what the run did (steps), where (throughput and memory depend on it;
-# throughput is of all ranks together) and on which data (a generated set or the release).
+# Compared always: what the run did, where (throughput and memory depend on it) and on which data.
 OUTCOME_FIELDS = ("steps", "device", "world_size", "data_generated")
-# results.json written before train.py recorded world_size came from one-device runs.
-DEFAULTS = {"world_size": 1}
+DEFAULTS = {"world_size": 1}  # results.json from before world_size was recorded: one device
 # Which differing settings name a row first: what the run did, then the recipe's main knobs.
 SETTING_ORDER = ("results.", "data.max_length", "attn.", "optimizer.", "scheduler.")
 MAX_SHOWN = 3  # settings a row names at most (unless more are needed to tell rows apart)
@@ -132,22 +118,12 @@ class Run:
     config: dict | None = None
     config_problem: str | None = None  # why config is None
 
-    @property
-    def task(self) -> str:
-        return self.results["task"]
-
-    @property
-    def attn(self) -> str:
-        return self.results["attn"]
-
-    @property
-    def seed(self) -> int:
-        return self.results["seed"]
+    def __post_init__(self) -> None:
+        self.task, self.attn, self.seed = (self.results[k] for k in ("task", "attn", "seed"))
 
     @property
     def family(self) -> str | None:
-        """The recipe family (`recipe.family`, e.g. lra_jax), or None for
-        the task configs' own recipe (the MRA paper's)."""
+        """The recipe family (e.g. lra_jax), or None for the task configs' own (the MRA paper's)."""
         family = self.results.get("recipe")
         if family is None and self.config:
             family = (self.config.get("recipe") or {}).get("family")
@@ -227,11 +203,7 @@ def collect_runs(
     folders: dict[Path, Path] = {}  # resolved -> as reached from the given path (for messages)
     for root in paths:
         if not root.exists():
-            raise UserError(
-                f"{root} does not exist: pass run folders or multirun folders "
-                "(train.py writes them under runs/ unless hydra.run.dir / hydra.sweep.dir say "
-                "otherwise)"
-            )
+            raise UserError(f"{root} does not exist: pass run or multirun folders (under runs/)")
         if root.is_file():
             if root.name != "results.json":
                 raise UserError(
@@ -244,15 +216,11 @@ def collect_runs(
                 if file.is_file() and not any(p.startswith(".") for p in parts):
                     folders.setdefault(file.parent.resolve(), file.parent)
     # Inside a run folder, a folder without results.json (wandb's files/config.yaml) is no run.
-    found = sorted(
-        (
-            folder
-            for resolved, folder in folders.items()
-            if (folder / "results.json").is_file()
-            or not any(parent in folders for parent in resolved.parents)
-        ),
-        key=str,
-    )
+    found = [
+        folder
+        for resolved, folder in sorted(folders.items(), key=lambda item: str(item[1]))
+        if (folder / "results.json").is_file() or not set(resolved.parents) & folders.keys()
+    ]
     if not found:
         raise UserError(
             f"no run folder under {', '.join(map(str, paths))}: a run writes config.yaml when it "
@@ -274,8 +242,7 @@ def collect_runs(
 
 
 def _debug_choice(folder: Path) -> str | None:
-    """The run's debug=<name> override, from its record of the command line
-    (.hydra/overrides.yaml; a debug config can only be chosen there)."""
+    """The run's debug=<name> override, from .hydra/overrides.yaml (the only place to pick it)."""
     try:
         overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -320,11 +287,9 @@ def _read_run(folder: Path) -> Run | Skipped:
             return Skipped(folder, f"results.json has no {kind.__name__} `{key}` (got {value!r})")
     task = TASK_ALIASES.get(results["task"], results["task"])
     if task not in TASKS:
-        return Skipped(
-            folder,
-            f"unknown task {results['task']!r} (known: {', '.join(TASKS)}); "
-            f"add it to TASKS in {__name__}",
-        )
+        known = ", ".join(TASKS)
+        why = f"unknown task {results['task']!r} (known: {known}); add it to TASKS in {__name__}"
+        return Skipped(folder, why)
     results = {**results, "task": task}
     try:
         config = yaml.safe_load((folder / "config.yaml").read_text())
@@ -553,6 +518,9 @@ def _table(summary: Summary, name: str, spec: str, average: bool) -> list[str]:
     return _markdown_table(header, rows)
 
 
+RUN_NUMBERS = {"test_acc": ".2f", "test_acc_last": ".2f", THROUGHPUT: ",.0f", MEMORY: ",.0f"}
+
+
 def _runs_table(summary: Summary) -> list[str]:
     """One row per run, its path under the runs' common folder."""
     root = Path(os.path.commonpath([r.path.resolve() for r in summary.runs]))
@@ -560,13 +528,10 @@ def _runs_table(summary: Summary) -> list[str]:
     rows = []
     for run in summary.runs:
         path = run.path.resolve()
-        numbers = [(n, ".2f") for n in ("test_acc", "test_acc_last")]
-        numbers += [(THROUGHPUT, ",.0f"), (MEMORY, ",.0f")]
-        numbers = [
-            "—" if problem else f"{value:{spec}}"
-            for name, spec in numbers
-            for value, problem in [_value(run.results, name)]
-        ]
+        numbers = []
+        for name, spec in RUN_NUMBERS.items():
+            value, problem = _value(run.results, name)
+            numbers.append("—" if problem else f"{value:{spec}}")
         rows.append(
             [
                 str(path.relative_to(root)) if path != root else path.name,
@@ -605,17 +570,13 @@ def _published(summary: Summary) -> list[str]:
         for attn in attns
     ]
     generated = any(g.generated for g in summary.groups.values())
+    marked = f" Cells marked {GENERATED} above are on generated data, not the release."
     return [
         "",
         "## Published test accuracy (%): LRA paper (Tay et al. 2021), Table 1",
         "",
         "Their models, recipes (the original LRA code) and data (the LRA release), for comparison;",
-        "Avg is theirs, over their five tasks."
-        + (
-            f" Cells marked {GENERATED} above are on generated data, not the release."
-            if generated
-            else ""
-        ),
+        "Avg is theirs, over their five tasks." + (marked if generated else ""),
         "",
         *_markdown_table(["attention", *(TASKS[t] for t in tasks), "Avg (5 tasks)"], rows),
     ]

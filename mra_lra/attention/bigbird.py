@@ -1,20 +1,13 @@
 """BigBird (Zaheer et al., NeurIPS 2020), block-sparse ITC form: window, global and random blocks.
 
-The sequence is cut into blocks of `block_size` tokens. A query block I attends to
-- window: the `num_window_blocks` blocks centred on it (I - 1, I, I + 1 for 3), cut at the ends
-  (no wrap-around);
-- global: the global blocks, here the first ceil(g / 2) and the last floor(g / 2) blocks of the
-  sequence (the first and the last for g = 2, as in the original code);
-- random: `num_random_blocks` blocks drawn among those that are neither in its window nor global
-  (fewer when not enough are left); a different draw per head.
-Each key block is used at most once per query block. The global blocks attend to every key.
-Padded keys get no weight; n is padded up to whole blocks inside and cut back.
+With n cut into blocks of `block_size`, a query block attends to the `num_window_blocks` blocks
+centred on it (cut at the ends, no wrap-around), the global blocks (the first ceil(g / 2) and the
+last floor(g / 2), as the original code for g = 2) and `num_random_blocks` blocks drawn per head
+among the rest; each key block at most once. Global blocks attend to every key.
 
-The random pattern depends only on (seed, number of blocks, number of heads), so it is fixed
-for a given length. The seed is drawn at construction from torch's global RNG (a seeded run
-reproduces it, each layer gets its own, as the original seeds each layer differently) and is
-saved in the state dict. Cost O(n (window + global + random) block_size d): gathered key blocks
-for the sparse rows, dense rows only for the global blocks.
+The random pattern depends only on (seed, number of blocks, heads). The seed is drawn at
+construction from torch's global RNG (a seeded run reproduces it; each layer gets its own, as in
+the original) and saved in the state dict. Cost O(n (window + global + random) block_size d).
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -39,18 +32,10 @@ class BigBirdAttention(nn.Module):
         num_random_blocks: int = 2,
     ):
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if num_window_blocks < 1 or num_window_blocks % 2 == 0:
-            raise ValueError(
-                f"num_window_blocks must be odd (centred on the query block), got "
-                f"{num_window_blocks}"
-            )
-        if num_global_blocks < 0 or num_random_blocks < 0:
-            raise ValueError(
-                f"num_global_blocks and num_random_blocks must be >= 0, got "
-                f"{num_global_blocks}, {num_random_blocks}"
-            )
+        check_at_least(1, block_size=block_size, num_window_blocks=num_window_blocks)
+        check_at_least(0, num_global_blocks=num_global_blocks, num_random_blocks=num_random_blocks)
+        if num_window_blocks % 2 == 0:
+            raise ValueError(f"num_window_blocks must be odd (centred), got {num_window_blocks}")
         self.block_size = block_size
         self.num_window_blocks = num_window_blocks
         self.num_global_blocks = num_global_blocks
@@ -72,23 +57,12 @@ class BigBirdAttention(nn.Module):
         ids |= set(range(max(num_blocks - g // 2, 0), num_blocks))
         return torch.tensor(sorted(ids), dtype=torch.long)
 
-    def block_pattern(
-        self, num_blocks: int, num_heads: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The key blocks of every sparse (non-global) query block, on CPU.
-
-        Returns rows [R] (the sparse query blocks), key_blocks [H, R, S] and valid [H, R, S]
-        (False for slots that are cut off at the ends, taken by a global block, or left over
-        when fewer random blocks are available); S = window + global + random.
-        """
-        key = (num_blocks, num_heads)
-        if key not in self._patterns:
-            self._patterns[key] = self._draw_pattern(num_blocks, num_heads)
-        return self._patterns[key]
-
-    def _draw_pattern(
-        self, nb: int, num_heads: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def block_pattern(self, nb: int, num_heads: int) -> tuple[torch.Tensor, ...]:
+        """The key blocks of every sparse (non-global) query block, on CPU: rows [R] (the sparse
+        query blocks), key_blocks [H, R, S] and valid [H, R, S] (False for slots cut off at the
+        ends, taken by a global block, or left over); S = window + global + random."""
+        if (nb, num_heads) in self._patterns:
+            return self._patterns[nb, num_heads]
         glob = self.global_blocks(nb)
         is_global = torch.zeros(nb, dtype=torch.bool)
         is_global[glob] = True
@@ -106,23 +80,17 @@ class BigBirdAttention(nn.Module):
         draw = draw.masked_fill(~candidate, -1.0)  # non-candidates sort last
         score, random = draw.topk(num_random, dim=-1)
         shape = (num_heads, len(rows), -1)
-        key_blocks = torch.cat(
-            [window.expand(shape), glob.expand(num_heads, len(rows), -1), random], dim=-1
-        )
-        valid = torch.cat(
-            [
-                window_valid.expand(shape),
-                torch.ones(num_heads, len(rows), len(glob), dtype=torch.bool),
-                score >= 0,
-            ],
-            dim=-1,
-        )
+        fixed = torch.cat([window, glob.expand(len(rows), -1)], dim=-1)
+        fixed_valid = F.pad(window_valid, (0, len(glob)), value=True)
+        key_blocks = torch.cat([fixed.expand(shape), random], dim=-1)
+        valid = torch.cat([fixed_valid.expand(shape), score >= 0], dim=-1)
+        self._patterns[nb, num_heads] = rows, key_blocks, valid
         return rows, key_blocks, valid
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         b = self.block_size
         nb = math.ceil(n / b)

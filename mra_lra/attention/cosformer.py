@@ -1,23 +1,12 @@
 """cosFormer (Qin et al., ICLR 2022): ReLU features with a cos re-weighting of distance.
 
-Queries and keys go through ReLU (non-negative, so the weights are an average) and each pair is
-re-weighted by how far apart the two tokens are, with M the sequence length:
-
     w_ij = relu(q_i) . relu(k_j) cos(pi/2 (i - j) / M)
     out_i = sum_j w_ij v_j / max(sum_j w_ij, eps)
 
-cos(a - b) = cos a cos b + sin a sin b splits the weight into two linear-attention terms, on
-features relu(x_i) cos(theta_i) and relu(x_i) sin(theta_i) with theta_i = pi/2 i / M, so the cost
-is O(n d^2) and nothing n x n is formed (the paper's non-causal form; nearby tokens weigh more).
-
-Conventions (as the published code, where not said otherwise):
-- Positions i run 1..n and M = n, the input's length with padding: the published code takes M
-  from the padded batch too. Our LRA inputs are always padded to `data.max_length`, so M is that.
-- No 1 / sqrt(d) scale: a scale on q cancels between numerator and denominator.
-- Padded keys have zero features, so they carry no weight; padded queries output zero. A row
-  whose features are all zero (every relu(q_i) . relu(k_j) = 0) outputs zero (eps = 1e-6 as
-  published) instead of NaN.
-- Computed in at least float32 under autocast (the sums over n run in float32).
+cos(a - b) = cos a cos b + sin a sin b splits w into two linear-attention terms, so the cost is
+O(n d^2) (the paper's non-causal form). As the published code: positions run 1..n and M = n, the
+padded length (LRA inputs are padded to `data.max_length`); no 1 / sqrt(d) (it cancels); eps =
+1e-6 keeps a row without weight at zero instead of NaN.
 """
 
 from __future__ import annotations

@@ -1,39 +1,19 @@
 """H-Transformer-1D (Zhu & Soricut, ACL 2021): hierarchical attention in O(n b d).
 
-The sequence is cut into nb = 2^L blocks of b tokens (n padded up to b * 2^L inside). For a query
-i in block I and a key j in block J (s = 1 / sqrt(d)):
+n is padded to nb = 2^L blocks of b tokens. For query i in block I and key j in block J:
 
-    I == J or J == I xor 1   (diagonal and sibling block, the finest level):  L_ij = s q_i . k_j
-    otherwise, at the level l = highest set bit of (I xor J):                  L_ij = s qbar . kbar
+    I == J or J == I xor 1 (diagonal and sibling blocks):   L_ij = q_i . k_j / sqrt(d)
+    otherwise, at level l = highest set bit of (I xor J):    L_ij = qbar . kbar / sqrt(d)
 
-where qbar (kbar) is the mean of q (k) over the 2^l tokens of the level-l coarse token that holds
-i (j). Then out_i = sum_j exp(L_ij) v_j / sum_j exp(L_ij) over the real keys j. Level l sees the
-sequence coarsened 2^l times (q and k averaged over pairs, v summed over pairs) and attends, for
-each coarse block of b coarse tokens, to its sibling block only; the finest level also attends to
-the block itself. The levels tile the n x n matrix exactly once, so the normaliser needs no
-correction, and each level costs O(n_l b d) with n_l = n / 2^l: O(n b d) in all.
+with qbar (kbar) the mean of q (k) over the 2^l tokens of i's (j's) level-l coarse token, and
+out_i = sum_j exp(L_ij) v_j / sum_j exp(L_ij) over real keys. The levels tile the n x n matrix
+once; block_size >= n gives exact softmax. The sibling (binary-tree) pattern is lucidrains'
+h-transformer-1d, which the paper's LRA numbers are usually reproduced with (the paper's Figure
+2 is tridiagonal). Departures from it: a coarse key counts once per real token it holds (weight
+c exp(L), mean value), means are over real tokens only, and all levels share one stabiliser.
 
-Conventions (where they differ from the paper or the public re-implementation, this is said):
-- The block pattern is the sibling (binary-tree) partition of lucidrains' h-transformer-1d, which
-  the paper's LRA numbers are usually reproduced with; the paper's Figure 2 draws a tridiagonal
-  pattern at every level instead (neighbours that are not siblings are also refined).
-- A coarse key stands for its c real tokens: it gets weight c exp(L) and carries their mean value
-  (the re-implementation counts a coarse key once in the normaliser while summing its values).
-- Means are over real tokens only, so padding never leaks into a coarse token, and all levels share
-  one per-query stabiliser (their row maxima are merged as in a log-sum-exp), where the
-  re-implementation adds levels that were each shifted by their own maximum.
-With block_size >= n there is one block and the output is exact softmax attention.
-
-Top level (`top_level`, conf/attn/h_transformer.yaml default true): the hierarchy above runs up to
-the level with two coarse blocks, whose sibling pair joins the first half of the sequence to the
-second, so every block pair (I, J) is covered, as in the paper's hierarchy. With top_level false
-that coarsest level is left out, as in the MRA authors' code base (mlpen/mra-attention
-ImageNet/encoders/htransformer1d.py: log2(nb) - 2 coarsening steps, so its coarsest level has
-four blocks): pairs with I xor J >= nb / 2 get no weight and no query in the first half sees a key
-in the second (nor across layers). When the finest level is the top one (nb = 2) only the diagonal
-blocks remain; the MRA copy refuses such short inputs (n <= 2 b). (Upstream lucidrains'
-h-transformer-1d, commit 4e94794, keeps the top level but leaves out the finest level's sibling
-blocks instead; neither option reproduces that.)
+`top_level` false leaves out the coarsest level (the two halves of the sequence then never see
+each other), as the MRA authors' copy (mlpen/mra-attention ImageNet/encoders/htransformer1d.py).
 """
 
 from __future__ import annotations
@@ -44,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -159,8 +139,7 @@ def h_attention(
 class HTransformer1DAttention(nn.Module):
     def __init__(self, block_size: int = 16, top_level: bool = True):
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_at_least(1, block_size=block_size)
         if not isinstance(top_level, bool):
             raise ValueError(f"top_level must be true or false, got {top_level!r}")
         self.block_size = block_size
@@ -168,7 +147,7 @@ class HTransformer1DAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         out = h_attention(
             q.to(compute), k.to(compute), v.to(compute), mask, self.block_size, self.top_level
         )

@@ -1,21 +1,12 @@
 """Linformer (Wang et al., 2020): keys and values projected along the sequence to k rows.
 
-    out = softmax(q (E k)^T / sqrt(d)) (E v),   E: [k, max_length], learned
+    out = softmax(q (E k)^T / sqrt(d)) (E v),   E: [k, max_length], learned;  O(n k d)
 
-Cost O(n k d). Conventions:
-- One projection E per layer, shared by all heads and by keys and values (the paper's headwise
-  and key-value sharing, as the spec asks; the LRA code bases share it between keys and values
-  too). Those code bases keep one E per head ([heads, k, max_length]) and share that one tensor
-  across all layers: mlpen/mra-attention LRA/encoders/linformer.py through its config dict,
-  mlpen/Nystromformer LRA/code/attention_linformer.py through a class attribute. Here every
-  layer has its own E.
-- E is drawn from N(0, 1 / max_length), so a projected key has the scale of one token. The MRA
-  authors' reference draws randn / sqrt(k) (std 1 / 16 at k = 256); the Nystromformer LRA code
-  uses std 0.02.
-- For n < max_length the first n columns of E are used; n > max_length is an error.
-- Padded tokens are zeroed before the projection. A projected row that mixes no real token (all
-  its weights on real tokens are 0, e.g. an identity E over padding) is masked out, so with
-  k = n and E = I the output is exactly masked softmax attention.
+One E per layer, shared by the heads and by keys and values (the paper's headwise and key-value
+sharing; the MRA and Nystromformer LRA code keep one E per head, shared across layers). E ~ N(0,
+1 / max_length), so a projected key has one token's scale (MRA's code: randn / sqrt(k)). For n <
+max_length the first n columns are used. Padded tokens are zeroed before the projection, and a
+projected row that mixes no real token is masked out, so k = n with E = I is masked softmax.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -33,13 +24,7 @@ from mra_lra.attention.softmax import zero_padded_queries
 class LinformerAttention(nn.Module):
     def __init__(self, max_length: int | None = None, projected_length: int = 256):
         super().__init__()
-        if max_length is None or max_length < 1:
-            raise ValueError(
-                f"linformer needs max_length >= 1 (the model's longest sequence, which the "
-                f"encoder passes in `context`), got {max_length}"
-            )
-        if projected_length < 1:
-            raise ValueError(f"projected_length must be >= 1, got {projected_length}")
+        check_at_least(1, max_length=max_length, projected_length=projected_length)
         self.max_length = max_length
         self.projection = nn.Parameter(
             torch.randn(projected_length, max_length) / math.sqrt(max_length)
@@ -53,9 +38,8 @@ class LinformerAttention(nn.Module):
                 "(its projection has max_length columns)"
             )
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-        keep = torch.ones(B, n, dtype=compute, device=q.device) if mask is None else mask
-        keep = keep.to(compute)
+        compute = torch.promote_types(in_dtype, torch.float32)
+        keep = q.new_ones(B, n, dtype=compute) if mask is None else mask.to(compute)
         proj = self.projection[:, :n].to(compute)
         weight = keep[:, None, :, None]
         k_proj = torch.einsum("rn,bhnd->bhrd", proj, k.to(compute) * weight)

@@ -1,31 +1,15 @@
-"""Local attention, the Long Range Arena baseline (Tay et al., ICLR 2021): attention inside blocks.
+"""Local attention, the LRA baseline (Tay et al., ICLR 2021): attention inside blocks.
 
-The sequence is cut into non-overlapping blocks of `block_size` tokens and each query sees the
-keys of its own block only: no neighbouring block, no overlap, no global token. This is the
-pattern the LRA code sets out to compute (google-research/long-range-arena, lra_benchmarks/
-models/local/local_attention.py: pad the length to whole blocks, attend within each block, cut the
-padding off again; "Grouping" below says what its reshape computes instead). A block of n tokens
-or more is softmax attention.
+Each query sees the keys of its own block of `block_size` tokens only (no neighbour, no global
+token), the pattern google-research/long-range-arena's models/local/local_attention.py sets out
+to compute. block_size 50 is its LocalTransformerEncoder default (ListOps, Text, Retrieval);
+its CIFAR-10 and Pathfinder configs set 64.
 
-Conventions:
-- `block_size` 50: the LRA code's LocalTransformerEncoder default (local.py), which its ListOps,
-  Text and Retrieval runs use, since their configs do not set it (LocalAttention's own default of
-  20 is always overridden). Its CIFAR-10 and Pathfinder configs set 64 (`attn.block_size=64`).
-- Grouping. The LRA code reshapes the [n_pad, heads, d] projections to [block_size, G,
-  heads, d] and attends along the first axis, so the tokens that attend together are not a
-  contiguous block but t, t + G, t + 2G, ... with G = n_pad / block_size, the number of blocks
-  (strided across the whole sequence); its padding mask, meanwhile, is cut into contiguous
-  blocks, so each group is masked with the flags of other tokens. `strided=true` reproduces that
-  grouping, with n padded to (n // block_size + 1) blocks as the LRA code pads it (a whole block
-  even when n divides), under a correct padding mask. The default is the contiguous blocks that
-  local attention means, and that the LRA code's padding mask assumes.
-- Padded keys get no weight; padded queries output zero. A real query always sees itself, and a
-  fully padded row outputs zero, not NaN.
-- Computed in float32 (or float64) with autocast off, also under bf16-mixed training.
-- No dropout on the attention probabilities (the spec gives attention dropout to softmax only;
-  the LRA code drops them at the model's attention dropout rate).
-
-Cost O(n block_size d); the scores are [B, H, n, block_size], nothing n x n.
+`strided=true` reproduces what that code's reshape computes instead: [n_pad] is cut as
+[block_size, G], so the tokens t, t + G, t + 2G, ... (G = n_pad / block_size) attend together,
+with n padded to n // block_size + 1 blocks as it pads (but under a correct padding mask: its
+mask is cut into contiguous blocks). Computed in float32 with autocast off. No dropout on the
+probabilities (the LRA code drops them at the model's rate). Cost O(n block_size d).
 """
 
 from __future__ import annotations
@@ -36,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -44,8 +28,7 @@ from mra_lra.attention.softmax import zero_padded_queries
 class LocalAttention(nn.Module):
     def __init__(self, block_size: int = 50, strided: bool = False):
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_at_least(1, block_size=block_size)
         self.block_size = block_size
         self.strided = strided
 
@@ -56,7 +39,7 @@ class LocalAttention(nn.Module):
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         b, nb = self.block_size, self.num_blocks(n)
         pad = nb * b - n

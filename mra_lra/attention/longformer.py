@@ -1,20 +1,13 @@
 """Longformer (Beltagy et al., 2020): sliding-window attention plus a few global tokens.
 
-Convention: `window` is the total width w (even), as Longformer's `attention_window`: query i
-sees the keys j with |i - j| <= w / 2 (w + 1 keys, itself included). The first
-`num_global_tokens` tokens are global: they attend to every key, and every query attends to them.
-Padded keys get no weight anywhere. A global key is scored once per query, through the global
-part, not again inside a window. With w / 2 >= n - 1 every query sees every key: softmax.
+`window` is the total width w (even), as Longformer's `attention_window`: query i sees the keys
+with |i - j| <= w / 2. The first `num_global_tokens` tokens attend to every key and every query
+attends to them (scored once, not again inside a window). Blocked, O(n w d): blocks of w / 2
+queries score the three key blocks around them (a strided view), masked to the band, with the
+global keys appended to each row under one softmax.
 
-Blocked sliding window, O(n w d): the sequence is cut into blocks of w / 2 tokens, and each query
-block scores against the three key blocks around it (a strided view, no n x n matrix), masked to
-the band; the global keys are appended to each row and one softmax runs over both. The global
-query rows are computed densely (a g x n matrix).
-
-No dropout is applied to the attention probabilities (the spec gives attention dropout to softmax
-only). The MRA authors' reference (mlpen/mra-attention LRA/encoders/longformer.py) subclasses
-Hugging Face's LongformerSelfAttention with a default LongformerConfig(), so in training it drops
-attention probabilities with attention_probs_dropout_prob = 0.1.
+No dropout on the probabilities; the MRA authors' reference (Hugging Face's
+LongformerSelfAttention with a default config) drops them at 0.1 in training.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -34,18 +27,15 @@ class LongformerAttention(nn.Module):
     def __init__(self, window: int = 64, num_global_tokens: int = 1):
         super().__init__()
         if window < 2 or window % 2:
-            raise ValueError(
-                f"window must be a positive even number (w / 2 each side), got {window}"
-            )
-        if num_global_tokens < 0:
-            raise ValueError(f"num_global_tokens must be >= 0, got {num_global_tokens}")
+            raise ValueError(f"window must be a positive even number (w / 2 a side), got {window}")
+        check_at_least(0, num_global_tokens=num_global_tokens)
         self.window = window
         self.num_global_tokens = num_global_tokens
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         b = self.window // 2  # block size = one-sided window
         nb = math.ceil(n / b)

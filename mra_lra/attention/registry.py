@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
+CONTEXT_KEYS = ("head_dim", "num_heads", "max_length", "prefix_tokens")
 
 
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -32,13 +33,19 @@ def get(name: str) -> type[nn.Module]:
     return _REGISTRY[name]
 
 
+def check_at_least(minimum: float, **options) -> None:
+    """Raise a ValueError naming the first option below `minimum` (or None)."""
+    for key, value in options.items():
+        if value is None or value < minimum:
+            hint = " (the encoder passes it in `context`)" if key in CONTEXT_KEYS else ""
+            raise ValueError(f"{key} must be >= {minimum}, got {value}{hint}")
+
+
 def build(name: str, *, context: dict | None = None, **options) -> nn.Module:
     """Build attention `name` with `options` (from the `attn` config group).
 
-    `context` carries facts the encoder knows (head_dim, num_heads, max_length, prefix_tokens:
-    1 when a CLS token leads the sequence); each is passed only to classes whose constructor
-    names it, so a method takes just what it needs. Unknown options are an error that lists the
-    valid ones.
+    `context` carries what the encoder knows (CONTEXT_KEYS; prefix_tokens is 1 when a CLS token
+    leads); each is passed only to classes whose constructor names it.
     """
     cls = get(name)
     params = inspect.signature(cls.__init__).parameters

@@ -25,9 +25,8 @@ class SoftmaxAttention(nn.Module):
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         attn_mask = None
         if mask is not None:
-            # Boolean key mask [B, 1, 1, n]; a row with no real key would be all -inf (NaN out),
-            # so such rows (only possible for fully padded sequences) see every key instead and
-            # are zeroed below as padded queries.
+            # A row with no real key would be all -inf (NaN out): such rows (fully padded
+            # sequences) see every key and are zeroed below as padded queries.
             keep = mask.bool()
             keep = keep | ~keep.any(dim=-1, keepdim=True)
             attn_mask = keep[:, None, None, :]

@@ -1,13 +1,10 @@
 """How fast the training dataloader serves pixel-task batches from the array cache.
 
-Builds a cache entry of random 32 x 32 images (Pathfinder's shape; the contents do not change the
-speed) through the same `LRADataModule` code every task uses, then times `train_dataloader()`:
-shuffled batches cut from the memory-mapped arrays, ids as int64 and the float mask included.
-
     python -m mra_lra.bench.loading --workers 0 2 --batch-size 256 --max-length 1024
 
-prints sequences per second for each worker count (after a few warm-up batches, so worker start-up
-is not counted). The first run writes the cache (160k images, 160 MB) under --data-dir.
+Random 32 x 32 images (Pathfinder's shape; contents do not change the speed) go through the same
+`LRADataModule` code every task uses; prints sequences per second of `train_dataloader()` per
+worker count, after a few warm-up batches. The first run writes the cache (160 MB) to --data-dir.
 """
 
 from __future__ import annotations

@@ -381,19 +381,17 @@ def _split(name: str, task: str, runs: list[Run]) -> list[Group]:
     short = {b: v[:MAX_SHOWN] + ["…"] * (len(v) > MAX_SHOWN) for b, v in labels.items()}
     if len({tuple(v) for v in short.values()}) < len(buckets):
         short = labels
-    groups = []
-    for bucket, members in buckets.items():
-        groups.append(
-            Group(
-                row=f"{name} [{', '.join(short[bucket])}]" if short[bucket] else name,
-                cell=name,
-                task=task,
-                runs=sorted(members, key=lambda r: (r.seed, str(r.path))),
-                settings=", ".join(labels[bucket]),
-                differing_keys=differing,
-            )
+    return [
+        Group(
+            row=f"{name} [{', '.join(short[bucket])}]" if short[bucket] else name,
+            cell=name,
+            task=task,
+            runs=sorted(members, key=lambda r: (r.seed, str(r.path))),
+            settings=", ".join(labels[bucket]),
+            differing_keys=differing,
         )
-    return groups
+        for bucket, members in buckets.items()
+    ]
 
 
 def _setting_order(key: str) -> tuple[int, str]:
@@ -415,12 +413,10 @@ def _settings(run: Run, on_results: bool) -> dict[str, str]:
 
 
 def _ignored(key: str) -> bool:
-    parts = key.split(".")
-    for pattern in IGNORED_CONFIG_KEYS:
-        depth = pattern.count(".") + 1
-        if len(parts) >= depth and fnmatch.fnmatchcase(".".join(parts[:depth]), pattern):
-            return True
-    return False
+    return any(
+        fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}.*")
+        for p in IGNORED_CONFIG_KEYS
+    )
 
 
 def _value(results: dict, name: str) -> tuple[float, str | None]:

@@ -4,22 +4,12 @@ With m landmarks q~, k~ (segment means of the queries and keys) and s = 1 / sqrt
 
     out = softmax(s q k~^T) pinv(softmax(s q~ k~^T)) softmax(s q~ k^T) v  (+ depthwise conv of v)
 
-pinv is the iterative Moore-Penrose inverse of Razavi et al. (2014) that the paper uses. Cost is
-O(n m d); nothing n x n is formed.
-
-Conventions (where the published code differs, this is said):
-- Segments are runs of seg = ceil(n / num_landmarks) tokens, giving m = ceil(n / seg) landmarks,
-  so any n works (the published code needs n divisible by num_landmarks).
-- A landmark is the mean over the real tokens of its segment (the published code averages the
-  zeroed padding in). A landmark whose segment is all padding is dropped: its column of the first
-  two kernels gets no weight and its row and column of the middle kernel are the identity.
-- The pinv starting point uses each slice's own largest column sum (the published default takes it
-  over the whole batch, which couples the examples of a batch).
-- The optional conv (`conv_kernel_size`, None = off) is the published one: a learned depthwise
-  conv over the sequence, one kernel per head shared by the head's channels, on the masked v.
-
-With num_landmarks >= n every landmark is one token, the first two kernels coincide, and the
-output is softmax attention up to the convergence of the pseudo-inverse.
+pinv is the iterative Moore-Penrose inverse (Razavi et al. 2014) of the paper. O(n m d). Where the
+published code differs: segments of ceil(n / num_landmarks) tokens make any n work (it needs n
+divisible by num_landmarks); a landmark is the mean over real tokens only, and one whose segment
+is all padding is dropped; pinv's starting scale is per slice, not over the whole batch. The
+optional conv (`conv_kernel_size`, null = off) is the published depthwise conv over the masked v,
+one kernel per head. With num_landmarks >= n the output is softmax up to pinv's convergence.
 """
 
 from __future__ import annotations
@@ -27,9 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -47,6 +38,29 @@ def iterative_pinv(mat: torch.Tensor, iterations: int) -> torch.Tensor:
     return z
 
 
+def segments(keep: torch.Tensor, num_landmarks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Landmark segments: runs of seg = ceil(n / num_landmarks) tokens, m = ceil(n / seg) of them.
+    keep [B, n] bool -> keep padded to [B, m seg] and the real tokens per segment [B, m]."""
+    B, n = keep.shape
+    seg = math.ceil(n / num_landmarks)
+    keep = F.pad(keep, (0, math.ceil(n / seg) * seg - n))
+    return keep, keep.view(B, -1, seg).sum(dim=-1)
+
+
+def segment_means(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [B, H, m seg, d] zero at padding, counts [B, m] -> segment means [B, H, m, d]."""
+    B, H, length, d = x.shape
+    m = counts.shape[1]
+    return x.view(B, H, m, length // m, d).sum(dim=3) / counts.clamp(min=1)[:, None, :, None]
+
+
+def identity_where_empty(kernel: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """The rows and columns of empty landmarks (filled [B, m] False) of kernel [B, H, m, m] set to
+    the identity, which leaves the inverse of the rest alone."""
+    eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    return torch.where((filled[:, :, None] & filled[:, None, :])[:, None], kernel, eye)
+
+
 def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis with `keep` False entries at zero weight (no NaN if none kept)."""
     return torch.softmax(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), dim=-1)
@@ -62,10 +76,7 @@ class NystromAttention(nn.Module):
         num_heads: int | None = None,
     ):
         super().__init__()
-        if num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
-        if pinv_iterations < 1:
-            raise ValueError(f"pinv_iterations must be >= 1, got {pinv_iterations}")
+        check_at_least(1, num_landmarks=num_landmarks, pinv_iterations=pinv_iterations)
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.conv = None
@@ -75,11 +86,7 @@ class NystromAttention(nn.Module):
                     f"conv_kernel_size must be a positive odd number (or null for no conv), "
                     f"got {conv_kernel_size}"
                 )
-            if num_heads is None:
-                raise ValueError(
-                    "nystrom with conv_kernel_size needs num_heads (the encoder passes it in "
-                    "`context`; pass num_heads=... when building it by hand)"
-                )
+            check_at_least(1, num_heads=num_heads)
             self.conv = nn.Conv2d(
                 num_heads,
                 num_heads,
@@ -92,35 +99,22 @@ class NystromAttention(nn.Module):
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
-        seg = math.ceil(n / self.num_landmarks)
-        m = math.ceil(n / seg)
-        extra = m * seg - n
-        keep_p = nn.functional.pad(keep, (0, extra))
+        keep_p, counts = segments(keep, self.num_landmarks)
         weight = keep_p[:, None, :, None].to(compute)
-        scale = d**-0.25  # on both q and k: scores carry 1 / sqrt(d)
-        qp, kp, vp = (
-            nn.functional.pad(t.to(compute), (0, 0, 0, extra)) * weight for t in (q, k, v)
-        )
-        qp, kp = qp * scale, kp * scale
-
-        counts = keep_p.view(B, m, seg).sum(dim=-1)  # real tokens per segment
-        denom = counts.clamp(min=1)[:, None, :, None].to(compute)
-        q_land = qp.view(B, H, m, seg, d).sum(dim=3) / denom
-        k_land = kp.view(B, H, m, seg, d).sum(dim=3) / denom
-        filled = counts > 0  # [B, m]: landmarks with at least one real token
+        pad = keep_p.shape[1] - n
+        qp, kp, vp = (F.pad(t.to(compute), (0, 0, 0, pad)) * weight for t in (q, k, v))
+        qp, kp = qp * d**-0.25, kp * d**-0.25  # on both q and k: scores carry 1 / sqrt(d)
+        q_land, k_land = segment_means(qp, counts), segment_means(kp, counts)
+        filled = counts > 0  # [B, m]: landmarks with a real token
 
         # The pseudo-inverse and the products around it lose too much in half precision: no
         # autocast here (the O(n m d) matmuls are cheap next to the projections around them).
         with torch.autocast(q.device.type, enabled=False):
-            landmark_keep = filled[:, None, None, :]
-            kernel_1 = _masked_softmax(qp @ k_land.transpose(-1, -2), landmark_keep)
-            kernel_2 = _masked_softmax(q_land @ k_land.transpose(-1, -2), landmark_keep)
-            # Dropped landmarks: identity rows and columns, leaving the rest of the inverse alone.
-            eye = torch.eye(m, dtype=compute, device=q.device)
-            both = (filled[:, :, None] & filled[:, None, :])[:, None]
-            kernel_2 = torch.where(both, kernel_2, eye)
+            kernel_1 = _masked_softmax(qp @ k_land.transpose(-1, -2), filled[:, None, None, :])
+            kernel_2 = _masked_softmax(q_land @ k_land.transpose(-1, -2), filled[:, None, None, :])
+            kernel_2 = identity_where_empty(kernel_2, filled)
             kernel_3 = _masked_softmax(q_land @ kp.transpose(-1, -2), keep_p[:, None, None, :])
             out = kernel_1 @ (iterative_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ vp))
         if self.conv is not None:

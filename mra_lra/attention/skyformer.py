@@ -1,33 +1,22 @@
 """Skyformer (Chen et al., NeurIPS 2021): Gaussian-kernel attention through a Nystrom
 approximation of the joint query-key kernel matrix.
 
-The softmax weight exp(q . k / sqrt d) is replaced by the Gaussian kernel, with no row
-normalisation (as in the paper and SOFT):
-
     kappa(q_i, k_j) = exp(-|q_i - k_j|^2 / (2 sqrt d)),     out_i = sum_j kappa(q_i, k_j) v_j
 
-kappa(Q, K) is not symmetric, but it is one block of the positive semi-definite kernel matrix of
-all 2n points [Q; K], so Nystrom applies there: with m landmarks S drawn from [Q; K],
+(no row normalisation). kappa(Q, K) is one block of the PSD kernel matrix of the 2n points
+[Q; K], so with m landmarks S drawn from [Q; K]:
 
     out = kappa(Q, S) (kappa(S, S) + ridge I)^+ kappa(S, K) v
 
-The middle matrix C = kappa(S, S) + ridge I is balanced as D C D with D = diag(rowsum C)^(-1/2)
-(its eigenvalues then lie in (0, 1]), inverted by the iterative pseudo-inverse of nystrom.py
-(`pinv_iterations` steps), and D is put back on both sides. Cost O(n m d + m^3); nothing n x n.
+The middle matrix C is balanced as D C D, D = diag(rowsum C)^(-1/2) (eigenvalues in (0, 1]),
+inverted by nystrom.iterative_pinv, and D is put back on both sides. O(n m d + m^3).
 
-Conventions (as the published code, where not said otherwise):
-- Landmarks are drawn afresh at every call from torch's global RNG, in training and evaluation:
-  m // 2 uniformly among the real queries and the rest among the real keys, with replacement,
-  the same positions for every head of an example. The published code draws positions below each
-  example's count of real tokens, which assumes that padding is at the end; we draw among the
-  tokens the mask marks real, wherever they are.
-- With num_landmarks >= 2n every point of [Q; K] is a landmark (no draw; padded ones are
-  dropped), and with ridge 0 and a converged inverse the output is exactly the dense
-  Gaussian-kernel attention (tests/attention/test_skyformer.py).
-- The kernel's scale is 1 / sqrt(d) of the head dim (the published code fixes d = 32, the LRA
-  head dim).
-- Padded keys carry no weight; padded queries output zero. Computed in at least float32 under
-  autocast: the kernel's |x|^2 + |y|^2 - 2 x . y cancels and the iterations amplify error.
+As the published code, landmarks are drawn afresh at every call (training and evaluation) from
+torch's global RNG: m // 2 among the real queries, the rest among the real keys, with
+replacement, the same for every head. It draws below each example's count of real tokens
+(padding at the end); we draw among the tokens the mask marks real. num_landmarks >= 2n takes
+every point (no draw), so ridge 0 and a converged inverse give the dense kernel attention. The
+scale is 1 / sqrt of the head dim (the published code fixes d = 32). Computed in at least float32.
 """
 
 from __future__ import annotations
@@ -35,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mra_lra.attention.nystrom import iterative_pinv
-from mra_lra.attention.registry import register
+from mra_lra.attention.nystrom import identity_where_empty, iterative_pinv
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.soft import gaussian_kernel
 from mra_lra.attention.softmax import zero_padded_queries
 
@@ -61,12 +50,9 @@ def draw_landmarks(keep: torch.Tensor, num_landmarks: int) -> tuple[torch.Tensor
 class SkyformerAttention(nn.Module):
     def __init__(self, num_landmarks: int = 128, pinv_iterations: int = 6, ridge: float = 0.1):
         super().__init__()
-        if num_landmarks < 2:
-            raise ValueError(f"num_landmarks must be >= 2 (queries and keys), got {num_landmarks}")
-        if pinv_iterations < 1:
-            raise ValueError(f"pinv_iterations must be >= 1, got {pinv_iterations}")
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        check_at_least(2, num_landmarks=num_landmarks)  # queries and keys
+        check_at_least(1, pinv_iterations=pinv_iterations)
+        check_at_least(0, ridge=ridge)
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.ridge = ridge
@@ -88,10 +74,8 @@ class SkyformerAttention(nn.Module):
             else:
                 index, filled = draw_landmarks(keep, self.num_landmarks)
                 landmarks = points.gather(2, index[:, None, :, None].expand(B, H, -1, d))
-            m = landmarks.shape[2]
-            eye = torch.eye(m, dtype=compute, device=q.device)
-            pair = (filled[:, :, None] & filled[:, None, :])[:, None]
-            middle = torch.where(pair, gaussian_kernel(landmarks, landmarks), eye)
+            eye = torch.eye(landmarks.shape[2], dtype=compute, device=q.device)
+            middle = identity_where_empty(gaussian_kernel(landmarks, landmarks), filled)
             middle = middle + self.ridge * eye
             balance = middle.sum(dim=-1).rsqrt()  # D, [B, H, m]
             inverse = iterative_pinv(

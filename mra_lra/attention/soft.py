@@ -1,41 +1,26 @@
 """SOFT (Lu et al., NeurIPS 2021): softmax-free Gaussian-kernel attention, Nystrom landmarks.
 
-SOFT ties keys to queries (k = q) and replaces exp(q . k / sqrt d) by a Gaussian kernel, with no
-row normalisation:
+Keys are tied to queries (the `k` argument is unused) and exp(q . k / sqrt d) is replaced by a
+Gaussian kernel, with no row normalisation:
 
-    G(x, y) = exp(-|x - y|^2 / (2 sqrt d)),     out_i = sum_j G(q_i, q_j) v_j   (real j)
+    G(x, y) = exp(-|x - y|^2 / (2 sqrt d)),     out = G(q, q~) pinv(G(q~, q~)) G(q~, q) v
 
-G is symmetric positive semi-definite, so it is approximated through m landmarks q~ (Nystrom):
-
-    out = G(q, q~) pinv(G(q~, q~)) G(q~, q) v
-
-with pinv from Newton iterations V <- 2 V - V A V. Cost O(n m d); nothing n x n is formed.
-
-Conventions (where they differ from the published code, this is said):
-- The `k` argument is not used: SOFT's shared query-key is the `q` projection (gradients reach q
-  and v only).
-- Landmarks are segment means over the real tokens of runs of ceil(n / num_landmarks) tokens
-  (Nystromformer's choice, parameter-free and any n). The published code learns them with a
-  strided conv + LayerNorm + GELU over a fixed maximum length. A landmark whose segment is all
-  padding is dropped (identity row and column in the middle kernel, no weight elsewhere).
-- Newton starts from V_0 = A^T / (|A|_1 |A|_inf), which always converges, and runs
-  `newton_iterations` steps with no early stop; the published code starts at 2 / |A|_1^2, halves
-  it until |I - A V_0|_1 <= 1.01 and stops early when an entry passes 1e4 (host syncs). The scale
-  is taken per slice, not over the whole batch.
-- Padded keys carry no weight (G(., q_j) v_j dropped); padded queries output zero.
-With num_landmarks >= n every token is its own landmark and, once the inverse has converged, the
-output is the dense Gaussian-kernel attention.
+with m landmarks q~ and pinv from Newton iterations V <- 2 V - V A V; O(n m d). Where the
+published code differs: landmarks are Nystromformer's segment means over real tokens (it learns
+them with a strided conv over a fixed maximum length); Newton starts from A^T / (|A|_1 |A|_inf),
+which always converges, per slice, and runs `newton_iterations` steps with no early stop (no
+host syncs). With num_landmarks >= n the output is the dense Gaussian-kernel attention once the
+inverse has converged.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.nystrom import identity_where_empty, segment_means, segments
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -64,39 +49,29 @@ def gaussian_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class SOFTAttention(nn.Module):
     def __init__(self, num_landmarks: int = 64, newton_iterations: int = 20):
         super().__init__()
-        if num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
-        if newton_iterations < 1:
-            raise ValueError(f"newton_iterations must be >= 1, got {newton_iterations}")
+        check_at_least(1, num_landmarks=num_landmarks, newton_iterations=newton_iterations)
         self.num_landmarks = num_landmarks
         self.newton_iterations = newton_iterations
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
-        seg = math.ceil(n / self.num_landmarks)
-        m = math.ceil(n / seg)
-        extra = m * seg - n
-        keep_p = F.pad(keep, (0, extra))
+        keep_p, counts = segments(keep, self.num_landmarks)
         weight = keep_p[:, None, :, None].to(compute)
+        pad = keep_p.shape[1] - n
         # With x = q / d^(1/4), exp(-|x - y|^2 / 2) is the kernel exp(-|q - k|^2 / (2 sqrt d)).
-        x = F.pad(q.to(compute), (0, 0, 0, extra)) * weight * d**-0.25
-        vp = F.pad(v.to(compute), (0, 0, 0, extra)) * weight
-
-        counts = keep_p.view(B, m, seg).sum(dim=-1)
-        landmarks = x.view(B, H, m, seg, d).sum(dim=3) / counts.clamp(min=1)[:, None, :, None]
-        filled = counts > 0  # [B, m]: landmarks with at least one real token
+        x = F.pad(q.to(compute), (0, 0, 0, pad)) * weight * d**-0.25
+        vp = F.pad(v.to(compute), (0, 0, 0, pad)) * weight  # zero: padded keys carry no weight
+        landmarks = segment_means(x, counts)
+        filled = counts > 0
 
         # The kernel's |x|^2 + |y|^2 - 2 x . y cancels and the Newton iterations amplify error,
         # both too much in half precision: no autocast here (as in nystrom.py; O(n m d) work).
         with torch.autocast(q.device.type, enabled=False):
             kernel_1 = gaussian_kernel(x, landmarks) * filled[:, None, None, :]
-            eye = torch.eye(m, dtype=compute, device=q.device)
-            both = (filled[:, :, None] & filled[:, None, :])[:, None]
-            kernel_2 = torch.where(both, gaussian_kernel(landmarks, landmarks), eye)
-            # G(q~, q) v: vp is zero at padded keys, so they carry no weight.
+            kernel_2 = identity_where_empty(gaussian_kernel(landmarks, landmarks), filled)
             kernel_3_v = kernel_1.transpose(-1, -2) @ vp
             out = kernel_1 @ (newton_pinv(kernel_2, self.newton_iterations) @ kernel_3_v)
         return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)

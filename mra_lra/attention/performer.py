@@ -5,24 +5,12 @@ With x' = x / d^(1/4) (so q'.k' = q.k / sqrt d) and m random rows w_r of W [m, d
     phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),      E[phi(q) . phi(k)] = exp(q'.k')
     out_i  = phi(q_i)^T (sum_j phi(k_j) v_j^T) / phi(q_i)^T (sum_j phi(k_j))
 
-Cost O(n m d); nothing n x n is formed. Conventions:
-- W: blocks of d orthonormal rows (QR of a Gaussian matrix, signs fixed so the rows are Haar
-  distributed), each row rescaled to the length of a d-dim Gaussian vector.
-- Redraw policy: W is drawn once, at construction, from torch's global RNG (so a seeded run
-  reproduces it and every layer gets its own) and kept as a buffer saved with the checkpoint.
-  The paper's code can redraw it during training; this one never does.
-- Each feature map is stabilised by subtracting a max before exp (per query row; over all real keys
-  and features of a slice for the keys): a constant that cancels in the ratio. A small 1e-4 is then
-  added to every feature, as in the published code (lucidrains' softmax_kernel eps=1e-4, Google's
-  eps=0.0001), so no denominator is zero.
-- Padded keys are dropped from both sums: the key stabiliser looks at real keys only, and a padded
-  key's exponent is set to -inf before the exp, so whatever a padded key holds it can neither
-  overflow (inf * 0 = NaN) nor reach a real row.
-- Temperature: this module estimates exp(q.k / sqrt d), the paper's softmax. The MRA authors' LRA
-  wrapper (mlpen/mra-attention LRA/encoders/performer.py) divides q and k by d^(1/4) before
-  lucidrains' FastAttention, whose softmax_kernel (normalize_data=True) scales by d^(-1/4) again,
-  so the runs behind the MRA paper's Performer numbers effectively used exp(q.k / d). That wrapper
-  also zeroes padded keys instead of dropping them, so their phi(0) still enters its normaliser.
+O(n m d). W: blocks of d orthonormal rows (Haar), each rescaled to a d-dim Gaussian's length,
+drawn once at construction from torch's global RNG and saved with the checkpoint (the paper's
+code can redraw it; this one never does). Each feature map is shifted by a max before the exp (a
+constant that cancels in the ratio) and gets + 1e-4, as the published code, so no denominator is
+zero. The MRA authors' LRA wrapper scales q and k by d^(-1/4) twice (its runs used exp(q.k / d))
+and zeroes padded keys instead of dropping them; this module estimates exp(q.k / sqrt d).
 """
 
 from __future__ import annotations
@@ -32,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 FEATURE_EPS = 1e-4  # as lucidrains' and Google's FAVOR+ code
@@ -48,42 +36,28 @@ def orthogonal_gaussian(num_features: int, dim: int) -> torch.Tensor:
     return directions * torch.randn(num_features, dim).norm(dim=1, keepdim=True)
 
 
-def positive_features(
-    x: torch.Tensor, features: torch.Tensor, keep: torch.Tensor | None
+def feature_exponents(
+    x: torch.Tensor, features: torch.Tensor, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """phi(x) for x [B, H, n, d] (already scaled by d^-1/4) -> [B, H, n, m].
-
-    keep=None: queries, stabilised per row. keep [B, n] bool: keys, stabilised over the real keys
-    and all features of each slice, padded keys set to zero.
+    """w_r . x - |x|^2 / 2 for x [B, H, n, d] (scaled by d^-1/4) -> [B, H, n, m], in x's dtype
+    even under autocast. With keep [B, n] (keys), padded keys get -inf: masked before the exp,
+    since a padded key's exponent can exceed the real keys' max enough to overflow (inf * 0 = NaN).
     """
-    projected = (x @ features.transpose(0, 1)).to(x.dtype)  # exp in x's dtype, even under autocast
-    logits = projected - x.square().sum(dim=-1, keepdim=True) / 2
-    if keep is not None:
-        # Masked before the exp, not after: a padded key's exponent can exceed the real keys' max
-        # by enough to overflow, and inf * 0 (or its gradient through torch.where) is NaN.
-        logits = logits.masked_fill(~keep[:, None, :, None], float("-inf"))
-    with torch.no_grad():
-        if keep is None:
-            stab = logits.amax(dim=-1, keepdim=True)
-        else:  # over the real keys (padded ones are -inf); 0 for a slice without any
-            stab = logits.amax(dim=(-1, -2), keepdim=True).nan_to_num(neginf=0.0)
-    phi = (torch.exp(logits - stab) + FEATURE_EPS) / math.sqrt(features.shape[0])
-    if keep is not None:
-        phi = phi * keep[:, None, :, None]
-    return phi
+    logits = (x @ features.T).to(x.dtype) - x.square().sum(dim=-1, keepdim=True) / 2
+    return logits if keep is None else logits.masked_fill(~keep[:, None, :, None], float("-inf"))
+
+
+def key_max(logits: torch.Tensor) -> torch.Tensor:
+    """The keys' stabiliser: the max over the real keys and all features of each slice (0 for a
+    slice without any), detached."""
+    return logits.detach().amax(dim=(-1, -2), keepdim=True).nan_to_num(neginf=0.0)
 
 
 @register("performer")
 class PerformerAttention(nn.Module):
     def __init__(self, head_dim: int | None = None, num_features: int = 256):
         super().__init__()
-        if head_dim is None or head_dim < 1:
-            raise ValueError(
-                f"performer needs head_dim >= 1 (the encoder passes it in `context`), "
-                f"got {head_dim}"
-            )
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        check_at_least(1, head_dim=head_dim, num_features=num_features)
         self.register_buffer("features", orthogonal_gaussian(num_features, head_dim))
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,12 +65,15 @@ class PerformerAttention(nn.Module):
         if d != self.features.shape[1]:
             raise ValueError(f"performer was built for head_dim {self.features.shape[1]}, got {d}")
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         w = self.features.to(compute)
         scale = d**-0.25
-        phi_q = positive_features(q.to(compute) * scale, w, None)
-        phi_k = positive_features(k.to(compute) * scale, w, keep)
+        log_q = feature_exponents(q.to(compute) * scale, w)
+        log_k = feature_exponents(k.to(compute) * scale, w, keep)
+        norm = math.sqrt(w.shape[0])
+        phi_q = (torch.exp(log_q - log_q.detach().amax(dim=-1, keepdim=True)) + FEATURE_EPS) / norm
+        phi_k = (torch.exp(log_k - key_max(log_k)) + FEATURE_EPS) / norm * keep[:, None, :, None]
         kv = phi_k.transpose(-1, -2) @ v.to(compute)  # [B, H, m, d]
         normaliser = phi_q @ phi_k.sum(dim=2)[..., None]  # [B, H, n, 1]
         # The clamp only acts where a slice has no real key (kv = 0 there): 0 instead of 0 / 0.

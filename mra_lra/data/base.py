@@ -1,20 +1,13 @@
 """What every LRA datamodule shares: cached arrays -> batches, and the prepare/setup split.
 
-A task's datamodule says three things (see `LRADataModule`): where its source files are (finding,
-extracting or generating them in `ensure_sources`), which options decide its arrays
-(`cache_options`), and how to build them (`build_arrays`). The base class caches the arrays under
-`<data_dir>/cache/<task>/<key>/` (mra_lra/data/cache.py), memory-maps them in `setup`, and serves
-batches.
-
-Arrays of a cache entry, per split `<s>` in train/val/test:
+A task says where its source files are (`ensure_sources`), which options decide its arrays
+(`cache_options`) and how to build them (`build_arrays`); the arrays are cached under
+`<data_dir>/cache/<task>/<key>/` (cache.py) and memory-mapped in `setup`. Per split `<s>`:
 
     <s>_input_ids   uint8/uint16 [N, L]   token ids, padded with 0
     <s>_length      int32 [N]             real length (mask = positions < length)
     <s>_label       uint8 [N]
     <s>_input_ids_2, <s>_length_2         the second document of pair tasks (Retrieval)
-
-Batches are cut with one numpy fancy-index per batch (`__getitems__`), not item by item, so that
-loading from the cache keeps up with a GPU on two CPU cores.
 """
 
 from __future__ import annotations
@@ -31,11 +24,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mra_lra.data.cache import (
-    ensure_array_cache,
-    find_array_cache,
-    load_arrays,
-)
+from mra_lra.data.cache import ensure_array_cache, find_array_cache, load_arrays
 from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from mra_lra.data.sources import SourceError
 from mra_lra.utils import atomic_write_json
@@ -45,11 +34,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DATA_DIR_FIX = "Set data.data_dir=<a writable folder> or the LRA_DATA_DIR environment variable."
 MASK_MODES = ("length", "nonzero")
-SOURCES_RECORD = "sources.json"
-# The splits a generated set may be asked for without examples (data.num_val=0: no validation);
-# its train and test splits need some.
-GENERATED_OPTIONAL_SPLITS = ("val",)
-# Why an empty train or test split of a generated set is refused.
+# Why an empty train or test split of a generated set is refused (its val split may be empty).
 _EMPTY_SPLIT_EFFECT = {
     "train": "training would run no step",
     "test": "the test at the end of the run would fail",
@@ -57,7 +42,6 @@ _EMPTY_SPLIT_EFFECT = {
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
-    """Refuse `data.<name>` unless it is an integer >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -66,12 +50,10 @@ class CachedArrayDataset(Dataset):
     """One split of a cache entry as batches of `{"input_ids", "mask", "label"}` (plus
     `input_ids_2`, `mask_2` for pairs).
 
-    `mask_mode="length"` masks positions past each sequence's length; `"nonzero"` masks every
-    token id 0 (the LRA reference's treatment of black pixels, a fidelity switch). `order`, a
-    permutation of positions, reorders every sequence (e.g. pixels into patch order).
-
-    The arrays are memory-mapped on first use in each process, so that worker processes started
-    by spawn or forkserver map the files instead of receiving a pickled copy of them."""
+    `mask_mode="nonzero"` masks every token id 0 (the LRA reference's treatment of black pixels)
+    instead of the positions past each length; `order` permutes the positions of every sequence.
+    The arrays are memory-mapped on first use in each process, so that spawned workers map the
+    files instead of receiving a pickled copy."""
 
     def __init__(
         self,
@@ -96,15 +78,11 @@ class CachedArrayDataset(Dataset):
         if self._arrays is None:
             prefix = f"{self.split}_"
             self._arrays = {
-                name[len(prefix) :]: array
+                name.removeprefix(prefix): array
                 for name, array in load_arrays(self.entry).items()
                 if name.startswith(prefix)
             }
         return self._arrays
-
-    @property
-    def is_pair(self) -> bool:
-        return "input_ids_2" in self.arrays
 
     def __len__(self) -> int:
         return len(self.arrays["label"])
@@ -124,10 +102,10 @@ class CachedArrayDataset(Dataset):
         }
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        # Sorted reads are faster on a memory map; the batch keeps the sampler's order.
+        # One fancy-index per batch, not item by item: it keeps up with a GPU on two CPU cores.
         index = np.asarray(indices, dtype=np.int64)
         batch = self._tower(index, "")
-        if self.is_pair:
+        if "input_ids_2" in self.arrays:
             batch.update(self._tower(index, "_2"))
         batch["label"] = torch.from_numpy(np.asarray(self.arrays["label"][index]).astype(np.int64))
         return batch
@@ -150,9 +128,9 @@ class LRADataModule(pl.LightningDataModule):
     num_classes: int = 0
     # A split served by another one's arrays (IMDB has no validation split: val reads test).
     split_aliases: Mapping[str, str] = {}
-    # The generator settings when the data in use was generated by our reimplementation of an LRA
-    # generator (no release found), else None; results.json records it as `data_generated`, so a
-    # number on a generated set is never mistaken for one on the release.
+    # The generator settings when the data is our reimplementation of an LRA generator, else
+    # None; results.json records it as `data_generated`, so that such a number is never taken
+    # for one on the release.
     generated: dict[str, Any] | None = None
 
     def __init__(
@@ -170,10 +148,7 @@ class LRADataModule(pl.LightningDataModule):
         _check_count("num_workers", num_workers, 0)
         self.data_dir = Path(data_dir)
         if self.data_dir.exists() and not self.data_dir.is_dir():
-            raise ValueError(
-                f"data.data_dir={data_dir} is a file, not a folder (it holds the task's files "
-                f"and the cache). {DATA_DIR_FIX}"
-            )
+            raise ValueError(f"data.data_dir={data_dir} is a file, not a folder. {DATA_DIR_FIX}")
         self.batch_size = batch_size
         self.max_length = max_length
         self.num_workers = num_workers
@@ -182,6 +157,8 @@ class LRADataModule(pl.LightningDataModule):
         self._source_looked_up = source is not None
         self.datasets: dict[str, CachedArrayDataset] = {}
 
+    # A `source=` given once is recorded in <data_dir>/sources.json, so that later runs with the
+    # same data_dir read the same files without repeating it.
     @property
     def source(self) -> Path | None:
         """`data.source`, else the one recorded for this task under data_dir, else None."""
@@ -190,16 +167,11 @@ class LRADataModule(pl.LightningDataModule):
             self._source_looked_up = True
         return self._user_source
 
-    # -- where the files came from ------------------------------------------------------
-    # A `source=` given once (to `prepare` or a run) is recorded in <data_dir>/sources.json, so
-    # that later runs with the same data_dir read the same files without repeating it.
     @property
     def sources_record(self) -> Path:
-        return self.data_dir / SOURCES_RECORD
+        return self.data_dir / "sources.json"
 
     def _read_sources_record(self) -> dict[str, str]:
-        """The record of each task's source ({} when there is none); one that does not read
-        back as written raises SourceError naming it."""
         if not self.sources_record.is_file():
             return {}
         try:
@@ -211,8 +183,8 @@ class LRADataModule(pl.LightningDataModule):
                 return record
             problem = "is not a record of task -> source path"
         raise SourceError(
-            f"{self.sources_record} {problem}. It records the data.source given for each task: "
-            "fix it, or delete it and pass data.source=<path> again for the tasks that need one."
+            f"{self.sources_record} {problem}. Fix it, or delete it and pass data.source=<path> "
+            "again for the tasks that need one."
         )
 
     def _recorded_source(self) -> Path | None:
@@ -240,8 +212,8 @@ class LRADataModule(pl.LightningDataModule):
 
     # -- what a task provides ------------------------------------------------------------
     def ensure_sources(self) -> None:
-        """Find (extract, or generate) the task's source files; raise a clear error naming what
-        to obtain and where to put it when they are missing. Called once, by `prepare_data`."""
+        """Find (extract, or generate) the task's source files, or raise an error naming what to
+        obtain and where to put it."""
         raise NotImplementedError
 
     def cache_options(self) -> dict[str, Any]:
@@ -271,61 +243,55 @@ class LRADataModule(pl.LightningDataModule):
             self._record_source()
         return entry
 
-    def _empty_splits(self, sizes: Mapping[str, int], generated: bool | None = None) -> list[str]:
-        """The splits in `sizes` whose lack of examples is an error: any split of the user's
-        files (they are not the task's files), the train or test split of a generated set (it
-        has the sizes asked for, and only num_val=0 is allowed: see `_empty_generated_error`).
-        `generated` says which (None: whether `self.generated` is set)."""
-        if generated is None:
-            generated = self.generated is not None
-        optional = GENERATED_OPTIONAL_SPLITS if generated else ()
-        return [s for s, n in sizes.items() if n == 0 and s not in optional]
-
-    def _empty_generated_error(self, empty: Sequence[str], where: str | None = None) -> ValueError:
-        """The error for a generated set without examples in the `empty` (train, test) splits:
-        as asked for by the options (`where` None), or as read from `where`."""
+    def _refuse_empty_splits(self, sizes: Mapping[str, int], where: str | None, fix: str) -> None:
+        """Refuse splits without examples, which later runs would trust and train on (failing far
+        from the cause, or running no step): any split of the user's files (they are not the
+        task's), the train or test split of a generated set (`where` None: the sizes asked of
+        one). Only data.num_val may be 0."""
+        generated = where is None or self.generated is not None
+        empty = [s for s, n in sizes.items() if n == 0 and not (generated and s == "val")]
+        if not empty:
+            return
+        if not generated:
+            raise SourceError(
+                f"{self.task}: the {', '.join(empty)} split(s) of {where} hold no examples, so "
+                f"these are not the task's files. {fix}"
+            )
         splits = " or ".join(empty)
         effects = "; ".join(_EMPTY_SPLIT_EFFECT[split] for split in empty)
         options = " and ".join(f"data.num_{split}" for split in empty)
         if where is None:
             asked = ", ".join(f"data.num_{split}=0" for split in empty)
-            return ValueError(
+            raise ValueError(
                 f"{self.task}: with {asked}, the generated set has no {splits} examples "
                 f"({effects}). Set {options} to at least 1; only data.num_val may be 0."
             )
-        return ValueError(
+        raise ValueError(
             f"{self.task}: the generated set read from {where} has no {splits} examples "
-            f"({effects}); only its val split may be empty. Use a set generated with more "
-            f"({options} size the sets generated under data.data_dir); nothing was cached."
+            f"({effects}). Use a set generated with more ({options}); nothing was cached."
         )
 
     def _check_generated_sizes(self, sizes: Mapping[str, int]) -> None:
-        """Refuse the split sizes asked of a generated set (`data.num_<split>`), before it is
-        generated: negative ones, and an empty train or test split (`_empty_splits`)."""
+        """Refuse the split sizes asked of a generated set (`data.num_<split>`) before it is
+        generated."""
         for split, n in sizes.items():
             _check_count(f"num_{split}", n, 0)
-        empty = self._empty_splits(sizes, generated=True)
-        if empty:
-            raise self._empty_generated_error(empty)
+        self._refuse_empty_splits(sizes, None, "")
 
     def _checked_arrays(self) -> dict[str, np.ndarray]:
-        """`build_arrays`, refusing a split without examples (`_empty_splits`): it would be
-        cached and trusted by later runs (and training would fail far from the cause, or run no
-        step). A generated set has the sizes asked for (num_val=0 is allowed)."""
         arrays = self.build_arrays()
         sizes = {
-            name[: -len("_label")]: len(a) for name, a in arrays.items() if name.endswith("_label")
+            name.removesuffix("_label"): len(a)
+            for name, a in arrays.items()
+            if name.endswith("_label")
         }
-        empty = self._empty_splits(sizes)
         where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
-        if empty and self.generated is not None:
-            raise self._empty_generated_error(empty, where)
-        if empty:
-            raise SourceError(
-                f"{self.task}: the {', '.join(empty)} split(s) read from {where} hold no "
-                "examples, so these are not the task's files. Check data.source (or prepare's "
-                "source=) and the files under data.data_dir; nothing was cached."
-            )
+        self._refuse_empty_splits(
+            sizes,
+            where,
+            "Check data.source (or prepare's source=) and the files under data.data_dir; nothing "
+            "was cached.",
+        )
         return arrays
 
     def prepare_data(self) -> None:
@@ -343,18 +309,13 @@ class LRADataModule(pl.LightningDataModule):
             split: CachedArrayDataset(entry, self.split_aliases.get(split, split), **options)
             for split in SPLITS
         }
-        empty = self._empty_splits({split: len(d) for split, d in self.datasets.items()})
-        if empty and self.generated is not None:
-            raise self._empty_generated_error(empty, f"the cache entry {entry}")
-        if empty:
-            # Only an older version cached an empty split (from a source without the task's
-            # files, which it then also recorded in sources.json).
-            raise SourceError(
-                f"{self.task}: the cached arrays in {entry} hold no examples for "
-                f"{', '.join(empty)}: they were made from files that are not the task's. Delete "
-                f"{entry}, drop the {self.task!r} entry of {self.sources_record} if it names such "
-                "files, and run again."
-            )
+        # Only older versions cached an empty split (and recorded its source in sources.json).
+        self._refuse_empty_splits(
+            {split: len(d) for split, d in self.datasets.items()},
+            f"the cache entry {entry}",
+            f"Delete {entry}, drop the {self.task!r} entry of {self.sources_record} if it names "
+            "such files, and run again.",
+        )
         for split, alias in self.split_aliases.items():
             log.warning("%s has no %s split: %s uses the %s split", self.task, split, split, alias)
 

@@ -1,25 +1,16 @@
-"""LRA Image: CIFAR-10 in grayscale, one pixel per token, as a datamodule.
+"""LRA Image: CIFAR-10 in grayscale, one pixel per token (vocabulary 256), as a datamodule.
 
-Source (the CIFAR-10 "python version", not part of lra_release.gz), read as distributed:
-
-    <data_dir>/cifar-10-python.tar.gz        the archive, read in one streaming pass, or
-    <data_dir>/cifar-10-batches-py/          the folder it extracts to
-        data_batch_1 .. data_batch_5         50,000 training images -> 45k train / 5k val
-        test_batch                           10,000 test images
-
-Each batch file is a pickled dict with bytes keys: b"data" uint8 [N, 3072] (the R, G and B
-planes of a 32 x 32 image, each in raster order) and b"labels" (N ints 0-9). The validation split
-is a seeded random tenth of the training batches (`data.split_seed`).
-
-Tokens are grayscale values 0-255 computed as torchvision's `Grayscale` computes them on uint8
-tensors (`rgb_to_grayscale` below), 1024 per image, vocabulary 256.
+Source: the CIFAR-10 "python version" (not in lra_release.gz), `cifar-10-python.tar.gz` (read in
+one streaming pass) or the `cifar-10-batches-py/` it extracts to. data_batch_1..5 give 45k train
+and 5k val images (a tenth drawn with `data.split_seed`), test_batch 10k test images. Grayscale
+is computed as torchvision's `Grayscale` computes it on uint8 tensors.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +40,8 @@ GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
 
 
 def rgb_to_grayscale(planes: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3, H, W] (R, G, B planes) -> uint8 [..., H, W], as torchvision's
-    `rgb_to_grayscale` does on uint8 tensors: the weighted sum in float32, then a cast that
-    truncates (so white 255,255,255 becomes 254 and 1,1,1 becomes 0)."""
+    """uint8 [..., 3, H, W] (R, G, B planes) -> uint8 [..., H, W] as torchvision computes it: the
+    weighted sum in float32, then a truncating cast (white becomes 254)."""
     planes = np.asarray(planes)
     if planes.dtype != np.uint8 or planes.ndim < 3 or planes.shape[-3] != 3:
         raise ValueError(f"expected uint8 [..., 3, H, W], got {planes.dtype} {planes.shape}")
@@ -70,8 +60,7 @@ def how_to_get(data_dir: Path) -> str:
 
 
 def read_cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels uint8 [N, 3072] and labels uint8 [N] of one pickled batch file (`where` names it
-    in errors)."""
+    """Pixels uint8 [N, 3072] and labels uint8 [N] of one pickled batch file named `where`."""
     fix = f"Replace it with the file from {URL}."
     try:
         batch = pickle.loads(blob, encoding="bytes")
@@ -98,47 +87,20 @@ def read_cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageDataModule(PixelDataModule):
-    """CIFAR-10 grayscale from `cifar-10-python.tar.gz` or `cifar-10-batches-py/` under data_dir
-    (or `source`). `split_seed` draws the validation tenth of the training batches;
-    `pixel_zero_is_pad` and `patch_order` are the fidelity switches of mra_lra/data/pixels.py."""
+    """CIFAR-10 grayscale; `split_seed` draws the validation tenth of the training batches."""
 
     task = "image"
     num_classes = 10
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        source: str | None = None,
-        *,
-        split_seed: int,
-        pixel_zero_is_pad: bool,
-        patch_order: Sequence[int] | None,
-    ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            max_length,
-            num_workers,
-            pin_memory,
-            source,
-            side=SIDE,
-            pixel_zero_is_pad=pixel_zero_is_pad,
-            patch_order=patch_order,
-        )
+    def __init__(self, *args: Any, split_seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, side=SIDE, **kwargs)
         self.split_seed = split_seed
-        self._tree: SourceTree | None = None
 
-    @property
+    @cached_property
     def tree(self) -> SourceTree:
-        if self._tree is None:
-            self._tree = locate_source(
-                self.data_dir, self.source, ANCHOR, CANDIDATES, how_to_get(self.data_dir)
-            )
-        return self._tree
+        return locate_source(
+            self.data_dir, self.source, ANCHOR, CANDIDATES, how_to_get(self.data_dir)
+        )
 
     def ensure_sources(self) -> None:
         self.tree  # noqa: B018 (locating is the check)

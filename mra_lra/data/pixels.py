@@ -1,12 +1,8 @@
-"""What the pixel tasks (Image, Pathfinder, Path-X) share: the position order and the mask.
+"""What the pixel tasks (Image, Pathfinder, Path-X) share: two fidelity switches applied when
+batches are cut (the cache keeps raster order, so one entry serves every setting).
 
-Both are fidelity switches applied when batches are cut from the cached arrays (the cache keeps
-pixels in raster order, so one cache entry serves every setting):
-
-- `patch_order: [ph, pw]` reorders an H x W image so that each run of ph * pw consecutive tokens is
-  one ph x pw patch (patches in raster order, pixels in raster order inside a patch). With the MRA
-  paper's [4, 8] every 32-token block of MRA covers a 4 x 8 patch of the image instead of one
-  image row; on 128 x 128 (Path-X) the same patch shape keeps that property.
+- `patch_order: [ph, pw]` orders pixels patch by patch (both in raster order), so that with the
+  MRA paper's [4, 8] each 32-token MRA block covers a 4 x 8 patch instead of one image row.
 - `pixel_zero_is_pad: true` masks every black pixel, as the LRA reference code does by treating
   token id 0 as padding (most of a Pathfinder image is black).
 """
@@ -45,8 +41,8 @@ def pixel_dataset_options(
     pixel_zero_is_pad: bool,
     patch_order: Sequence[int] | None,
 ) -> dict[str, Any]:
-    """`CachedArrayDataset` keyword arguments for the two fidelity switches. Positions past the
-    image (when max_length > height * width) stay where they are."""
+    """`CachedArrayDataset` keyword arguments for the two switches; positions past the image
+    stay where they are."""
     options: dict[str, Any] = {"mask_mode": "nonzero" if pixel_zero_is_pad else "length"}
     if patch_order is not None:
         num_pixels = height * width
@@ -64,9 +60,8 @@ def pixel_dataset_options(
 def pixel_arrays(
     images: np.ndarray, labels: np.ndarray, max_length: int, what: str
 ) -> dict[str, np.ndarray]:
-    """The cache arrays of one split from uint8 images [N, H*W] in raster order: `input_ids`
-    [N, max_length] (pixel value = token id, zero-padded or truncated), `length` [N] (the pixel
-    count, so the default mask covers the whole image) and `label` uint8 [N]."""
+    """The cache arrays of one split from uint8 images [N, H*W] in raster order (pixel value =
+    token id); `length` is the pixel count, so the default mask covers the whole image."""
     num, num_pixels = images.shape
     kept = min(num_pixels, max_length)
     if kept < num_pixels:
@@ -87,25 +82,20 @@ def pixel_arrays(
 
 
 class PixelDataModule(LRADataModule):
-    """A grayscale image task (Image, Pathfinder, Path-X): one token per pixel (0-255) of a
-    `side` x `side` image, with the two fidelity switches above applied to its batches."""
+    """A grayscale image task: one token per pixel (0-255) of a `side` x `side` image. Other
+    arguments are LRADataModule's."""
 
     vocab_size = 256
 
     def __init__(
         self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        source: str | None = None,
-        *,
+        *args: Any,
         side: int,
         pixel_zero_is_pad: bool,
         patch_order: Sequence[int] | None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
+        super().__init__(*args, **kwargs)
         self.side = side
         self.pixel_zero_is_pad = pixel_zero_is_pad
         self.patch_order = None if patch_order is None else [int(v) for v in patch_order]

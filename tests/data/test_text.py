@@ -301,5 +301,7 @@ def test_empty_split_cached_by_an_older_version_is_an_error(tmp_path, monkeypatc
     dm = make_dm(tmp_path)
     dm.prepare_data()
     (entry,) = cache_entries(tmp_path, "text")
-    with pytest.raises(SourceError, match=f"hold no examples for train, val, test.*Delete {entry}"):
+    with pytest.raises(
+        SourceError, match=f"train, val, test split.*hold no examples.*Delete {entry}"
+    ):
         dm.setup()

@@ -1,37 +1,19 @@
 """Reformer LSH attention (Kitaev et al., ICLR 2020): shared query-key, hashed into buckets.
 
-Shared QK: the keys are the queries, normalised to unit length (k_j = q_j / |q_j|), and the score
-is s_ij = q_i . k_j, unscaled, as in the paper's code; the `k` argument is not used (its
-projection in the encoder gets no gradient). Per hash round:
+Keys are the queries normalised to unit length (the `k` argument is unused) and the score
+q_i . k_j is unscaled, as in the paper's code. Per hash round: angular LSH, bucket(x) =
+argmax([x R, -x R]) with R Gaussian, drawn anew at every call from torch's global RNG; sort by
+(bucket, position); chunks of chunk_size attend to themselves and to the chunk before (wrapping
+around), keys of other buckets unmasked, as the Hugging Face port. A token sees itself only when
+no other real key is there (-1e5; padding -1e9, sorted after every real token of its bucket).
+Rounds are merged by their softmax normalisers (no de-duplication). O(num_hashes n chunk_size d).
 
-1. angular LSH: bucket(x) = argmax([x R, -x R]) with R [d, num_buckets / 2] Gaussian, drawn anew
-   on every call from torch's global RNG (as Reformer does; seed it for reproducible outputs);
-2. sort the tokens by (bucket, position) and cut the sorted order into chunks of chunk_size;
-3. each chunk attends to itself and to the chunk before it (wrapping around), which is where the
-   rest of a bucket that straddles a chunk boundary lies. Keys of other buckets in those two
-   chunks are not masked (as in the Hugging Face port).
-
-A token does not attend to itself unless it sees no other real key (score -1e5 instead of s_ii;
-padded keys get -1e9). The rounds are merged by their softmax normalisers:
-out_i = sum_r exp(lse_r(i) - logsumexp_r lse_r(i)) out_r(i), so a pair met in several rounds
-counts several times (no de-duplication, as in the Hugging Face port).
-
-Padding (and the tokens added to reach a multiple of chunk_size) sorts after every real token in
-its own bucket, so it never moves a real token between chunks. Cost O(num_hashes n chunk_size d).
-With num_buckets = 1 and chunk_size >= n it is softmax over the shared-QK scores.
-
-Defaults (conf/attn/reformer.yaml): chunk_size 64, the Hugging Face ReformerConfig default
-(lsh_attn_chunk_length 64, one chunk before, none after; transformers 3.3.1, the version the
-Nystromformer LRA code names) that the MRA and Nystromformer Reformer wrappers run, since they
-set only heads, sizes and num_hashes: each query scores 2 * 64 keys. num_buckets null means
-2 * ceil(n / chunk_size) (the paper's choice: buckets of chunk_size / 2 tokens on average).
-Hugging Face's rule (num_buckets None) differs: the largest power of two <= 2 * floor(n /
-chunk_size), split into two factors hashed separately (same product) once it exceeds
-2 * max(floor(sqrt(max_length / chunk_size)), chunk_size) (128 at chunk 64), and fixed at the
-first call's n. The counts agree when n is a power-of-two multiple of chunk_size (n = 1024,
-2048, 4096, 16384 -> 32, 64, 128, 512 buckets at chunk 64; Hugging Face factors 512 as 16 x 32)
-and differ otherwise: n = 2000 gives 64 here and 32 there, n = 1025 (a CLS token on 1024) 34 and
-32. Set num_buckets to pin a count.
+chunk_size 64 is Hugging Face's default (transformers 3.3.1), which the MRA and Nystromformer
+wrappers run. num_buckets null means 2 ceil(n / chunk_size) (the paper's: chunk_size / 2 tokens
+per bucket on average). Hugging Face's rule (a power of two fixed at the first call, factored
+once large) agrees when n is a power-of-two multiple of chunk_size and differs otherwise (n =
+2000: 64 here, 32 there); set num_buckets to pin a count. With num_buckets = 1 and chunk_size >=
+n it is softmax over the shared-QK scores.
 """
 
 from __future__ import annotations
@@ -42,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 SELF_SCORE = -1e5  # a token's score for itself: it wins only over padding
@@ -58,10 +40,7 @@ def _look_back(x: torch.Tensor) -> torch.Tensor:
 class ReformerAttention(nn.Module):
     def __init__(self, num_hashes: int = 2, chunk_size: int = 64, num_buckets: int | None = None):
         super().__init__()
-        if num_hashes < 1:
-            raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_at_least(1, num_hashes=num_hashes, chunk_size=chunk_size)
         if num_buckets is not None and (num_buckets < 1 or (num_buckets > 1 and num_buckets % 2)):
             raise ValueError(
                 f"num_buckets must be 1, an even number (angular LSH uses +-rotations) or null "
@@ -72,14 +51,12 @@ class ReformerAttention(nn.Module):
         self.num_buckets = num_buckets
 
     def buckets_for(self, n: int) -> int:
-        if self.num_buckets is not None:
-            return self.num_buckets
-        return 2 * math.ceil(n / self.chunk_size)
+        return self.num_buckets or 2 * math.ceil(n / self.chunk_size)
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         R, c = self.num_hashes, self.chunk_size
         nc = math.ceil(n / c)

@@ -1,57 +1,25 @@
 """Sparse Sinkhorn attention (Tay et al., ICML 2020), with the LRA code's settings.
 
-The sequence is cut into blocks of `block_size` tokens, K_l and V_l being the keys and values of
-block l. A sorting network scores, from the sum of each block's keys, which blocks to bring next
-to it, and each block gets a "sorted" block that is a soft mix of all blocks:
+n is cut into blocks of `block_size` (K_l, V_l: block l's keys and values). A sorting network
+scores from each block's key sum which blocks to bring next to it, and mixes them softly:
 
-    s_n = sum of the real keys of block n                          [d]
-    P[n, :] = softmax_l(s_n . W[:, l] / temperature)  over the blocks l holding a real token
+    P[n, :] = softmax_l(s_n . W[:, l] / temperature)   (s_n: sum of block n's real keys)
     K~_n = sum_l P[n, l] K_l,   V~_n = sum_l P[n, l] V_l
+    out_i = softmax(q_i K_n^T / sqrt(d)) V_n + softmax(q_i K~_n^T / sqrt(d)) V~_n   (x + sorted_x)
 
-A query i of block n attends to the keys of its own block and to those of the sorted block, in
-two separate softmaxes whose outputs are added (the LRA code's `x + sorted_x`):
+O(n b d + n nb d). Settings from google-research/long-range-arena (models/sinkhorn_transformer/):
+block_size 50 (ListOps, Text, Retrieval; CIFAR-10 and Pathfinder set 64); sort_activation softmax,
+which every LRA run uses (`sinkhorn` runs `sinkhorn_iterations` log-space row-then-column
+normalisations, as its sinkhorn_operator); soft sorting also in evaluation, no Gumbel noise; W
+[head_dim, blocks] shared by the heads, no bias, Xavier-uniform.
 
-    out_i = softmax(q_i K_n^T / sqrt(d)) V_n + softmax(q_i K~_n^T / sqrt(d)) V~_n
-
-Cost O(n b d) for the two block attentions and O(n nb d) for the mix (nb = n / b blocks).
-
-Settings, from google-research/long-range-arena (lra_benchmarks/models/sinkhorn_transformer/):
-- block_size 50: the default of SinkhornTransformerEncoder, which ListOps, Text and Retrieval
-  use; the CIFAR-10 and Pathfinder configs set `model.block_size = 64`.
-- sort_activation softmax: `SinkhornAttention` defaults to `sort_activation='softmax'` and the
-  encoder never passes another, so the LRA runs sort with a softmax over each row, with no
-  Sinkhorn iterations. `sinkhorn` runs `sinkhorn_iterations` rounds of log-space normalisation of
-  the scores / temperature, rows (over l) then columns (over n), as LRA's `sinkhorn_operator`
-  (whose defaults are 1 iteration, temperature 1).
-- Soft sorting in training and evaluation alike: the LRA code has no hard permutation at
-  evaluation and no Gumbel noise.
-- W is [head_dim, number of blocks], shared by the heads, without bias, Xavier-uniform (LRA:
-  `nn.DenseGeneral` with `bias=False` and the block's `xavier_uniform` kernel init).
-
-Departures from the LRA code (each also a departure from what it computes):
-- LRA's mix `einsum('bskhd,bnhl->bsnhd', block_key, permutation)` names the key-block index k
-  and the permutation's column l differently, so it sums the keys over all blocks and each
-  permutation row over its columns (1 for a softmax): every query block attends to the sum of all
-  key blocks, and the sorting network gets no gradient. We mix the blocks by P, as the paper
-  describes (its sorted mask, the same kind of einsum, is replaced by the rule below).
-- LRA reshapes [n] into [block_size, num_blocks], so its blocks are strided (block k holds tokens
-  k, k + nb, k + 2 nb, ...), while it cuts the padding mask into contiguous blocks. Our blocks
-  are contiguous, the paper's layout and the one LRA's mask assumes.
-- W has one column per block of max_length (ceil(max_length / block_size)); LRA's sort network
-  has a fixed 25 (`max_num_blocks`), fewer than the 40 blocks of ListOps at 50, which its code
-  only survives because of the einsum above. For n < max_length the first columns are used;
-  n > max_length is an error.
-- Without LRA's final clip of the log-values to [-1, 1] in `sinkhorn_operator` (it leaves every
-  entry between 1/e and e, no longer a normalised matrix); `temperature` also divides the
-  scores of the softmax sort (LRA: only Sinkhorn's; the default 1 makes them agree).
-- No attention dropout (LRA: 0.1 on both softmaxes); our other attentions take none either.
-- Padding: padded keys and values are zeroed before the block sums and the mix; blocks with no
-  real token take no part in the sort (their rows and columns of P are 0); slot s of sorted
-  block n is masked when no real token enters it (sum_l P[n, l] [slot s of block l is real] is
-  0), so with a hard P the sorted block has exactly the real keys of the block P picks. n is
-  padded up to whole blocks inside (LRA needs n to be a multiple of the block size). Padded
-  queries output zero.
-- Computed in at least float32 under autocast.
+Departures: LRA's mix einsum names the block index and P's column differently, so every block
+attends to the sum of all key blocks and the sorting network gets no gradient; we mix by P, as the
+paper. LRA's blocks are strided (its reshape) under a contiguous padding mask; ours are
+contiguous. W has one column per block of max_length (LRA: a fixed 25); n > max_length is an
+error. No clip of the Sinkhorn log-values to [-1, 1]; temperature also divides the softmax
+sort's scores. No attention dropout (LRA: 0.1). Blocks without a real token take no part in the
+sort, and slot s of a sorted block is masked when no real token enters it.
 """
 
 from __future__ import annotations
@@ -62,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 SORT_ACTIVATIONS = ("softmax", "sinkhorn")
@@ -80,19 +48,12 @@ class SinkhornAttention(nn.Module):
         temperature: float = 1.0,
     ):
         super().__init__()
-        if head_dim is None or max_length is None or head_dim < 1 or max_length < 1:
-            raise ValueError(
-                f"sinkhorn needs head_dim >= 1 and max_length >= 1 (the encoder passes them in "
-                f"`context`), got head_dim={head_dim}, max_length={max_length}"
-            )
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_at_least(1, max_length=max_length, head_dim=head_dim, block_size=block_size)
         if sort_activation not in SORT_ACTIVATIONS:
             raise ValueError(
                 f"sort_activation must be one of {SORT_ACTIVATIONS}, got {sort_activation!r}"
             )
-        if sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
+        check_at_least(1, sinkhorn_iterations=sinkhorn_iterations)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.max_length = max_length

@@ -1,37 +1,19 @@
 """Sparse Transformer (Child et al., 2019): the fixed pattern, as the LRA code merges it.
 
-The LRA code (google-research/long-range-arena, lra_benchmarks/models/sparse_transformer/
-sparse_attention.py) builds the mask as the union of the fixed scheme's two patterns, which the
-paper gives to two different heads, and applies it to every head:
-- Fixed1Pattern(block_size): query i sees every key j of its own block, i // b == j // b;
-- Fixed2Pattern(block_size, c): every query sees the summary columns, the keys j with
-  j mod b == 0 or j mod b >= b - c: the first and the last c positions of every block (the
-  paper has only the last c; the LRA code adds the first).
-LRA trains it with b = 50 and c = 10 (`get_model` in lra_benchmarks/utils/train_utils.py; the
-classes' own default, 128 and 32, is the paper's EnWik8 setting): 50 block keys plus 11 summary
-columns per 50 tokens. With a CLS token (`use_cls_token`, set when the pooling is CLS) the LRA
-code builds the pattern on the n - 1 tokens after it and lets the CLS token see every key and be
-seen by every query; `prefix_tokens` (from the encoder: 1 with `model.pooling=cls`) does the same.
+google-research/long-range-arena (models/sparse_transformer/sparse_attention.py) applies to every
+head the union of the fixed scheme's two patterns (two different heads in the paper): query i
+sees the keys of its own block (i // b == j // b) and every query sees the summary columns, the
+first and the last c positions of every block (j mod b == 0 or j mod b >= b - c; the paper has
+only the last c). LRA trains it with b = 50 and c = 10 (`get_model` in utils/train_utils.py). As
+its `use_cls_token`, `prefix_tokens` (1 with `model.pooling=cls`) builds the pattern on the
+tokens after the CLS token, which sees every key and is seen by every query.
 
-Conventions and departures:
-- Bidirectional by default. The LRA code intersects every pattern with a lower-triangular mask
-  ("all attention patterns are causal"), in its encoders too, so the published LRA numbers come
-  from the causal pattern; `causal=true` gives it (the CLS token still sees every key there, as
-  in the LRA code). Without it a query sees its whole block and every block's summary columns.
-- `summary_size` is the paper's c; 0 <= c < block_size. c = block_size - 1 makes every key a
-  summary column (softmax attention); so does a block of n tokens or more.
-- A key is scored once per query: the summary columns of a query's own block are already in its
-  block part and are not counted again.
-- Padded keys get no weight; padded queries output zero. A real query always sees itself, and a
-  fully padded row outputs zero, not NaN. n is padded to whole blocks inside and cut back.
-- Computed in float32 (or float64) with autocast off, also under bf16-mixed training.
-- No dropout on the attention probabilities (the spec gives attention dropout to softmax only;
-  the LRA code drops them at the model's attention dropout rate).
-
-Cost: each query block scores against its own b keys and against the p prefix keys and the
-S ~ (c + 1) n / b summary keys (gathered once, [B, H, p + S, d]), so the scores are
-[B, H, n, b + p + S], n x (50 + 0.22 n) at LRA's settings: the pattern's own size (the fixed
-scheme is O(n sqrt n) for b ~ sqrt n), nothing n x n. The prefix tokens' rows are dense (p x n).
+The LRA code intersects every pattern with a causal mask, in its encoders too, so its published
+numbers are causal: `causal=true` gives that; the default is bidirectional. A key is scored once
+per query (own-block summary columns are not counted again); c = block_size - 1, or a block of n
+tokens or more, is softmax. Computed in float32 with autocast off; no dropout on the
+probabilities (LRA's has it). Scores are [B, H, n, b + p + S] with S ~ (c + 1) n / b summary
+keys: the pattern's own size (O(n sqrt n) for b ~ sqrt n), nothing n x n.
 """
 
 from __future__ import annotations
@@ -42,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -63,15 +45,13 @@ class SparseTransformerAttention(nn.Module):
         prefix_tokens: int = 0,
     ):
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_at_least(1, block_size=block_size)
+        check_at_least(0, prefix_tokens=prefix_tokens)
         if not 0 <= summary_size < block_size:
             raise ValueError(
                 f"summary_size (the paper's c) must be in [0, block_size), got {summary_size} "
                 f"with block_size={block_size}"
             )
-        if prefix_tokens < 0:
-            raise ValueError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
         self.block_size = block_size
         self.summary_size = summary_size
         self.causal = causal
@@ -80,7 +60,7 @@ class SparseTransformerAttention(nn.Module):
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         p = min(self.prefix_tokens, n)  # global tokens ahead of the pattern (CLS)
         m = n - p  # tokens under the fixed pattern

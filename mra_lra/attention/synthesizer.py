@@ -5,43 +5,19 @@ Per head h, the logits are a sum of terms, then a softmax over the real keys:
 
     logits = q k^T / sqrt(d)                  (dot_product: true)
            + R_h[:n, :n]                      (mode random: R_h learned, [max_length, max_length])
-           + (R1_h R2_h)[:n, :n]              (mode factorized_random: R1_h [max_length, r],
-                                               R2_h [r, max_length], r = factorized_rank)
+           + (R1_h R2_h)[:n, :n]              (mode factorized_random: factorized_rank, LRA's k)
            + relu(q'_i W1)_h W2[:, :n]        (mode dense: row i from token i alone, below)
-    out = softmax(logits) v
 
-`mode` joins terms with "+" ("dense+random", "dense+factorized_random"), as LRA's
-`synthesizer_mode` strings do. R does not depend on the input: with dot_product false and mode
-random, q and k are not used at all.
+`mode` joins terms with "+" ("dense+random"), as LRA's `synthesizer_mode`. Every LRA run computes
+mode random with the dot product (google-research/long-range-arena models/synthesizer/: the
+encoder's defaults; text's config sets other values its train.py never reads). Initialisation as
+flax's xavier_uniform on these shapes, no biases. Sized from the model's max_length (one more with
+a CLS token, as LRA's `max_len += 1`); n > max_length is an error.
 
-Settings, from google-research/long-range-arena (lra_benchmarks/models/synthesizer/):
-- mode random with dot_product true is what every LRA run computes: `SynthesizerEncoder` defaults
-  to `synthesizer_mode='random'`, `ignore_dot_product=False`; ListOps, Text and Retrieval pass
-  neither (text's config sets `synthesizer_mode = "factorized_random"`, `ignore_dot_product =
-  True` and `k = 32` at the config's top level, which its train.py never reads), and the CIFAR-10
-  and Pathfinder configs set `model.synthesizer_mode = "random"`. R is then the paper's "Random"
-  synthesizer mixed with the vanilla dot product.
-- factorized_rank 32 (LRA's `k`).
-- Initialisation as flax's `xavier_uniform` (the LRA block's kernel init) gives these shapes:
-  R_h ~ U(+-sqrt(3 / (H L))) (flax's fans of an [H, L, L] tensor are H L each), R1 and R2 ~
-  U(+-sqrt(6 / (H (L + r)))), W1 ~ U(+-sqrt(3 / (H d))), W2 ~ U(+-sqrt(6 / (d + L))); no biases
-  (the LRA block passes `bias=False`). L = max_length, H = num_heads, d = head_dim.
-- Sized from the model's max_length (the encoder's, one more with a CLS token, as LRA's
-  `max_len += 1`); for n < max_length the first n rows and columns are used, n > max_length is
-  an error. Non-causal.
-
-Departures from the LRA code:
-- Dense synthesizer from q, not from the layer input x: our attentions receive q, k and v only.
-  LRA computes relu(x W1) W2 with W1: [width, H d] and W2: [d, L] shared by the heads; we compute
-  relu(q' W1) W2 with q' the concatenation of token i's queries over the heads ([H d], a linear
-  function of x) and W1: [H d, H d], so the dense logits are those of the original applied to
-  x W_q (+ b_q).
-- LRA turns the dense logits [B, n, H, L] into [B, H, n, L] with a reshape, which mixes tokens
-  and heads; we transpose.
-- Padded keys are always masked. LRA adds its padding bias only when the dot product is on
-  (with `ignore_dot_product=True` it masks nothing).
-- No attention dropout (LRA: 0.1); our other attentions take none either.
-- Computed in at least float32 under autocast. A fully padded row outputs zero.
+Departures: the dense term is computed from q' (token i's queries over all heads, a linear
+function of x) with W1 [H d, H d], since our attentions receive only q, k, v (LRA: relu(x W1) W2
+from the layer input); LRA's reshape of the dense logits mixes tokens and heads, we transpose.
+Padded keys are always masked (LRA: only with the dot product on). No attention dropout.
 """
 
 from __future__ import annotations
@@ -52,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 TERMS = ("random", "factorized_random", "dense")
@@ -74,14 +50,7 @@ class SynthesizerAttention(nn.Module):
         factorized_rank: int = 32,
     ):
         super().__init__()
-        for key, value in (("max_length", max_length), ("head_dim", head_dim)):
-            if value is None or value < 1:
-                raise ValueError(
-                    f"synthesizer needs {key} >= 1 (the encoder passes it in `context`), got "
-                    f"{value}"
-                )
-        if num_heads is None or num_heads < 1:
-            raise ValueError(f"synthesizer needs num_heads >= 1, got {num_heads}")
+        check_at_least(1, max_length=max_length, head_dim=head_dim, num_heads=num_heads)
         terms = mode.split("+")
         if (
             not set(terms) <= set(TERMS)
@@ -92,8 +61,7 @@ class SynthesizerAttention(nn.Module):
                 f"mode must be one of {TERMS} or 'dense' joined with a random one by '+' "
                 f"(e.g. 'dense+random'), got {mode!r}"
             )
-        if factorized_rank < 1:
-            raise ValueError(f"factorized_rank must be >= 1, got {factorized_rank}")
+        check_at_least(1, factorized_rank=factorized_rank)
         self.max_length = max_length
         self.mode = mode
         self.dot_product = bool(dot_product)

@@ -1,23 +1,13 @@
 """ListOps: the release's TSV files (or generated ones), tokenised into a cache, as a datamodule.
 
-Layout under `data_dir`:
-
     lra_release.gz, or lra_release/[lra_release/]listops-1000/basic_{train,val,test}.tsv
-                                                  the release's files, read first
-    generated/listops/<key>/basic_{train,val,test}.tsv, .generated.json
-                                                  generated sets, used only without the release;
-                                                  <key> hashes the generator settings recorded in
-                                                  .generated.json
-    cache/listops/<key>/                          token arrays, keyed by what made them
+                                          the release's files, read first
+    generated/listops/<key>/              sets generated without the release; <key> hashes the
+                                          generator settings recorded in its .generated.json
 
-A folder holding `.generated.json` is a generated set wherever it is (also at `source=`), and
-never read as the release. Versions before this layout generated into
-`lra_release/listops-1000/`, where the release is looked for: such a set (recognised by its
-`.generated.json`) is moved to `generated/listops/<key>/` on the next run, so that a release put
-into data_dir later is read.
-
-Tokens: pad 0, digits 0-9 -> 1..10, `[MIN [MAX [MED [SM` -> 11..14, `]` -> 15; parentheses are
-dropped, so a sequence has as many tokens as its tree's length.
+A folder holding `.generated.json` is a generated set wherever it is (also at `source=`), never
+the release. Tokens: pad 0, digits 0-9 -> 1..10, `[MIN [MAX [MED [SM` -> 11..14, `]` -> 15;
+parentheses are dropped.
 """
 
 from __future__ import annotations
@@ -76,24 +66,20 @@ NOT_LRA = "Accuracies on it are not LRA ListOps numbers."
 
 
 def listops_dir(data_dir: str | os.PathLike) -> Path:
-    """Where an extracted release may keep the ListOps files: `<data_dir>/lra_release/listops-1000`
-    (generated sets lived here before they got their own folder)."""
+    """Where an extracted release keeps the ListOps files (and older versions generated them)."""
     return Path(data_dir) / "lra_release" / "listops-1000"
 
 
 def generated_root(data_dir: str | os.PathLike) -> Path:
-    """The folder of generated ListOps sets: `<data_dir>/generated/listops`."""
     return Path(data_dir) / "generated" / "listops"
 
 
 def generated_dir(data_dir: str | os.PathLike, settings: dict[str, Any]) -> Path:
-    """Where the set generated with `settings` (`generator_settings(...)`) lives."""
     return generated_root(data_dir) / cache_key(settings)
 
 
 def read_sidecar(directory: Path) -> dict[str, Any] | None:
-    """The generator settings recorded in `directory` (None when it holds no sidecar: not a
-    generated set)."""
+    """The generator settings recorded in `directory`, or None: not a generated set."""
     sidecar = directory / SIDECAR_NAME
     if not sidecar.is_file():
         return None
@@ -114,11 +100,9 @@ def _is_complete(directory: Path) -> bool:
 
 
 def move_legacy_generated(data_dir: str | os.PathLike) -> Path | None:
-    """Move a set that an older version generated into `<data_dir>/lra_release/listops-1000`
-    (recognised by its sidecar), where the release is looked for, to `generated/listops/<key>/`;
-    returns where it went, or None when there was none. A set that is incomplete, that already
-    has a copy there, or that cannot be renamed there (another filesystem) is removed instead: it
-    is generated again when needed."""
+    """Move a set that an older version generated into `listops_dir` (where the release is
+    looked for) to `generated/listops/<key>/`, so that a release put there later is read; returns
+    where it went. One that is incomplete, already copied or on another filesystem is removed."""
     legacy = listops_dir(data_dir)
     settings = read_sidecar(legacy)
     if settings is None:
@@ -157,7 +141,6 @@ def move_legacy_generated(data_dir: str | os.PathLike) -> Path | None:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    """Remove `folder` (the lra_release/ that an older version made for its set) if empty."""
     try:
         folder.rmdir()
     except OSError:
@@ -173,9 +156,8 @@ def ensure_listops_files(
     max_length: int,
     seed: int,
 ) -> Path:
-    """Return the folder of the ListOps set generated with these settings,
-    `<data_dir>/generated/listops/<key>/`, generating it first (atomically) when it is not there.
-    `min_length` and `max_length` are the generator's exclusive length bounds."""
+    """The folder of the ListOps set generated with these settings, generating it first
+    (atomically) when missing. The length bounds are exclusive."""
     settings = generator_settings(num_train, num_val, num_test, min_length, max_length, seed)
     directory = generated_dir(data_dir, settings)
     if not directory.exists():
@@ -214,8 +196,8 @@ def _check_generated(directory: Path, settings: dict[str, Any]) -> None:
 
 
 def parse_listops_tsv(text: str, name: str) -> tuple[list[np.ndarray], list[int]]:
-    """Token ids (uint8, without padding) and labels of each row of a release-format TSV; `name`
-    is the file shown in errors. A malformed row raises ValueError naming the file and line."""
+    """Token ids (uint8, unpadded) and labels of each row of a release-format TSV; a malformed
+    row raises ValueError naming the file `name` and the line."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -247,59 +229,20 @@ def parse_listops_tsv(text: str, name: str) -> tuple[list[np.ndarray], list[int]
 
 
 def read_listops_tsv(path: str | os.PathLike) -> tuple[list[np.ndarray], list[int]]:
-    """`parse_listops_tsv` of a file."""
     return parse_listops_tsv(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[str, np.ndarray]:
-    """Arrays of one split: `input_ids` uint8 [N, max_length] padded with PAD_ID and truncated
-    to max_length (one warning counts the truncated rows), `label` uint8 [N] and `length` int32
-    [N], the length before truncation."""
+    """The cache arrays of one split (base.py), truncated to max_length."""
     token_ids, labels = parse_listops_tsv(text, name)
     input_ids, lengths = pad_sequences(token_ids, max_length, np.uint8, split)
     return {"input_ids": input_ids, "label": np.array(labels, dtype=np.uint8), "length": lengths}
 
 
-def _cache_options(
-    tree: SourceTree, max_length: int, generated: dict[str, Any] | None
-) -> dict[str, Any]:
-    if tree.is_archive:
-        files = {"archive": file_fingerprint(tree.path)}
-    else:
-        files = {split: file_fingerprint(split_path(tree.root, split)) for split in SPLITS}
-    options = {
-        "task": "listops",
-        "vocab_version": VOCAB_VERSION,
-        "max_length": max_length,
-        "files": files,
-    }
-    if generated is not None:
-        # Generated arrays never share an entry with the release's, even if the files' sizes
-        # and times happened to match.
-        options["generated"] = generated
-    return options
-
-
-def _build_arrays(tree: SourceTree, max_length: int) -> dict[str, np.ndarray]:
-    names = {split_path(Path(), split).name: split for split in SPLITS}
-    texts = tree.read_text_files(list(names))
-    arrays = {}
-    for file_name, split in names.items():
-        where = tree.where(file_name)
-        for key, array in tokenise_split(texts[file_name], where, max_length, split).items():
-            arrays[f"{split}_{key}"] = array
-    return arrays
-
-
 class ListOpsDataModule(LRADataModule):
-    """ListOps from the release's files, else generated into `<data_dir>/generated/listops/`.
-
-    Files are read from `source` when given, else from the release under data_dir
-    (`lra_release/listops-1000/`, a nested `lra_release/lra_release/listops-1000/`, or the
-    `lra_release.gz` archive), looked for anew on every run. Only when there is none is the set
-    generated with the `gen_*` / `num_*` settings used (generated first when missing). After
-    `prepare_data` or `setup`, `generated` holds the generator settings of the set in use, or
-    None for the release; the log says which, and the cache key depends on it."""
+    """ListOps from `source` or the release under data_dir (looked for on every run), else the
+    set generated with the `gen_*` / `num_*` settings. After `prepare_data` or `setup`,
+    `generated` holds the settings of the set in use, or None for the release."""
 
     task = "listops"
     num_classes = 10
@@ -307,20 +250,16 @@ class ListOpsDataModule(LRADataModule):
 
     def __init__(
         self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        num_workers: int,
+        *args: Any,
         num_train: int,
         num_val: int,
         num_test: int,
         gen_min_length: int,
         gen_max_length: int,
         seed: int,
-        pin_memory: bool = False,
-        source: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
+        super().__init__(*args, **kwargs)
         self.num_train = num_train
         self.num_val = num_val
         self.num_test = num_test
@@ -328,10 +267,8 @@ class ListOpsDataModule(LRADataModule):
         self.gen_max_length = gen_max_length
         self.seed = seed
         self._tree: SourceTree | None = None
-        self.generated: dict[str, Any] | None = None
 
     def _generator_args(self) -> dict[str, int]:
-        """The generator's keyword arguments (of ensure_listops_files and generator_settings)."""
         return {
             "num_train": self.num_train,
             "num_val": self.num_val,
@@ -342,7 +279,6 @@ class ListOpsDataModule(LRADataModule):
         }
 
     def _check_generator_options(self) -> None:
-        """Refuse settings the generator cannot honour, naming the options, before generating."""
         self._check_generated_sizes(
             {"train": self.num_train, "val": self.num_val, "test": self.num_test}
         )
@@ -414,7 +350,28 @@ class ListOpsDataModule(LRADataModule):
     def cache_options(self) -> dict[str, Any]:
         if self._tree is None:
             self._tree, self.generated = self._find_tree(generate=False)
-        return _cache_options(self._tree, self.max_length, self.generated)
+        tree = self._tree
+        if tree.is_archive:
+            files = {"archive": file_fingerprint(tree.path)}
+        else:
+            files = {split: file_fingerprint(split_path(tree.root, split)) for split in SPLITS}
+        options = {
+            "task": self.task,
+            "vocab_version": VOCAB_VERSION,
+            "max_length": self.max_length,
+            "files": files,
+        }
+        if self.generated is not None:
+            # Never the release's entry, even if the files' sizes and times happened to match.
+            options["generated"] = self.generated
+        return options
 
     def build_arrays(self) -> dict[str, np.ndarray]:
-        return _build_arrays(self._tree, self.max_length)
+        names = {split: split_path(Path(), split).name for split in SPLITS}
+        texts = self._tree.read_text_files(list(names.values()))  # one pass through an archive
+        arrays = {}
+        for split, name in names.items():
+            where = self._tree.where(name)
+            for key, array in tokenise_split(texts[name], where, self.max_length, split).items():
+                arrays[f"{split}_{key}"] = array
+        return arrays

@@ -1,26 +1,17 @@
 """The LRA ListOps generator (lra_benchmarks/data/listops.py), reimplemented with a seed.
 
-A tree node at depth t (root t = 1) is a leaf when t == MAX_DEPTH or when u > LEAF_THRESHOLD for
-u ~ U(0, 1): a uniform digit 0-9, length 1. Otherwise it is an operator node with k ~ U{2..MAX_ARGS}
-children at depth t + 1 and an operator uniform among MIN, MAX, MED, SM; its length is 2 (operator
-and `]`) plus its children's lengths. A tree is kept when min_length < length < max_length and it is
-not an exact duplicate of one kept before; the first num_train kept trees are train, then val,
-then test. Random draws happen in the reference's order (u, then digit or k, children, operator).
-
-Written form, as in the release: a node is the left-nested pairing ((((op, c1), c2), ...), `]`),
-each pair written `( left right )`, tokens separated by single spaces, e.g.
-`( ( ( [MAX 2 ) 9 ) ] )`.
-
-Most draws are small trees that are rejected, and the ones that grow past max_length would be
-rejected too: building stops as soon as a tree reaches max_length tokens, which keeps the
-rejection sampling cheap without changing which trees are kept.
+A node at depth t (root 1) is a leaf (a uniform digit, length 1) when t == MAX_DEPTH or u >
+LEAF_THRESHOLD for u ~ U(0, 1); otherwise an operator uniform among MIN, MAX, MED, SM with
+k ~ U{2..MAX_ARGS} children, length 2 (operator and `]`) plus theirs. Draws happen in the
+reference's order (u, then digit or k, children, operator). A tree is kept when min_length <
+length < max_length and it is not a duplicate; the first num_train kept are train, then val, then
+test. Written as the release writes it: `( ( ( [MAX 2 ) 9 ) ] )`. Building stops once a tree
+reaches max_length tokens (it would be rejected anyway), which keeps the sampling cheap.
 
     python -m mra_lra.data.listops_generator --out /tmp/listops_seed0 --seed 0
 
-Files are written with their settings in a `.generated.json` sidecar; mra_lra/data/listops.py
-reads any folder that has one as a generated set, never as the release. Training generates its
-own sets (under `<data_dir>/generated/listops/`) when the release is absent; this command is for
-looking at them or making one elsewhere.
+writes the files with their settings in a `.generated.json` sidecar (training generates its own
+under `<data_dir>/generated/listops/`; this command is for making one elsewhere).
 """
 
 from __future__ import annotations
@@ -35,11 +26,7 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from mra_lra.data.cache import (
-    building_dir,
-    commit_dir,
-    remove_stale_temp_dirs,
-)
+from mra_lra.data.cache import building_dir, commit_dir, remove_stale_temp_dirs
 from mra_lra.utils import atomic_open, atomic_write_json
 
 MAX_DEPTH = 10
@@ -66,16 +53,7 @@ class ListOpsExample(NamedTuple):
 
 
 class _TooLong(Exception):
-    """Raised inside tree building once the tree has reached max_length tokens."""
-
-
-def _median_int(values: list[int]) -> int:
-    """int(np.median(values)): an even count takes the mean of the two middle values, truncated."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[mid]
-    return (ordered[mid - 1] + ordered[mid]) // 2  # values are >= 0, so // truncates
+    pass
 
 
 def _apply(op: str, values: list[int]) -> int:
@@ -84,7 +62,10 @@ def _apply(op: str, values: list[int]) -> int:
     if op == "[MAX":
         return max(values)
     if op == "[MED":
-        return _median_int(values)
+        # int(np.median(values)), as the reference: the two middle values' mean, truncated.
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) // 2
     return sum(values) % 10
 
 
@@ -108,7 +89,7 @@ class _TreeBuilder:
             raise _TooLong
 
     def node(self, depth: int) -> tuple[str, int]:
-        """Return (written form, value) of a node at `depth`."""
+        """(written form, value) of a node at `depth`."""
         rng = self.rng
         u = rng.random() if depth < MAX_DEPTH else 1.0
         if u > LEAF_THRESHOLD:
@@ -126,8 +107,8 @@ class _TreeBuilder:
         return write_node(op, texts), _apply(op, values)
 
 
-# Draws in a row without a new distinct tree after which the length bounds are taken to allow too
-# few trees for the number asked (rather than drawing forever); a few seconds of drawing.
+# Draws in a row without a new tree after which the length bounds are taken to allow too few trees
+# (rather than drawing forever); a few seconds.
 STALL_DRAWS = 200_000
 
 
@@ -139,8 +120,8 @@ def generate_listops(
     seed: int = 0,
     progress: bool = True,
 ) -> list[ListOpsExample]:
-    """`num_samples` distinct trees with min_length < length < max_length (length = number of
-    tokens without parentheses), in the order they were drawn from a `random.Random(seed)`."""
+    """`num_samples` distinct trees with min_length < length < max_length (tokens without
+    parentheses), in the order they were drawn from a `random.Random(seed)`."""
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if not 0 <= min_length < max_length - 1:
@@ -186,8 +167,6 @@ def generate_splits(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, list[ListOpsExample]]:
-    """Draw num_train + num_val + num_test distinct trees; the first num_train are train, then
-    val, then test."""
     counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
     if any(n < 0 for n in counts.values()):
         raise ValueError(f"split sizes must be >= 0, got {counts}")
@@ -206,7 +185,7 @@ def generate_splits(
 
 
 def write_tsv(path: str | os.PathLike, examples: list[ListOpsExample]) -> None:
-    """Write the release's TSV atomically: header `Source<TAB>Target`, one example per line."""
+    """The release's TSV, written atomically."""
     with atomic_open(path) as f:
         f.write(TSV_HEADER + "\n")
         for ex in examples:
@@ -214,7 +193,6 @@ def write_tsv(path: str | os.PathLike, examples: list[ListOpsExample]) -> None:
 
 
 def split_path(directory: str | os.PathLike, split: str) -> Path:
-    """`<directory>/basic_<split>.tsv`, the release's file name."""
     return Path(directory) / f"basic_{split}.tsv"
 
 
@@ -233,11 +211,6 @@ def generator_settings(
     }
 
 
-def _written(out_dir: Path) -> list[Path]:
-    names = [split_path(out_dir, s) for s in SPLITS] + [out_dir / SIDECAR_NAME]
-    return [p for p in names if p.exists()]
-
-
 def write_listops_files(
     out_dir: str | os.PathLike,
     num_train: int,
@@ -249,23 +222,16 @@ def write_listops_files(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Generate the three splits as `basic_{train,val,test}.tsv` plus the `.generated.json`
-    sidecar with the settings, into `out_dir`, which must not exist or be empty.
-
-    Atomic: everything is written into a temporary folder beside `out_dir` that is renamed to
-    `out_dir` as the last step, so an interrupted generation leaves no `out_dir` (its temporary
-    folder is removed by the next call, see mra_lra/data/cache.py) and a rerun starts afresh.
-    Raises FileExistsError rather than overwrite, also when another process wrote `out_dir`
-    meanwhile."""
+    """Generate `basic_{train,val,test}.tsv` and the settings sidecar into `out_dir`, a new or
+    empty folder, atomically (built beside it and renamed: see cache.py). Raises FileExistsError
+    rather than overwrite, also when another process wrote `out_dir` meanwhile."""
     out_dir = Path(out_dir)
-    existing = _written(out_dir)
+    existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if existing:
         raise FileExistsError(
-            f"{', '.join(str(p) for p in existing)} already exist; delete them or choose "
-            "another output folder"
+            f"{out_dir} is not empty ({', '.join(existing)} already exist); choose a new or empty "
+            "output folder"
         )
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty; choose a new or empty output folder")
     splits = generate_splits(
         num_train,
         num_val,

@@ -1,35 +1,22 @@
 """YOSO (Zeng et al., ICML 2021): Bernoulli sampling attention through LSH, in plain torch.
 
-Queries and keys are put on the unit sphere. A hash of tau random hyperplanes (signs of x . r_t)
-puts q_i and k_j in the same bucket with probability
+On the unit sphere, a hash of tau random hyperplanes (tau = hash_code_len) puts q_i and k_j in
+one bucket with probability E[B_ij] = (1 - arccos(q_i . k_j) / pi)^tau, the softmax weight's
+stand-in. With m = num_hashes hashes h:
 
-    E[B_ij] = (1 - arccos(q_i . k_j) / pi)^tau          (tau = hash_code_len)
+    Y_i = 1/m sum_h sum_j [h(q_i) = h(k_j)] v_j     (sampled, O(m n d); expectation: E[B] v)
+    out_i = Y_i / |Y_i|                              (no softmax normaliser, as YOSO's LRA code)
 
-which plays the role of the softmax weight. With m independent hashes h (m = num_hashes):
+Per hash, values are summed into buckets by key code and read back by query code; where 2^tau >
+2n the codes are first renumbered to [0, 2n). Hyperplanes are drawn afresh at every call from
+torch's global RNG, as in the published code. Backward (YOSO's): q and k get the gradient of the
+expectation form with the paper's lower-variance (tau / 2) E[B] k for d/dq E[B] (the exact one
+blows up at q . k = +-1):
 
-    Y_i = 1/m sum_h sum_j [h(q_i) = h(k_j)] v_j           (sampled, O(m n d))
-    Y_i = sum_j E[B_ij] v_j                               (expectation, O(n^2 d): a reference)
-    out_i = Y_i / |Y_i|
+    dq_i = tau/2 sum_j E[B_ij] (g_i . v_j) k_j,   dk_j = tau/2 sum_i E[B_ij] (g_i . v_j) q_i
 
-Per hash, the values are summed into 2^tau buckets by key code (scatter_add) and read back by
-query code (gather), so nothing n x n is formed; where 2^tau > 2n the codes are first renumbered
-to [0, 2n) by a sort, so that the tables stay O(n). There is no softmax normaliser: as in YOSO's
-LRA code, each output row is L2-normalised instead. Padded keys are left out of the buckets;
-padded queries output zero.
-
-Backward (YOSO's): the hash codes have no gradient, so q and k get the gradient of the
-expectation form, with d/dq (1 - arccos(q . k)/pi)^tau replaced by the paper's lower-variance
-(tau / 2) E[B] k (the exact derivative blows up at q . k = +-1):
-
-    dq_i = tau/2 sum_j E[B_ij] (g_i . v_j) k_j,   dk_j = tau/2 sum_i E[B_ij] (g_i . v_j) q_i,
-    dv_j = sum_i E[B_ij] g_i.
-
-The sampled form estimates each sum with the forward's own collisions (unbiased for the
-expectation form's gradient, O(m n d^2) through per-bucket outer products); dv is then the exact
-gradient of the sampled forward. The expectation form computes them densely.
-
-Hyperplanes are drawn afresh at every call from torch's global RNG ([B*H, d, m * tau] Gaussians),
-in training and evaluation alike, as in the published code.
+which the sampled form estimates with the forward's own collisions (per-bucket outer products,
+O(m n d^2)); dv is the exact gradient of the forward.
 """
 
 from __future__ import annotations
@@ -40,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import register
+from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.softmax import zero_padded_queries
 
-# Elements of a per-token outer product v_j k_j^T handled per pass of the sampled backward: the
-# bucket tables are [G, buckets, chunk] for chunk <= OUTER_CHUNK (d_v is split into slices). On an
-# H200 (B 32, 2 heads, n 4000, d 32, tau 12) 512 took forward + backward from 211 ms (128) to
-# 117 ms for 2.7 GB peak; 1024 gave 107 ms for 3.7 GB.
+# Elements of the outer products v_j k_j^T per pass of the sampled backward (bucket tables
+# [G, buckets, <= OUTER_CHUNK]): on an H200, 512 was 1.8x faster than 128 for 2.7 GB peak.
 OUTER_CHUNK = 512
 
 
@@ -128,8 +113,9 @@ def _weighted_collisions(
     return out
 
 
-class _LSHCumulation(torch.autograd.Function):
-    """Y = 1/m sum_h B_h v (keys and queries masked) with YOSO's sampled backward."""
+class LSHCumulation(torch.autograd.Function):
+    """Y = 1/m sum_h B_h v (keys and queries masked) with YOSO's sampled backward: unit q, k and
+    v [G, n, d], keep [G, n] float -> [G, n, d]."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, num_hashes: int, hash_code_len: int):
@@ -173,8 +159,9 @@ def collision_probability(q: torch.Tensor, k: torch.Tensor, hash_code_len: int) 
     return (1 - torch.arccos(cos) / math.pi) ** hash_code_len
 
 
-class _ExpectationCumulation(torch.autograd.Function):
-    """Y = E[B] v (keys and queries masked), with the backward the sampled form estimates."""
+class ExpectationCumulation(torch.autograd.Function):
+    """Y = E[B] v (keys and queries masked), with the backward the sampled form estimates: unit
+    q, k and v [G, n, d], keep [G, n] float -> [G, n, d]."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, hash_code_len: int):
@@ -195,31 +182,15 @@ class _ExpectationCumulation(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def lsh_cumulation(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    num_hashes: int,
-    hash_code_len: int,
-) -> torch.Tensor:
-    """Sampled Y for unit q, k and v [G, n, d], keep [G, n] float -> [G, n, d]."""
-    return _LSHCumulation.apply(q, k, v, keep, num_hashes, hash_code_len)
-
-
-def expectation_cumulation(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, hash_code_len: int
-) -> torch.Tensor:
-    """Expected Y for unit q, k and v [G, n, d], keep [G, n] float -> [G, n, d]."""
-    return _ExpectationCumulation.apply(q, k, v, keep, hash_code_len)
+lsh_cumulation = LSHCumulation.apply
+expectation_cumulation = ExpectationCumulation.apply
 
 
 @register("yoso")
 class YOSOAttention(nn.Module):
     def __init__(self, num_hashes: int = 16, hash_code_len: int = 10, expectation: bool = False):
         super().__init__()
-        if num_hashes < 1:
-            raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
+        check_at_least(1, num_hashes=num_hashes)
         if not 1 <= hash_code_len <= 20:
             raise ValueError(
                 f"hash_code_len must be in [1, 20] (2^hash_code_len buckets), got {hash_code_len}"
@@ -231,7 +202,7 @@ class YOSOAttention(nn.Module):
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
         in_dtype = q.dtype
-        compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        compute = torch.promote_types(in_dtype, torch.float32)
         keep = q.new_ones(B, n, dtype=compute) if mask is None else mask.to(compute)
         keep = keep[:, None].expand(B, H, n).reshape(B * H, n)
         q, k, v = (t.to(compute).reshape(B * H, n, d) for t in (q, k, v))

@@ -1,18 +1,11 @@
 """Retrieval (LRA): do two ACL Anthology papers cite one another? Pairs of UTF-8 byte documents.
 
-Pairs are read from `source=<path>` when given (a folder or archive holding tsv_data/), else
-from the first of these under `data_dir` (an archive is streamed, never extracted):
-
-    lra_release/[lra_release/]tsv_data/new_aan_pairs.{train,eval,test}.tsv
-    lra_release.gz                                 the release itself
-
-and tokenised into `<data_dir>/cache/retrieval/<key>/`, keyed by what made the arrays.
-
-Each TSV row is `label<TAB>id1<TAB>id2<TAB>text1<TAB>text2` with no header and no quoting
-(a quote is an ordinary character); the label is written as a float, `0.0` or `1.0`. The
-`eval` file is our validation split. Both documents are tokenised as Text's bytes
-(`byte_token_ids`: byte + 1, pad 0), `text_length` bytes each, and go to the model as two
-towers (`input_ids`/`mask` and `input_ids_2`/`mask_2`) that share one encoder.
+Pairs are read from `source=<path>` (a folder or archive holding tsv_data/), else from
+`lra_release/[lra_release/]tsv_data/new_aan_pairs.{train,eval,test}.tsv` or `lra_release.gz`
+under data_dir (an archive is streamed, never extracted). Each row is
+`label<TAB>id1<TAB>id2<TAB>text1<TAB>text2`, without header or quoting, the label `0.0` or `1.0`;
+`eval` is our validation split. Both documents are tokenised as Text's bytes and go to the model
+as two towers (`input_ids`/`mask`, `input_ids_2`/`mask_2`) that share one encoder.
 """
 
 from __future__ import annotations
@@ -64,7 +57,6 @@ def how_to_get(data_dir: str | os.PathLike) -> str:
 
 
 def parse_label(field: bytes, where: str) -> int:
-    """0 or 1 from the release's `0.0` / `1.0`; anything else raises ValueError at `where`."""
     try:
         value = float(field.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
@@ -78,10 +70,8 @@ def parse_label(field: bytes, where: str) -> int:
 def parse_aan_rows(
     lines: Iterable[bytes], name: str, text_length: int
 ) -> tuple[list[bytes], list[bytes], list[int]]:
-    """The two documents (their first `text_length` bytes) and the label of every row of a
-    release-format TSV given as raw lines; `name` is the file shown in errors. Blank lines are
-    skipped; a row without exactly 5 tab-separated columns or with a bad label raises ValueError
-    naming the file and line."""
+    """The two documents (their first `text_length` bytes) and the label of every row; blank
+    lines are skipped, a malformed row raises ValueError naming the file `name` and the line."""
     texts1: list[bytes] = []
     texts2: list[bytes] = []
     labels: list[int] = []
@@ -105,18 +95,11 @@ def parse_aan_rows(
     return texts1, texts2, labels
 
 
-def _where(tree: SourceTree, rel: str) -> str:
-    if tree.is_archive:
-        return f"{tree.path}:{tree.anchor}/{rel}"
-    return str(tree.root / rel)
-
-
 def read_aan_pairs(
     tree: SourceTree, text_length: int, fix: str
 ) -> dict[str, tuple[list[bytes], list[bytes], list[int]]]:
-    """(documents 1, documents 2, labels) of each split, streamed line by line from a folder or
-    an archive (the training file is 8 GB); the archive is read only up to the last TSV. A
-    missing TSV raises FileNotFoundError ending with `fix` (where to get the files)."""
+    """(documents 1, documents 2, labels) of each split, streamed line by line (the training
+    file is 8 GB); a missing TSV raises FileNotFoundError ending with `fix`."""
     splits = {file: split for split, file in FILES.items()}
     pairs = {}
     for rel, stream in tree.iter_streams(splits.__contains__):
@@ -128,7 +111,7 @@ def read_aan_pairs(
             total=RELEASE_SIZES[split],
             disable=None,
         )
-        pairs[split] = parse_aan_rows(lines, _where(tree, rel), text_length)
+        pairs[split] = parse_aan_rows(lines, tree.where(rel), text_length)
         if len(pairs) == len(FILES):
             break
     missing = [FILES[split] for split in FILES if split not in pairs]
@@ -143,10 +126,10 @@ def read_aan_pairs(
 
 
 class RetrievalDataModule(ByteTextDataModule):
-    """AAN citation pairs as two byte sequences (see the module docstring for where files are
-    looked for). `text_length` bytes are kept per document, padded to `max_length`."""
+    """AAN citation pairs as two byte sequences (see the module docstring)."""
 
     task = "retrieval"
+    format_version = FORMAT_VERSION
     _tree: SourceTree | None = None
 
     def ensure_sources(self) -> None:
@@ -165,21 +148,13 @@ class RetrievalDataModule(ByteTextDataModule):
                 )
         self._tree = tree
 
-    def cache_options(self) -> dict[str, Any]:
+    def _source_fingerprint(self) -> dict[str, Any]:
         if self._tree is None:
             self.ensure_sources()
         tree = self._tree
         if tree.is_archive:
-            source = {"archive": file_fingerprint(tree.path)}
-        else:
-            source = {split: file_fingerprint(tree.root / file) for split, file in FILES.items()}
-        return {
-            "task": self.task,
-            "format_version": FORMAT_VERSION,
-            "text_length": self.text_length,
-            "max_length": self.max_length,
-            "source": source,
-        }
+            return {"archive": file_fingerprint(tree.path)}
+        return {split: file_fingerprint(tree.root / file) for split, file in FILES.items()}
 
     def build_arrays(self) -> dict[str, np.ndarray]:
         arrays = {}

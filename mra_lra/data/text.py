@@ -1,21 +1,14 @@
 """Text (LRA): IMDB movie reviews as UTF-8 bytes, labelled positive (1) or negative (0).
 
-Reviews are read from `source=<path>` when given (any of the shapes below), else from the
-first of these under `data_dir`:
+Reviews are read from `source=<path>` (any of these shapes), else the first found under data_dir:
 
     aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt   the Stanford tarball, extracted
-    aclImdb_v1.tar.gz                                  the Stanford tarball, read without extracting
+    aclImdb_v1.tar.gz                                  the Stanford tarball itself
     imdb/plain_text/{train,test}-*.parquet             Hugging Face `stanfordnlp/imdb` (pyarrow)
 
-and tokenised into `<data_dir>/cache/text/<key>/`, keyed by what made the arrays.
-
-`unsup/`, the `*.feat` bag-of-words files and the `urls_*.txt` lists are ignored. IMDB has 25,000
-train and 25,000 test reviews and no validation split: validation reads the test arrays
-(`split_aliases`), which the logs say at start-up; the arrays are stored once.
-
-Tokens (`byte_token_ids`, shared with Retrieval): byte b of the review's UTF-8 encoding -> b + 1,
-pad 0, vocabulary 257. A review keeps its first `text_length` bytes: 4000 in the LRA paper
-(padded to 4096), 1000 in the LRA repository's config (padded to 1024).
+IMDB has no validation split: val reads the test arrays (`split_aliases`). Tokens (shared with
+Retrieval): byte b -> b + 1, pad 0. A review keeps its first `text_length` bytes: 4000 in the LRA
+paper (padded to 4096), 1000 in the LRA repository's config (padded to 1024).
 """
 
 from __future__ import annotations
@@ -75,9 +68,8 @@ def how_to_get(data_dir: str | os.PathLike) -> str:
 def byte_token_ids(
     texts: Sequence[bytes], text_length: int, max_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The byte tokeniser of Text and Retrieval: ids uint16 [N, max_length] holding the first
-    `text_length` bytes of each text as byte + 1, padded with PAD_ID, and their count int32 [N].
-    Texts are UTF-8 bytes, so a multi-byte character is several tokens."""
+    """Ids uint16 [N, max_length] of the first `text_length` bytes of each text (byte + 1,
+    padded with PAD_ID), and their count int32 [N]."""
     if text_length > max_length:
         raise ValueError(f"text_length={text_length} does not fit in max_length={max_length}")
     ids = np.full((len(texts), max_length), PAD_ID, dtype=np.uint16)
@@ -90,7 +82,6 @@ def byte_token_ids(
 
 
 def check_text_length(text_length: int, max_length: int) -> None:
-    """A clear error for a `data.text_length` that cannot fit the model's `data.max_length`."""
     if text_length < 1:
         raise ValueError(f"data.text_length must be positive, got {text_length}")
     if text_length > max_length:
@@ -115,9 +106,8 @@ def check_split_size(task: str, split: str, count: int, release: int) -> None:
 
 
 def fingerprint_files(root: Path, paths: Iterable[Path]) -> dict[str, Any]:
-    """One short fingerprint of many files below `root` (count, bytes, and a hash of each
-    file's path, size and mtime), so that a manifest stays small when the source is 50,000
-    review files."""
+    """One short fingerprint of many files (a hash of each one's path, size and mtime), so that
+    a manifest stays small when the source is 50,000 review files."""
     digest = hashlib.sha256()
     count = total = 0
     for path in paths:
@@ -158,8 +148,7 @@ def _parquet_files(path: Path) -> ParquetFiles | None:
 
 
 def locate_imdb(data_dir: str | os.PathLike, source: str | os.PathLike | None) -> ImdbSource:
-    """Where the IMDB reviews are (see the module docstring); FileNotFoundError naming the
-    file to get and where to put it when there are none."""
+    """Where the IMDB reviews are (see the module docstring), or FileNotFoundError."""
     data_dir = Path(data_dir)
     if source is not None:
         parquet = _parquet_files(Path(source).expanduser())
@@ -176,7 +165,6 @@ def locate_imdb(data_dir: str | os.PathLike, source: str | os.PathLike | None) -
 
 
 def source_fingerprint(source: ImdbSource) -> dict[str, Any]:
-    """What identifies the source's contents: the archive, or every file that is read."""
     if isinstance(source, ParquetFiles):
         return {
             split: [file_fingerprint(p) for p in paths] for split, paths in source.files.items()
@@ -195,7 +183,7 @@ def source_fingerprint(source: ImdbSource) -> dict[str, Any]:
 
 
 def _read_review_files(tree: SourceTree) -> dict[str, tuple[list[bytes], list[int]]]:
-    """Reviews and labels per split, negatives then positives, each in numeric id order."""
+    """Reviews and labels per split, negatives then positives, in numeric id order."""
     found: dict[str, list[tuple[int, int, int, bytes]]] = {split: [] for split in SPLITS}
     files = tree.iter_files(lambda rel: _REVIEW.fullmatch(rel) is not None)
     for rel, data in tqdm(files, desc="IMDB reviews", unit="file", disable=None):
@@ -218,7 +206,6 @@ def _read_review_files(tree: SourceTree) -> dict[str, tuple[list[bytes], list[in
 
 
 def _read_parquet(source: ParquetFiles) -> dict[str, tuple[list[bytes], list[int]]]:
-    """Reviews and labels per split, in the files' order."""
     import pyarrow.parquet as pq
 
     reviews = {}
@@ -247,16 +234,14 @@ def _read_parquet(source: ParquetFiles) -> dict[str, tuple[list[bytes], list[int
 
 
 def warn_empty(task: str, split: str, texts: Sequence[bytes], what: str) -> None:
-    """An empty text is kept (the example count stays the release's) but is worth a warning:
-    the model sees only padding for it."""
+    """An empty text is kept (the count stays the release's), but the model sees only padding."""
     empty = sum(not text for text in texts)
     if empty:
         log.warning("%s: %d empty %s in the %s split", task, empty, what, split)
 
 
 def read_imdb(source: ImdbSource) -> dict[str, tuple[list[bytes], list[int]]]:
-    """(UTF-8 texts, labels) of the train and test splits; empty reviews and split sizes other
-    than the release's are warned about."""
+    """(UTF-8 texts, labels) of the train and test splits."""
     if isinstance(source, ParquetFiles):
         reviews = _read_parquet(source)
     else:
@@ -269,47 +254,46 @@ def read_imdb(source: ImdbSource) -> dict[str, tuple[list[bytes], list[int]]]:
 
 class ByteTextDataModule(LRADataModule):
     """A byte-level text task (Text, Retrieval): `text_length` bytes are kept per document and
-    padded to `max_length`; ids are byte + 1 (`byte_token_ids`)."""
+    padded to `max_length` (`byte_token_ids`). Other arguments are LRADataModule's."""
 
     num_classes = 2
     vocab_size = VOCAB_SIZE
+    format_version: int
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        text_length: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        source: str | None = None,
-    ) -> None:
-        super().__init__(data_dir, batch_size, max_length, num_workers, pin_memory, source)
-        check_text_length(text_length, max_length)
+    def __init__(self, *args: Any, text_length: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_text_length(text_length, self.max_length)
         self.text_length = text_length
+
+    def cache_options(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "format_version": self.format_version,
+            "text_length": self.text_length,
+            "max_length": self.max_length,
+            "source": self._source_fingerprint(),
+        }
+
+    def _source_fingerprint(self) -> dict[str, Any]:
+        """What identifies the source's contents: an archive, or every file that is read."""
+        raise NotImplementedError
 
 
 class TextDataModule(ByteTextDataModule):
-    """IMDB reviews as byte sequences (see the module docstring for where files are looked
-    for). `text_length` bytes are kept per review, padded to `max_length`."""
+    """IMDB reviews as byte sequences (see the module docstring)."""
 
     task = "text"
+    format_version = FORMAT_VERSION
     split_aliases = {"val": "test"}
     _source: ImdbSource | None = None
 
     def ensure_sources(self) -> None:
         self._source = locate_imdb(self.data_dir, self.source)
 
-    def cache_options(self) -> dict[str, Any]:
+    def _source_fingerprint(self) -> dict[str, Any]:
         if self._source is None:
             self.ensure_sources()
-        return {
-            "task": self.task,
-            "format_version": FORMAT_VERSION,
-            "text_length": self.text_length,
-            "max_length": self.max_length,
-            "source": source_fingerprint(self._source),
-        }
+        return source_fingerprint(self._source)
 
     def build_arrays(self) -> dict[str, np.ndarray]:
         arrays = {}

@@ -233,7 +233,7 @@ def fixed_selection_op(mask, sel, mode, b=32):
         S, _ = selection.coarse_logits(qbar, kbar, sel.counts)
         fixed = selection.Selection(sel.counts, S, sel.row_max, sel.block_idx, sel.excluded)
         vbar = selection.block_means(vp, sel.counts, b) if mode == "full" else None
-        out = reference.mra2_torch(qp, kp, vp, mp, fixed, vbar)
+        out = reference.mra2_torch(qp, kp, vp, mp, fixed, qbar, kbar, vbar)
         return out[:, :, :n]
 
     return op
@@ -265,7 +265,7 @@ def test_many_small_chunks_match_dense_reference(mode, monkeypatch):
     n, pad_from, budget = 224, 150, 20
     q, k, v, mask = random_inputs(n, seed=12, pad_from=pad_from)
     sel = chosen_selection(q, k, mask, budget)
-    plan = reference.block_plan(sel.block_idx, n // 32, 3)
+    plan = reference._Plan(sel.block_idx, n // 32, 32, D)
     assert len(plan.chunks) > 4 and plan.max_chunk > 3
     inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -279,22 +279,16 @@ def test_many_small_chunks_match_dense_reference(mode, monkeypatch):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_block_plan_cuts_chunks_at_block_rows():
-    # Two slices of nb = 3 block rows. Slice 0 chose (0,0) (0,2) (1,1) (2,0) (2,1) (2,2): rows of
-    # 2, 1 and 3 blocks; slice 1 chose (0,0) (1,0) (1,1) (1,2) (2,0) (2,2): rows of 1, 3 and 2.
-    block_idx = torch.tensor([[[0, 2, 4, 6, 7, 8], [0, 3, 4, 5, 6, 8]]])
-    plan = reference.block_plan(block_idx, nb=3, chunk_blocks=3)
-    assert plan.rows.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 5]
-    assert plan.cols.tolist() == [0, 2, 1, 0, 1, 2, 3, 3, 4, 5, 3, 5]
-    assert plan.row_ids.tolist() == [0, 1, 2, 3, 4, 5]
-    assert plan.row_of_block.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 5]
+def test_chunks_are_whole_block_rows():
+    # Block rows of 2, 1, 3, 1, 3 and 2 chosen blocks (two slices of nb = 3 flattened), and an
+    # empty last row.
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 5])
     # Greedy, whole rows, at most 3 blocks: rows 0-1, row 2, row 3 (row 4 would make 4), 4, 5.
-    assert plan.chunks == [(0, 3, 0, 2), (3, 6, 2, 3), (6, 7, 3, 4), (7, 10, 4, 5), (10, 12, 5, 6)]
-    assert plan.max_chunk == 3
+    assert reference.chunk_bounds(rows, 7, 3) == [(0, 3), (3, 6), (6, 7), (7, 10), (10, 12)]
     # A row of more blocks than the budget gets a chunk of its own.
-    plan = reference.block_plan(block_idx, nb=3, chunk_blocks=2)
-    assert plan.chunks[:3] == [(0, 2, 0, 1), (2, 3, 1, 2), (3, 6, 2, 3)]
-    assert plan.max_chunk == 3
+    assert reference.chunk_bounds(rows, 7, 2)[:3] == [(0, 2), (2, 3), (3, 6)]
+    assert reference.chunk_bounds(torch.tensor([1, 1, 1]), 2, 2) == [(0, 3)]
+    assert reference.chunk_bounds(rows, 7, 100) == [(0, 12)]
 
 
 def test_no_mask_equals_an_all_ones_mask():

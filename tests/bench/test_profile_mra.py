@@ -58,6 +58,24 @@ def test_triton_path_launch_budget(attn, fwd_ops, fwd_kernels, bwd_ops):
     assert dict(bwd["triton"]) == {"_bwd_pre": 1, "_mra_bwd_dq": 1, "_mra_bwd_dkdv": 1}
 
 
+@pytest.mark.parametrize("attn, fwd_ops, bwd_ops", [("mra", 150, 155), ("mra_s", 137, 132)])
+def test_torch_path_op_budget(attn, fwd_ops, bwd_ops):
+    """On a CPU the torch path's time is its op count (issue 21): every op takes a whole chunk of
+    chosen blocks. Hold the ops doing work per pass at the CPU benchmark's shape (B=2, H=2,
+    n=4096, d=32, block_per_row 8, first-block prior; 4,096 chosen blocks in 9 chunks), as they
+    were when this test was written; before the chunk loops took whole chunks with one op each
+    (commit 104f3e4) MRA-2 took 289 + 223."""
+    torch.manual_seed(0)
+    module = build(attn, block_per_row=8, initial_prior_first_n_blocks=1, backend="torch")
+    q, k, v = (torch.randn(2, 2, 4096, 32, requires_grad=True) for _ in range(3))
+    counts = profile_mra.count_launches(module, q, k, v, torch.randn_like(q))
+    fwd, bwd = counts["fwd"]["torch"], counts["bwd"]["torch"]
+    assert sum(fwd.values()) <= fwd_ops, fwd
+    assert sum(bwd.values()) <= bwd_ops, bwd
+    # Per chunk: forward 4 gathers (q, k, v, the stabilisers), backward 5 (q, k, v, dO, stats).
+    assert fwd["index_select"] == 4 * 9 and bwd["index_select"] == 5 * 9
+
+
 def test_launch_counts_are_described():
     ops = {"fwd": {"torch": Counter(sum=2), "triton": Counter(_mra_fwd=1)}}
     ops["bwd"] = {"torch": Counter(), "triton": Counter()}

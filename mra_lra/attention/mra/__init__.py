@@ -105,7 +105,7 @@ def attend(
         else:
             compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
             q, k, v, mask = (t.to(compute) for t in (q, k, v, mask))
-            out = reference.mra2_torch(q, k, v, mask, sel, vbar)
+            out = reference.mra2_torch(q, k, v, mask, sel, qbar, kbar, vbar)
     return out[:, :, :n].to(in_dtype)
 
 

@@ -39,6 +39,7 @@ from mra_lra.attention.mra.kernels import (
     _mra_fwd_kernel,
 )
 from mra_lra.attention.mra.options import TRITON_DTYPES, TRITON_MAX_HEAD_DIM, MRAOptions
+from mra_lra.attention.mra.reference import coarse_grads
 
 # triton.jit picks the interpreter when it decorates, from the same variable; the interpreter
 # runs on CPU tensors and cannot autotune.
@@ -383,12 +384,10 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
     )
     dqbar = dkbar = dvbar = delta  # placeholders in sparse mode: the kernels never read them
     if full:
-        A, u = A.view(G, nb, nb), u.view(G, nb, d)
-        dS = torch.baddbmm(w.view(G, nb, 1), u, vbar.view(G, nb, d).transpose(1, 2), beta=-1.0)
-        dS.mul_(A)
-        dvbar = torch.bmm(A.transpose(1, 2), u)
-        dqbar = torch.bmm(dS, kbar.view(G, nb, d))
-        dkbar = torch.bmm(dS.transpose(1, 2), qbar.view(G, nb, d))
+        means = (x.view(G, nb, d) for x in (qbar, kbar, vbar))
+        dqbar, dkbar, dvbar = coarse_grads(
+            A.view(G, nb, nb), u.view(G, nb, d), w.view(G, nb), *means
+        )
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     rows = cfg["ROWS"]
     _mra_bwd_dq[(triton.cdiv(nb, rows) * G,)](

@@ -1,25 +1,13 @@
 """Atomic writes and a cache of preprocessed numpy arrays, keyed by the options that made them.
 
-A cache entry is a folder `<root>/<key>/` holding one `<name>.npy` per array and a `manifest.json`
-with the options. The key is a hash of the options, so changing any option that changes the arrays
-(a length, a source file's size or mtime, a vocabulary version) selects a new folder and the
-arrays are rebuilt; unchanged options reuse the folder. Entries are built in a temporary folder
-next to the final one and renamed into place, so an interrupted build never leaves a half-written
-entry that a later run would trust, and two processes building the same entry do not clash.
-
-Temporary folders (`building_dir`) are named `.tmp-<final name>-<8 random characters>` and hold a
-`.lock` file that their builder keeps locked (flock) while it runs. A builder that is killed
-(SIGKILL, the OOM killer, a lost node) cannot remove its folder, but the kernel releases its lock;
-`remove_stale_temp_dirs`, called before each new build, removes such folders: those whose lock it
-can take (the builder is gone), and, as the only other case, those without a lock file (left by a
-version of this code before the locks, or on a filesystem without flock) once they are older than
-`STALE_AGE_SECONDS`. A folder whose lock is held, or cannot be tested, is left alone.
-
-An entry's files are flushed to disk (fsync) before its folder is renamed into place, so that a
-crash after the rename cannot leave truncated arrays under a complete entry's name. An entry
-damaged anyway (a disk error, a file cut or overwritten by hand) is refused with a SourceError
-naming the file and the folder to delete when its manifest or an array's header, size, dtype or
-shape does not read back as written; nothing is ever deleted automatically.
+An entry `<root>/<key>/` holds one `<name>.npy` per array and a `manifest.json` with the options,
+whose hash is the key: any option that changes the arrays (a length, a source file's size or
+mtime, a vocabulary version) selects a new entry. Entries are built, fsynced, in a temporary
+folder `.tmp-<key>-<random>` and renamed into place, so a crash never leaves a half-written entry
+that a later run would trust. The builder holds a flock on the folder's `.lock`; a killed builder
+cannot remove its folder, but the kernel releases the lock, and `remove_stale_temp_dirs` removes
+it before the next build. A damaged entry is refused with an error naming the folder to delete;
+nothing is deleted automatically.
 """
 
 from __future__ import annotations
@@ -53,8 +41,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
-# A temporary folder without a lock file is taken for abandoned once this old (by modification
-# time); no build runs anywhere near this long.
+# A temporary folder without a lock file (older code, no flock) is abandoned once this old.
 STALE_AGE_SECONDS = 24 * 3600
 
 
@@ -65,10 +52,9 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _hold_lock(folder: Path) -> int | None:
-    """Create `folder/LOCK_NAME` already locked (flock, exclusive) and return its descriptor, to
-    keep open while the folder is in use. The lock is taken on a file of another name that is then
-    renamed, so a visible lock file is never unlocked while its owner lives. None where flock is
-    unavailable (the folder then counts as in use until it is STALE_AGE_SECONDS old)."""
+    """Create `folder/LOCK_NAME` already locked (flock, exclusive) and return its descriptor;
+    locked under another name, then renamed, so that a visible lock file is never unlocked while
+    its owner lives. None without flock."""
     if fcntl is None:
         return None
     pending = folder / f"{LOCK_NAME}-pending"
@@ -85,10 +71,8 @@ def _hold_lock(folder: Path) -> int | None:
 
 @contextmanager
 def building_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """A new empty folder `<final's parent>/.tmp-<final's name>-<random>` (mode 755), locked for
-    the duration of the block, in which to build `final`. The block ends by calling
-    `commit_dir(tmp, final)`; whatever is left of the folder afterwards (an error, or another
-    process's `final` kept) is removed. A killed process leaves it to `remove_stale_temp_dirs`."""
+    """A new locked folder `.tmp-<final's name>-<random>` beside `final` in which to build it; the
+    block ends with `commit_dir(tmp, final)`, and whatever is left afterwards is removed."""
     final = Path(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
     lock = None
@@ -103,20 +87,17 @@ def building_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished folder `tmp` (from `building_dir`) to `final`, without its lock file.
-    `final` must not exist, or be an empty folder; otherwise OSError (EEXIST or ENOTEMPTY)."""
+    """Rename `tmp` to `final` without its lock file; OSError (EEXIST, ENOTEMPTY) when `final`
+    exists and is not empty."""
     (tmp / LOCK_NAME).unlink(missing_ok=True)  # the lock itself stays held until the block ends
     os.rename(tmp, final)
 
 
 def _is_abandoned(folder: Path, max_age: float) -> bool:
-    # A shared lock, which needs only read access, is refused while the builder holds its
-    # exclusive one.
+    # A shared lock (it needs only read access) is refused while the builder holds its own.
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        # Made before locks existed, being set up or finished (then its time is now), or on a
-        # filesystem without flock: by its age alone.
+    except FileNotFoundError:  # older code, no flock, or being set up: by its age alone
         return time.time() - folder.stat().st_mtime > max_age
     except OSError:
         return False
@@ -137,9 +118,8 @@ def _is_abandoned(folder: Path, max_age: float) -> bool:
 def remove_stale_temp_dirs(
     root: str | os.PathLike, name_pattern: str, max_age: float = STALE_AGE_SECONDS
 ) -> list[Path]:
-    """Remove the temporary folders under `root` that `building_dir` made for a final name
-    matching the regular expression `name_pattern`, and whose builder is gone (see the module
-    docstring); returns them. Anything else, and anything it cannot decide, is left alone."""
+    """Remove (and return) the temporary folders under `root` for a final name matching the regex
+    `name_pattern` whose builder is gone; anything it cannot decide is left alone."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -161,7 +141,7 @@ def remove_stale_temp_dirs(
 
 
 def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options as they read back from JSON (tuples become lists), for comparisons."""
+    """The options as they read back from JSON (tuples become lists)."""
     return json.loads(json.dumps(options, sort_keys=True))
 
 
@@ -172,7 +152,6 @@ def cache_key(options: Mapping[str, Any]) -> str:
 
 
 def cache_dir(root: str | os.PathLike, options: Mapping[str, Any]) -> Path:
-    """The folder that holds (or will hold) the entry for `options`."""
     return Path(root) / cache_key(options)
 
 
@@ -213,7 +192,6 @@ def _is_complete(entry: Path, options: Mapping[str, Any]) -> bool:
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    """`np.save`, flushed to disk before the entry's folder is renamed into place."""
     with open(path, "wb") as f:
         np.save(f, np.ascontiguousarray(array))
         f.flush()
@@ -226,8 +204,8 @@ def ensure_array_cache(
     build: Callable[[], Mapping[str, np.ndarray]],
     fix: str,
 ) -> Path:
-    """Return the cache entry for `options` under `root`, calling `build()` to make its arrays
-    when it does not exist yet. `fix` says how to point the cache at a writable folder."""
+    """The cache entry for `options` under `root`, calling `build()` to make its arrays when it
+    does not exist yet. `fix` says how to point the cache at a writable folder."""
     entry = cache_dir(root, options)
     if _is_complete(entry, options):
         load_arrays(entry)  # a damaged entry is an error here, not in the middle of a run
@@ -259,8 +237,7 @@ def ensure_array_cache(
 def find_array_cache(
     root: str | os.PathLike, options: Mapping[str, Any], missing_hint: str
 ) -> Path:
-    """The complete entry for `options`; a missing one raises FileNotFoundError with
-    `missing_hint` (the call that builds it)."""
+    """The complete entry for `options`, or FileNotFoundError ending with `missing_hint`."""
     entry = cache_dir(root, options)
     if not _is_complete(entry, options):
         raise FileNotFoundError(f"no cached arrays in {entry}. {missing_hint}")
@@ -268,9 +245,8 @@ def find_array_cache(
 
 
 def load_arrays(entry: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Memory-map the arrays of a complete cache entry, by name. A manifest or array file that
-    does not read back as written (truncated, overwritten, missing) raises SourceError naming
-    the file and the folder to delete."""
+    """Memory-map the arrays of a complete cache entry, by name; a file that does not read back
+    as written raises SourceError naming it and the folder to delete."""
     entry = Path(entry)
     arrays = {}
     for name, expected in _read_manifest(entry)["arrays"].items():
@@ -279,9 +255,7 @@ def load_arrays(entry: str | os.PathLike) -> dict[str, np.ndarray]:
             array = np.load(path, mmap_mode="r")
         except FileNotFoundError as err:
             raise _damaged(entry, f"{path} is missing") from err
-        except (OSError, ValueError, EOFError) as err:
-            # numpy's errors for a cut header or data ("mmap length is greater than file
-            # size"), or bytes that are no .npy file ("contains pickled (object) data").
+        except (OSError, ValueError, EOFError) as err:  # cut, or not a .npy file
             raise _damaged(entry, f"{path} cannot be read ({err})") from err
         if not isinstance(array, np.ndarray):  # an .npz archive
             raise _damaged(entry, f"{path} is not a .npy array")

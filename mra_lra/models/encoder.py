@@ -2,12 +2,8 @@
 
 Pre-LN blocks (LayerNorm -> attention -> residual, LayerNorm -> GELU FFN -> residual), absolute
 positions (learned, or fixed sinusoids), a final LayerNorm, pooling, and a two-layer head.
-Retrieval runs both documents through one shared encoder and classifies [u, v, u*v, u-v].
-
-The MRA paper's recipe (conf/model/lra.yaml) is small: width 64, 2 layers, mean pooling. The
-original LRA (JAX) recipes (conf/recipe/lra_jax/, recipe=lra_jax) are wider, set
-the attention width apart from the model width (`qkv_dim`), mostly use fixed sinusoidal positions
-and pool a learned CLS token prepended to the sequence (docs/lra_jax.md).
+Retrieval runs both documents through one shared encoder and classifies [u, v, u*v, u-v]. The
+options are documented in conf/model/lra.yaml (the MRA paper's recipe) and docs/lra_jax.md.
 """
 
 from __future__ import annotations
@@ -20,16 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from mra_lra.attention import build
 
-# mean: the mean over real tokens; mean_padded: the sum over real tokens divided by the padded
-# length (padding counted as zeros, so shorter inputs pool to smaller vectors: what the MRA
-# authors' LRA code lineage computes, `norm(x) * mask` then a mean over every position);
-# cls: a learned token prepended to every sequence, read out at the end (it attends to everything
-# and is never masked).
+# mean_padded divides the sum over real tokens by the padded length, as the MRA authors' LRA code
+# (`norm(x) * mask`, then a mean over every position).
 POOLINGS = ("mean", "mean_padded", "cls")
 POSITIONS = ("learned", "sinusoidal")
-# How token ids enter the model: `tokens` looks each id up in an embedding table; `continuous`
-# reads it as a pixel intensity, id / 255, through Linear(1, d_model) (pixel tasks only).
-INPUT_ENCODINGS = ("tokens", "continuous")
+INPUT_ENCODINGS = ("tokens", "continuous")  # continuous: Linear(1, d_model) of id / 255 (pixels)
 PIXEL_MAX = 255.0
 
 
@@ -85,23 +76,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        d_ffn: int,
-        dropout: float,
-        max_length: int,
-        attn: dict,
-        qkv_dim: int | None = None,
-        prefix_tokens: int = 0,
-        attention_float32: bool = False,
-    ):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, attn: MultiHeadAttention):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(
-            d_model, n_heads, max_length, attn, qkv_dim, prefix_tokens, attention_float32
-        )
+        self.attn = attn
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, d_ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
@@ -181,12 +159,12 @@ class LRAEncoder(nn.Module):
         else:  # not saved in checkpoints: rebuilt from the config
             self.register_buffer("pos_table", sinusoids(length, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                d_model, n_heads, d_ffn, dropout, length, attn, qkv_dim, prefix, attention_float32
+        self.blocks = nn.ModuleList()
+        for _ in range(n_layers):
+            mha = MultiHeadAttention(
+                d_model, n_heads, length, attn, qkv_dim, prefix, attention_float32
             )
-            for _ in range(n_layers)
-        )
+            self.blocks.append(Block(d_model, d_ffn, dropout, mha))
         self.norm = nn.LayerNorm(d_model)
         if input_encoding == "tokens":
             nn.init.normal_(self.embed.weight, std=0.02)
@@ -226,47 +204,16 @@ class LRAEncoder(nn.Module):
 
 
 class LRAClassifier(nn.Module):
-    """Encoder + head. Single input, or two towers sharing the encoder (`two_tower=True`)."""
+    """Encoder + head. Single input, or two towers sharing the encoder (`two_tower=True`);
+    `encoder` holds LRAEncoder's arguments."""
 
     def __init__(
-        self,
-        vocab_size: int,
-        num_classes: int,
-        max_length: int,
-        d_model: int,
-        n_layers: int,
-        n_heads: int,
-        d_ffn: int,
-        dropout: float,
-        pooling: str,
-        attn: dict,
-        two_tower: bool = False,
-        head_hidden: int = 128,
-        input_encoding: str = "tokens",
-        qkv_dim: int | None = None,
-        positions: str = "learned",
-        gradient_checkpointing: bool = False,
-        attention_float32: bool = False,
+        self, num_classes: int, two_tower: bool = False, head_hidden: int = 128, **encoder
     ):
         super().__init__()
         self.two_tower = two_tower
-        self.encoder = LRAEncoder(
-            vocab_size,
-            max_length,
-            d_model,
-            n_layers,
-            n_heads,
-            d_ffn,
-            dropout,
-            pooling,
-            attn,
-            input_encoding,
-            qkv_dim,
-            positions,
-            gradient_checkpointing,
-            attention_float32,
-        )
-        features = 4 * d_model if two_tower else d_model
+        self.encoder = LRAEncoder(**encoder)
+        features = 4 * encoder["d_model"] if two_tower else encoder["d_model"]
         self.head = nn.Sequential(
             nn.Linear(features, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -12,17 +13,6 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-
-
-def _vm_hwm_kib() -> int | None:
-    """The process's peak resident set (VmHWM) from /proc, or None where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def reset_peak_memory() -> None:
@@ -41,11 +31,13 @@ def peak_memory_mb() -> tuple[float, str]:
     resident set (VmHWM on Linux; elsewhere the process-lifetime max RSS, which cannot be reset)."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    kib = _vm_hwm_kib()
-    if kib is not None:
-        return kib / 1024, "cpu_peak_rss"
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return kb / 1024, "cpu_max_rss"
+    try:
+        hwm = re.search(r"^VmHWM:\s+(\d+)", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        hwm = None
+    if hwm:
+        return int(hwm.group(1)) / 1024, "cpu_peak_rss"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
 class LRALitModule(pl.LightningModule):
@@ -92,10 +84,9 @@ class LRALitModule(pl.LightningModule):
 
     # --- training -------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        # Lightning starts a new accumulation window at each epoch and steps on an epoch's last
-        # batch, so with a part window per epoch, steps stop lining up with batches: validation
-        # (every val_check_interval steps, train.py counts them in batches) drifts into a window,
-        # and a checkpoint written there cannot be resumed exactly.
+        # Lightning steps on an epoch's last batch, so with a part window per epoch, validation
+        # (train.py counts val_check_interval in batches) drifts into a window, and a checkpoint
+        # written there cannot be resumed exactly.
         accumulate = self.trainer.accumulate_grad_batches
         batches = self.trainer.num_training_batches
         if accumulate > 1 and batches != float("inf") and batches % accumulate:
@@ -113,10 +104,9 @@ class LRALitModule(pl.LightningModule):
             )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # Dropout draws from a generator seeded by (run seed, batch, rank), not from the global
-        # RNG's history, so a run resumed from a checkpoint repeats an uninterrupted run exactly.
-        # The batch counter, not global_step: with trainer.accumulate_grad_batches > 1 the
-        # micro-batches of one optimizer step must not share their dropout masks.
+        # Seeded by (run seed, batch, rank), not the RNG's history, so a resumed run repeats an
+        # uninterrupted one exactly. The batch counter, not global_step: the micro-batches of one
+        # optimizer step must not share their dropout masks.
         batch_number = self.trainer.fit_loop.total_batch_idx
         step_seed = (self.run_seed * 1_000_003 + batch_number) * 4099 + self.global_rank
         torch.manual_seed(step_seed % 2**63)
@@ -137,10 +127,9 @@ class LRALitModule(pl.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_seconds += time.perf_counter() - self._step_start
-        tokens = batch["input_ids"].numel()
-        if "input_ids_2" in batch:
-            tokens += batch["input_ids_2"].numel()
-        self.train_tokens += tokens
+        self.train_tokens += sum(
+            batch[key].numel() for key in ("input_ids", "input_ids_2") if key in batch
+        )
         if self.train_seconds > 0:
             self.log("train/tokens_per_second", self.train_tokens / self.train_seconds)
         self.log("train/peak_memory_mb", peak_memory_mb()[0])

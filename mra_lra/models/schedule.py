@@ -1,9 +1,6 @@
-"""Learning-rate schedules: the MRA recipe's one cycle (torch's OneCycleLR: linear warm-up, linear
-decay, beta1 cycled against the rate) and the original LRA recipe's product of factors.
-
-Both take the warm-up as `warmup_fraction` of the run (the task recipes do, so a run shortened
-with trainer.max_steps keeps its shape) or as `warmup_steps`, which wins when set (debug and
-experiment configs fix it in steps)."""
+"""Learning-rate schedules: the MRA recipe's one cycle (torch's OneCycleLR) and the original LRA
+recipe's product of factors. Both take the warm-up as `warmup_fraction` of the run (so a run
+shortened with trainer.max_steps keeps its shape) or as `warmup_steps`, which wins when set."""
 
 from __future__ import annotations
 
@@ -66,16 +63,11 @@ def one_cycle(
     warmup_steps: int | None = None,
     warmup_fraction: float | None = None,
 ) -> OneCycle:
-    """The MRA recipe's schedule: torch's OneCycleLR, as the published LRA code calls it (peak
-    optimizer.lr after the warm-up's W updates, `pct_start = W / total_steps`).
-
-    From lr / div_factor the rate rises to the peak at update W - 1, then anneals to
-    lr / (div_factor * final_div_factor) at the last update (W of 0 or 1: from the peak at the
-    first update). With cycle_momentum, Adam's beta1 moves the other way, from max_momentum down
-    to base_momentum at the peak and back (the optimizer's configured beta1 is overwritten from
-    the first step on). A warm-up as long as the run is clipped to total_steps - 1, so that one
-    update of decay remains; a warning says so.
-    """
+    """The MRA recipe's schedule: torch's OneCycleLR as the published LRA code calls it, from
+    lr / div_factor up to the peak optimizer.lr at update W - 1 (W = warm-up), then down to
+    lr / (div_factor * final_div_factor); with cycle_momentum, Adam's beta1 moves the other way
+    (its configured value is overwritten). A warm-up as long as the run is clipped, with a
+    warning, so that one update of decay remains."""
     if total_steps <= 0:
         raise ConfigError(
             f"scheduler.total_steps must be > 0, got {total_steps} (it follows trainer.max_steps: "
@@ -132,9 +124,8 @@ def factor_schedule(
         cosine_decay             max(0, (1 + cos(pi * (p mod 1))) / 2),
                                  p = max(0, (s - warmup_steps) / steps_per_cycle)
 
-    `warmup_steps` is the warm-up W resolved from the config (see `resolve_warmup`). A warm-up
-    longer than the run is kept, as the LRA code runs its Retrieval recipe: with rsqrt_decay, W
-    also sets the peak rate.
+    A warm-up longer than the run is kept, as the LRA code runs its Retrieval recipe (with
+    rsqrt_decay, W also sets the peak rate).
     """
     names = [f.strip() for f in factors.split("*")]
     unknown = [f for f in names if f not in FACTORS]

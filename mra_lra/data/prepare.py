@@ -4,17 +4,10 @@
     python -m mra_lra.data.prepare -m [task=<name>,<name>...] [source=<path>]   # every task
     make data TASK=<name> [SOURCE=<path>]
 
-A Hydra app on the training config (mra_lra/conf/prepare.yaml): `task` is a name under
-conf/task/ (listops, text, retrieval, image, pathfinder, pathx), and any other override is one of
-`python train.py` (e.g. `data.data_dir=/scratch/lra data.text_length=1000`), so the cache built
-here is exactly the one training with the same overrides reads: training calls the same
-`ensure_cache()` when its cache is missing. `source` points at a folder or archive holding the
-task's files (the `lra_release.gz` tar, an extracted `lra_release`, `aclImdb` or its tarball,
-`cifar-10-python.tar.gz` or its folder); without it the files are looked for under
-`data.data_dir`. With -m, a task that cannot be prepared is reported and the next one goes on.
-
-Every step writes atomically: an interrupted run leaves no half-written cache entry, and a rerun
-goes on from what is complete (generated Pathfinder shards, finished cache entries).
+A Hydra app on the training config (conf/prepare.yaml), so that any training override (e.g.
+`data.data_dir=/scratch/lra data.text_length=1000`) gives exactly the cache that training with it
+reads. `source` is a folder or archive holding the task's files (default: under data.data_dir).
+With -m, a task that cannot be prepared is reported and the next one goes on.
 """
 
 from __future__ import annotations
@@ -50,8 +43,8 @@ class Unprepared(Callback):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
 def main(cfg: DictConfig) -> str | None:
-    """Build the task's datamodule and its cache; in a -m sweep a task that fails with a user's
-    mistake returns its name (Unprepared reports it) so that the next task goes on."""
+    """Build the task's cache; in a -m sweep a task that fails with a user's mistake returns its
+    name (for Unprepared) so that the next task goes on."""
     try:
         with reported():
             entry = hydra.utils.instantiate(cfg.data).ensure_cache()
@@ -64,8 +57,7 @@ def main(cfg: DictConfig) -> str | None:
 
 
 def cli() -> None:
-    """`python -m mra_lra.data.prepare` and its console script: the Hydra app, with a user's
-    mistake (also a command line that does not compose) as one `error:` line (errors.run_app)."""
+    """`python -m mra_lra.data.prepare` and its console script (errors.run_app)."""
     run_app(main)
 
 

@@ -14,12 +14,9 @@ log = logging.getLogger(__name__)
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch).
-
-    Lightning calls `set_epoch` before each epoch, so a run resumed from a checkpoint at an epoch
-    boundary sees exactly the order an uninterrupted run sees (torch's RandomSampler draws its
-    seed from the global generator at a moment that differs between the two). The seed defaults
-    to torch's initial seed, i.e. the run's `seed` after `seed_everything`.
+    """A shuffle that depends only on (seed, epoch), set by Lightning before each epoch, so that a
+    resumed run sees the order an uninterrupted one sees (torch's RandomSampler draws its seed
+    from the global generator at a moment that differs). The seed defaults to the run's `seed`.
     """
 
     def __init__(self, num_samples: int, seed: int | None = None) -> None:
@@ -39,18 +36,11 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position in the epoch travels with Lightning's checkpoints.
-
-    Lightning saves `state_dict()` of a stateful train loader in every checkpoint and hands it
-    back to `load_state_dict` on resume. Checkpoints are written at validation steps, almost always
-    mid-epoch (ListOps: 3000 batches per epoch, validation every 50 steps); without this the
-    resumed run would start the epoch's order again and train on its first batches twice. The
-    state is the sampler's epoch and the batches already served in it; on resume the first
-    iteration of that epoch skips them. The order is a function of (seed, epoch) alone
-    (EpochShuffleSampler, also under DDP's wrapper), so the skipped batches are exactly the ones the
-    interrupted run trained on. They are drawn and dropped rather than left out of the sampler, so
-    this holds whatever wraps the sampler; reading a batch from the memory-mapped cache costs far
-    less than training on it.
+    """A DataLoader whose place in the epoch travels with Lightning's checkpoints (a stateful
+    loader's `state_dict`), which are written mid-epoch; without it a resumed run would train on
+    the epoch's first batches twice. The state is the sampler's epoch and the batches served in
+    it; on resume these are drawn and dropped (the order depends on (seed, epoch) alone), which
+    holds whatever wraps the sampler and costs far less than training on them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

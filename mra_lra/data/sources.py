@@ -1,13 +1,10 @@
 """Finding the files users hold, and reading them the same way from a folder or an archive.
 
-Users hold LRA data in many shapes: the `lra_release.gz` tar (a gzip tar despite the name, with a
-nested `lra_release/lra_release/` top folder), that tar extracted once or twice, the `aclImdb`
-folder or its tarball, the CIFAR-10 archive or its folder. A task names the *anchor* of its files
-(e.g. `listops-1000/` or `cifar-10-batches-py/`); `SourceTree` finds files by the path below the
-anchor wherever the anchor sits, so every one of those shapes reads the same.
-
-Archives are read in one streaming pass (`SourceTree.iter_files`), never extracted in full: the
-release is 19 GB unpacked and Pathfinder alone is 200k small PNGs.
+Users hold LRA data in many shapes (`lra_release.gz`, a gzip tar with a nested
+`lra_release/lra_release/`, extracted once or twice; `aclImdb` or its tarball; CIFAR-10's archive
+or folder). A task names the *anchor* of its files (e.g. `listops-1000/`), and `SourceTree` finds
+files by their path below it wherever it sits. Archives are read in one streaming pass, never
+extracted: the release is 19 GB unpacked and Pathfinder alone is 200k small PNGs.
 """
 
 from __future__ import annotations
@@ -28,17 +25,13 @@ from mra_lra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".gz")
-
 
 class SourceError(UserError, RuntimeError):
     """A source file is missing, unreadable or truncated; the message says what to do."""
 
 
 class MissingReaderError(SourceError, ImportError):
-    """The files are there, but reading them needs a package that is not installed (pyarrow
-    for parquet files); the message names the install. Printed without a traceback, as a
-    SourceError is."""
+    """Reading the files needs a package that is not installed; the message names the install."""
 
 
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
@@ -52,8 +45,7 @@ def _corrupt_archive(path: Path, err: BaseException) -> SourceError:
 
 
 class _ArchiveMemberReader(io.RawIOBase):
-    """An archive member's stream whose read errors (a truncated archive) raise SourceError,
-    also when the caller reads it outside `iter_streams`."""
+    """An archive member's stream whose read errors (a truncated archive) raise SourceError."""
 
     def __init__(self, stream: BinaryIO, archive: Path) -> None:
         super().__init__()
@@ -84,8 +76,8 @@ class _CountingReader:
 
 
 def _decompressed(raw: BinaryIO) -> BinaryIO:
-    """`raw` decompressed by its magic bytes. These readers, unlike tarfile's stream mode, raise
-    EOFError on a compressed stream that ends early."""
+    """`raw` decompressed by its magic bytes (unlike tarfile's stream mode, these readers raise
+    EOFError on a stream that ends early)."""
     magic = raw.read(6)
     raw.seek(0)
     if magic.startswith(b"\x1f\x8b"):
@@ -110,9 +102,8 @@ def _after_anchor(name: str, anchor: str) -> str | None:
 
 
 class SourceTree:
-    """The files below `anchor` inside a folder or a tar archive, by their path below it.
-
-    `anchor` may span several components (`pathfinder32/curv_contour_length_14`)."""
+    """The files below `anchor` (which may span several components) inside a folder or a tar
+    archive, by their path below it."""
 
     def __init__(self, path: str | os.PathLike, anchor: str) -> None:
         self.path = Path(path)
@@ -126,15 +117,13 @@ class SourceTree:
 
     def iter_files(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
         """(path below the anchor, contents) of every file for which `wanted(path)` is true, in
-        archive order (folders: sorted). A truncated or corrupt archive raises SourceError."""
+        archive order (folders: sorted)."""
         for rel, stream in self.iter_streams(wanted):
             yield rel, stream.read()
 
     def iter_streams(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, BinaryIO]]:
-        """As `iter_files`, but each file as a binary stream, readable until the next one is
-        asked for: for files too large to hold in memory (Retrieval's training TSV is 8 GB).
-        Stopping early ends the pass there. A truncated or corrupt archive raises SourceError,
-        from the iteration or from a stream's reads."""
+        """As `iter_files`, each file as a stream readable until the next one is asked for (for
+        Retrieval's 8 GB training TSV). A corrupt archive raises SourceError."""
         if not self.is_archive:
             if self.root is None:
                 raise SourceError(f"{self.path} holds no {self.anchor}/ folder")
@@ -167,14 +156,11 @@ class SourceTree:
             raise _corrupt_archive(self.path, err) from err
 
     def where(self, rel: str) -> str:
-        """How errors name the file `rel` (a path below the anchor): its path in a folder, or
-        `<archive>:<rel>` in an archive."""
+        """How errors name the file `rel`: its path, or `<archive>:<rel>`."""
         return f"{self.path}:{rel}" if self.is_archive else str(self.root / rel)
 
     def read_text_files(self, names: Sequence[str]) -> dict[str, str]:
-        """The UTF-8 text of the named files (paths below the anchor); a missing one raises
-        SourceError listing it, and bytes that are not UTF-8 raise SourceError naming the file
-        and line."""
+        """The UTF-8 text of the named files (paths below the anchor), in one pass."""
         wanted = set(names)
         found = {}
         for rel, data in self.iter_files(wanted.__contains__):
@@ -202,8 +188,8 @@ class SourceTree:
 
 
 def find_anchor_dir(path: Path, anchor: str, max_depth: int = 3) -> Path | None:
-    """The folder `anchor` at `path` or up to `max_depth` levels below it (the release nests
-    `lra_release/lra_release/`), without walking the whole tree."""
+    """The folder `anchor` at `path` or up to `max_depth` levels below it, without walking the
+    whole tree."""
     anchor = anchor.strip("/")
     if path.as_posix().endswith("/" + anchor) or path.name == anchor:
         return path if path.is_dir() else None
@@ -222,10 +208,8 @@ def locate_source(
     candidates: Sequence[str],
     how_to_get: str,
 ) -> SourceTree:
-    """Where a task's files are: `source` when given (a folder or an archive holding `anchor`),
-    else the first of `candidates` (paths relative to data_dir: an archive, or a folder with
-    `anchor` at most three levels down) that exists. When nothing is
-    found, raise FileNotFoundError with `how_to_get` (which file to obtain, where to put it)."""
+    """Where a task's files are: `source` when given, else the first of `candidates` under
+    data_dir (an archive, or a folder holding `anchor`); else FileNotFoundError + `how_to_get`."""
     data_dir = Path(data_dir)
     if source is not None:
         path = Path(source).expanduser()

@@ -24,8 +24,7 @@ from mra_lra.data.sources import SourceTree, locate_source
 from mra_lra.data.text import (
     ByteTextDataModule,
     byte_token_ids,
-    check_split_size,
-    warn_empty,
+    check_split,
 )
 
 log = logging.getLogger(__name__)
@@ -120,8 +119,8 @@ def read_aan_pairs(
             f"{tree.path} has no {', '.join(f'{ANCHOR}/{m}' for m in missing)}. {fix}"
         )
     for split, (texts1, texts2, labels) in pairs.items():
-        warn_empty("retrieval", split, texts1 + texts2, "documents")
-        check_split_size("retrieval", split, len(labels), RELEASE_SIZES[split])
+        release = RELEASE_SIZES[split]
+        check_split("retrieval", split, len(labels), release, texts1 + texts2, "documents")
     return pairs
 
 

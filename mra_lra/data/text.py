@@ -81,19 +81,11 @@ def byte_token_ids(
     return ids, lengths
 
 
-def check_text_length(text_length: int, max_length: int) -> None:
-    if text_length < 1:
-        raise ValueError(f"data.text_length must be positive, got {text_length}")
-    if text_length > max_length:
-        raise ValueError(
-            f"data.text_length={text_length} exceeds data.max_length={max_length}: a sequence "
-            "would not fit the model. Set data.max_length >= data.text_length (the LRA settings "
-            "are text_length=4000 with max_length=4096, or 1000 with 1024)."
-        )
-
-
-def check_split_size(task: str, split: str, count: int, release: int) -> None:
-    """Warn (users subsample on purpose) when a split's size is not the release's."""
+def check_split(
+    task: str, split: str, count: int, release: int, texts: Sequence[bytes], what: str
+) -> None:
+    """Warn about a split size other than the release's (users subsample on purpose) and about
+    empty texts (kept, so that the count stays the release's, but the model sees only padding)."""
     if count != release:
         log.warning(
             "%s: the %s split has %d examples, the release has %d; accuracies are not comparable "
@@ -103,6 +95,9 @@ def check_split_size(task: str, split: str, count: int, release: int) -> None:
             count,
             release,
         )
+    empty = sum(not text for text in texts)
+    if empty:
+        log.warning("%s: %d empty %s in the %s split", task, empty, what, split)
 
 
 def fingerprint_files(root: Path, paths: Iterable[Path]) -> dict[str, Any]:
@@ -233,13 +228,6 @@ def _read_parquet(source: ParquetFiles) -> dict[str, tuple[list[bytes], list[int
     return reviews
 
 
-def warn_empty(task: str, split: str, texts: Sequence[bytes], what: str) -> None:
-    """An empty text is kept (the count stays the release's), but the model sees only padding."""
-    empty = sum(not text for text in texts)
-    if empty:
-        log.warning("%s: %d empty %s in the %s split", task, empty, what, split)
-
-
 def read_imdb(source: ImdbSource) -> dict[str, tuple[list[bytes], list[int]]]:
     """(UTF-8 texts, labels) of the train and test splits."""
     if isinstance(source, ParquetFiles):
@@ -247,8 +235,7 @@ def read_imdb(source: ImdbSource) -> dict[str, tuple[list[bytes], list[int]]]:
     else:
         reviews = _read_review_files(source)
     for split, (texts, _) in reviews.items():
-        warn_empty("text", split, texts, "reviews")
-        check_split_size("text", split, len(texts), RELEASE_SIZE)
+        check_split("text", split, len(texts), RELEASE_SIZE, texts, "reviews")
     return reviews
 
 
@@ -262,7 +249,14 @@ class ByteTextDataModule(LRADataModule):
 
     def __init__(self, *args: Any, text_length: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        check_text_length(text_length, self.max_length)
+        if text_length < 1:
+            raise ValueError(f"data.text_length must be positive, got {text_length}")
+        if text_length > self.max_length:
+            raise ValueError(
+                f"data.text_length={text_length} exceeds data.max_length={self.max_length}: a "
+                "sequence would not fit the model. Set data.max_length >= data.text_length (the "
+                "LRA settings are text_length=4000 with max_length=4096, or 1000 with 1024)."
+            )
         self.text_length = text_length
 
     def cache_options(self) -> dict[str, Any]:

@@ -122,9 +122,3 @@ class BigBirdAttention(nn.Module):
             out = out.index_copy(2, glob, dense)
         out = out.view(B, H, nb * b, d)[:, :, :n]
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"block_size={self.block_size}, window={self.num_window_blocks}, "
-            f"global={self.num_global_blocks}, random={self.num_random_blocks}"
-        )

@@ -152,6 +152,3 @@ class HTransformer1DAttention(nn.Module):
             q.to(compute), k.to(compute), v.to(compute), mask, self.block_size, self.top_level
         )
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, top_level={self.top_level}"

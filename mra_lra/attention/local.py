@@ -43,30 +43,21 @@ class LocalAttention(nn.Module):
         keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         b, nb = self.block_size, self.num_blocks(n)
         pad = nb * b - n
-        keep = F.pad(keep, (0, pad))
-        if self.strided:  # group j holds tokens j, j + nb, j + 2 nb, ...
+        keep = F.pad(keep, (0, pad))[:, None]  # [B, 1, nb b]
 
-            def blocks(t):
-                return t.reshape(B, H, b, nb, d).transpose(2, 3)
+        def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, nb b, ...] -> [B, H, nb, b, ...]
+            if self.strided:  # group j holds tokens j, j + nb, j + 2 nb, ...
+                return t.unflatten(2, (b, nb)).transpose(2, 3)
+            return t.unflatten(2, (nb, b))
 
-            keep_blocks = keep.view(B, b, nb).transpose(1, 2)
-        else:
-
-            def blocks(t):
-                return t.reshape(B, H, nb, b, d)
-
-            keep_blocks = keep.view(B, nb, b)
         lowest = torch.finfo(compute).min
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = (F.pad(t.to(compute), (0, 0, 0, pad)) for t in (q, k, v))
-            q_b, k_b, v_b = blocks(q / math.sqrt(d)), blocks(k), blocks(v)  # [B, H, nb, b, d]
+            q_b, k_b, v_b = blocks(q / math.sqrt(d)), blocks(k), blocks(v)
             logits = q_b @ k_b.transpose(-1, -2)  # [B, H, nb, b, b]
-            logits = logits.masked_fill(~keep_blocks[:, None, :, None, :], lowest)
+            logits = logits.masked_fill(~blocks(keep)[..., None, :], lowest)
             out = torch.softmax(logits, dim=-1) @ v_b
             if self.strided:
                 out = out.transpose(2, 3)
             out = out.reshape(B, H, nb * b, d)[:, :, :n]
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, strided={self.strided}"

@@ -74,6 +74,3 @@ class LongformerAttention(nn.Module):
             logits = logits.masked_fill(~keep[:, None, None, b : b + n], lowest)
             out = torch.cat([torch.softmax(logits, dim=-1) @ values, out[:, :, g:]], dim=2)
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"window={self.window}, num_global_tokens={self.num_global_tokens}"

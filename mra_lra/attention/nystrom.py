@@ -120,6 +120,3 @@ class NystromAttention(nn.Module):
         if self.conv is not None:
             out = out + self.conv(vp.to(self.conv.weight.dtype)).to(compute)
         return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}"

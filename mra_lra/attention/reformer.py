@@ -104,9 +104,3 @@ class ReformerAttention(nn.Module):
         lse = torch.take_along_dim(lse.view(B, H, R, nc * c), undo, dim=3)
         out = (torch.softmax(lse, dim=2)[..., None] * out).sum(dim=2)
         return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_hashes={self.num_hashes}, chunk_size={self.chunk_size}, "
-            f"num_buckets={self.num_buckets or '2n/chunk_size'}"
-        )

@@ -11,6 +11,12 @@ _REGISTRY: dict[str, type[nn.Module]] = {}
 CONTEXT_KEYS = ("head_dim", "num_heads", "max_length", "prefix_tokens")
 
 
+def _options_repr(self: nn.Module) -> str:
+    """The default extra_repr of an attention: the constructor options it keeps as attributes."""
+    params = inspect.signature(type(self).__init__).parameters
+    return ", ".join(f"{p}={getattr(self, p)}" for p in params if p != "self" and hasattr(self, p))
+
+
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: make an attention available as `attn=<name>`."""
 
@@ -18,6 +24,8 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"attention {name!r} is registered twice")
         _REGISTRY[name] = cls
+        if cls.extra_repr is nn.Module.extra_repr:
+            cls.extra_repr = _options_repr
         return cls
 
     return wrap

@@ -119,10 +119,3 @@ class SinkhornAttention(nn.Module):
             out = torch.softmax(local, dim=-1) @ v_blocks + torch.softmax(mixed, dim=-1) @ v_sorted
             out = out.reshape(B, H, nb * b, d)[:, :, :n]
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"block_size={self.block_size}, sort_activation={self.sort_activation}, "
-            f"sinkhorn_iterations={self.sinkhorn_iterations}, temperature={self.temperature}, "
-            f"max_blocks={self.sort_net.shape[1]}"
-        )

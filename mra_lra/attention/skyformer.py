@@ -87,9 +87,3 @@ class SkyformerAttention(nn.Module):
             right_v = (gaussian_kernel(xk, landmarks) * columns).transpose(-1, -2) @ vm
             out = left @ (inverse @ right_v)
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}, "
-            f"ridge={self.ridge}"
-        )

@@ -75,6 +75,3 @@ class SOFTAttention(nn.Module):
             kernel_3_v = kernel_1.transpose(-1, -2) @ vp
             out = kernel_1 @ (newton_pinv(kernel_2, self.newton_iterations) @ kernel_3_v)
         return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"num_landmarks={self.num_landmarks}, newton_iterations={self.newton_iterations}"

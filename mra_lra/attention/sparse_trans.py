@@ -120,9 +120,3 @@ class SparseTransformerAttention(nn.Module):
         out = (e_block @ v_s.view(B, H, nb, b, d)).view(B, H, nb * b, d)
         out = (out + e_x.view(B, H, nb * b, -1) @ v_x) / den.view(B, H, nb * b, 1)
         return out[:, :, :m]
-
-    def extra_repr(self) -> str:
-        return (
-            f"block_size={self.block_size}, summary_size={self.summary_size}, "
-            f"causal={self.causal}, prefix_tokens={self.prefix_tokens}"
-        )

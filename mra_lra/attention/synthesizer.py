@@ -113,6 +113,3 @@ class SynthesizerAttention(nn.Module):
                 )
             out = torch.softmax(logits, dim=-1) @ v.to(compute)
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode}, dot_product={self.dot_product}, max_length={self.max_length}"

@@ -213,9 +213,3 @@ class YOSOAttention(nn.Module):
             y = lsh_cumulation(q, k, v, keep, self.num_hashes, self.hash_code_len)
         out = F.normalize(y, dim=-1).view(B, H, n, d)
         return zero_padded_queries(out, mask).to(in_dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_hashes={self.num_hashes}, hash_code_len={self.hash_code_len}, "
-            f"expectation={self.expectation}"
-        )

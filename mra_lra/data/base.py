@@ -349,25 +349,3 @@ class LRADataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
-
-
-def pad_sequences(
-    sequences: Sequence[np.ndarray], max_length: int, dtype: Any, what: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (with 0) and truncate token sequences to `[N, max_length]`; returns the ids and the
-    lengths before truncation. One warning counts the truncated rows of `what` (a split name)."""
-    ids = np.zeros((len(sequences), max_length), dtype=dtype)
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences))
-    for row, seq in enumerate(sequences):
-        kept = seq[:max_length]
-        ids[row, : len(kept)] = kept
-    truncated = int((lengths > max_length).sum())
-    if truncated:
-        log.warning(
-            "%s: %d of %d sequences longer than %d were truncated",
-            what,
-            truncated,
-            len(lengths),
-            max_length,
-        )
-    return ids, lengths

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mra_lra.data.base import DATA_DIR_FIX, LRADataModule, pad_sequences
+from mra_lra.data.base import DATA_DIR_FIX, LRADataModule
 from mra_lra.data.cache import (
     cache_key,
     file_fingerprint,
@@ -233,9 +233,21 @@ def read_listops_tsv(path: str | os.PathLike) -> tuple[list[np.ndarray], list[in
 
 
 def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[str, np.ndarray]:
-    """The cache arrays of one split (base.py), truncated to max_length."""
+    """The cache arrays of one split (base.py), truncated to max_length (with one warning)."""
     token_ids, labels = parse_listops_tsv(text, name)
-    input_ids, lengths = pad_sequences(token_ids, max_length, np.uint8, split)
+    input_ids = np.full((len(token_ids), max_length), PAD_ID, dtype=np.uint8)
+    lengths = np.array([len(ids) for ids in token_ids], dtype=np.int32)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : min(len(ids), max_length)] = ids[:max_length]
+    truncated = int((lengths > max_length).sum())
+    if truncated:
+        log.warning(
+            "%s: %d of %d sequences longer than %d were truncated",
+            split,
+            truncated,
+            len(lengths),
+            max_length,
+        )
     return {"input_ids": input_ids, "label": np.array(labels, dtype=np.uint8), "length": lengths}
 
 
@@ -260,34 +272,25 @@ class ListOpsDataModule(LRADataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.num_train = num_train
-        self.num_val = num_val
-        self.num_test = num_test
-        self.gen_min_length = gen_min_length
-        self.gen_max_length = gen_max_length
-        self.seed = seed
         self._tree: SourceTree | None = None
-
-    def _generator_args(self) -> dict[str, int]:
-        return {
-            "num_train": self.num_train,
-            "num_val": self.num_val,
-            "num_test": self.num_test,
-            "min_length": self.gen_min_length,
-            "max_length": self.gen_max_length,
-            "seed": self.seed,
+        # The arguments of ensure_listops_files and generator_settings.
+        self._generator_args = {
+            "num_train": num_train,
+            "num_val": num_val,
+            "num_test": num_test,
+            "min_length": gen_min_length,
+            "max_length": gen_max_length,
+            "seed": seed,
         }
 
     def _check_generator_options(self) -> None:
-        self._check_generated_sizes(
-            {"train": self.num_train, "val": self.num_val, "test": self.num_test}
-        )
-        if not 0 <= self.gen_min_length < self.gen_max_length - 1:
+        args = self._generator_args
+        self._check_generated_sizes({s: args[f"num_{s}"] for s in SPLITS})
+        if not 0 <= args["min_length"] < args["max_length"] - 1:
             raise ValueError(
                 "data.gen_min_length and data.gen_max_length are exclusive bounds on the generated "
                 "trees' lengths: need 0 <= data.gen_min_length < data.gen_max_length - 1, got "
-                f"data.gen_min_length={self.gen_min_length}, "
-                f"data.gen_max_length={self.gen_max_length}"
+                f"{args['min_length']} and {args['max_length']}"
             )
 
     def _find_tree(self, generate: bool) -> tuple[SourceTree, dict[str, Any] | None]:
@@ -300,10 +303,10 @@ class ListOpsDataModule(LRADataModule):
                 tree = locate_source(self.data_dir, None, ANCHOR, RELEASE_CANDIDATES, HOW_TO_GET)
             except FileNotFoundError as err:
                 self._check_generator_options()
-                settings = generator_settings(**self._generator_args())
+                settings = generator_settings(**self._generator_args)
                 directory = generated_dir(self.data_dir, settings)
                 if generate:
-                    ensure_listops_files(self.data_dir, **self._generator_args())
+                    ensure_listops_files(self.data_dir, **self._generator_args)
                 elif not directory.exists():
                     raise FileNotFoundError(
                         f"{err} No generated set for these settings in {directory} either; "

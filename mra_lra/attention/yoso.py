@@ -60,43 +60,23 @@ def compact_codes(
     n_q = codes_q.shape[1]
     both = torch.cat([codes_q, codes_k], dim=1)
     ordered, order = both.sort(dim=1)
-    starts = torch.ones_like(ordered)
-    starts[:, 0] = 0
-    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    starts = F.pad((ordered.diff(dim=1) != 0).long(), (0, 0, 1, 0))  # 1 where a new code begins
     ids = torch.empty_like(ordered).scatter_(1, order, starts.cumsum(dim=1))
     return ids[:, :n_q], ids[:, n_q:], both.shape[1]
 
 
-def _flat_index(codes: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """codes [G, n] -> rows of a [G * num_buckets, c] table: one index op serves every slice
-    (index_add_ / index_select over a flat table are faster than batched scatter / gather)."""
-    offsets = torch.arange(codes.shape[0], device=codes.device)[:, None] * num_buckets
-    return (codes + offsets).reshape(-1)
-
-
-def _bucket_sum(codes: torch.Tensor, values: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """table[g, b] = sum of values[g, i] over codes[g, i] = b: [G, n], [G, n, c] -> [G, nb, c]."""
+def _collisions(codes_out, codes_in, values, num_buckets: int) -> torch.Tensor:
+    """r_i = sum_j [codes_out(i) = codes_in(j)] values_j for one hash: [G, n] codes, values
+    [G, n, c] -> [G, n, c]. The values are summed into a flat [G * num_buckets, c] table by
+    codes_in and read back by codes_out (faster than batched scatter / gather)."""
     G, _, c = values.shape
+    offsets = torch.arange(G, device=values.device)[:, None] * num_buckets
     table = values.new_zeros(G * num_buckets, c)
-    table.index_add_(0, _flat_index(codes, num_buckets), values.reshape(-1, c))
-    return table.view(G, num_buckets, c)
+    table.index_add_(0, (codes_in + offsets).reshape(-1), values.reshape(-1, c))
+    return table.index_select(0, (codes_out + offsets).reshape(-1)).view(G, -1, c)
 
 
-def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """table[g, codes[g, i]]: [G, nb, c], [G, n] -> [G, n, c]."""
-    G, num_buckets, c = table.shape
-    rows = table.reshape(G * num_buckets, c).index_select(0, _flat_index(codes, num_buckets))
-    return rows.view(G, codes.shape[1], c)
-
-
-def _weighted_collisions(
-    codes_out: torch.Tensor,
-    g: torch.Tensor,
-    codes_in: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    num_buckets: int,
-) -> torch.Tensor:
+def _weighted_collisions(codes_out, g, codes_in, a, b, num_buckets: int) -> torch.Tensor:
     """r_i = sum_j [codes_out(i) = codes_in(j)] (g_i . a_j) b_j for one hash, without forming the
     collision matrix: bucket sums of the outer products a_j b_j^T, a few channels of a at a time.
 
@@ -108,7 +88,7 @@ def _weighted_collisions(
     for lo in range(0, a.shape[-1], step):
         a_part, g_part = a[..., lo : lo + step], g[..., lo : lo + step]
         outer = (a_part[..., :, None] * b[..., None, :]).flatten(2)  # [G, n, c * d]
-        table = _lookup(_bucket_sum(codes_in, outer, num_buckets), codes_out)
+        table = _collisions(codes_out, codes_in, outer, num_buckets)
         out = out + torch.einsum("gic,gicd->gid", g_part, table.view(G, -1, a_part.shape[-1], d))
     return out
 
@@ -129,7 +109,7 @@ class LSHCumulation(torch.autograd.Function):
         v_kept = v * keep[..., None]
         out = torch.zeros_like(v)
         for h in range(num_hashes):
-            out = out + _lookup(_bucket_sum(codes_k[..., h], v_kept, num_buckets), codes_q[..., h])
+            out = out + _collisions(codes_q[..., h], codes_k[..., h], v_kept, num_buckets)
         ctx.save_for_backward(q, k, v, keep, codes_q, codes_k)
         ctx.hash_code_len = hash_code_len
         ctx.num_buckets = num_buckets
@@ -145,7 +125,7 @@ class LSHCumulation(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for h in range(num_hashes):
             cq, ck = codes_q[..., h], codes_k[..., h]
-            dv = dv + _lookup(_bucket_sum(cq, g, num_buckets), ck)
+            dv = dv + _collisions(ck, cq, g, num_buckets)
             dq = dq + _weighted_collisions(cq, g, ck, v, kk, num_buckets)
             dk = dk + _weighted_collisions(ck, v, cq, g, qk, num_buckets)
         scale = tau / 2 / num_hashes

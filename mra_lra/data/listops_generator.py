@@ -265,24 +265,15 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m mra_lra.data.listops_generator",
         description="Generate ListOps basic_{train,val,test}.tsv in the LRA release format.",
     )
-    parser.add_argument("--out", required=True, help="a new (or empty) output folder")
+    parser.add_argument("--out", dest="out_dir", required=True, help="a new or empty folder")
     parser.add_argument("--num-train", type=int, default=RELEASE_NUM_TRAIN)
     parser.add_argument("--num-val", type=int, default=RELEASE_NUM_VAL)
     parser.add_argument("--num-test", type=int, default=RELEASE_NUM_TEST)
     parser.add_argument("--min-length", type=int, default=RELEASE_MIN_LENGTH, help="exclusive")
     parser.add_argument("--max-length", type=int, default=RELEASE_MAX_LENGTH, help="exclusive")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
     try:
-        out = write_listops_files(
-            args.out,
-            args.num_train,
-            args.num_val,
-            args.num_test,
-            min_length=args.min_length,
-            max_length=args.max_length,
-            seed=args.seed,
-        )
+        out = write_listops_files(**vars(parser.parse_args(argv)))
     except (FileExistsError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {', '.join(str(split_path(out, s)) for s in SPLITS)}")

@@ -29,20 +29,16 @@ from mra_lra.attention.softmax import zero_padded_queries
 
 
 def _siblings(x: torch.Tensor) -> torch.Tensor:
-    """Swap blocks 2c and 2c + 1 along axis 2 (blocks are the axis-2 entries)."""
-    shape = x.shape
-    return x.reshape(shape[0], shape[1], shape[2] // 2, 2, *shape[3:]).flip(3).reshape(shape)
+    """Swap blocks 2c and 2c + 1 along axis 2."""
+    return x.unflatten(2, (-1, 2)).flip(3).flatten(2, 3)
 
 
-def _attend_level(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    counts: torch.Tensor,
-    block_size: int,
-    finest: bool,
-    siblings: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_sum(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum neighbouring pairs along `axis` (halving it)."""
+    return x.unflatten(axis, (-1, 2)).sum(dim=axis + 1)
+
+
+def _attend_level(q, k, v, counts, block_size: int, finest: bool, siblings: bool):
     """One level: each block of `block_size` (coarse) tokens attends to its sibling block (unless
     `siblings` is false), and at the finest level also to itself.
 
@@ -52,87 +48,21 @@ def _attend_level(
     """
     B, H, m, d = q.shape
     nb = m // block_size
-    qb = q.view(B, H, nb, block_size, d)
-    kb = k.view(B, H, nb, block_size, d)
-    vb = v.view(B, H, nb, block_size, d)
+    qb, kb, vb = (t.view(B, H, nb, block_size, d) for t in (q, k, v))
     log_c = counts.log().view(B, 1, nb, block_size).expand(B, H, nb, block_size)
-    keys, values, log_w = [], [], []
-    if finest:
-        keys, values, log_w = [kb], [vb], [log_c]
+    keys, values, log_w = ([kb], [vb], [log_c]) if finest else ([], [], [])
     if siblings and nb > 1:
         keys.append(_siblings(kb))
         values.append(_siblings(vb))
         log_w.append(_siblings(log_c))
     keys, values, log_w = (torch.cat(t, dim=3) for t in (keys, values, log_w))
     # log(count) makes a coarse key count once per real token (and a padded one not at all).
-    logits = torch.matmul(qb, keys.transpose(-1, -2)) + log_w[:, :, :, None, :]
+    logits = qb @ keys.transpose(-1, -2) + log_w[:, :, :, None, :]
     row_max = logits.detach().amax(dim=-1)
     row_max = row_max.masked_fill(row_max == float("-inf"), torch.finfo(row_max.dtype).min)
     weights = torch.exp(logits - row_max[..., None])
-    num = torch.matmul(weights, values)
+    num = weights @ values
     return num.view(B, H, m, d), weights.sum(dim=-1).view(B, H, m), row_max.view(B, H, m)
-
-
-def _pair_sum(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """Sum neighbouring pairs along `axis` (halving it)."""
-    shape = list(x.shape)
-    shape[axis : axis + 1] = [shape[axis] // 2, 2]
-    return x.reshape(shape).sum(dim=axis + 1)
-
-
-def h_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    block_size: int,
-    top_level: bool = True,
-) -> torch.Tensor:
-    """Hierarchical attention; q, k, v: [B, H, n, d], mask: [B, n] or None -> [B, H, n, d].
-
-    top_level=False leaves out the sibling attention of the level with two blocks (the one that
-    joins the two halves of the sequence)."""
-    B, H, n, d = q.shape
-    nb = 2 ** math.ceil(math.log2(math.ceil(n / block_size)))
-    extra = nb * block_size - n
-    keep = q.new_ones(B, n) if mask is None else mask.to(q.dtype)
-    keep = F.pad(keep, (0, extra))
-    w = keep[:, None, :, None]
-    q, k, v = (F.pad(t, (0, 0, 0, extra)) * w for t in (q, k, v))
-    k = k / math.sqrt(d)
-
-    # Level l works on coarse tokens of 2^l fine tokens; keep sums and real-token counts so that
-    # every coarse q, k, v is a mean over real tokens only.
-    sums, counts = (q, k, v), keep
-    levels = []
-    span = 1
-    while True:
-        top = counts.shape[-1] // block_size <= 2  # 2 blocks (1 only if the whole is one block)
-        siblings = top_level or not top
-        if siblings or span == 1:  # the finest level keeps its diagonal blocks either way
-            denom = counts.clamp(min=1)[:, None, :, None]
-            qm, km, vm = (s / denom for s in sums)
-            level = _attend_level(qm, km, vm, counts, block_size, span == 1, siblings)
-            levels.append((span, *level))
-        if top:
-            break
-        sums = tuple(_pair_sum(s, axis=2) for s in sums)
-        counts = _pair_sum(counts, axis=1)
-        span *= 2
-
-    # Merge the levels on one stabiliser per fine query: the largest of their row maxima.
-    def fine(x: torch.Tensor, span: int) -> torch.Tensor:
-        return x.repeat_interleave(span, dim=2) if span > 1 else x
-
-    top = torch.stack([fine(row_max, s) for s, _, _, row_max in levels]).amax(dim=0)
-    num = torch.zeros_like(v)
-    den = torch.zeros_like(top)
-    for s, num_l, den_l, row_max in levels:
-        scale = torch.exp(fine(row_max, s) - top)
-        num = num + fine(num_l, s) * scale[..., None]
-        den = den + fine(den_l, s) * scale
-    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-    return out[:, :, :n]
 
 
 @register("h_transformer")
@@ -146,9 +76,44 @@ class HTransformer1DAttention(nn.Module):
         self.top_level = top_level
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, H, n, d = q.shape
         in_dtype = q.dtype
         compute = torch.promote_types(in_dtype, torch.float32)
-        out = h_attention(
-            q.to(compute), k.to(compute), v.to(compute), mask, self.block_size, self.top_level
-        )
-        return zero_padded_queries(out, mask).to(in_dtype)
+        b = self.block_size
+        pad = 2 ** math.ceil(math.log2(math.ceil(n / b))) * b - n  # up to 2^L blocks
+        keep = q.new_ones(B, n, dtype=compute) if mask is None else mask.to(compute)
+        keep = F.pad(keep, (0, pad))
+        q, k, v = (F.pad(t.to(compute), (0, 0, 0, pad)) * keep[:, None, :, None] for t in (q, k, v))
+        k = k / math.sqrt(d)
+
+        # Level l works on coarse tokens of 2^l fine tokens; keep sums and real-token counts so that
+        # every coarse q, k, v is a mean over real tokens only.
+        sums, counts = (q, k, v), keep
+        levels = []
+        span = 1
+        while True:
+            top = counts.shape[-1] // b <= 2  # 2 blocks (1 only if the whole is one block)
+            siblings = self.top_level or not top
+            if siblings or span == 1:  # the finest level keeps its diagonal blocks either way
+                denom = counts.clamp(min=1)[:, None, :, None]
+                qm, km, vm = (s / denom for s in sums)
+                level = _attend_level(qm, km, vm, counts, b, span == 1, siblings)
+                levels.append((span, *level))
+            if top:
+                break
+            sums = tuple(_pair_sum(s, axis=2) for s in sums)
+            counts = _pair_sum(counts, axis=1)
+            span *= 2
+
+        # Merge the levels on one stabiliser per fine query: the largest of their row maxima.
+        def fine(x: torch.Tensor, span: int) -> torch.Tensor:
+            return x.repeat_interleave(span, dim=2) if span > 1 else x
+
+        top = torch.stack([fine(row_max, s) for s, _, _, row_max in levels]).amax(dim=0)
+        num, den = torch.zeros_like(v), torch.zeros_like(top)
+        for s, num_l, den_l, row_max in levels:
+            scale = torch.exp(fine(row_max, s) - top)
+            num = num + fine(num_l, s) * scale[..., None]
+            den = den + fine(den_l, s) * scale
+        out = num / torch.where(den > 0, den, 1.0)[..., None]
+        return zero_padded_queries(out[:, :, :n], mask).to(in_dtype)

@@ -75,36 +75,27 @@ def write_node(op: str, children: list[str]) -> str:
     return "( " * (len(children) + 1) + op + " " + " ) ".join(children) + " ) " + END + " )"
 
 
-class _TreeBuilder:
-    """Draws one tree; tracks its length so far and aborts once it reaches `max_length`."""
+def _draw_tree(rng: random.Random, max_length: int) -> tuple[str, int, int]:
+    """(written form, value, length) of one tree; raises _TooLong once it has reached
+    `max_length` tokens."""
+    length = 0
 
-    def __init__(self, rng: random.Random, max_length: int) -> None:
-        self.rng = rng
-        self.max_length = max_length
-        self.length = 0
-
-    def _grow(self, n: int) -> None:
-        self.length += n
-        if self.length >= self.max_length:
-            raise _TooLong
-
-    def node(self, depth: int) -> tuple[str, int]:
-        """(written form, value) of a node at `depth`."""
-        rng = self.rng
+    def node(depth: int) -> tuple[str, int]:
+        nonlocal length
         u = rng.random() if depth < MAX_DEPTH else 1.0
+        length += 1 if u > LEAF_THRESHOLD else 2
+        if length >= max_length:
+            raise _TooLong
         if u > LEAF_THRESHOLD:
-            self._grow(1)
             digit = rng.randrange(10)
             return str(digit), digit
-        self._grow(2)
         k = rng.randint(2, MAX_ARGS)
-        texts, values = [], []
-        for _ in range(k):
-            text, value = self.node(depth + 1)
-            texts.append(text)
-            values.append(value)
+        texts, values = zip(*(node(depth + 1) for _ in range(k)), strict=True)
         op = OPERATORS[rng.randrange(len(OPERATORS))]
-        return write_node(op, texts), _apply(op, values)
+        return write_node(op, list(texts)), _apply(op, list(values))
+
+    source, value = node(1)
+    return source, value, length
 
 
 # Draws in a row without a new tree after which the length bounds are taken to allow too few trees
@@ -144,12 +135,11 @@ def generate_listops(
                     "(data.num_train, data.num_val, data.num_test)."
                 )
             fruitless += 1
-            builder = _TreeBuilder(rng, max_length)
             try:
-                source, value = builder.node(1)
+                source, value, length = _draw_tree(rng, max_length)
             except _TooLong:
                 continue
-            if builder.length > min_length and source not in seen:
+            if length > min_length and source not in seen:
                 seen.add(source)
                 examples.append(ListOpsExample(source, value))
                 bar.update(1)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from mra_lra.attention.registry import check_at_least, register
+from mra_lra.attention.registry import check_at_least, check_length, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 
@@ -32,11 +32,7 @@ class LinformerAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        if n > self.max_length:
-            raise ValueError(
-                f"linformer got sequence length {n} > max_length {self.max_length} "
-                "(its projection has max_length columns)"
-            )
+        check_length(n, self.max_length)
         in_dtype = q.dtype
         compute = torch.promote_types(in_dtype, torch.float32)
         keep = q.new_ones(B, n, dtype=compute) if mask is None else mask.to(compute)

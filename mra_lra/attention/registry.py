@@ -49,6 +49,12 @@ def check_at_least(minimum: float, **options) -> None:
             raise ValueError(f"{key} must be >= {minimum}, got {value}{hint}")
 
 
+def check_length(n: int, max_length: int) -> None:
+    """For attentions whose parameters are sized by max_length: refuse a longer sequence."""
+    if n > max_length:
+        raise ValueError(f"sequence length {n} > max_length {max_length} (the parameters' size)")
+
+
 def build(name: str, *, context: dict | None = None, **options) -> nn.Module:
     """Build attention `name` with `options` (from the `attn` config group).
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import check_at_least, register
+from mra_lra.attention.registry import check_at_least, check_length, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 SORT_ACTIVATIONS = ("softmax", "sinkhorn")
@@ -84,11 +84,7 @@ class SinkhornAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        if n > self.max_length:
-            raise ValueError(
-                f"sinkhorn got sequence length {n} > max_length {self.max_length} "
-                "(its sorting network has one output per block of max_length)"
-            )
+        check_length(n, self.max_length)
         in_dtype = q.dtype
         compute = torch.promote_types(in_dtype, torch.float32)
         b = self.block_size

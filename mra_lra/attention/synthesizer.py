@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mra_lra.attention.registry import check_at_least, register
+from mra_lra.attention.registry import check_at_least, check_length, register
 from mra_lra.attention.softmax import zero_padded_queries
 
 TERMS = ("random", "factorized_random", "dense")
@@ -94,11 +94,7 @@ class SynthesizerAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        if n > self.max_length:
-            raise ValueError(
-                f"synthesizer got sequence length {n} > max_length {self.max_length} "
-                "(its synthetic logits have max_length columns)"
-            )
+        check_length(n, self.max_length)
         in_dtype = q.dtype
         compute = torch.promote_types(in_dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):

@@ -67,12 +67,10 @@ class ResumableDataLoader(DataLoader):
         return self._batches(resume)
 
     def _batches(self, resume: dict[str, int] | None) -> Iterator[Any]:
-        # A generator: this runs at the first next(), after Lightning's set_epoch. Lightning asks
-        # for the iterator of a resumed run before it sets the sampler's epoch, and loader workers
-        # draw their first indices as soon as torch's iterator exists, so it is made only here.
+        # A generator, so that torch's iterator (its workers draw indices at once) is made at the
+        # first next(): Lightning asks a resumed run for it before setting the sampler's epoch.
         iterator = super().__iter__()
-        # Without set_epoch (Lightning's overfit_batches swaps in a plain sequential sampler)
-        # epochs cannot be told apart, so nothing is skipped.
+        # Without set_epoch (overfit_batches' sequential sampler) nothing is skipped.
         epoch = int(getattr(self.sampler, "epoch", 0))
         skip = 0
         if resume is not None and hasattr(self.sampler, "set_epoch"):
@@ -83,9 +81,8 @@ class ResumableDataLoader(DataLoader):
                 for _ in range(skip):
                     next(iterator)
             elif resume["epoch"] < epoch and resume["batches"] < len(self):
-                # Lightning counts an epoch that max_steps cut short as done: a finished run
-                # extended with a larger max_steps starts the next epoch. (Under
-                # trainer.limit_train_batches a whole epoch looks the same, hence the "if".)
+                # Lightning counts an epoch cut short by max_steps as done (a whole epoch under
+                # limit_train_batches looks the same, hence "if").
                 log.warning(
                     "the checkpoint's epoch %d ended after %d of its %d batches and Lightning "
                     "resumes at epoch %d: if the run was stopped there by max_steps, the rest "

@@ -62,19 +62,6 @@ class _ArchiveMemberReader(io.RawIOBase):
             raise _corrupt_archive(self._archive, err) from err
 
 
-class _CountingReader:
-    """A binary stream that counts the bytes read from it (the tar's uncompressed size)."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self.count += len(data)
-        return data
-
-
 def _decompressed(raw: BinaryIO) -> BinaryIO:
     """`raw` decompressed by its magic bytes (unlike tarfile's stream mode, these readers raise
     EOFError on a stream that ends early)."""
@@ -135,7 +122,7 @@ class SourceTree:
             return
         try:
             with open(self.path, "rb") as raw:
-                stream = _CountingReader(_decompressed(raw))
+                stream = _decompressed(raw)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
                         if not member.isfile():
@@ -150,7 +137,7 @@ class SourceTree:
                     # trailer that the decompressor checks while reading up to it.
                     while stream.read(1 << 20):
                         pass
-                    if stream.count - tar.offset < 2 * tarfile.BLOCKSIZE:
+                    if stream.tell() - tar.offset < 2 * tarfile.BLOCKSIZE:
                         raise tarfile.ReadError("the archive ends before its end-of-archive blocks")
         except _ARCHIVE_ERRORS as err:
             raise _corrupt_archive(self.path, err) from err

@@ -205,10 +205,6 @@ def parse_listops_tsv(text: str, name: str) -> tuple[list[np.ndarray], list[int]
     return token_ids, labels
 
 
-def read_listops_tsv(path: str | os.PathLike) -> tuple[list[np.ndarray], list[int]]:
-    return parse_listops_tsv(Path(path).read_text(encoding="utf-8"), str(path))
-
-
 def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[str, np.ndarray]:
     """The cache arrays of one split (base.py), truncated to max_length (with one warning)."""
     token_ids, labels = parse_listops_tsv(text, name)

@@ -15,7 +15,7 @@ import torch
 
 from mra_lra.data import listops, listops_generator
 from mra_lra.data.cache import cache_key
-from mra_lra.data.listops import ListOpsDataModule, ensure_listops_files, read_listops_tsv
+from mra_lra.data.listops import ListOpsDataModule, ensure_listops_files, parse_listops_tsv
 from mra_lra.data.listops_generator import write_listops_files
 from mra_lra.data.sources import SourceError
 from tests.data.helpers import cache_entries
@@ -219,14 +219,14 @@ def test_malformed_row_names_file_and_line(tmp_path, row: str, problem: str) -> 
     path = tmp_path / "basic_train.tsv"
     path.write_text(f"Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n{row}\n")
     with pytest.raises(ValueError, match=f"{path}:3: .*{problem}"):
-        read_listops_tsv(path)
+        parse_listops_tsv(path.read_text(), str(path))
 
 
 def test_wrong_header_is_an_error(tmp_path) -> None:
     path = tmp_path / "basic_val.tsv"
     path.write_text("( ( ( [MAX 2 ) 9 ) ] )\t9\n")
     with pytest.raises(ValueError, match=f"{path}:1: expected the header"):
-        read_listops_tsv(path)
+        parse_listops_tsv(path.read_text(), str(path))
 
 
 def test_truncation_warned_once_per_split(tmp_path, caplog) -> None:

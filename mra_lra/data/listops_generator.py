@@ -1,17 +1,15 @@
 """The LRA ListOps generator (lra_benchmarks/data/listops.py), reimplemented with a seed.
 
-A node at depth t (root 1) is a leaf (a uniform digit, length 1) when t == MAX_DEPTH or u >
-LEAF_THRESHOLD for u ~ U(0, 1); otherwise an operator uniform among MIN, MAX, MED, SM with
-k ~ U{2..MAX_ARGS} children, length 2 (operator and `]`) plus theirs. Draws happen in the
-reference's order (u, then digit or k, children, operator). A tree is kept when min_length <
-length < max_length and it is not a duplicate; the first num_train kept are train, then val, then
-test. Written as the release writes it: `( ( ( [MAX 2 ) 9 ) ] )`. Building stops once a tree
-reaches max_length tokens (it would be rejected anyway), which keeps the sampling cheap.
+A node at depth t (root 1) is a leaf (a uniform digit) when t == MAX_DEPTH or u > LEAF_THRESHOLD
+for u ~ U(0, 1); otherwise an operator uniform among MIN, MAX, MED, SM with k ~ U{2..MAX_ARGS}
+children, drawn in the reference's order (u, then digit or k, children, operator). A tree is kept
+when min_length < length < max_length and it is new; building stops once it reaches max_length
+tokens (it would be rejected anyway), which keeps the sampling cheap.
 
     python -m mra_lra.data.listops_generator --out /tmp/listops_seed0 --seed 0
 
 writes the files with their settings in a `.generated.json` sidecar (training generates its own
-under `<data_dir>/generated/listops/`; this command is for making one elsewhere).
+under `<data_dir>/generated/listops/`).
 """
 
 from __future__ import annotations
@@ -148,25 +146,13 @@ def generate_listops(
 
 
 def generate_splits(
-    num_train: int,
-    num_val: int,
-    num_test: int,
-    *,
-    min_length: int = RELEASE_MIN_LENGTH,
-    max_length: int = RELEASE_MAX_LENGTH,
-    seed: int = 0,
-    progress: bool = True,
+    num_train: int, num_val: int, num_test: int, **options: Any
 ) -> dict[str, list[ListOpsExample]]:
+    """The first num_train trees of `generate_listops(..., **options)` are train, then val, test."""
     counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
     if any(n < 0 for n in counts.values()):
         raise ValueError(f"split sizes must be >= 0, got {counts}")
-    examples = generate_listops(
-        num_train + num_val + num_test,
-        min_length=min_length,
-        max_length=max_length,
-        seed=seed,
-        progress=progress,
-    )
+    examples = generate_listops(num_train + num_val + num_test, **options)
     return {
         "train": examples[:num_train],
         "val": examples[num_train : num_train + num_val],

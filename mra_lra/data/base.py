@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +154,30 @@ class LRADataModule(pl.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self._user_source = Path(source).expanduser() if source else None
-        self._source_looked_up = source is not None
+        self._given_source = source
         self.datasets: dict[str, CachedArrayDataset] = {}
 
-    # A `source=` given once is recorded in <data_dir>/sources.json, so that later runs with the
-    # same data_dir read the same files without repeating it.
-    @property
+    @cached_property
     def source(self) -> Path | None:
-        """`data.source`, else the one recorded for this task under data_dir, else None."""
-        if not self._source_looked_up:
-            self._user_source = self._recorded_source()
-            self._source_looked_up = True
-        return self._user_source
+        """`data.source`, else the one recorded for this task in <data_dir>/sources.json (so that
+        later runs read the same files without repeating it), else None."""
+        if self._given_source is not None:
+            return Path(self._given_source).expanduser() if self._given_source else None
+        recorded = self._read_sources_record().get(self.task)
+        if recorded is None:
+            return None
+        if not Path(recorded).exists():
+            log.warning(
+                "%s: the source recorded in %s, %s, is gone; looking under %s instead "
+                "(pass data.source=<path> to record another)",
+                self.task,
+                self.sources_record,
+                recorded,
+                self.data_dir,
+            )
+            return None
+        log.info("%s: reading %s (recorded in %s)", self.task, recorded, self.sources_record)
+        return Path(recorded)
 
     @property
     def sources_record(self) -> Path:
@@ -186,23 +198,6 @@ class LRADataModule(pl.LightningDataModule):
             f"{self.sources_record} {problem}. Fix it, or delete it and pass data.source=<path> "
             "again for the tasks that need one."
         )
-
-    def _recorded_source(self) -> Path | None:
-        recorded = self._read_sources_record().get(self.task)
-        if recorded is None:
-            return None
-        if not Path(recorded).exists():
-            log.warning(
-                "%s: the source recorded in %s, %s, is gone; looking under %s instead "
-                "(pass data.source=<path> to record another)",
-                self.task,
-                self.sources_record,
-                recorded,
-                self.data_dir,
-            )
-            return None
-        log.info("%s: reading %s (recorded in %s)", self.task, recorded, self.sources_record)
-        return Path(recorded)
 
     def _record_source(self) -> None:
         record = self._read_sources_record()

@@ -1,13 +1,11 @@
 """Atomic writes and a cache of preprocessed numpy arrays, keyed by the options that made them.
 
 An entry `<root>/<key>/` holds one `<name>.npy` per array and a `manifest.json` with the options,
-whose hash is the key: any option that changes the arrays (a length, a source file's size or
-mtime, a vocabulary version) selects a new entry. Entries are built, fsynced, in a temporary
-folder `.tmp-<key>-<random>` and renamed into place, so a crash never leaves a half-written entry
-that a later run would trust. The builder holds a flock on the folder's `.lock`; a killed builder
-cannot remove its folder, but the kernel releases the lock, and `remove_stale_temp_dirs` removes
-it before the next build. A damaged entry is refused with an error naming the folder to delete;
-nothing is deleted automatically.
+whose hash is the key (a length, a source file's size or mtime, a vocabulary version...). Entries
+are built, fsynced, in a temporary folder and renamed into place, so a crash never leaves a
+half-written entry that a later run would trust. A builder holds a flock on its folder's `.lock`;
+the kernel releases it when the builder is killed, and `remove_stale_temp_dirs` then removes the
+folder. A damaged entry is refused with an error naming the folder to delete.
 """
 
 from __future__ import annotations

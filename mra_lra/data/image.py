@@ -127,7 +127,7 @@ class ImageDataModule(PixelDataModule):
             "val_fraction": VAL_FRACTION,
         }
 
-    def _read_batches(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def build_arrays(self) -> dict[str, np.ndarray]:
         wanted = {*TRAIN_FILES, TEST_FILE}
         batches = {}
         with tqdm(total=len(wanted), desc="image: CIFAR-10 batches", disable=None) as bar:
@@ -140,10 +140,6 @@ class ImageDataModule(PixelDataModule):
                 f"{self.tree.path} lacks {', '.join(f'{ANCHOR}/{m}' for m in missing)}. "
                 f"{how_to_get(self.data_dir)}"
             )
-        return batches
-
-    def build_arrays(self) -> dict[str, np.ndarray]:
-        batches = self._read_batches()
         train_pixels = np.concatenate([batches[name][0] for name in TRAIN_FILES])
         train_labels = np.concatenate([batches[name][1] for name in TRAIN_FILES])
         test_pixels, test_labels = batches[TEST_FILE]

@@ -60,8 +60,7 @@ RELEASE_CANDIDATES = ("lra_release", "lra_release.gz", "lra_release.tar.gz")
 HOW_TO_GET = (
     "Get lra_release.gz from https://storage.googleapis.com/long-range-arena/lra_release.gz and "
     "put it at <data_dir>/lra_release.gz (or extract it there), or pass data.source=<its path> "
-    "(to prepare: source=<its path>); "
-    "without it, ListOps is generated."
+    "(to prepare: source=<its path>); without it, ListOps is generated."
 )
 NOT_LRA = "Accuracies on it are not LRA ListOps numbers."
 

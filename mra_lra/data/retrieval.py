@@ -132,19 +132,12 @@ class RetrievalDataModule(ByteTextDataModule):
     _tree: SourceTree | None = None
 
     def ensure_sources(self) -> None:
-        tree = locate_source(
-            self.data_dir,
-            self.source,
-            ANCHOR,
-            () if self.source is not None else RELEASE_CANDIDATES,
-            how_to_get(self.data_dir),
-        )
+        fix = how_to_get(self.data_dir)
+        tree = locate_source(self.data_dir, self.source, ANCHOR, RELEASE_CANDIDATES, fix)
         if not tree.is_archive:
             missing = [f for f in FILES.values() if not (tree.root / f).is_file()]
             if missing:
-                raise FileNotFoundError(
-                    f"{tree.root} lacks {', '.join(missing)}. {how_to_get(self.data_dir)}"
-                )
+                raise FileNotFoundError(f"{tree.root} lacks {', '.join(missing)}. {fix}")
         self._tree = tree
 
     def _source_fingerprint(self) -> dict[str, Any]:

@@ -1,5 +1,4 @@
-"""The training order shared by the datamodules: a seeded shuffle per epoch, and a loader that
-resumes mid-epoch."""
+"""The training order: a seeded shuffle per epoch, and a loader that resumes mid-epoch."""
 
 from __future__ import annotations
 

@@ -6,9 +6,8 @@ Reviews are read from `source=<path>` (any of these shapes), else the first foun
     aclImdb_v1.tar.gz                                  the Stanford tarball itself
     imdb/plain_text/{train,test}-*.parquet             Hugging Face `stanfordnlp/imdb` (pyarrow)
 
-IMDB has no validation split: val reads the test arrays (`split_aliases`). Tokens (shared with
-Retrieval): byte b -> b + 1, pad 0. A review keeps its first `text_length` bytes: 4000 in the LRA
-paper (padded to 4096), 1000 in the LRA repository's config (padded to 1024).
+IMDB has no validation split: val reads the test arrays. Tokens (shared with Retrieval): byte b ->
+b + 1, pad 0; a review keeps its first `text_length` bytes (LRA paper: 4000, padded to 4096).
 """
 
 from __future__ import annotations

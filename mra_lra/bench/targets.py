@@ -1,6 +1,12 @@
-"""Issue 3's speed targets, read off the tables `make gpu-check` writes:
+"""The speed targets, judged from benchmark tables. GPU (issue 3), read off the tables
+`make gpu-check` writes:
 
     python -m mra_lra.bench.targets bench_out [--out bench_out/targets.md]
+
+CPU (issue 21; `cpu_report`): five runs of the torch path's measurement, each attention in a
+process of its own, and their spread (a few minutes on a 2-core machine; measure it idle):
+
+    python -m mra_lra.bench.targets --cpu cpu_out [--runs 5] [--out cpu_out/cpu_targets.md]
 
 1. MRA-2 on Triton, bfloat16, forward + backward: at least 4x faster than SDPA-flash at n=4096
    and 12x at n=16384. Every measured setting is listed (B=1 from attention.csv, the CUDA-graph
@@ -19,6 +25,9 @@ from the CSVs alone; nothing here is typed in but the targets themselves.
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from mra_lra.bench.attention import read_csv, speedups
@@ -247,14 +256,118 @@ def report(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# n -> (median, slowest run) times faster than SDPA: MRA-2's torch path, float32, fwd+bwd.
+CPU_TARGETS = {4096: (4.0, 3.0), 16384: (12.0, 10.0)}
+CPU_PEAK_RATIO = 2.0  # MRA-2's peak memory at most this times SDPA's, at the longest length
+# The measurement: B=2, H=2, d=32, float32, forward+backward, block_per_row 8 (conf/attn/mra.yaml),
+# full mode, first-block prior, median of --repeats; SDPA is attn=softmax (torch's SDPA).
+CPU_ATTNS = {"softmax": [], "mra": ["--set", "mra.initial_prior_first_n_blocks=1"]}
+CPU_SHAPE = ["--d", "32", "--heads", "2", "--batch", "2", "--dtype", "float32"]
+
+
+def cpu_command(attn: str, run: int, folder: Path, ns=tuple(CPU_TARGETS), repeats=5) -> list[str]:
+    """One run of one attention: bench.attention in a process of its own."""
+    return [
+        *(sys.executable, "-m", "mra_lra.bench.attention", "--device", "cpu", "--attn", attn),
+        *("--n", ",".join(map(str, ns)), *CPU_SHAPE, "--passes", "fwd+bwd"),
+        *("--repeats", str(repeats), "--warmup", "1", "--out", str(folder)),
+        *("--name", f"cpu_run{run}_{attn}", *CPU_ATTNS[attn]),
+    ]
+
+
+def cpu_runs(folder: Path) -> dict[int, dict[tuple[str, int], dict]]:
+    """{run: {(attn, n): row}} from the cpu_run<k>_<attn>.csv files in folder."""
+    runs: dict[int, dict] = {}
+    for path in sorted(folder.glob("cpu_run*_*.csv")):
+        run = int(path.stem.removeprefix("cpu_run").split("_", 1)[0])
+        for r in read_csv(path):
+            runs.setdefault(run, {})[r["attn"], r["n"]] = r
+    return runs
+
+
+def _spread(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"{med:.3g} (min {min(values):.3g}, max {max(values):.3g})"
+
+
+def cpu_report(folder: Path) -> str:
+    """Per run: SDPA and MRA-2 ms and their ratio at each length, peak MiB at the longest; then
+    the median, slowest and spread over the runs, judged against CPU_TARGETS."""
+    runs = cpu_runs(folder)
+    ns = sorted({n for rows in runs.values() for _, n in rows})
+    head = " | ".join(f"SDPA {n} ms | MRA-2 {n} ms | x SDPA" for n in ns)
+    lines = [
+        f"# CPU targets (issue 21), from the cpu_run CSVs in {folder}",
+        "",
+        f"| run | {head} | peak MiB at {ns[-1] if ns else '-'}: SDPA / MRA-2 |",
+        "|---" * (2 + 3 * len(ns)) + "|",
+    ]
+    ratios: dict[int, list[float]] = {n: [] for n in ns}
+    peaks: list[float] = []
+    for run, rows in sorted(runs.items()):
+        cells = []
+        for n in ns:
+            sdpa, mra = rows.get(("softmax", n)), rows.get(("mra", n))
+            if not (sdpa and mra and sdpa["status"] == mra["status"] == "ok"):
+                cells.append("- | - | not measured")
+                continue
+            ratios[n].append(sdpa["ms"] / mra["ms"])
+            cells.append(f"{sdpa['ms']:.4g} | {mra['ms']:.4g} | {ratios[n][-1]:.2f}")
+        sdpa, mra = rows.get(("softmax", ns[-1])), rows.get(("mra", ns[-1]))
+        peak = "-"
+        if sdpa and mra and sdpa["peak_mib"] and mra["peak_mib"]:
+            a, b = float(sdpa["peak_mib"]), float(mra["peak_mib"])
+            peaks.append(b / a)
+            peak = f"{a:.1f} / {b:.1f} ({b / a:.2f}x)"
+        lines.append(f"| {run} | {' | '.join(cells)} | {peak} |")
+    lines += ["", "| target | measured over the runs | verdict |", "|---|---|---|"]
+    for n, (median_target, slowest_target) in CPU_TARGETS.items():
+        got = ratios.get(n) or []
+        med = statistics.median(got) if got else None
+        lines.append(
+            f"| median x SDPA at {n} >= {median_target:g} | {_spread(got) if got else '-'} | "
+            f"{_verdict(None if med is None else med >= median_target)} |"
+        )
+        lines.append(
+            f"| slowest run x SDPA at {n} >= {slowest_target:g} | "
+            f"{f'{min(got):.3g}' if got else '-'} | "
+            f"{_verdict(None if not got else min(got) >= slowest_target)} |"
+        )
+    lines.append(
+        f"| peak memory <= {CPU_PEAK_RATIO:g}x SDPA's | {_spread(peaks) if peaks else '-'} | "
+        f"{_verdict(None if not peaks else max(peaks) <= CPU_PEAK_RATIO)} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mra_lra.bench.targets", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m mra_lra.bench.targets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("folder", type=Path, help="where make gpu-check wrote its CSVs ($OUT)")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
+    p.add_argument("--cpu", action="store_true", help="run the CPU measurement into folder")
+    p.add_argument("--runs", type=int, default=5, help="with --cpu: runs of every attention")
+    p.add_argument("--repeats", type=int, default=5, help="with --cpu: timed steps per row")
     args = p.parse_args(argv)
-    if not args.folder.is_dir():
+    if args.cpu:
+        if args.runs < 1 or args.repeats < 1:
+            p.error("--runs and --repeats must be >= 1")
+        args.folder.mkdir(parents=True, exist_ok=True)
+        for old in args.folder.glob("cpu_run*_*.csv"):
+            old.unlink()
+        for run in range(1, args.runs + 1):
+            for attn in CPU_ATTNS:
+                subprocess.run(
+                    cpu_command(attn, run, args.folder, repeats=args.repeats), check=True
+                )
+        text = cpu_report(args.folder)
+    elif not args.folder.is_dir():
         raise SystemExit(f"{args.folder} is not a folder: pass the $OUT of make gpu-check")
-    text = report(args.folder)
+    else:
+        text = report(args.folder)
     print(text, end="")
     if args.out:
         args.out.write_text(text)

@@ -58,7 +58,7 @@ def test_triton_path_launch_budget(attn, fwd_ops, fwd_kernels, bwd_ops):
     assert dict(bwd["triton"]) == {"_bwd_pre": 1, "_mra_bwd_dq": 1, "_mra_bwd_dkdv": 1}
 
 
-@pytest.mark.parametrize("attn, fwd_ops, bwd_ops", [("mra", 150, 155), ("mra_s", 137, 132)])
+@pytest.mark.parametrize("attn, fwd_ops, bwd_ops", [("mra", 150, 165), ("mra_s", 137, 142)])
 def test_torch_path_op_budget(attn, fwd_ops, bwd_ops):
     """On a CPU the torch path's time is its op count (issue 21): every op takes a whole chunk of
     chosen blocks. Hold the ops doing work per pass at the CPU benchmark's shape (B=2, H=2,

@@ -127,3 +127,35 @@ def test_long_sequences(tmp_path):
     text = targets.report(tmp_path)
     assert "| bfloat16 | triton(q32,k32) | 30 | 1.0 | ok | met |" in text
     assert "| float32 | triton(q32,k32) | - | 1.0 | error: out of memory | missed |" in text
+
+
+def test_cpu_report_judges_the_median_the_slowest_run_and_peak_memory(tmp_path):
+    # Three runs: MRA-2 4.5x, 3.5x, 5x SDPA at 4096 (median 4.5 met, slowest 3.5 met) and 13x,
+    # 9x, 14x at 16384 (median 13 met, slowest 9 missed); peak 1.5x, 2.5x, 1.5x (missed).
+    sdpa = {4096: 100.0, 16384: 1800.0}
+    mra_speedups = {4096: (4.5, 3.5, 5.0), 16384: (13.0, 9.0, 14.0)}
+    peaks = (60.0, 100.0, 60.0)
+    for run in range(3):
+        for attn in ("softmax", "mra"):
+            rows = []
+            for n in (4096, 16384):
+                ms = sdpa[n] if attn == "softmax" else sdpa[n] / mra_speedups[n][run]
+                peak = 40.0 if attn == "softmax" else peaks[run]
+                rows.append(row(attn, "torch", ms, n, batch=2, dtype="float32", device="cpu"))
+                rows[-1].update(device="cpu", heads=2, d=32, peak_mib=peak)
+            write(tmp_path, f"cpu_run{run + 1}_{attn}.csv", rows)
+    text = targets.cpu_report(tmp_path)
+    judged = [line for line in text.splitlines() if line.startswith(("| median", "| slowest"))]
+    assert [line.rsplit("|", 2)[-2].strip() for line in judged] == ["met", "met", "met", "missed"]
+    assert "| median x SDPA at 16384 >= 12 | 13 (min 9, max 14) | met |" in text
+    assert "| peak memory <= 2x SDPA's | 1.5 (min 1.5, max 2.5) | missed |" in text
+    assert "| 2 | 100 | 28.57 | 3.50 | 1800 | 200 | 9.00 | 40.0 / 100.0 (2.50x) |" in text
+
+
+def test_cpu_command_runs_one_attention_per_process(tmp_path):
+    command = targets.cpu_command("mra", 3, tmp_path)
+    assert command[1:3] == ["-m", "mra_lra.bench.attention"]
+    text = " ".join(command)
+    assert "--attn mra " in text and "--n 4096,16384" in text and "--passes fwd+bwd" in text
+    assert "--batch 2" in text and "--heads 2" in text and "--d 32" in text
+    assert "--name cpu_run3_mra" in text and "mra.initial_prior_first_n_blocks=1" in text

@@ -211,25 +211,26 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
     if key_bias is not None:
         padded_query = (mask == 0).repeat_interleave(H, dim=0).view(R, b, 1)
         neg_stats[:, 0].masked_fill_(padded_query, float("-inf"))
-    dq = torch.zeros_like(qf)
-    dkv = q.new_zeros(R, b, 2 * d)  # dk | dv: one index_add per chunk for both
-    qs, kv, dos = plan.buffer(q, b, d), plan.buffer(q, b, 2 * d), plan.buffer(q, b, d)
+    dq, dk, dv = (torch.zeros_like(qf) for _ in range(3))
+    # Contiguous buffers: a matmul writing into a strided view takes a slow path on CPU.
+    qs, ks, vs, dos = (plan.buffer(q, b, d) for _ in range(4))
     s, ds, st = plan.buffer(q, b, b), plan.buffer(q, b, b), plan.buffer(q, 2, b, 1)
-    chunks = plan.over(qs, kv[..., :d], kv[..., d:], kv, dos, s, ds, st)
-    for _, rows, cols, qs_c, ks, vs, kv_c, dos_c, s_c, ds_c, st_c in chunks:
+    for _, rows, cols, qs_c, ks_c, vs_c, dos_c, s_c, ds_c, st_c in plan.over(
+        qs, ks, vs, dos, s, ds, st
+    ):
         torch.index_select(neg_stats, 0, rows, out=st_c)
         neg_lse, neg_delta = st_c[:, 0], st_c[:, 1]
         bias = neg_lse if key_bias is None else torch.add(key_bias[cols], neg_lse, out=s_c)
-        p = _scores(qf, kf, rows, cols, qs_c, ks, bias, s_c).exp_()  # exp(s_ij - lse_i)
-        torch.index_select(vf, 0, cols, out=vs)
+        p = _scores(qf, kf, rows, cols, qs_c, ks_c, bias, s_c).exp_()  # exp(s_ij - lse_i)
+        torch.index_select(vf, 0, cols, out=vs_c)
         torch.index_select(do, 0, rows, out=dos_c)
-        ds_c = torch.baddbmm(neg_delta, dos_c, vs.transpose(1, 2), out=ds_c).mul_(p)
-        torch.bmm(p.transpose(1, 2), dos_c, out=vs)  # dv's part; vs is free now
-        dq.index_add_(0, rows, torch.baddbmm(dos_c, ds_c, ks, beta=0.0, alpha=scale, out=dos_c))
-        torch.baddbmm(ks, ds_c.transpose(1, 2), qs_c, beta=0.0, alpha=scale, out=ks)
-        dkv.index_add_(0, cols, kv_c)  # dk's part (over ks, free after dq's) and dv's
-    del qs, kv, dos, s, ds, st, chunks
-    dk, dv = dkv[..., :d], dkv[..., d:]
+        ds_c = torch.baddbmm(neg_delta, dos_c, vs_c.transpose(1, 2), out=ds_c).mul_(p)
+        # Each block's part of dv, dq, dk, written over gathered values no longer needed.
+        dv.index_add_(0, cols, torch.bmm(p.transpose(1, 2), dos_c, out=vs_c))
+        dq.index_add_(0, rows, torch.baddbmm(dos_c, ds_c, ks_c, beta=0.0, alpha=scale, out=dos_c))
+        dk_c = torch.baddbmm(ks_c, ds_c.transpose(1, 2), qs_c, beta=0.0, alpha=scale, out=ks_c)
+        dk.index_add_(0, cols, dk_c)
+    del qs, ks, vs, dos, s, ds, st
     if A is not None:
         # weight_i = exp(r_I - lse_i) (0 at padded queries); u_I, w_I as in the module docstring.
         weight = torch.exp(row_max.reshape(R, 1) + neg_stats[:, 0, :, 0])

@@ -23,11 +23,7 @@ from typing import Any
 import numpy as np
 
 from mra_lra.data.base import DATA_DIR_FIX, LRADataModule
-from mra_lra.data.cache import (
-    cache_key,
-    file_fingerprint,
-    remove_stale_temp_dirs,
-)
+from mra_lra.data.cache import cache_key, file_fingerprint, remove_stale_temp_dirs
 from mra_lra.data.listops_generator import (
     OPERATORS,
     SIDECAR_NAME,
@@ -174,9 +170,7 @@ def _check_generated(directory: Path, settings: dict[str, Any]) -> None:
 def parse_listops_tsv(text: str, name: str) -> tuple[list[np.ndarray], list[int]]:
     """Token ids (uint8, unpadded) and labels of each row of a release-format TSV; a malformed
     row raises ValueError naming the file `name` and the line."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines = text.removesuffix("\n").split("\n")
     header = lines[0].rstrip("\r") if lines else ""
     if header != TSV_HEADER:
         raise ValueError(f"{name}:1: expected the header {TSV_HEADER!r}, found {header!r}")

@@ -21,11 +21,7 @@ from tqdm import tqdm
 
 from mra_lra.data.cache import file_fingerprint
 from mra_lra.data.sources import SourceTree, locate_source
-from mra_lra.data.text import (
-    ByteTextDataModule,
-    byte_token_ids,
-    check_split,
-)
+from mra_lra.data.text import ByteTextDataModule, byte_token_ids, check_split
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +71,7 @@ def parse_aan_rows(
     texts2: list[bytes] = []
     labels: list[int] = []
     for line_no, line in enumerate(lines, start=1):
-        line = line.rstrip(b"\n")
-        if line.endswith(b"\r"):
-            line = line[:-1]
+        line = line.rstrip(b"\n").removesuffix(b"\r")
         if not line:
             continue
         # Split only after counting: a document is kilobytes, and only its head is kept.
@@ -104,11 +98,7 @@ def read_aan_pairs(
     for rel, stream in tree.iter_streams(splits.__contains__):
         split = splits[rel]
         lines = tqdm(
-            stream,
-            desc=f"AAN {split}",
-            unit="pairs",
-            total=RELEASE_SIZES[split],
-            disable=None,
+            stream, desc=f"AAN {split}", unit="pairs", total=RELEASE_SIZES[split], disable=None
         )
         pairs[split] = parse_aan_rows(lines, tree.where(rel), text_length)
         if len(pairs) == len(FILES):

@@ -49,12 +49,9 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
 
 class CachedArrayDataset(Dataset):
     """One split of a cache entry as batches of `{"input_ids", "mask", "label"}` (plus
-    `input_ids_2`, `mask_2` for pairs).
-
-    `mask_mode="nonzero"` masks every token id 0 (the LRA reference's treatment of black pixels)
-    instead of the positions past each length; `order` permutes the positions of every sequence.
-    The arrays are memory-mapped on first use in each process, so that spawned workers map the
-    files instead of receiving a pickled copy."""
+    `input_ids_2`, `mask_2` for pairs). `mask_mode="nonzero"` masks token id 0 instead of the
+    positions past each length; `order` permutes the positions of every sequence. Arrays are
+    memory-mapped on first use in each process, so that spawned workers do not get a copy."""
 
     def __init__(
         self,
@@ -239,10 +236,8 @@ class LRADataModule(pl.LightningDataModule):
         return entry
 
     def _refuse_empty_splits(self, sizes: Mapping[str, int], where: str | None, fix: str) -> None:
-        """Refuse splits without examples, which later runs would trust and train on (failing far
-        from the cause, or running no step): any split of the user's files (they are not the
-        task's), the train or test split of a generated set (`where` None: the sizes asked of
-        one). Only data.num_val may be 0."""
+        """Refuse splits without examples before later runs trust them: any split of the user's
+        files, the train or test split of a generated set (`where` None: the sizes asked)."""
         generated = where is None or self.generated is not None
         empty = [s for s, n in sizes.items() if n == 0 and not (generated and s == "val")]
         if not empty:

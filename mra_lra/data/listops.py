@@ -154,16 +154,11 @@ def ensure_listops_files(data_dir: str | os.PathLike, **generator_args: int) -> 
 
 
 def _check_generated(directory: Path, settings: dict[str, Any]) -> None:
-    recorded = read_sidecar(directory)
-    if recorded is None or not _is_complete(directory):
+    # Generated sets are written whole, so a difference means they were changed afterwards.
+    if read_sidecar(directory) != settings or not _is_complete(directory):
         raise SourceError(
-            f"{directory} is not a complete generated ListOps set (generated sets are written "
-            f"whole, so its files were changed afterwards); delete {directory} and run again"
-        )
-    if recorded != settings:
-        raise SourceError(
-            f"{directory / SIDECAR_NAME} records {recorded}, not the settings its folder is named "
-            f"after ({settings}); delete {directory} and run again"
+            f"{directory} is not a complete generated ListOps set with the settings in its "
+            f"{SIDECAR_NAME} ({settings}); delete {directory} and run again"
         )
 
 

@@ -35,12 +35,10 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader whose place in the epoch travels with Lightning's checkpoints (a stateful
-    loader's `state_dict`), which are written mid-epoch; without it a resumed run would train on
-    the epoch's first batches twice. The state is the sampler's epoch and the batches served in
-    it; on resume these are drawn and dropped (the order depends on (seed, epoch) alone), which
-    holds whatever wraps the sampler and costs far less than training on them.
-    """
+    """A DataLoader whose place in the epoch travels with Lightning's mid-epoch checkpoints, so
+    that a resumed run does not train on the epoch's first batches twice: the state is the
+    sampler's epoch and the batches served in it, which a resumed run draws and drops (this holds
+    whatever wraps the sampler, and costs far less than training on them)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -58,6 +58,32 @@ def test_triton_path_launch_budget(attn, fwd_ops, fwd_kernels, bwd_ops):
     assert dict(bwd["triton"]) == {"_bwd_pre": 1, "_mra_bwd_dq": 1, "_mra_bwd_dkdv": 1}
 
 
+# Ops that read a tensor's values on the host (a sync on CUDA, and a value a CUDA-graph replay
+# would never update) or whose output shape depends on them.
+HOST_SYNC_OPS = {
+    "_local_scalar_dense", "item", "nonzero", "masked_select", "unique_consecutive", "_unique2",
+    "unique_dim", "bincount", "repeat_interleave", "equal", "is_nonzero",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("attn", ["mra", "mra_s"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_triton_path_is_capture_safe(attn, rows):
+    """The whole Triton step (statistics, top-k, lists, kernels, the coarse backward) for static
+    shapes with a padding mask: no op syncs with the host, so it can be captured in a CUDA graph
+    (bench.attention --cuda-graph replays it; GPU test: the capture itself)."""
+    torch.manual_seed(0)
+    module = build(attn, block_per_row=2, backend="triton", query_rows=rows)
+    q, k, v = (torch.randn(2, 2, 200, 16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 200)
+    mask[1, 150:] = 0
+    counts = profile_mra.count_launches(
+        lambda *qkv: module(*qkv[:3], mask), q, k, v, torch.randn_like(q)
+    )
+    ops = set(counts["fwd"]["torch"]) | set(counts["bwd"]["torch"])
+    assert not ops & HOST_SYNC_OPS
+
+
 @pytest.mark.parametrize("attn, fwd_ops, bwd_ops", [("mra", 150, 165), ("mra_s", 137, 142)])
 def test_torch_path_op_budget(attn, fwd_ops, bwd_ops):
     """On a CPU the torch path's time is its op count (issue 21): every op takes a whole chunk of

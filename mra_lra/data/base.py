@@ -119,16 +119,14 @@ def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class LRADataModule(pl.LightningDataModule):
     """Base datamodule: subclasses set `task`, `num_classes`, and implement `ensure_sources`,
     `cache_options` and `build_arrays` (and `dataset_options` when items need more than the
-    defaults). `max_length` is the model's fixed sequence length, to which every batch is padded.
-    """
+    defaults). `max_length` is the model's fixed sequence length, to which batches are padded."""
 
     task: str = ""
     num_classes: int = 0
     # A split served by another one's arrays (IMDB has no validation split: val reads test).
     split_aliases: Mapping[str, str] = {}
-    # The generator settings when the data is our reimplementation of an LRA generator, else
-    # None; results.json records it as `data_generated`, so that such a number is never taken
-    # for one on the release.
+    # The settings of our reimplementation of an LRA generator when it made the data, else None:
+    # results.json records it (`data_generated`), so that a number is never taken for LRA's.
     generated: dict[str, Any] | None = None
 
     def __init__(
@@ -262,8 +260,7 @@ class LRADataModule(pl.LightningDataModule):
         )
 
     def _check_generated_sizes(self, sizes: Mapping[str, int]) -> None:
-        """Refuse the split sizes asked of a generated set (`data.num_<split>`) before it is
-        generated."""
+        """Refuse the split sizes `data.num_<split>` of a set before it is generated."""
         for split, n in sizes.items():
             _check_count(f"num_{split}", n, 0)
         self._refuse_empty_splits(sizes, None, "")

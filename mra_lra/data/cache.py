@@ -50,9 +50,8 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _hold_lock(folder: Path) -> int | None:
-    """Create `folder/LOCK_NAME` already locked (flock, exclusive) and return its descriptor;
-    locked under another name, then renamed, so that a visible lock file is never unlocked while
-    its owner lives. None without flock."""
+    """The descriptor of `folder/LOCK_NAME`, created locked (under another name, then renamed, so
+    that a visible lock file is never unlocked while its owner lives); None without flock."""
     if fcntl is None:
         return None
     pending = folder / f"{LOCK_NAME}-pending"

@@ -1,9 +1,8 @@
 """LRA Image: CIFAR-10 in grayscale, one pixel per token (vocabulary 256), as a datamodule.
 
-Source: the CIFAR-10 "python version" (not in lra_release.gz), `cifar-10-python.tar.gz` (read in
-one streaming pass) or the `cifar-10-batches-py/` it extracts to. data_batch_1..5 give 45k train
-and 5k val images (a tenth drawn with `data.split_seed`), test_batch 10k test images. Grayscale
-is computed as torchvision's `Grayscale` computes it on uint8 tensors.
+Source: the CIFAR-10 "python version" (not in lra_release.gz), `cifar-10-python.tar.gz` or the
+`cifar-10-batches-py/` it extracts to. data_batch_1..5 give 45k train and 5k val images (a tenth
+drawn with `data.split_seed`), test_batch 10k test images; grayscale as torchvision computes it.
 """
 
 from __future__ import annotations

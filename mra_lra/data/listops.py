@@ -214,8 +214,7 @@ def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[st
 
 class ListOpsDataModule(LRADataModule):
     """ListOps from `source` or the release under data_dir (looked for on every run), else the
-    set generated with the `gen_*` / `num_*` settings. After `prepare_data` or `setup`,
-    `generated` holds the settings of the set in use, or None for the release."""
+    set generated with the `gen_*` / `num_*` settings (then held in `generated`)."""
 
     task = "listops"
     num_classes = 10

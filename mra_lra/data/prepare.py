@@ -4,10 +4,10 @@
     python -m mra_lra.data.prepare -m [task=<name>,<name>...] [source=<path>]   # every task
     make data TASK=<name> [SOURCE=<path>]
 
-A Hydra app on the training config (conf/prepare.yaml), so that any training override (e.g.
-`data.data_dir=/scratch/lra data.text_length=1000`) gives exactly the cache that training with it
-reads. `source` is a folder or archive holding the task's files (default: under data.data_dir).
-With -m, a task that cannot be prepared is reported and the next one goes on.
+A Hydra app on the training config, so that any training override (`data.data_dir=...`) gives
+the cache that training with it reads. `source` is a folder or archive holding the task's files
+(default: under data.data_dir). With -m, a task that cannot be prepared is reported, and the
+next one goes on.
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ log = logging.getLogger(__name__)
 class EpochShuffleSampler(Sampler[int]):
     """A shuffle that depends only on (seed, epoch), set by Lightning before each epoch, so that a
     resumed run sees the order an uninterrupted one sees (torch's RandomSampler draws its seed
-    from the global generator at a moment that differs). The seed defaults to the run's `seed`.
-    """
+    from the global generator at a moment that differs). The seed defaults to the run's `seed`."""
 
     def __init__(self, num_samples: int, seed: int | None = None) -> None:
         self.num_samples = num_samples

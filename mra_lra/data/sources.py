@@ -99,9 +99,6 @@ class SourceTree:
         # For a folder, the anchor folder itself (None when it is not there).
         self.root = None if self.is_archive else find_anchor_dir(self.path, self.anchor)
 
-    def __repr__(self) -> str:
-        return f"SourceTree({str(self.path)!r}, anchor={self.anchor!r})"
-
     def iter_files(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
         """(path below the anchor, contents) of every file for which `wanted(path)` is true, in
         archive order (folders: sorted)."""

@@ -175,8 +175,7 @@ def _read_review_files(tree: SourceTree) -> dict[str, tuple[list[bytes], list[in
     reviews = {}
     for split, rows in found.items():
         if not rows:
-            # An archive is only opened when read: one without aclImdb/ (LRA's release, say)
-            # gets here with nothing found, and must not be cached or remembered as Text's.
+            # An archive without aclImdb/ (LRA's release, say) is found out only when read.
             raise SourceError(
                 f"{tree.path} holds no IMDB reviews ({ANCHOR}/{split}/{{neg,pos}}/<id>_<rating>"
                 f".txt): it is not the IMDB archive. Point data.source (or prepare's source=) at "

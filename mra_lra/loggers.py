@@ -4,9 +4,11 @@ resumed run continues its wandb run."""
 from __future__ import annotations
 
 import configparser
+import contextlib
 import logging
 import netrc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -125,12 +127,18 @@ class _OncePerRun(logging.Filter):
         return True
 
 
-def quiet_console() -> None:
-    """Start a run's console and log file afresh: every warning once, no adverts."""
+@contextlib.contextmanager
+def quiet_console() -> Iterator[None]:
+    """Around a run: every warning once on each log handler, no adverts."""
     rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    for handler in [*logging.getLogger().handlers, *rank_zero_log.handlers, rank_zero_log]:
-        once = [f for f in handler.filters if isinstance(f, _OncePerRun)]
-        if once:
-            once[0].seen.clear()
-        else:
-            handler.addFilter(_OncePerRun())
+    added = [
+        (handler, _OncePerRun())
+        for handler in [*logging.getLogger().handlers, *rank_zero_log.handlers, rank_zero_log]
+    ]
+    for handler, once in added:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler, once in added:
+            handler.removeFilter(once)

@@ -304,11 +304,12 @@ def run(cfg: DictConfig) -> dict:
     if "wandb" in cfg.logger:
         wandb_mode_default()
     if rank_zero_only.rank != 0:
-        return _run(cfg, out_dir, StartGuard(out_dir))
+        with quiet_console():
+            return _run(cfg, out_dir, StartGuard(out_dir))
     guard = StartGuard(out_dir)
     try:
         check_run_folder(cfg.get("ckpt_path"), out_dir)
-        with locked(out_dir):
+        with locked(out_dir), quiet_console():
             return _run(cfg, out_dir, guard)
     except Exception as err:
         if guard.training or guard.new_folder:  # an existing folder's log is left as it was
@@ -320,7 +321,6 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     start = time.perf_counter()
     reset_peak_memory()
-    quiet_console()
     if rank_zero_only.rank == 0:
         if cfg.get("print_config"):
             _print_config_tree(cfg)

@@ -221,23 +221,6 @@ def _val_check_in_batches(cfg: DictConfig) -> dict[str, int]:
     of every val_check_interval-th step, never inside an accumulation window."""
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise ValueError(
-            f"trainer.accumulate_grad_batches={accumulate!r}: give a whole number of batches per "
-            "optimizer step, >= 1"
-        )
-    interval = cfg.trainer.get("val_check_interval")
-    if accumulate == 1 or not isinstance(interval, int) or isinstance(interval, bool):
-        return {}
-    return {"val_check_interval": interval * accumulate}
-
-
-def _val_check_in_batches(cfg: DictConfig) -> dict[str, int]:
-    """`trainer.val_check_interval` counts optimizer steps, as max_steps and the recipes do;
-    Lightning counts training batches, of which each step takes `accumulate_grad_batches`. Returns
-    the Trainer argument that makes Lightning validate (and write last.ckpt) after the last batch
-    of every val_check_interval-th step, never inside an accumulation window."""
-    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ConfigError(
             f"trainer.accumulate_grad_batches={accumulate!r}: give a whole number of batches per "
             "optimizer step, >= 1"

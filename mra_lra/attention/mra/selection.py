@@ -1,4 +1,6 @@
-"""The parts of MRA shared by the torch path and the Triton kernels (spec/mra.md, steps 1-4).
+"""Steps 1-4 of spec/mra.md in torch (padding, block statistics, coarse logits, the top-k), and
+the constants every path shares. Torch only: the Triton kernels compute the same statistics in
+`launch.fused_statistics`, and `mra.statistics` picks between the two.
 
 Everything here is cheap next to the fine part: block statistics are O(n d), the coarse logits and
 the selection live on the nb x nb grid of blocks.

@@ -135,9 +135,12 @@ def move_legacy_generated(data_dir: str | os.PathLike) -> Path | None:
     return target
 
 
-def ensure_listops_files(data_dir: str | os.PathLike, **generator_args: int) -> Path:
+def ensure_listops_files(
+    data_dir: str | os.PathLike, workers: int | None = 1, **generator_args: int
+) -> Path:
     """The folder of the ListOps set generated with `generator_args` (num_train, num_val,
-    num_test, min_length, max_length, seed), generating it first (atomically) when missing."""
+    num_test, min_length, max_length, seed), generating it first (atomically, on `workers`
+    processes, None: all cores) when missing."""
     settings = generator_settings(**generator_args)
     directory = generated_dir(data_dir, settings)
     if not directory.exists():
@@ -145,7 +148,7 @@ def ensure_listops_files(data_dir: str | os.PathLike, **generator_args: int) -> 
         remove_stale_temp_dirs(directory.parent, r"[0-9a-f]{16}")  # other settings' too
         log.info("ListOps: generating %s into %s", settings, directory)
         try:
-            write_listops_files(directory, **generator_args)
+            write_listops_files(directory, workers=workers, **generator_args)
         except FileExistsError:
             if not directory.exists():
                 raise  # otherwise another process generated it meanwhile: check it below
@@ -214,7 +217,8 @@ def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[st
 
 class ListOpsDataModule(LRADataModule):
     """ListOps from `source` or the release under data_dir (looked for on every run), else the
-    set generated with the `gen_*` / `num_*` settings (then held in `generated`)."""
+    set generated with the `gen_*` / `num_*` settings (then held in `generated`) on `gen_workers`
+    processes (None: all cores; the set is the same for any number)."""
 
     task = "listops"
     num_classes = 10
@@ -229,9 +233,11 @@ class ListOpsDataModule(LRADataModule):
         gen_min_length: int,
         gen_max_length: int,
         seed: int,
+        gen_workers: int | None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.gen_workers = gen_workers
         self._tree: SourceTree | None = None
         # The arguments of ensure_listops_files and generator_settings.
         self._generator_args = {
@@ -266,7 +272,7 @@ class ListOpsDataModule(LRADataModule):
                 settings = generator_settings(**self._generator_args)
                 directory = generated_dir(self.data_dir, settings)
                 if generate:
-                    ensure_listops_files(self.data_dir, **self._generator_args)
+                    ensure_listops_files(self.data_dir, self.gen_workers, **self._generator_args)
                 elif not directory.exists():
                     raise FileNotFoundError(
                         f"{err} No generated set for these settings in {directory} either; "

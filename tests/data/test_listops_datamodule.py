@@ -62,6 +62,7 @@ def make_dm(data_dir: Path, max_length: int = 16, **overrides) -> ListOpsDataMod
         gen_min_length=GEN["min_length"],
         gen_max_length=GEN["max_length"],
         seed=GEN["seed"],
+        gen_workers=1,
     )
     return ListOpsDataModule(**{**args, **overrides})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 
@@ -11,6 +12,7 @@ from mra_lra.data import listops_generator
 from mra_lra.data.listops_generator import (
     SIDECAR_NAME,
     ListOpsExample,
+    _draw_task,
     generate_listops,
     generate_splits,
     main,
@@ -232,3 +234,21 @@ def test_write_files_refuses_a_folder_with_other_files(tmp_path) -> None:
         write_listops_files(tmp_path, 2, 1, 1, seed=0, progress=False, **SMALL)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".tmp-{tmp_path.name}")]
+
+
+@pytest.mark.parametrize("bounds", [SMALL, {"min_length": 0, "max_length": 6}])
+def test_same_trees_for_any_number_of_workers(bounds) -> None:
+    # 0 < length < 6 allows 4,410 trees, so tasks repeat each other's trees and the set is topped
+    # up from later tasks.
+    serial = generate_listops(1000, seed=2, progress=False, **bounds)
+    assert generate_listops(1000, seed=2, progress=False, workers=3, **bounds) == serial
+    assert len({ex.source for ex in serial}) == len(serial) == 1000
+    # The set is the first distinct trees of tasks 0, 1, 2, ... in order.
+    drawn = (ex for j in itertools.count() for ex in _draw_task((2, j, *bounds.values()))[0])
+    distinct: dict[ListOpsExample, None] = {}  # insertion-ordered
+    for ex in drawn:
+        distinct.setdefault(ex)
+        if len(distinct) == len(serial):
+            break
+    assert list(distinct) == serial
+    assert generate_listops(300, seed=2, progress=False, workers=2, **bounds) == serial[:300]

@@ -180,79 +180,65 @@ def long_rows(folder: Path) -> list[dict]:
     ]
 
 
+def _table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown section: title, then the table (one "not measured" row when rows is empty)."""
+    rows = rows or [["-"] * (len(header) - 1) + ["not measured"]]
+    lines = ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
 def report(folder: Path) -> str:
-    lines = [f"# Speed targets (issue 3), from the tables in {folder}", ""]
-    flash = flash_rows(folder)
-    lines += [
-        "## MRA on Triton against SDPA-flash (bfloat16, forward + backward)",
-        "",
-        "| setting | attention | n | batch | best tile | x flash | target | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+    flash = [
+        [r["setting"], r["attn"], r["n"], r["batch"], r["impl"], f"{r['speedup']:.2f}"]
+        + ([f">= {r['target']:g}x", _verdict(r["met"])] if r["target"] else ["-", "-"])
+        for r in flash_rows(folder)
     ]
-    for r in flash:
-        target = f">= {r['target']:g}x" if r["target"] else "-"
-        lines.append(
-            f"| {r['setting']} | {r['attn']} | {r['n']} | {r['batch']} | {r['impl']} | "
-            f"{r['speedup']:.2f} | {target} | {_verdict(r['met']) if r['target'] else '-'} |"
-        )
     for n, target in FLASH_TARGETS.items():
-        measured = [r for r in flash if r["attn"] == "mra" and r["n"] == n]
-        if measured:
+        if any(r[1] == "mra" and r[2] == n for r in flash):
             continue
-        failed = failed_flash_rows(folder, n)
-        for r in failed:
-            lines.append(
-                f"| {r['setting']} | mra | {n} | {r['batch']} | {r['impl'] or '-'} | - | "
-                f">= {target:g}x | missed ({r['status']}) |"
-            )
-        if not failed:
-            lines.append(f"| - | mra | {n} | - | - | - | >= {target:g}x | not measured |")
-    flex = flex_rows(folder)
-    lines += [
-        "",
-        "## MRA-2 on Triton against FlexAttention on the same blocks (bfloat16, fwd+bwd)",
-        "",
-        "| n | batch | MRA-2 ms (tile) | flex_mra ms (best mask tile) | flex / MRA-2 | verdict |",
-        "|---|---|---|---|---|---|",
+        failed = [
+            [r["setting"], "mra", n, r["batch"], r["impl"] or "-", "-", f">= {target:g}x"]
+            + [f"missed ({r['status']})"]
+            for r in failed_flash_rows(folder, n)
+        ]
+        flash += failed or [["-", "mra", n, "-", "-", "-", f">= {target:g}x", "not measured"]]
+    flex = [
+        [r["n"], r["batch"], f"{r['mra_ms']:.3g} ({r['mra_impl']})", f"{r['flex_ms']:.3g}"]
+        + [f"{r['ratio']:.2f}", _verdict(r["met"])]
+        for r in flex_rows(folder)
     ]
-    for r in flex:
-        lines.append(
-            f"| {r['n']} | {r['batch']} | {r['mra_ms']:.3g} ({r['mra_impl']}) | "
-            f"{r['flex_ms']:.3g} | {r['ratio']:.2f} | {_verdict(r['met'])} |"
-        )
-    if not flex:
-        lines.append("| - | - | - | - | - | not measured |")
     pub = published_row(folder)
-    lines += [
-        "",
-        "## The published profiling setup (float32, n=4096, layer forward + backward)",
-        "",
-        "| impl | batch | ms per instance | target | verdict |",
-        "|---|---|---|---|---|",
-    ]
+    published = [["-", "-", "-", f"< {PUBLISHED_MS}", "not measured"]]
     if pub:
-        lines.append(
-            f"| {pub['impl']} | {pub['batch']} | {pub['ms']:.3g} | < {PUBLISHED_MS} | "
-            f"{_verdict(pub['met'])} |"
-        )
-    else:
-        lines.append(f"| - | - | - | < {PUBLISHED_MS} | not measured |")
-    lines += [
-        "",
-        f"## MRA-2 on Triton at {LONG_N:,} tokens (forward + backward)",
-        "",
-        "| dtype | tile | ms | peak MiB | status | verdict |",
-        "|---|---|---|---|---|---|",
+        published = [[pub["impl"], pub["batch"], f"{pub['ms']:.3g}", f"< {PUBLISHED_MS}"]]
+        published[0].append(_verdict(pub["met"]))
+    long = [
+        [r["dtype"], r["impl"], f"{r['ms']:.3g}" if r["ms"] else "-", r["peak_mib"] or "-"]
+        + [r["status"], _verdict(r["met"])]
+        for r in long_rows(folder)
     ]
-    long = long_rows(folder)
-    for r in long:
-        ms = f"{r['ms']:.3g}" if r["ms"] else "-"
-        lines.append(
-            f"| {r['dtype']} | {r['impl']} | {ms} | {r['peak_mib'] or '-'} | {r['status']} | "
-            f"{_verdict(r['met'])} |"
-        )
-    if not long:
-        lines.append("| - | - | - | - | - | not measured |")
+    lines = [f"# Speed targets (issue 3), from the tables in {folder}"]
+    lines += _table(
+        "MRA on Triton against SDPA-flash (bfloat16, forward + backward)",
+        ["setting", "attention", "n", "batch", "best tile", "x flash", "target", "verdict"],
+        flash,
+    )
+    lines += _table(
+        "MRA-2 on Triton against FlexAttention on the same blocks (bfloat16, fwd+bwd)",
+        ["n", "batch", "MRA-2 ms (tile)", "flex_mra ms (best mask tile)", "flex / MRA-2"]
+        + ["verdict"],
+        flex,
+    )
+    lines += _table(
+        "The published profiling setup (float32, n=4096, layer forward + backward)",
+        ["impl", "batch", "ms per instance", "target", "verdict"],
+        published,
+    )
+    lines += _table(
+        f"MRA-2 on Triton at {LONG_N:,} tokens (forward + backward)",
+        ["dtype", "tile", "ms", "peak MiB", "status", "verdict"],
+        long,
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -286,57 +272,51 @@ def cpu_runs(folder: Path) -> dict[int, dict[tuple[str, int], dict]]:
 
 
 def _spread(values: list[float]) -> str:
-    med = statistics.median(values)
-    return f"{med:.3g} (min {min(values):.3g}, max {max(values):.3g})"
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3g} (min {min(values):.3g}, max {max(values):.3g})"
 
 
 def cpu_report(folder: Path) -> str:
     """Per run: SDPA and MRA-2 ms and their ratio at each length, peak MiB at the longest; then
     the median, slowest and spread over the runs, judged against CPU_TARGETS."""
     runs = cpu_runs(folder)
-    ns = sorted({n for rows in runs.values() for _, n in rows})
-    head = " | ".join(f"SDPA {n} ms | MRA-2 {n} ms | x SDPA" for n in ns)
-    lines = [
-        f"# CPU targets (issue 21), from the cpu_run CSVs in {folder}",
-        "",
-        f"| run | {head} | peak MiB at {ns[-1] if ns else '-'}: SDPA / MRA-2 |",
-        "|---" * (2 + 3 * len(ns)) + "|",
-    ]
+    ns = sorted({n for rows in runs.values() for _, n in rows}) or list(CPU_TARGETS)
     ratios: dict[int, list[float]] = {n: [] for n in ns}
     peaks: list[float] = []
+    table = []
     for run, rows in sorted(runs.items()):
-        cells = []
+        cells = [run]
         for n in ns:
             sdpa, mra = rows.get(("softmax", n)), rows.get(("mra", n))
             if not (sdpa and mra and sdpa["status"] == mra["status"] == "ok"):
-                cells.append("- | - | not measured")
+                cells += ["-", "-", "not measured"]
                 continue
             ratios[n].append(sdpa["ms"] / mra["ms"])
-            cells.append(f"{sdpa['ms']:.4g} | {mra['ms']:.4g} | {ratios[n][-1]:.2f}")
+            cells += [f"{sdpa['ms']:.1f}", f"{mra['ms']:.1f}", f"{ratios[n][-1]:.2f}"]
         sdpa, mra = rows.get(("softmax", ns[-1])), rows.get(("mra", ns[-1]))
-        peak = "-"
         if sdpa and mra and sdpa["peak_mib"] and mra["peak_mib"]:
             a, b = float(sdpa["peak_mib"]), float(mra["peak_mib"])
             peaks.append(b / a)
-            peak = f"{a:.1f} / {b:.1f} ({b / a:.2f}x)"
-        lines.append(f"| {run} | {' | '.join(cells)} | {peak} |")
-    lines += ["", "| target | measured over the runs | verdict |", "|---|---|---|"]
+            cells.append(f"{a:.1f} / {b:.1f} ({b / a:.2f}x)")
+        table.append(cells + ["-"] * (2 + 3 * len(ns) - len(cells)))
+    judged = []
     for n, (median_target, slowest_target) in CPU_TARGETS.items():
         got = ratios.get(n) or []
-        med = statistics.median(got) if got else None
-        lines.append(
-            f"| median x SDPA at {n} >= {median_target:g} | {_spread(got) if got else '-'} | "
-            f"{_verdict(None if med is None else med >= median_target)} |"
-        )
-        lines.append(
-            f"| slowest run x SDPA at {n} >= {slowest_target:g} | "
-            f"{f'{min(got):.3g}' if got else '-'} | "
-            f"{_verdict(None if not got else min(got) >= slowest_target)} |"
-        )
-    lines.append(
-        f"| peak memory <= {CPU_PEAK_RATIO:g}x SDPA's | {_spread(peaks) if peaks else '-'} | "
-        f"{_verdict(None if not peaks else max(peaks) <= CPU_PEAK_RATIO)} |"
-    )
+        median_met = statistics.median(got) >= median_target if got else None
+        judged.append([f"median x SDPA at {n} >= {median_target:g}", _spread(got)])
+        judged[-1].append(_verdict(median_met))
+        slowest = f"{min(got):.3g}" if got else "-"
+        judged.append([f"slowest run x SDPA at {n} >= {slowest_target:g}", slowest])
+        judged[-1].append(_verdict(min(got) >= slowest_target if got else None))
+    peak_met = max(peaks) <= CPU_PEAK_RATIO if peaks else None
+    judged.append([f"peak memory <= {CPU_PEAK_RATIO:g}x SDPA's", _spread(peaks)])
+    judged[-1].append(_verdict(peak_met))
+    header = ["run"] + [f"{x} {n}" for n in ns for x in ("SDPA ms", "MRA-2 ms", "x SDPA at")]
+    header.append(f"peak MiB at {ns[-1]}: SDPA / MRA-2")
+    lines = [f"# CPU targets (issue 21), from the cpu_run CSVs in {folder}"]
+    lines += _table("Every run (float32, forward + backward)", header, table)
+    lines += _table("Over the runs", ["target", "measured", "verdict"], judged)
     return "\n".join(lines) + "\n"
 
 

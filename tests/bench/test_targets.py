@@ -149,7 +149,7 @@ def test_cpu_report_judges_the_median_the_slowest_run_and_peak_memory(tmp_path):
     assert [line.rsplit("|", 2)[-2].strip() for line in judged] == ["met", "met", "met", "missed"]
     assert "| median x SDPA at 16384 >= 12 | 13 (min 9, max 14) | met |" in text
     assert "| peak memory <= 2x SDPA's | 1.5 (min 1.5, max 2.5) | missed |" in text
-    assert "| 2 | 100 | 28.57 | 3.50 | 1800 | 200 | 9.00 | 40.0 / 100.0 (2.50x) |" in text
+    assert "| 2 | 100.0 | 28.6 | 3.50 | 1800.0 | 200.0 | 9.00 | 40.0 / 100.0 (2.50x) |" in text
 
 
 def test_cpu_command_runs_one_attention_per_process(tmp_path):

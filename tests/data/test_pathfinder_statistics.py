@@ -28,7 +28,7 @@ ORIGINAL = {
 #   gt0 0.085 -> [0.255, 0.425]     ge64 0.0275 -> [0.0825, 0.1375]
 #   pieces 3.65 -> [10.95, 18.25]   median8 33.5 -> [100.5, 167.5]   at255 1.4 -> [1.6, 4.4]
 BANDS = {k: (m - max(m / 4, sd / 2), m + max(m / 4, sd / 2)) for k, (m, sd) in ORIGINAL.items()}
-NUM = 200  # seeded; the standard error of each mean is sd / 14, far inside the bands
+NUM = 120  # seeded; the standard error of each mean is sd / 11, far inside the bands
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,7 @@
     python -m mra_lra.bench.approximation --run runs/<date>/<run> --split val --examples 8 \\
         --attn mra,nystrom --sweep mra.block_per_row=1,2,4,8 --out approx_out
 
-Every attention gets the same q, k, v and padding mask; its error is ||O - O_softmax|| /
-||O_softmax|| against exact softmax attention in float64, over the real query rows, next to its
-forward time (`softmax` in the list times the exact attention). Where attention is nearly uniform,
-O_softmax is small and every method's relative error large: compare methods on the same inputs.
-
-Inputs are synthetic ([batch, heads, n, d] of N(0, scale^2); `--smooth W` averages over a window
-of W tokens, the local correlation of real sequences where block means carry information), or
-with `--run` the q, k, v and mask each layer of a trained model gives its attention on the first
-`--examples` examples of `--split` (the run rebuilt by `mra_lra.evaluate.load_run`: `--ckpt` and
-`--override` as in eval.py). Options: conf/attn/<name>.yaml (interpolations such as MRA's task
-priors resolve against the run's config; synthetic inputs keep the class defaults), then `--set
-name.key=value`, then each value of `--sweep name.key=v1,v2,...`. Model layers that are not part
-of the approximation are off (Nystromformer's conv of v: `--set nystrom.conv_kernel_size=33`).
-Random methods (Performer, Linformer, YOSO, Reformer, Skyformer, Sinkhorn, Synthesizer) are
-averaged over `--seeds`. Methods that do not approximate softmax by design (linear, cosformer,
-soft, skyformer, yoso, reformer, sinkhorn, synthesizer) can be listed, but their error measures
-the different function as well.
-
-Writes <out>/<name>.csv, .md and .png (error against budget and against time). `--maps` draws the
-matrix each setting applies (entry 0, head 0 of --maps-layer; read off by passing the identity as
-v, exact for every method linear in v) next to the exact one. `--grad` adds the relative errors of
-dq, dk, dv for a fixed random dO (blank where no gradient reaches): how well a method trains.
+Inputs (synthetic, or a trained run's), options and outputs: docs/benchmarks.md.
 """
 
 from __future__ import annotations

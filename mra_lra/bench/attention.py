@@ -5,24 +5,7 @@
     python -m mra_lra.bench.attention --profile-published --device cuda --out bench_out
     python -m mra_lra.bench.attention --plot-from bench_out/a.csv bench_out/b.csv --out bench_out
 
-Each attention is built through the registry with the options of conf/attn/<name>.yaml (values
-Hydra would interpolate keep the class default), then `--set [name.]key=value`; `sdpa_flash` is
-a peer outside the registry. Inputs are random [B, H, n, d] without a padding mask (the flash
-backend takes none); modules run in eval mode.
-
-Time: median of --repeats runs after --warmup runs, synchronised on CUDA. Memory: on CUDA,
-max_memory_allocated during one step above what was allocated before it (inputs excluded). On
-CPU (Linux, glibc): how much the peak resident set (VmHWM, reset through /proc/self/clear_refs)
-grows during one step run with malloc's mmap threshold at 128 KiB, so that big blocks get fresh
-pages; an estimate, as smaller blocks may reuse freed memory unseen. Failures become rows with a
-status, out of memory skips the longer lengths, and rows reach the CSV as they finish.
-
---profile-published repeats the published code's profiling setup: one pre-LN encoder layer of
-width 768 (12 heads of 64, FFN 3072), block_per_row 8, float32, n = 4096, the batch at half the
-largest power of two that fits, time per instance; rows for the attention alone at that batch.
-
-Needs only torch and pyyaml (matplotlib for the plot) besides mra_lra, so it runs on a bare GPU
-image with PYTHONPATH set to the repository.
+Options, inputs and how time and memory are measured: docs/benchmarks.md, "What is measured".
 """
 
 from __future__ import annotations
@@ -196,7 +179,7 @@ def _status_kib(field: str) -> int:
 
 
 def peak_mib(step: Step, device: torch.device) -> float:
-    """Memory one step needs beyond what is allocated before it (see the module docstring)."""
+    """Memory one step needs beyond what is allocated before it (docs/benchmarks.md)."""
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)

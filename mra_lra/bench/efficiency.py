@@ -6,12 +6,10 @@ models: training steps per second and memory of the whole model, per attention a
     python -m mra_lra.bench.efficiency --recipe lra_jax --task text --override model.n_layers=2
 
 Each model is the one `python train.py task=<task> attn=<attn> trainer=gpu [recipe=<recipe>]
-data.max_length=<n> <--override...>` trains. A `train` step is what Lightning runs per batch on
-random full-length sequences (forward, cross-entropy, backward, the optimiser's step), under bf16
-autocast where the trainer is bf16-mixed and the device CUDA; `infer` is the forward alone in eval
-mode. Time and memory are measured as in `mra_lra.bench.attention` (earlier steps' weights,
-gradients and optimiser state excluded). Writes efficiency.csv as rows finish, efficiency.md
-(each number also relative to softmax at the same length) and efficiency.png under --out.
+data.max_length=<n> <--override...>` trains. `train` is one Lightning step on random full-length
+sequences (bf16 autocast where the trainer is bf16-mixed on CUDA); `infer` the forward in eval
+mode. Time and memory as in `mra_lra.bench.attention`. Writes efficiency.csv, .md (ratios to
+softmax at the same length) and .png under --out.
 """
 
 from __future__ import annotations

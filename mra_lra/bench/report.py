@@ -4,11 +4,9 @@ mean ± std over seeds) that pools only runs whose settings agree apart from the
     python -m mra_lra.bench.report runs/reproduce/listops --out report.md --plot acc_vs_speed.png
     python -m mra_lra.bench.report runs --exclude '*/multirun/*' --csv runs.csv --latex table.tex
 
-A run folder holds results.json, config.yaml or train.log. Runs of one task, attention and recipe
-family share a row when their config.yaml agree outside IGNORED_CONFIG_KEYS (FALLBACK_FIELDS of
-results.json where a config is missing) and their OUTCOME_FIELDS agree; a row's [...] names where
-it departs from the setting most of its cell's runs share. Nothing is dropped silently: failed or
-unfinished runs, debug runs, folders the globs leave out and unusable values are named under Notes.
+Runs of one task, attention and recipe family share a row when their config.yaml agree outside
+IGNORED_CONFIG_KEYS (FALLBACK_FIELDS of results.json where a config is missing) and their
+OUTCOME_FIELDS agree. Nothing is dropped silently: what is left out is named under Notes.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from mra_lra.bench.plotting import pyplot
 from mra_lra.errors import UserError, reported
 from mra_lra.utils import atomic_open, atomic_write_text, flatten_config
 
@@ -486,14 +485,20 @@ def _cell(stat: Stat, spec: str) -> str:
     return f"{stat.mean:{spec}}{spread} ({stat.n})"
 
 
-def _present(summary: Summary, stats: dict[tuple[str, str], Stat]) -> list[str]:
-    """The tasks some row has in this table: a row missing one of them gets no average."""
-    return [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+def _averages(summary: Summary, stats: dict[tuple[str, str], Stat]) -> tuple[list[str], dict]:
+    """The tasks some row has in this table, and the Avg of each row that has them all."""
+    present = [t for t in summary.tasks if any(cell[1] == t for cell in stats)]
+    averages = {
+        row: statistics.fmean(stats[row, t].mean for t in present)
+        for row in summary.rows
+        if present and all((row, t) in stats for t in present)
+    }
+    return present, averages
 
 
 def _table(summary: Summary, name: str, spec: str, average: bool) -> list[str]:
     stats = summary.tables[name]
-    present = _present(summary, stats)
+    present, averages = _averages(summary, stats)
     rows = []
     for row in summary.rows:
         cells = [row]
@@ -503,12 +508,8 @@ def _table(summary: Summary, name: str, spec: str, average: bool) -> list[str]:
             cells.append((_cell(stat, spec) if stat else "—") + marks)
         if average:
             missing = [TASKS[t] for t in present if (row, t) not in stats]
-            if len(missing) == len(present):
-                cells.append("—")
-            elif missing:
-                cells.append(f"— (no {', '.join(missing)})")
-            else:
-                cells.append(f"{statistics.fmean(stats[row, t].mean for t in present):.2f}")
+            partial = f" (no {', '.join(missing)})" if len(missing) < len(present) else ""
+            cells.append(f"{averages[row]:.2f}" if row in averages else "—" + partial)
         rows.append(cells)
     header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
     return _markdown_table(header, rows)
@@ -664,12 +665,7 @@ def format_latex(summary: Summary, metric: str = "test_acc") -> str:
     each column in bold, ‡ and § as in the markdown, Avg as there ("--" where a row lacks a
     task)."""
     stats = summary.tables[metric]
-    present = _present(summary, stats)
-    averages = {
-        row: statistics.fmean(stats[row, t].mean for t in present)
-        for row in summary.rows
-        if present and all((row, t) in stats for t in present)
-    }
+    present, averages = _averages(summary, stats)
     best = {t: max(s.mean for (_, task), s in stats.items() if task == t) for t in present}
     best["Avg"] = max(averages.values(), default=math.nan)
 
@@ -704,15 +700,12 @@ def format_latex(summary: Summary, metric: str = "test_acc") -> str:
 def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
     """Accuracy against training throughput: one labelled point per row and task (marker shape =
     task), error bars = std over seeds. Written atomically as a PNG."""
-    try:
-        import matplotlib
+    plt = pyplot("plot")
+    if plt is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-        from matplotlib.ticker import FuncFormatter
-    except ImportError as error:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from error
     acc, speed = summary.tables[metric], summary.tables[THROUGHPUT]
     cells = [cell for cell in acc if cell in speed]
     if not cells:

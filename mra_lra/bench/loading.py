@@ -25,26 +25,8 @@ class RandomPixels(PixelDataModule):
     task = "bench_loading"
     num_classes = 2
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        num_workers: int,
-        num_images: int,
-        side: int,
-        pixel_zero_is_pad: bool,
-        patch_order: list[int] | None,
-    ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            max_length,
-            num_workers,
-            side=side,
-            pixel_zero_is_pad=pixel_zero_is_pad,
-            patch_order=patch_order,
-        )
+    def __init__(self, *args: Any, num_images: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.num_images = num_images
 
     def ensure_sources(self) -> None:
@@ -104,10 +86,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.batch_size,
                 args.max_length,
                 workers,
-                args.num_images,
-                args.side,
-                args.pixel_zero_is_pad,
-                args.patch_order,
+                num_images=args.num_images,
+                side=args.side,
+                pixel_zero_is_pad=args.pixel_zero_is_pad,
+                patch_order=args.patch_order,
             )
             dm.prepare_data()
             dm.setup("fit")

@@ -31,6 +31,7 @@ from torch import nn
 from mra_lra.attention import build, get, names
 from mra_lra.attention.mra import resolve_backend
 from mra_lra.bench.cli import (
+    add_timing,
     check_at_least,
     check_csv_files,
     check_device,
@@ -502,31 +503,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", type=comma_list(), default=["float32"], help=", ".join(DTYPES))
     p.add_argument("--passes", type=comma_list(), default=list(PASSES), help="fwd,fwd+bwd")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_timing(p)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument(
-        "--query-rows",
-        type=comma_list(int),
-        default=[1],
-        help="block rows per MRA Triton query tile to compare (1, 2, 4: 32, 64, 128 rows)",
-    )
-    p.add_argument(
-        "--blocks-per-step",
-        type=comma_list(int),
-        default=[1],
-        help="chosen blocks per MRA Triton kernel loop step to compare (1, 2, 4: 32 to 128 "
-        "keys); impl labels read triton(q<query rows>,k<keys per step>)",
-    )
+    for option, tile in (("--query-rows", "query rows"), ("--blocks-per-step", "keys per step")):
+        what = f"MRA Triton tiles to compare: {tile} in 32s, 1, 2 or 4 (docs/benchmarks.md)"
+        p.add_argument(option, type=comma_list(int), default=[1], help=what)
     p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE")
-    p.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="replay each step from a CUDA graph (CUDA only): the kernels' time without launches",
-    )
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
-    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--cuda-graph", action="store_true", help="replay steps from a CUDA graph")
     p.add_argument("--name", default=None, help="file stem (default attention / published)")
     p.add_argument("--profile-published", action="store_true")
     p.add_argument("--profile-n", type=int, default=4096)

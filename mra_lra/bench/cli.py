@@ -34,6 +34,15 @@ def check_device(p: argparse.ArgumentParser, text: str) -> torch.device:
     return device
 
 
+def add_timing(p: argparse.ArgumentParser) -> None:
+    """--device, --repeats, --warmup, --max-seconds and --out of the timing benchmarks."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+
+
 def check_at_least(p: argparse.ArgumentParser, args: argparse.Namespace, low: int, *dests: str):
     """Each named option (an int or a list of ints) is at least `low`."""
     bad = []

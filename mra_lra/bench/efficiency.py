@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from mra_lra.bench.attention import Recorder, describe, free, is_oom, measure, sync
-from mra_lra.bench.cli import check_at_least, check_device, check_names, comma_list
+from mra_lra.bench.cli import add_timing, check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import length_panel, pyplot, save
 from mra_lra.utils import CONF_DIR
 
@@ -227,11 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", choices=recipes, help="default: the task's own (the MRA paper's)")
     p.add_argument("--passes", type=comma_list(), default=list(PASSES), help="train,infer")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-seconds", type=float, default=60.0, help="per row, for the repeats")
-    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    add_timing(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
     check_names(p, "--passes", args.passes, PASSES)

@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train demo data reproduce eval test test-slow bench efficiency approximation gpu-check gpu-train-check gpu-wheels triton-compat lint
+.PHONY: install train demo data reproduce eval test test-slow bench efficiency approximation gpu-check gpu-train-check gpu-lra gpu-wheels triton-compat lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -82,10 +82,21 @@ gpu-check:
 gpu-train-check:
 	bash scripts/gpu_train_check.sh
 
+# On a CUDA machine, in one device command of about 8 minutes (BUDGET_S): ListOps at the release's
+# sizes, generated on all cores, and the MRA paper's recipe for softmax, mra and mra_s (in that
+# order, as far as the budget goes); results, metrics and report.md go to $OUT. Needs .whl/ as
+# gpu-train-check does; knobs and a CPU dry run in the script's header.
+gpu-lra:
+	bash scripts/gpu_lra.sh
+
+# The pure-Python packages of the training path that GPU images lack (hydra, omegaconf, rich and
+# their dependencies), as wheels for the GPU scripts to unpack; fails on any that is not pure Python.
 gpu-wheels: $(STAMP)
 	mkdir -p .whl
-	$(BIN)/pip download -q --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+	$(BIN)/pip download -q --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1 rich==15.0.0 \
+		markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
 	$(BIN)/pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	! ls .whl/*.whl | grep -v -- '-none-any\.whl$$'
 
 # The Triton tests (interpreter, and the sm_90 compile of every kernel) under the GPU image's
 # Triton release, in a venv of their own: make triton-compat TRITON_VERSION=3.6.0; add

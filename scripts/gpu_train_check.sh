@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU end-to-end check, one CUDA machine command (a 5-minute budget, BUDGET_S; after gpu_check.sh):
-#   1. hydra-core, omegaconf and antlr4 unpacked from the wheels in .whl/ when the image lacks
-#      them (GPU images carry torch, triton and Lightning but not hydra; `make gpu-wheels` fetches
-#      the wheels on a machine with PyPI, and the device tool carries .whl/ along);
+#   1. hydra-core, omegaconf, rich and their dependencies unpacked from the wheels in .whl/ when
+#      the image lacks them (steps.sh's training_env; `make gpu-wheels` fetches the wheels on a
+#      machine with PyPI, and the device tool carries .whl/ along);
 #   2. train.py: the paper's ListOps recipe (task=listops attn=<attn>, bf16-mixed, MRA on
 #      Triton) for softmax, mra and mra_s on a small generated ListOps set at length 2048;
 #   3. eval.py on mra's best checkpoint twice: as trained (Triton) and with attn.backend=torch
@@ -34,32 +34,8 @@ LOG="$OUT/gpu_train_check.log"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export TRITON_INTERPRET=0
-export WANDB_MODE=disabled
-
 source scripts/steps.sh
-
-if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null; then
-    shopt -s nullglob
-    WHEELS=(.whl/*.whl)
-    if ((${#WHEELS[@]} == 0)); then
-        log "=== no hydra here and no wheels in .whl/: run \`make gpu-wheels\` where PyPI is reachable"
-        exit 1
-    fi
-    # Pure-Python wheels are zip files: unpacking them is all an install would do.
-    "$PYTHON" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
-        "$WORK/site" "${WHEELS[@]}"
-    export PYTHONPATH="$PYTHONPATH:$WORK/site"
-    log "=== hydra from ${WHEELS[*]}"
-fi
-step versions 60 "$PYTHON" -c "
-import torch, pytorch_lightning, hydra, omegaconf
-print('torch', torch.__version__, '| lightning', pytorch_lightning.__version__, '| hydra',
-      hydra.__version__, '| omegaconf', omegaconf.__version__)
-print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
-"
+training_env "$WORK/site"
 
 # A small ListOps set of the paper's lengths (500-2000 tokens, padded to 2048), generated once.
 DATA=(data.data_dir="$WORK/data" data.num_train=2000 data.num_val=256 data.num_test=256

@@ -1,5 +1,6 @@
-# Shared by the GPU scripts (sourced, not run): a log, steps under one time budget, a summary.
-# The sourcing script sets LOG (the log file) and BUDGET_S (seconds for all measuring steps).
+# Shared by the GPU scripts (sourced, not run): a log, steps under one time budget, a summary,
+# and the Python environment of the training scripts. The sourcing script sets LOG (the log file)
+# and BUDGET_S (seconds for all measuring steps); training_env also PYTHON and DEVICE.
 START=$SECONDS
 FAILED=()
 
@@ -42,4 +43,34 @@ finish() {
         exit 1
     fi
     log "=== all steps passed"
+}
+
+# training_env DIR: train.py's environment on a GPU image, which carries torch, triton and
+# Lightning but not hydra, omegaconf or rich: their pure-Python wheels, which `make gpu-wheels`
+# puts in .whl/ where PyPI is reachable (the device tool carries .whl/ along), are unpacked into
+# DIR. Then a step logs the versions and the device; exits when DEVICE=cuda finds no GPU.
+training_env() {
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+    export WANDB_MODE=disabled
+    if ! "$PYTHON" -c "import hydra, omegaconf, rich" 2>/dev/null; then
+        shopt -s nullglob
+        local wheels=(.whl/*.whl)
+        shopt -u nullglob
+        if ((${#wheels[@]} == 0)); then
+            log "=== no hydra or rich here and no wheels in .whl/: run \`make gpu-wheels\` where PyPI is reachable"
+            exit 1
+        fi
+        # Pure-Python wheels are zip files: unpacking them is all an install would do.
+        "$PYTHON" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
+            "$1" "${wheels[@]}"
+        export PYTHONPATH="$PYTHONPATH:$1"
+        log "=== unpacked ${wheels[*]}"
+    fi
+    step versions 60 "$PYTHON" -c "
+import sys, torch, pytorch_lightning, hydra, omegaconf
+print('torch', torch.__version__, '| lightning', pytorch_lightning.__version__, '| hydra',
+      hydra.__version__, '| omegaconf', omegaconf.__version__)
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+sys.exit('$DEVICE' == 'cuda' and not torch.cuda.is_available())
+" || exit 1
 }

@@ -191,15 +191,6 @@ def gradients(fn, q, k, v, mask, weights) -> list[torch.Tensor | None]:
     return [t.grad for t in (q, k, v)]
 
 
-def gradient_errors(attn, q, k, v, mask, exact: list, weights, seed: int) -> list[float | None]:
-    """Relative error of each of dq, dk, dv against exact softmax's, over the real positions."""
-    torch.manual_seed(seed)
-    got = gradients(attn, q, k, v, mask, weights)
-    return [
-        None if g is None else relative_error(g, e, mask) for g, e in zip(got, exact, strict=True)
-    ]
-
-
 def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[list[dict], list]:
     """Rows of error and time, and with --maps the effective attention matrices of layer
     --maps-layer as (label, matrix) pairs."""
@@ -241,13 +232,16 @@ def measure(args: argparse.Namespace, layers: list[dict], cfg=None) -> tuple[lis
                         label = f"{name} {setting}" if key else name
                         maps.append((label, effective_matrix(attn, q, k, mask, seed).cpu()))
                 if args.grad:
+                    torch.manual_seed(seed)
                     try:
-                        grad_errors.append(
-                            gradient_errors(attn, q, k, v, mask, exact_grads, weights, seed)
-                        )
+                        got = gradients(attn, q, k, v, mask, weights)
                     except (RuntimeError, NotImplementedError) as error:  # no backward here
                         print(f"{name}: no gradient ({str(error).splitlines()[0]})")
-                        grad_errors.append([None] * len(GRADS))
+                        got = [None] * len(GRADS)
+                    pairs = zip(got, exact_grads, strict=True)
+                    grad_errors.append(
+                        [None if g is None else relative_error(g, e, mask) for g, e in pairs]
+                    )
             grad_means = [
                 None if None in column else statistics.fmean(column)
                 for column in zip(*grad_errors, strict=True)
@@ -392,10 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="forward timings per seed (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the inputs go there)")
     p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "triton"),
-        default="auto",
-        help="MRA's path: auto is Triton on CUDA and torch on CPU (the same function)",
+        "--backend", default="auto", choices=("auto", "torch", "triton"), help="MRA's path"
     )
     p.add_argument("--out", default="approx_out")
     p.add_argument("--name", default="approximation", help="file stem under --out")
@@ -408,17 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     synthetic.add_argument("--smooth", type=int, default=0, help="sliding-mean window (tokens)")
     synthetic.add_argument("--pad", type=float, default=0.0, help="padded fraction of entry 1")
     synthetic.add_argument("--input-seed", type=int, default=0)
-    p.add_argument(
-        "--maps",
-        action="store_true",
-        help="also draw each setting's attention matrix (entry 0, head 0) to <name>_maps.png",
-    )
+    p.add_argument("--maps", action="store_true", help="also draw the matrices: <name>_maps.png")
     p.add_argument("--maps-layer", type=int, default=0, help="the layer --maps draws")
-    p.add_argument(
-        "--grad",
-        action="store_true",
-        help="also the errors of dq, dk, dv against exact softmax's (a fixed random dO)",
-    )
+    p.add_argument("--grad", action="store_true", help="also the errors of dq, dk, dv")
     p.add_argument("--maps-tokens", type=int, default=256, help="queries and keys drawn")
     captured = p.add_argument_group("a trained run's inputs")
     captured.add_argument("--run", default=None, help="run folder written by train.py")
@@ -435,10 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = check_device(p, args.device)
     if not args.seeds:
         p.error("--seeds needs at least one seed")
-    if args.scale <= 0 or args.smooth < 0:
-        p.error(
-            f"--scale must be positive and --smooth at least 0, got {args.scale}, {args.smooth}"
-        )
+    check_at_least(p, args, 0, "smooth")
+    if args.scale <= 0:
+        p.error(f"--scale must be positive, got {args.scale}")
     if not 0 <= args.pad < 1:
         p.error(f"--pad must be in [0, 1), got {args.pad}")
     return args

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from mra_lra.bench.attention import read_csv, speedups
+from mra_lra.bench.cli import check_at_least
 
 # n -> times faster than SDPA-flash (bf16, fwd+bwd)
 FLASH_TARGETS = {4096: 4.0, 16384: 12.0}
@@ -51,6 +52,14 @@ def _verdict(ok: bool | None) -> str:
     return {True: "met", False: "missed", None: "not measured"}[ok]
 
 
+def _best(rows: list[dict], key: tuple[str, ...], score: str, lowest: bool = False) -> dict:
+    """{row's values of `key`: the row of the highest (or lowest) `score` among them}."""
+    best: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: r[score], reverse=not lowest):
+        best.setdefault(tuple(r[c] for c in key), r)
+    return best
+
+
 def _speed_rows(folder: Path, name: str) -> list[dict]:
     """The rows of one speed table that the flash targets are about: bfloat16, fwd+bwd."""
     return [
@@ -64,29 +73,15 @@ def flash_rows(folder: Path) -> list[dict]:
     """One row per (table, attention, n, batch): the best Triton tile's speed-up over flash."""
     out = []
     for name, setting in SPEED_TABLES.items():
-        rows = _speed_rows(folder, name)
-        best: dict[tuple, dict] = {}
-        for s in speedups(rows, "sdpa_flash"):
-            if s["attn"] not in ("mra", "mra_s") or not s["impl"].startswith("triton"):
-                continue
-            key = (s["attn"], s["n"], s["batch"])
-            if key not in best or s["speedup"] > best[key]["speedup"]:
-                best[key] = s
-        for (attn, n, batch), s in sorted(best.items()):
+        triton = [
+            s
+            for s in speedups(_speed_rows(folder, name), "sdpa_flash")
+            if s["attn"] in ("mra", "mra_s") and s["impl"].startswith("triton")
+        ]
+        for (attn, n, _), s in sorted(_best(triton, ("attn", "n", "batch"), "speedup").items()):
             target = FLASH_TARGETS.get(n) if attn == "mra" else None
-            out.append(
-                {
-                    "table": name,
-                    "setting": setting,
-                    "attn": attn,
-                    "n": n,
-                    "batch": batch,
-                    "impl": s["impl"],
-                    "speedup": s["speedup"],
-                    "target": target,
-                    "met": None if target is None else s["speedup"] >= target,
-                }
-            )
+            met = None if target is None else s["speedup"] >= target
+            out.append(dict(s, table=name, setting=setting, target=target, met=met))
     return out
 
 
@@ -103,24 +98,19 @@ def failed_flash_rows(folder: Path, n: int) -> list[dict]:
 
 def flex_rows(folder: Path) -> list[dict]:
     """MRA-2 on Triton (best tile) against flex_mra (best mask tile) on the same shapes."""
-    key = ("batch", "heads", "n", "d")
 
     def timed(rows: list[dict], attn: str, prefix: str) -> dict[tuple, dict]:
-        best: dict[tuple, dict] = {}
-        for r in rows:
-            if not (
-                r["attn"] == attn
-                and r["impl"].startswith(prefix)
-                and r["status"] == "ok"
-                and r["ms"]
-                and r["dtype"] == "bfloat16"
-                and r["pass"] == "fwd+bwd"
-            ):
-                continue
-            k = tuple(r[c] for c in key)
-            if k not in best or r["ms"] < best[k]["ms"]:
-                best[k] = r
-        return best
+        rows = [
+            r
+            for r in rows
+            if r["attn"] == attn
+            and r["impl"].startswith(prefix)
+            and r["status"] == "ok"
+            and r["ms"]
+            and r["dtype"] == "bfloat16"
+            and r["pass"] == "fwd+bwd"
+        ]
+        return _best(rows, ("batch", "heads", "n", "d"), "ms", lowest=True)
 
     mra = timed(_load(folder, "attention.csv"), "mra", "triton")
     flex = timed(_load(folder, "flex.csv") + _load(folder, "flex128.csv"), "flex_mra", "")
@@ -333,8 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="with --cpu: timed steps per row")
     args = p.parse_args(argv)
     if args.cpu:
-        if args.runs < 1 or args.repeats < 1:
-            p.error("--runs and --repeats must be >= 1")
+        check_at_least(p, args, 1, "runs", "repeats")
         args.folder.mkdir(parents=True, exist_ok=True)
         for old in args.folder.glob("cpu_run*_*.csv"):
             old.unlink()

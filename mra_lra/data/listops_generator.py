@@ -134,7 +134,7 @@ def _draw_task(task: tuple[int, int, int, int]) -> tuple[list[ListOpsExample], i
     return examples, draws
 
 
-def available_cores() -> int:
+def _available_cores() -> int:
     """The cores this process may run on (fewer than os.cpu_count() under a CPU limit)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -173,7 +173,7 @@ def generate_listops(
             f"min_length={min_length}, max_length={max_length}"
         )
     if workers is None:
-        workers = available_cores()
+        workers = _available_cores()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     seen: set[str] = set()

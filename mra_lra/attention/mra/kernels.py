@@ -1,7 +1,5 @@
 """MRA-2 and MRA-2-s on Triton: the fine part as a block-sparse FlashAttention, both directions.
-
-Only the `@triton.jit` code lives here; `launch.py` is the host side (block lists, launch
-settings, the autograd Function). The kernels, in launch order:
+Only the `@triton.jit` code lives here; `launch.py` is the host side. The kernels, in launch order:
 
     selection `_block_stats_kernel` (c, qbar, kbar, vbar), `_coarse_logits_kernel` (S, r, P),
               then torch's top-k
@@ -28,15 +26,9 @@ Backward, FlashAttention-2 style, recomputing P from lse (no gradient through m,
     dk_j = sum_i dS_ij q_i / sqrt(d),  dv_j = sum_i P_ij dO_i     over the transposed list of J
 
 Each program owns its output tile, so the backward is deterministic (no atomics). The coarse
-entries act as extra softmax entries with logit S_IJ + log c_J and value vbar_J; with
-u_I = sum_{i in I} exp(r_I - lse_i) dO_i and w_I = sum_{i in I} exp(r_I - lse_i) D_i:
-
-    dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I,
-    A_IJ = c_J exp(S_IJ - r_I) for J not in M, else 0,
-
-and dqbar = dS kbar / sqrt(d), dkbar = dS^T qbar / sqrt(d) reach every token of a block through
-the block means (d qbar_I / d q_i = 1 / (c_I + eps)): the dq and dK/dV kernels add them in their
-epilogues, so no autograd graph is kept for the selection.
+part's gradient (u_I, w_I, dS_IJ: reference.py's docstring) reaches every token of a block
+through the block means, d qbar_I / d q_i = 1 / (c_I + eps): the dq and dK/dV kernels add it in
+their epilogues, so no autograd graph is kept for the selection.
 
 Query tiles: a program handles ROWS consecutive block rows (BLOCK_M = ROWS * block_size query
 rows) over the union of their key blocks; a bit per block row says which rows chose each block.
@@ -47,9 +39,8 @@ Gathered steps: each inner-loop step takes GROUP consecutive list entries at onc
 arithmetic gathers any blocks as cheaply as contiguous ones), so a 32-row query tile meets
 32 * GROUP keys per step, as FlashAttention's 64- or 128-key steps do, with 1/GROUP the rescales
 of the online softmax; the dK/dV kernel gathers GROUP query tiles the same way. Entries past the
-list's end score -inf. Set with `blocks_per_step` (`attn.blocks_per_step`: 1, 2, 4). The
-backward kernels gather fewer where their tiles would not fit in shared memory
-(`backward_group`); the function is the same at every setting.
+list's end score -inf. Set with `attn.blocks_per_step` (1, 2, 4); the backward gathers fewer
+where its tiles would not fit in shared memory (`backward_group`).
 """
 
 from __future__ import annotations
@@ -94,51 +85,6 @@ def _keep_chosen(s, Bits, entry, entry_ok, row_bit, ROWS: tl.constexpr, GROUP: t
     elif GROUP > 1:
         s = tl.where(entry_ok[None, :], s, float("-inf"))
     return s
-
-
-@triton.jit
-def _gathered_scores(
-    q,
-    K,
-    V,
-    Mask,
-    TileCols,
-    TileBits,
-    e,
-    end,
-    offs_n,
-    row_bit,
-    offs_d,
-    d_ok,
-    base,
-    mask_base,
-    sm_scale,
-    stride_n,
-    num_block_rows,
-    BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-    GROUP: tl.constexpr,
-    INDEXED: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """One loop step of the forward and dq kernels: the keys and values of list entries
-    e .. e + GROUP - 1 gathered into one tile (offs_n = arange(GROUP * BLOCK)), and the scores
-    of the query tile q against them, -1e4 at padded keys and -inf where not chosen. INDEXED:
-    the entries are flat block indices I * nb + J, else key blocks J."""
-    entry = e + offs_n // BLOCK
-    entry_ok = entry < end
-    col = tl.load(TileCols + entry, mask=entry_ok, other=0)
-    if INDEXED:
-        col = col % num_block_rows
-    offs_k = col * BLOCK + offs_n % BLOCK
-    kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-    k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-    v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-    key_bias = _PAD_PENALTY * (tl.load(Mask + mask_base + offs_k) - 1.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-    s = _keep_chosen(s, TileBits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
-    return s, k, v
 
 
 @triton.jit
@@ -202,32 +148,23 @@ def _mra_fwd_kernel(
     list_ptr = TilePtr + g * ptr_stride + tile
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
+    cols = TileCols + g.to(tl.int64) * list_stride  # chosen key blocks, e in start .. end - 1
+    bits = TileBits + g.to(tl.int64) * list_stride
     for e in range(start, end, GROUP):
-        s, k, v = _gathered_scores(
-            q,
-            K,
-            V,
-            Mask,
-            TileCols + g.to(tl.int64) * list_stride,
-            TileBits + g.to(tl.int64) * list_stride,
-            e,
-            end,
-            offs_n,
-            row_bit,
-            offs_d,
-            d_ok,
-            base,
-            batch * n_pad,
-            sm_scale,
-            stride_n,
-            num_block_rows,
-            BLOCK,
-            ROWS,
-            GROUP,
-            INDEXED,
-            PRECISION,
-            UPCAST,
-        )
+        # The keys and values of entries e .. e + GROUP - 1, gathered into one tile; -1e4 at
+        # padded keys, -inf where not chosen.
+        entry = e + offs_n // BLOCK
+        entry_ok = entry < end
+        col = tl.load(cols + entry, mask=entry_ok, other=0)
+        if INDEXED:  # flat block indices I * nb + J
+            col = col % num_block_rows
+        offs_k = col * BLOCK + offs_n % BLOCK
+        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
+        s = _keep_chosen(s, bits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -301,32 +238,22 @@ def _mra_bwd_dq_kernel(
     list_ptr = TilePtr + g * ptr_stride + tile
     start = tl.load(list_ptr)
     end = tl.load(list_ptr + 1)
+    cols = TileCols + g.to(tl.int64) * list_stride  # chosen key blocks, e in start .. end - 1
+    bits = TileBits + g.to(tl.int64) * list_stride
     for e in range(start, end, GROUP):
-        s, k, v = _gathered_scores(
-            q,
-            K,
-            V,
-            Mask,
-            TileCols + g.to(tl.int64) * list_stride,
-            TileBits + g.to(tl.int64) * list_stride,
-            e,
-            end,
-            offs_n,
-            row_bit,
-            offs_d,
-            d_ok,
-            base,
-            batch * n_pad,
-            sm_scale,
-            stride_n,
-            num_block_rows,
-            BLOCK,
-            ROWS,
-            GROUP,
-            INDEXED,
-            PRECISION,
-            UPCAST,
-        )
+        # The forward's gathered keys, values and scores.
+        entry = e + offs_n // BLOCK
+        entry_ok = entry < end
+        col = tl.load(cols + entry, mask=entry_ok, other=0)
+        if INDEXED:  # flat block indices I * nb + J
+            col = col % num_block_rows
+        offs_k = col * BLOCK + offs_n % BLOCK
+        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
+        s = _keep_chosen(s, bits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

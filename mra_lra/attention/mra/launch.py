@@ -1,21 +1,10 @@
-"""The host side of the MRA Triton kernels (`kernels.py`): block lists, launch settings, the
-fused selection statistics and the autograd Function that launches the kernels.
+"""The host side of the MRA Triton kernels (`kernels.py`): the fused selection statistics, the
+block lists, launch settings and the autograd Function. Every pass is a few launches, because at
+moderate sizes the op count, not the arithmetic, sets the time (`bench.profile_mra` counts them).
 
-Everything is a few launches, because at moderate sizes the op count, not the arithmetic, sets
-the time:
-
-    selection `_block_stats` (c, qbar, kbar, vbar), `_coarse_logits` (S, r, P), torch's top-k
-              (`fused_statistics`; on a GPU every MRA path selects this way, so all choose the
-              same blocks)
-    forward   lists of chosen blocks (`block_lists`: for 32-row tiles the sorted indices
-              themselves, one searchsorted, one stable sort), `_coarse_fwd` (full mode),
-              `_mra_fwd`
-    backward  `_bwd_pre`, four batched matmuls on the nb x nb matrices (full mode), `_mra_bwd_dq`,
-              `_mra_bwd_dkdv`
-
-Launch settings: num_warps and num_stages follow the tile size (`_launch_settings`), so each
-kernel compiles once per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them
-instead, at the price of compiling several variants.
+num_warps and num_stages follow the tile size (`_launch_settings`), so each kernel compiles once
+per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them instead, at the price of
+compiling several variants.
 """
 
 from __future__ import annotations
@@ -110,6 +99,16 @@ class BlockLists:
     key_ptr_stride: int
     list_stride: int
     indexed: bool
+
+    def launch_args(self, transposed: bool = False) -> tuple[tuple, dict]:
+        """The list arguments of a fine kernel: its three tensors and their keywords."""
+        if transposed:
+            tensors, ptr_stride = (self.key_ptr, self.key_tiles, self.key_bits), self.key_ptr_stride
+        else:
+            tensors, ptr_stride = (self.tile_ptr, self.tile_cols, self.tile_bits), self.ptr_stride
+        return tensors, dict(
+            ptr_stride=ptr_stride, list_stride=self.list_stride, INDEXED=self.indexed
+        )
 
 
 def _compress(
@@ -260,7 +259,10 @@ def _backward_config(cfg: dict, kernel: str, element_size: int) -> dict:
     return out
 
 
-COARSE_TILE = 32  # block rows (and block columns per step) of the coarse kernel's tiles
+# The problem's sizes, in the order every kernel that takes them lists them.
+SHAPE_ARGS = ("num_heads", "n_pad", "num_block_rows", "head_dim", "stride_g", "stride_n")
+COARSE_TILE = 32  # block rows (and block columns per step) of the coarse kernels' tiles
+COARSE_TILES = dict(BLOCK_I=COARSE_TILE, BLOCK_J=COARSE_TILE, num_warps=4)
 
 
 class _MRA2Triton(torch.autograd.Function):
@@ -296,44 +298,18 @@ class _MRA2Triton(torch.autograd.Function):
             nl = torch.empty(B, H, nb, device=q.device, dtype=torch.float32)
             if any(ctx.needs_input_grad[:3]):
                 A = torch.empty(B, H, nb, nb, device=q.device, dtype=torch.float32)
+            excluded = sel.excluded.contiguous().view(torch.uint8)
             _coarse_fwd[(triton.cdiv(nb, COARSE_TILE) * B * H,)](
-                sel.coarse.contiguous(),
-                row_max,
-                sel.excluded.contiguous().view(torch.uint8),
-                sel.counts.contiguous(),
-                vbar.contiguous(),
-                nl if A is None else A,
-                ol,
-                nl,
-                H,
-                nb,
-                d,
+                *(sel.coarse.contiguous(), row_max, excluded, sel.counts.contiguous()),
+                *(vbar.contiguous(), nl if A is None else A, ol, nl, H, nb, d),
                 STORE_A=A is not None,
-                BLOCK_I=COARSE_TILE,
-                BLOCK_J=COARSE_TILE,
                 D_PAD=cfg["D_PAD"],
-                num_warps=4,
+                **COARSE_TILES,
             )
         grid = (triton.cdiv(nb, options.query_rows) * B * H,)
-        _mra_fwd[grid](
-            q,
-            k,
-            v,
-            out,
-            lse,
-            mask,
-            row_max,
-            ol,
-            nl,
-            lists.tile_ptr,
-            lists.tile_cols,
-            lists.tile_bits,
-            ptr_stride=lists.ptr_stride,
-            list_stride=lists.list_stride,
-            FULL=full,
-            INDEXED=lists.indexed,
-            **cfg,
-        )
+        lists_args, lists_kw = lists.launch_args()
+        tensors = (q, k, v, out, lse, mask, row_max, ol, nl, *lists_args)
+        _mra_fwd[grid](*tensors, FULL=full, **lists_kw, **cfg)
         ctx.save_for_backward(q, k, v, out, lse, mask, row_max, sel.counts, A, qbar, kbar, vbar)
         ctx.lists, ctx.cfg = lists, cfg
         return out
@@ -346,13 +322,8 @@ class _MRA2Triton(torch.autograd.Function):
 
 
 def _backward(ctx, dout: torch.Tensor) -> tuple:
-    """dq, dk, dv from three kernels; full mode adds the coarse part, whose gradient on the small
-    matrices is a few batched matmuls:
-
-        dS = A * (u vbar^T - w),  dvbar = A^T u,  dqbar = dS kbar,  dkbar = dS^T qbar
-
-    (u, w from the preprocessing kernel; the kernels' epilogues add dqbar_I / (c_I + eps) to
-    every q_i of block I, the same for k and v, and apply 1/sqrt(d) where it belongs)."""
+    """dq, dk, dv from three kernels; in full mode the coarse part's gradient on the small
+    matrices (`coarse_grads`) goes between them, and the fine kernels' epilogues add it."""
     q, k, v, out, lse, mask, row_max, counts, A, qbar, kbar, vbar = ctx.saved_tensors
     lists, cfg = ctx.lists, ctx.cfg
     b = cfg["BLOCK"]
@@ -364,24 +335,9 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
     delta = torch.empty(B, H, n_pad, **f32)
     u = torch.empty(B, H, nb, d, **f32) if full else delta
     w = torch.empty(B, H, nb, **f32) if full else delta
-    shared = {key: cfg[key] for key in ("num_heads", "n_pad", "num_block_rows", "head_dim")}
-    _bwd_pre[(nb * G,)](
-        out,
-        do,
-        mask,
-        lse,
-        row_max,
-        delta,
-        u,
-        w,
-        **shared,
-        stride_g=cfg["stride_g"],
-        stride_n=cfg["stride_n"],
-        FULL=full,
-        BLOCK=b,
-        D_PAD=cfg["D_PAD"],
-        num_warps=2,
-    )
+    shape = {key: cfg[key] for key in SHAPE_ARGS}
+    pre = (out, do, mask, lse, row_max, delta, u, w)
+    _bwd_pre[(nb * G,)](*pre, **shape, FULL=full, BLOCK=b, D_PAD=cfg["D_PAD"], num_warps=2)
     dqbar = dkbar = dvbar = delta  # placeholders in sparse mode: the kernels never read them
     if full:
         means = (x.view(G, nb, d) for x in (qbar, kbar, vbar))
@@ -389,49 +345,15 @@ def _backward(ctx, dout: torch.Tensor) -> tuple:
             A.view(G, nb, nb), u.view(G, nb, d), w.view(G, nb), *means
         )
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    rows = cfg["ROWS"]
-    _mra_bwd_dq[(triton.cdiv(nb, rows) * G,)](
-        q,
-        k,
-        v,
-        do,
-        dq,
-        lse,
-        delta,
-        mask,
-        counts,
-        dqbar,
-        lists.tile_ptr,
-        lists.tile_cols,
-        lists.tile_bits,
-        ptr_stride=lists.ptr_stride,
-        list_stride=lists.list_stride,
-        FULL=full,
-        INDEXED=lists.indexed,
-        **_backward_config(cfg, "dq", q.element_size()),
-    )
-    _mra_bwd_dkdv[(nb * G,)](
-        q,
-        k,
-        v,
-        do,
-        dk,
-        dv,
-        lse,
-        delta,
-        mask,
-        counts,
-        dkbar,
-        dvbar,
-        lists.key_ptr,
-        lists.key_tiles,
-        lists.key_bits,
-        ptr_stride=lists.key_ptr_stride,
-        list_stride=lists.list_stride,
-        FULL=full,
-        INDEXED=lists.indexed,
-        **_backward_config(cfg, "dkdv", q.element_size()),
-    )
+    size = q.element_size()
+    lists_args, lists_kw = lists.launch_args()
+    tensors = (q, k, v, do, dq, lse, delta, mask, counts, dqbar, *lists_args)
+    dq_cfg = _backward_config(cfg, "dq", size)
+    _mra_bwd_dq[(triton.cdiv(nb, cfg["ROWS"]) * G,)](*tensors, FULL=full, **lists_kw, **dq_cfg)
+    lists_args, lists_kw = lists.launch_args(transposed=True)
+    tensors = (q, k, v, do, dk, dv, lse, delta, mask, counts, dkbar, dvbar, *lists_args)
+    dkdv_cfg = _backward_config(cfg, "dkdv", size)
+    _mra_bwd_dkdv[(nb * G,)](*tensors, FULL=full, **lists_kw, **dkdv_cfg)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -457,47 +379,21 @@ def fused_statistics(
     qbar, kbar = torch.empty(B, H, nb, d, **f32), torch.empty(B, H, nb, d, **f32)
     vbar = torch.empty(B, H, nb, d, **f32) if options.full else None
     counts = torch.empty(B, nb, **f32)
+    tensors = (q, k, v, mask, qbar, kbar, qbar if vbar is None else vbar, counts)
+    sizes = (H, n_pad, nb, d, n_pad * d, d)  # SHAPE_ARGS
     _block_stats[(nb * B * H,)](
-        q,
-        k,
-        v,
-        mask,
-        qbar,
-        kbar,
-        qbar if vbar is None else vbar,
-        counts,
-        H,
-        n_pad,
-        nb,
-        d,
-        n_pad * d,
-        d,
-        WITH_V=options.full,
-        BLOCK=block_size,
-        D_PAD=d_pad,
-        num_warps=2,
+        *tensors, *sizes, WITH_V=options.full, BLOCK=block_size, D_PAD=d_pad, num_warps=2
     )
     S, P = torch.empty(B, H, nb, nb, **f32), torch.empty(B, H, nb, nb, **f32)
     row_max = torch.empty(B, H, nb, **f32)
+    reach = diagonal // 2 if diagonal > 0 else -1  # |I - J| <= D // 2 gets the diagonal prior
     _coarse_logits[(triton.cdiv(nb, COARSE_TILE) * B * H,)](
-        qbar,
-        kbar,
-        counts,
-        S,
-        P,
-        row_max,
-        H,
-        nb,
-        d,
-        1.0 / math.sqrt(d),
-        first,
-        diagonal // 2 if diagonal > 0 else -1,  # |I - J| <= D // 2 gets the diagonal prior
+        *(qbar, kbar, counts, S, P, row_max),
+        *(H, nb, d, 1.0 / math.sqrt(d), first, reach),
         PADDED=padded,
         PRIORS=first > 0 or diagonal > 0,
-        BLOCK_I=COARSE_TILE,
-        BLOCK_J=COARSE_TILE,
         D_PAD=d_pad,
-        num_warps=4,
+        **COARSE_TILES,
     )
     block_idx, excluded = selection.top_blocks(P, num_blocks)
     return selection.Selection(counts, S, row_max, block_idx, excluded), qbar, kbar, vbar

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 
 from mra_lra.attention import build, names
 from mra_lra.bench.attention import config_options, median_ms, parse_overrides
 from mra_lra.bench.cli import check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import pyplot, save, style
 from mra_lra.errors import UserError
+from mra_lra.utils import CONF_DIR
 
 DEFAULT_ATTN = (
     "softmax,mra,mra_s,nystrom,performer,linformer,longformer,bigbird,h_transformer,scatterbrain"
@@ -127,10 +129,6 @@ def captured_inputs(args: argparse.Namespace) -> tuple[list[dict], object]:
 
 def run_options(name: str, cfg) -> dict:
     """conf/attn/<name>.yaml with its interpolations resolved against a run's config."""
-    from omegaconf import OmegaConf
-
-    from mra_lra.utils import CONF_DIR
-
     attn = OmegaConf.load(CONF_DIR / "attn" / f"{name}.yaml")
     merged = OmegaConf.merge({"task": cfg.get("task", {})}, {"attn": attn})
     options = OmegaConf.to_container(merged.attn, resolve=True)

@@ -21,11 +21,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from mra_lra.attention.mra import resolve_backend
 from mra_lra.bench.attention import Recorder, describe, free, is_oom, measure, sync
 from mra_lra.bench.cli import add_timing, check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import length_panel, pyplot, save
@@ -65,8 +67,6 @@ def model_steps(
     cfg, batch: dict, device: torch.device
 ) -> tuple[torch.nn.Module, dict[str, Callable], str]:
     """(model, pass -> step, precision label) for the config's model and optimiser."""
-    import hydra
-
     model = hydra.utils.instantiate(cfg.model, _convert_="all").to(device)
     optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameters())
     bf16 = device.type == "cuda" and str(cfg.trainer.precision).startswith("bf16")
@@ -92,8 +92,6 @@ def model_steps(
 
 def impl_label(cfg, device: torch.device) -> str:
     if cfg.attn.name in ("mra", "mra_s"):
-        from mra_lra.attention.mra import resolve_backend
-
         return resolve_backend(cfg.attn.backend, device)
     return "flex" if cfg.attn.name == "flex_mra" else "torch"
 

@@ -19,20 +19,7 @@ from mra_lra.bench.approximation import (
 from tests.attention.dense import dense_softmax
 from tests.conftest import TINY, compose_train_cfg
 
-SMALL = [
-    "--n",
-    "128",
-    "--d",
-    "16",
-    "--heads",
-    "2",
-    "--batch",
-    "2",
-    "--seeds",
-    "0",
-    "--repeats",
-    "1",
-]
+SMALL = "--n 128 --d 16 --heads 2 --batch 2 --seeds 0 --repeats 1".split()
 
 
 def read(path):

@@ -10,8 +10,7 @@ import torch
 
 from mra_lra.bench import attention as bench
 
-TINY = ["--device", "cpu", "--d", "16", "--heads", "1", "--batch", "1", "--repeats", "1"]
-TINY += ["--warmup", "0"]
+TINY = "--device cpu --d 16 --heads 1 --batch 1 --repeats 1 --warmup 0".split()
 
 
 def rows(path):

@@ -12,16 +12,8 @@ def test_loading_benchmark_prints_a_rate(tmp_path, capsys) -> None:
 
 
 def test_random_pixels_batches_have_the_task_shape(tmp_path) -> None:
-    dm = loading.RandomPixels(
-        str(tmp_path),
-        8,
-        1056,
-        0,
-        num_images=20,
-        side=32,
-        pixel_zero_is_pad=False,
-        patch_order=[4, 8],
-    )
+    options = dict(num_images=20, side=32, pixel_zero_is_pad=False, patch_order=[4, 8])
+    dm = loading.RandomPixels(str(tmp_path), 8, 1056, 0, **options)
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

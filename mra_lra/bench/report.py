@@ -648,14 +648,9 @@ def format_csv(summary: Summary) -> str:
     for group in _ordered(summary):
         for run in group.runs:
             values = {k: run.results.get(k) for k in fields}
-            values.update(
-                run=run.path,
-                task=run.task,
-                attention=group.row,
-                settings=group.settings,
-                device=_device(run),
-            )
-            values["data_generated"] = json.dumps(run.results.get("data_generated"), sort_keys=True)
+            generated = json.dumps(run.results.get("data_generated"), sort_keys=True)
+            values.update(run=run.path, task=run.task, attention=group.row, settings=group.settings)
+            values.update(device=_device(run), data_generated=generated)
             writer.writerow({k: "" if v is None else v for k, v in values.items()})
     return out.getvalue()
 

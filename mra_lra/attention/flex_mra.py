@@ -1,31 +1,24 @@
 """MRA-2-s through PyTorch FlexAttention: a BlockMask built from MRA's chosen blocks.
 
-MRA-2-s (spec/mra.md, sparse mode) is softmax attention restricted to the k_sel blocks of
-block_size x block_size that MRA's selection picks (one global top-k over the coarse block scores,
-with the task's priors). This module reuses that selection (`mra.selection.pad_to_blocks` and
-`mra.statistics`) and hands the chosen set to FlexAttention as a BlockMask:
+MRA-2-s (spec/mra.md, sparse mode) is softmax attention restricted to the k_sel blocks that MRA's
+selection picks; this module reuses that selection (`mra.statistics`) and hands the chosen set
+to FlexAttention:
 
     kv_num_blocks / kv_indices             chosen blocks whose key block has padding (partial)
     full_kv_num_blocks / full_kv_indices   chosen blocks whose key block is all real (full)
     mask_mod(b, h, i, j) = chosen[b, h, i // bs, j // bs] and key j is real
 
-so the compiled kernel visits only the chosen blocks, and skips the mask on full ones.
-`mask_block_size` (a multiple of block_size, default block_size) builds the BlockMask on coarser
-tiles instead: a tile is visited when any chosen block lies in it, and mask_mod masks the rest,
-so the function is the same. It exists because torch 2.11's compiled FlexAttention backward finds
-no kernel for 32-token mask blocks in half precision (pytorch/pytorch#176025, fixed by PR #184797);
-128 works there. The
-mask_mod repeats the block pattern so that FlexAttention's unfused path, which applies mask_mod
-over the whole matrix and ignores the block lists, computes the same function. A query row with
-no chosen block (or only padded keys in it) outputs zero, as in MRA-2-s.
+so the compiled kernel visits only the chosen blocks, and skips the mask on full ones. The
+mask_mod repeats the block pattern so that FlexAttention's unfused path (which ignores the block
+lists) computes the same function. `mask_block_size` (a multiple of block_size) builds the
+BlockMask on coarser tiles, any chosen block making a tile visited, with the same function: torch
+2.11's compiled backward finds no kernel for 32-token mask blocks in half precision
+(pytorch/pytorch#176025, fixed by PR #184797); 128 works there.
 
-Devices:
-- CUDA: flex_attention compiled with torch.compile (fused, block-sparse; forward and backward),
-  with Triton tiles of gcd(block_size, 64) so that they divide the MRA blocks (block_size must be a
-  multiple of 16 there).
-- CPU: FlexAttention's unfused eager path, forward only (it materialises the n x n scores; torch
-  has no FlexAttention backward on CPU). For training on CPU use attn=mra_s: the same function.
-The function equals attn=mra_s up to MRA-2-s's 1e-6 in the denominator.
+On CUDA, flex_attention is compiled (fused, forward and backward) with Triton tiles of
+gcd(block_size, 64), which must divide the MRA blocks. On CPU it runs FlexAttention's unfused
+eager path, forward only (torch has no FlexAttention backward there; train with attn=mra_s, the
+same function up to MRA-2-s's 1e-6 in the denominator).
 """
 
 from __future__ import annotations
@@ -35,16 +28,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from mra_lra.attention.mra import (
-    MRAOptions,
-    check_block_per_row,
-    check_patch_shape,
-    in_patch_order,
-    selection,
-    statistics,
-)
+from mra_lra.attention.mra import MRAAttention, selection, statistics
 from mra_lra.attention.registry import register
 from mra_lra.attention.softmax import zero_padded_queries
 
@@ -124,8 +109,8 @@ def chosen_block_table(block_idx: torch.Tensor, num_block_rows: int) -> torch.Te
 
 
 @register("flex_mra")
-class FlexMRAAttention(nn.Module):
-    """MRA-2-s with FlexAttention; k_sel = min(nb * block_per_row, nb * nb) per slice."""
+class FlexMRAAttention(MRAAttention):
+    """MRA-2-s with FlexAttention: MRAAttention's options, patch order and k_sel per slice."""
 
     def __init__(
         self,
@@ -137,16 +122,15 @@ class FlexMRAAttention(nn.Module):
         patch_shape: list[int] | tuple[int, int] | None = None,
         prefix_tokens: int = 0,
     ):
-        super().__init__()
-        self.options = MRAOptions(
-            approx_mode="sparse",
-            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-            block_size=block_size,
+        super().__init__(
+            block_per_row,
+            "sparse",
+            initial_prior_first_n_blocks,
+            initial_prior_diagonal_n_blocks,
+            block_size,
+            patch_shape=patch_shape,
+            prefix_tokens=prefix_tokens,
         )
-        self.block_per_row = check_block_per_row(block_per_row)
-        self.patch_shape = check_patch_shape(patch_shape)
-        self.prefix_tokens = prefix_tokens
         if mask_block_size is not None and (
             mask_block_size < block_size or mask_block_size % block_size
         ):
@@ -155,13 +139,6 @@ class FlexMRAAttention(nn.Module):
                 f"got {mask_block_size}"
             )
         self.mask_block_size = mask_block_size or block_size
-
-    def num_blocks(self, n: int) -> int:
-        return self.options.num_blocks(n, self.block_per_row)
-
-    def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # On image tasks, the same 4 x 8 patch order as mra_s (attn.patch_shape).
-        return in_patch_order(self._attend, q, k, v, mask, self.patch_shape, self.prefix_tokens)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         flex_attention, BlockMask = _flex_api()

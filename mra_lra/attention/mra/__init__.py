@@ -13,6 +13,7 @@ and `mra_s`. The layers, each importing only those listed before it:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -24,11 +25,7 @@ from mra_lra.attention.registry import register
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -49,12 +46,10 @@ def statistics(
     kernels: bool | None = None,
 ) -> tuple[selection.Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Steps 2-4 for every MRA path (and flex_mra): (selection, qbar, kbar, vbar or None), no
-    gradient, from padded, zeroed q, k, v [B, H, n_pad, d] and mask [B, n_pad].
-
-    `kernels`: the fused Triton kernels (`launch.fused_statistics`) or torch
-    (`selection.prepare`); None takes the kernels for CUDA tensors they accept. On a GPU every
-    backend thus chooses the same blocks, even where two candidates tie to the last bit; both
-    ways compute the same function up to float32 rounding."""
+    gradient, from padded, zeroed q, k, v [B, H, n_pad, d] and mask [B, n_pad]. `kernels`: the
+    fused Triton kernels (`launch.fused_statistics`) or torch (`selection.prepare`); None takes
+    the kernels for CUDA tensors they accept, so that on a GPU every backend chooses the same
+    blocks, even where two candidates tie to the last bit."""
     if kernels is None:
         kernels = (
             q.is_cuda

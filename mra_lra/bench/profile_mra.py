@@ -19,17 +19,16 @@ import argparse
 import collections
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mra_lra.attention import build
+from mra_lra.bench.attention import DTYPES, sync
 from mra_lra.bench.cli import check_at_least, check_device
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,21 +92,14 @@ class _CountedKernel:
         return launch
 
 
-@contextlib.contextmanager
-def _counting_kernels(counter: _OpCounter, launches: collections.Counter) -> Iterator[None]:
+def _counting_kernels(counter: _OpCounter, launches: collections.Counter):
+    """The kernels of `launch.LAUNCHED` replaced by `_CountedKernel`s while in the context."""
     try:
         from mra_lra.attention.mra import launch
     except ImportError:  # no triton: nothing to count
-        yield
-        return
-    originals = {name: getattr(launch, name) for name in launch.LAUNCHED}
-    for name, kernel in originals.items():
-        setattr(launch, name, _CountedKernel(kernel, name, counter, launches))
-    try:
-        yield
-    finally:
-        for name, kernel in originals.items():
-            setattr(launch, name, kernel)
+        return contextlib.nullcontext()
+    counted = {n: _CountedKernel(getattr(launch, n), n, counter, launches) for n in launch.LAUNCHED}
+    return mock.patch.multiple(launch, **counted)
 
 
 def count_launches(attention, q, k, v, grad) -> dict[str, dict[str, collections.Counter]]:
@@ -158,24 +150,20 @@ def main(argv: list[str] | None = None) -> str:
         out = attention(q, k, v, None)
         torch.autograd.grad(out, (q, k, v), grad)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for _ in range(3):  # compilation, autotuning, allocator
         step()
-    sync()
+    sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    sync()
+    sync(device)
     wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        sync()
+        sync(device)
     events = prof.key_averages()
     lines = [
         f"{args.attn} fwd+bwd, B={args.batch} H={args.heads} n={args.n} d={args.d} "

@@ -7,26 +7,22 @@ For a query i in block I (full mode), with the chosen block set from `selection.
     out_i = sum_j A(i, j) v_j / sum_j A(i, j)
 
 `mra2_torch` is one autograd Function with a FlashAttention-style backward, so that a step's
-memory stays near that of q, k, v and their gradients. Its cost on a CPU is the number of ops, not
-the arithmetic, so every op works on a whole chunk of chosen blocks (a few hundred) and writes
-into buffers allocated once per call; nothing loops over blocks in Python.
+memory stays near that of q, k, v and their gradients. On a CPU the op count, not the arithmetic,
+sets the time: every op works on a chunk of whole chosen block rows (`chunk_bounds`, a few
+hundred blocks, gathered with one index_select each) and writes into buffers allocated once per
+call; nothing loops over blocks in Python.
 
-- Forward. The chosen blocks of all G = B*H slices, in row-major order, are cut into chunks of
-  whole block rows (`chunk_bounds`). Per chunk: gather the blocks' q, k, v (one index_select
-  each), score them with one batched matmul, raise each query's stabiliser m_i to the max of its
-  scores (scatter, starting from r_I in full mode, -1e5 in sparse mode; final once the chunk is
-  scored, as the chunk holds the whole row), and add exp(s_ij - m_i) [v_j, 1] into the query's
-  row of [fine_i, l_i] (one matmul against values that carry a column of ones, one index_add).
-  After the chunks, once for every query,
-  the coarse part (step 8, on the small nb x nb matrices) joins on the same stabiliser, which is
-  the merge of step 9:
+- Forward, per chunk: score the blocks in one batched matmul, raise each query's stabiliser m_i
+  to the max of its scores (from r_I in full mode, -1e5 in sparse mode), and add
+  exp(s_ij - m_i) [v_j, 1] into the query's [fine_i, l_i]. Then the coarse part (step 8, on the
+  nb x nb matrices) joins on the same stabiliser, which is the merge of step 9:
 
       out_i = (fine_i + exp(r_I - m_i) Ol_I) / (l_i + exp(r_I - m_i) Nl_I + eps)
 
-  Saved: q, k, v, the output, each query's lse_i = m_i + log(l_i + ...), and the coarse weights A
-  (nb x nb); nothing per block.
-- Backward, over the same chunks, recomputing the probabilities P_ij = exp(s_ij - lse_i)
-  (lse = +inf at padded queries, so they take no part):
+  Saved: q, k, v, the output, lse_i = m_i + log(l_i + ...) and the coarse weights A; nothing
+  per block.
+- Backward, over the same chunks, recomputing P_ij = exp(s_ij - lse_i) (lse = +inf at padded
+  queries, so they take no part):
 
       D_i = dO_i . out_i,   dS_ij = P_ij (dO_i . v_j - D_i)
       dq_i += sum_j dS_ij k_j / sqrt(d),   dk_j += sum_i dS_ij q_i / sqrt(d),
@@ -38,12 +34,12 @@ into buffers allocated once per call; nothing loops over blocks in Python.
 
       dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I   (`coarse_grads`)
 
-  carried on to q, k, v here, through S = qbar kbar^T / sqrt(d) and the block means
-  (d qbar_I / d q_i = 1 / (c_I + eps) for i in I), straight into dq, dk, dv: no autograd graph
-  through sel.coarse and vbar, whose [B, H, n, d]-sized gradient copies would add to the peak.
+  carried on through S = qbar kbar^T / sqrt(d) and the block means (d qbar_I / d q_i =
+  1 / (c_I + eps)) straight into dq, dk, dv: no autograd graph through sel.coarse and vbar,
+  whose [B, H, n, d]-sized gradient copies would add to the peak.
 
-Chunks bound the memory of the gathered blocks and keep them in cache; every sum runs in a fixed
-order (index_add on CPU adds in index order), so the backward is deterministic.
+Every sum runs in a fixed order (index_add on CPU adds in index order): the backward is
+deterministic.
 """
 
 from __future__ import annotations

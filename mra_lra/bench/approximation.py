@@ -294,11 +294,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (name, setting), group in by_setting(rows).items():
         cells = {r["layer"]: r for r in group}
-        line = [
-            name,
-            setting,
-            *(f"{cells[i]['rel_error']:.4f}" if i in cells else "" for i in layers),
-        ]
+        errors = (f"{cells[i]['rel_error']:.4f}" if i in cells else "" for i in layers)
+        line = [name, setting, *errors]
         if len(layers) > 1:
             line.append(f"{statistics.fmean(r['rel_error'] for r in group):.4f}")
         line.append(f"{sum(r['ms'] for r in group):.2f}")
@@ -375,7 +372,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mra_lra.bench.approximation",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--attn", type=comma_list(), default=DEFAULT_ATTN, help="registered names")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME.KEY=V1,V2,...")

@@ -116,9 +116,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             if status is None:
                 try:
                     torch.manual_seed(0)
-                    _, steps, precision = model_steps(
-                        cfg, random_batch(cfg, args.batch, n, device), device
-                    )
+                    batch = random_batch(cfg, args.batch, n, device)
+                    _, steps, precision = model_steps(cfg, batch, device)
                 except Exception as e:  # a model that cannot be built at this length
                     status = describe(e)
                     failed = status if is_oom(e) else None

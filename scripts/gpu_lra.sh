@@ -15,8 +15,8 @@
 #      $OUT/<attn>/, and `python -m mra_lra.bench.report` over the runs to $OUT/report.md.
 # Knobs: STEPS, NUM_TRAIN, NUM_EVAL (val and test), ATTNS, RUN_TIMEOUT_S, RESERVE_S, MIN_RUN_S,
 # BUDGET_S, TRAINER, DEVICE, GEN_WORKERS (default: all cores), ARGS (more overrides, for the data
-# preparation and every run), PYTHON. The CPU dry run of the same path at toy size (2-3 minutes on two cores;
-# a PYTHON without hydra and rich exercises the unpacking of .whl/ too):
+# preparation and every run), PYTHON. The CPU dry run of the same path at toy size (2-3 minutes
+# on two cores; a PYTHON without hydra and rich exercises the unpacking of .whl/ too):
 #   PYTHON=.venv/bin/python TRAINER=cpu DEVICE=cpu STEPS=4 NUM_TRAIN=200 NUM_EVAL=32 GEN_WORKERS=2 \
 #     ARGS="data.gen_min_length=20 data.gen_max_length=200 data.max_length=256 \
 #     trainer.val_check_interval=2" OUT=/tmp/gpu_lra_dry bash scripts/gpu_lra.sh

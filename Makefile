@@ -90,7 +90,8 @@ gpu-lra:
 	bash scripts/gpu_lra.sh
 
 # The pure-Python packages of the training path that GPU images lack (hydra, omegaconf, rich and
-# their dependencies), as wheels for the GPU scripts to unpack; fails on any that is not pure Python.
+# their dependencies), as wheels for the GPU scripts to unpack; fails on one that is not pure
+# Python.
 gpu-wheels: $(STAMP)
 	mkdir -p .whl
 	$(BIN)/pip download -q --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1 rich==15.0.0 \

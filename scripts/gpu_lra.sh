@@ -49,7 +49,8 @@ training_env "$WORK/site"
 
 DATA=(task=listops data.data_dir="$WORK/data" data.num_train="$NUM_TRAIN" data.num_val="$NUM_EVAL"
     data.num_test="$NUM_EVAL" data.gen_workers="$GEN_WORKERS" "${EXTRA[@]}")
-step "generate and cache ListOps" 150 "$PYTHON" -m mra_lra.data.prepare "${DATA[@]}" || finish "$OUT"
+step "generate and cache ListOps" 150 "$PYTHON" -m mra_lra.data.prepare "${DATA[@]}" ||
+    finish "$OUT"
 
 for attn in $ATTNS; do
     left=$((BUDGET_S - (SECONDS - START)))

@@ -102,6 +102,10 @@ class Recorder:
             )
         print(self.line(row), flush=True)
 
+    def add_failed(self, base: dict, passes, status: str) -> None:
+        for pass_name in passes:
+            self.add(dict(base, status=status, **{"pass": pass_name}))
+
 
 def row_text(row: dict) -> str:
     ms = f"{row['ms']:.3f} ms" if "ms" in row else ""
@@ -317,17 +321,15 @@ def run_grid(args: argparse.Namespace, rec: Recorder) -> None:
             tiles = list(itertools.product(args.query_rows, args.blocks_per_step))
         common = dict(attn=name, scope="attention", device=device.type, dtype=dtype_name)
         for tile in tiles:
-            # Longer lengths are skipped after an out-of-memory error, and after the same error
-            # failing every pass at two lengths in a row (a compile failure repeats at every
-            # length, and each try costs a GPU run seconds of its budget).
+            # Longer lengths are skipped after out of memory, and after the same failure of every
+            # pass at two lengths in a row (a compile failure repeats, each try costing seconds).
             skipped: str | None = None  # the status of every longer length, once set
             impl = ""
             last_error: tuple[int, str] | None = None  # (n, status) when every pass failed
             for n in args.n:
                 base = dict(common, impl=impl, batch=args.batch, heads=args.heads, n=n, d=args.d)
                 if skipped:
-                    for pass_name in args.passes:
-                        rec.add(dict(base, status=skipped, **{"pass": pass_name}))
+                    rec.add_failed(base, args.passes, skipped)
                     continue
                 statuses = run_length(args, device, base, tile, rec)
                 impl = base["impl"]
@@ -358,8 +360,7 @@ def run_length(args, device: torch.device, base: dict, tile, rec: Recorder) -> l
             torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in "qkv"
         )
     except Exception as e:  # every failure becomes a row
-        for pass_name in args.passes:
-            rec.add(dict(base, status=describe(e), **{"pass": pass_name}))
+        rec.add_failed(base, args.passes, describe(e))
         return [describe(e)]
     steps = attention_steps(module, q, k, v)
     if args.cuda_graph:
@@ -393,10 +394,7 @@ def profile_published(args: argparse.Namespace, rec: Recorder) -> None:
         try:
             steps = profile_one(name, base, device, heads, d, n, args)
         except Exception as e:  # every failure becomes a row
-            for pass_name in PASSES:
-                rec.add(
-                    dict(base, scope="layer", batch="", status=describe(e), **{"pass": pass_name})
-                )
+            rec.add_failed(dict(base, scope="layer", batch=""), PASSES, describe(e))
             continue
         for scope, scope_steps in steps.items():
             measure_rows(scope_steps, dict(base, scope=scope), device, args, rec)

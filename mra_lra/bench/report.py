@@ -656,9 +656,8 @@ def format_csv(summary: Summary) -> str:
 
 
 def format_latex(summary: Summary, metric: str = "test_acc") -> str:
-    """The `metric` table as a LaTeX tabular (booktabs): mean ± std in percent, the best mean of
-    each column in bold, ‡ and § as in the markdown, Avg as there ("--" where a row lacks a
-    task)."""
+    """The `metric` table as a booktabs tabular: mean ± std (%), each column's best mean in bold,
+    ‡, § and Avg as in the markdown ("--" where a row lacks a task)."""
     stats = summary.tables[metric]
     present, averages = _averages(summary, stats)
     best = {t: max(s.mean for (_, task), s in stats.items() if task == t) for t in present}

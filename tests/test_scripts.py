@@ -51,3 +51,17 @@ def test_gpu_check_dry_run_writes_targets(tmp_path):
     assert "targets" in (out / "gpu_check.log").read_text()
     assert (out / "targets.md").is_file()
     assert (out / "attention.csv").is_file()
+
+
+def test_gpu_lra_dry_run(tmp_path):
+    """The issue-22 device run at toy size: data, three trainings, their files and the report."""
+    args = "data.gen_min_length=20 data.gen_max_length=200 data.max_length=256"
+    proc, out = run_script(
+        "gpu_lra.sh", tmp_path, TRAINER="cpu", DEVICE="cpu", STEPS="4", NUM_TRAIN="200",
+        NUM_EVAL="32", GEN_WORKERS="2", ARGS=f"{args} trainer.val_check_interval=2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for attn in ("softmax", "mra", "mra_s"):
+        assert json.loads((out / attn / "results.json").read_text())["steps"] == 4
+        assert (out / attn / "metrics.csv").is_file()
+    assert (out / "report.md").is_file()

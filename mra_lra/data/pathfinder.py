@@ -1,29 +1,19 @@
-"""LRA Pathfinder and Path-X: the release's PNGs (or our generator's images) as a datamodule.
+"""LRA Pathfinder (32 x 32) and Path-X (128 x 128): the release's PNGs, or our generator's images.
 
-The release (`lra_release.gz`, a gzip tar despite the name) holds, for each resolution R (32 for
-Pathfinder, 128 for Path-X) and difficulty (`curv_baseline`, `curv_contour_length_9`,
-`curv_contour_length_14`; LRA reports the last):
+Release layout (`lra_release.gz` is a gzip tar), read from `source=`, `<data_dir>/lra_release/` or
+`<data_dir>/lra_release.gz` (streamed, never extracted):
 
     lra_release/lra_release/pathfinder<R>/<difficulty>/
         imgs/<k>/sample_<i>.png      8-bit grayscale R x R images
-        metadata/<k>.npy             plain text despite the name: one line per image,
-                                     `imgs/<k> sample_<i>.png <i> <label> ...` (4th field = label)
+        metadata/<k>.npy             plain text: `imgs/<k> sample_<i>.png <i> <label> ...`
 
-They are read from `source=` when given, else from `<data_dir>/lra_release/` (either nesting) or
-`<data_dir>/lra_release.gz`, the archive in one streaming pass (never extracted). Images are taken
-in the order of the metadata files sorted numerically (0, 1, 2, ..., 10) and of their lines, and
-split 80/10/10 by a permutation seeded with `data.split_seed`. Images that are empty or unreadable
-(the release has one: `pathfinder32/curv_baseline/imgs/0/sample_172.png`), and metadata lines
-whose image is missing, are skipped with a warning that counts them.
-
-Without release files, the set is generated (mra_lra/data/pathfinder_generator.py, presets
-`pathfinder32`, `pathfinder32_medium`, `pathfinder32_easy`, `pathx128`): `num_train + num_val +
-num_test` images with `gen_seed`, in resumable shards under
-`<data_dir>/generated/<preset>/<settings key>/`, split in that order. Such numbers are on our
-reimplementation, not on the release; the log says so.
-
-Tokens are pixel values 0-255 in raster order (vocabulary 256); the fidelity switches
-(`pixel_zero_is_pad`, `patch_order`) are those of mra_lra/data/pixels.py.
+Images follow the metadata files in numeric order, split 80/10/10 by a permutation seeded with
+`data.split_seed`; empty or unreadable images (the release has one:
+`pathfinder32/curv_baseline/imgs/0/sample_172.png`) and lines whose image is missing are skipped
+with a warning. Without the release, `num_train + num_val + num_test` images are generated
+(mra_lra/data/pathfinder_generator.py) into resumable shards under
+`<data_dir>/generated/<preset>/<settings key>/` and split in that order; numbers on them are not
+comparable with the release's. Tokens are pixel values 0-255 in raster order (see pixels.py).
 """
 
 from __future__ import annotations
@@ -34,7 +24,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +141,7 @@ class PathfinderDataModule(PixelDataModule):
 
     def __init__(
         self,
-        data_dir: str,
-        batch_size: int,
-        max_length: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        source: str | None = None,
-        *,
+        *args: Any,
         resolution: int,
         difficulty: str,
         split_seed: int,
@@ -167,24 +150,13 @@ class PathfinderDataModule(PixelDataModule):
         num_test: int,
         gen_seed: int,
         gen_workers: int | None,
-        pixel_zero_is_pad: bool,
-        patch_order: Sequence[int] | None,
+        **kwargs: Any,
     ) -> None:
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"data.difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         if resolution < 1:
             raise ValueError(f"data.resolution must be a positive image side, got {resolution}")
-        super().__init__(
-            data_dir,
-            batch_size,
-            max_length,
-            num_workers,
-            pin_memory,
-            source,
-            side=resolution,
-            pixel_zero_is_pad=pixel_zero_is_pad,
-            patch_order=patch_order,
-        )
+        super().__init__(*args, side=resolution, **kwargs)
         if min(num_train, num_val, num_test) < 0 or num_train + num_val + num_test < 1:
             raise ValueError(
                 "data.num_train, data.num_val, data.num_test must be >= 0 and not all 0, got "

@@ -1,12 +1,14 @@
-"""Small helpers every part of the package uses: where the configs are, atomic file writes, and
-config flattening."""
+"""Small helpers every part of the package uses: where the configs are, atomic file writes, config
+flattening, and the generators' worker pool."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -69,3 +71,34 @@ def flatten_config(value: object, prefix: str = "", out: dict[str, str] | None =
     else:
         out[prefix] = json.dumps(value, sort_keys=True)
     return out
+
+
+def resolve_workers(workers: int | None) -> int:
+    """`workers`, or for None the cores this process may run on (fewer than os.cpu_count() under
+    a CPU limit); ValueError below 1."""
+    if workers is None and hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    if workers is None:
+        return os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return workers
+
+
+@contextmanager
+def ordered_map(workers: int, num_tasks: int) -> Iterator[Callable]:
+    """`map`, or the `imap` of a Pool of `workers` processes (at most `num_tasks`): results in
+    task order either way. Workers ignore Ctrl-C; this process gets it and terminates the pool."""
+    workers = min(workers, max(num_tasks, 1))
+    if workers == 1:
+        yield map
+        return
+    fork = "fork" in multiprocessing.get_all_start_methods()  # fast start; spawn works too
+    pool = multiprocessing.get_context("fork" if fork else None).Pool(
+        workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+    )
+    try:
+        yield pool.imap
+    finally:
+        pool.terminate()
+        pool.join()

@@ -19,21 +19,17 @@ under `<data_dir>/generated/listops/`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import multiprocessing
 import os
 import random
 import re
-import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
 from mra_lra.data.cache import building_dir, commit_dir, remove_stale_temp_dirs
-from mra_lra.utils import atomic_open, atomic_write_json
+from mra_lra.utils import atomic_open, atomic_write_json, ordered_map, resolve_workers
 
 MAX_DEPTH = 10
 MAX_ARGS = 10
@@ -134,25 +130,6 @@ def _draw_task(task: tuple[int, int, int, int]) -> tuple[list[ListOpsExample], i
     return examples, draws
 
 
-def _available_cores() -> int:
-    """The cores this process may run on (fewer than os.cpu_count() under a CPU limit)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _ordered_map(workers: int) -> Iterator[Callable]:
-    """`map`, or a Pool's `imap` over `workers` processes (results in task order either way);
-    the pool is terminated on exit, also on Ctrl-C, which the workers leave to this process."""
-    if workers == 1:
-        yield map
-        return
-    fork = "fork" in multiprocessing.get_all_start_methods()  # fast start; spawn works too
-    context = multiprocessing.get_context("fork" if fork else None)
-    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
-    with context.Pool(workers, initializer=signal.signal, initargs=ignore_sigint) as pool:
-        yield pool.imap
-
-
 def generate_listops(
     num_samples: int,
     *,
@@ -172,10 +149,7 @@ def generate_listops(
             f"need 0 <= min_length < max_length - 1 (bounds are exclusive), got "
             f"min_length={min_length}, max_length={max_length}"
         )
-    if workers is None:
-        workers = _available_cores()
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    workers = resolve_workers(workers)
     seen: set[str] = set()
     examples: list[ListOpsExample] = []
     fruitless = 0  # draws since the last new tree, counted by task
@@ -193,11 +167,11 @@ def generate_listops(
 
     tasks = tasks_for(num_samples)
     with (
-        _ordered_map(min(workers, max(len(tasks), 1))) as ordered_map,
+        ordered_map(workers, len(tasks)) as parallel_map,
         tqdm(total=num_samples, desc="ListOps trees", unit="tree", disable=not progress) as bar,
     ):
         while tasks:
-            for drawn, draws in ordered_map(_draw_task, tasks):
+            for drawn, draws in parallel_map(_draw_task, tasks):
                 before = len(examples)
                 for ex in drawn:
                     if len(examples) < num_samples and ex.source not in seen:

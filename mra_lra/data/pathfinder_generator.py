@@ -68,9 +68,7 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
-import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +79,14 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mra_lra.data.sources import SourceError
-from mra_lra.utils import atomic_open, atomic_write_json, atomic_write_text, ensure_writable_dir
+from mra_lra.utils import (
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    ordered_map,
+    resolve_workers,
+)
 
 
 @dataclass(frozen=True)
@@ -686,13 +691,6 @@ def _generate_chunk(
     return images, labels, margins
 
 
-def _available_cores() -> int:
-    """The cores this process may run on (fewer than os.cpu_count() under a CPU limit)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """np.save through `atomic_open`: the file appears only when complete."""
     with atomic_open(path, binary=True) as f:
@@ -840,10 +838,7 @@ def generate_dataset(
         raise ValueError(
             f"need num_images >= 1 and shard_size >= 1, got {num_images}, {shard_size}"
         )
-    if workers is None:
-        workers = _available_cores()
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    workers = resolve_workers(workers)
     out_dir = ensure_writable_dir(out_dir, "Choose another output folder (--out).")
     manifest = _manifest(num_images, settings, seed, shard_size, layout)
     if (out_dir / MANIFEST_NAME).is_file():
@@ -888,7 +883,8 @@ def generate_dataset(
     with tqdm(
         total=num_images, initial=done, desc="Pathfinder images", unit="img", disable=not progress
     ) as bar:
-        with _ChunkResults(tasks, workers) as results:
+        with ordered_map(workers, len(tasks)) as parallel_map:
+            results = parallel_map(_generate_chunk, tasks)
             for (_, _, start, stop), k, chunk_arrays in zip(tasks, owners, results, strict=True):
                 a, b = bounds[k]
                 if k not in buffers:
@@ -912,33 +908,6 @@ def generate_dataset(
                         _atomic_save_npy(labels_path, shard_labels)  # last: marks it complete
                 bar.update(stop - start)
     return out_dir
-
-
-_IGNORE_SIGINT = (signal.SIGINT, signal.SIG_IGN)  # arguments of signal.signal
-
-
-class _ChunkResults:
-    """Context manager yielding chunk results in task order, from a Pool of `workers` processes
-    (or in this process for one worker); the pool is terminated on exit, also on Ctrl-C."""
-
-    def __init__(self, tasks: list, workers: int) -> None:
-        self.tasks, self.workers, self.pool = tasks, min(workers, max(len(tasks), 1)), None
-
-    def __enter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        if self.workers == 1:
-            return map(_generate_chunk, self.tasks)
-        # fork where there is one (fast start); spawn elsewhere works too, the worker is importable
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        # Workers ignore Ctrl-C: the parent gets it, leaves the shards written so far, and
-        # terminates the pool.
-        self.pool = context.Pool(self.workers, initializer=signal.signal, initargs=_IGNORE_SIGINT)
-        return self.pool.imap(_generate_chunk, self.tasks)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
 
 
 def iter_shards(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -6,40 +6,13 @@ paddle stencils (a PIL line on an `antialias_scale` times finer canvas, shrunk w
 filter), the same occupancy mask and the same sampling rules, so that our images have the
 original's statistics (docs/pathfinder_generator.md tabulates them). None of its code is here.
 
-An image holds dashed curves ("snakes" of short straight "paddles") on black. Positions are
-pixels (row, col); angles are radians with rows growing downwards.
-
-- A paddle anchored at pixel p with angle a is a line of `round(thickness * aa)` fine pixels from
-  the centre of a fine canvas of side 2 * h * aa + 1 (h = L + ceil(thickness) + m, aa the
-  antialias scale) to that centre plus ceil(L * aa * (sin a, cos a)), shrunk with Lanczos to side
-  2 * h + 1 and centred on p. Its mask is the same line dilated by a disc of radius m * aa, shrunk
-  the same way (values in [0, 1], with Lanczos ringing); the image's mask is the maximum of the
-  masks of the paddles placed so far, with a border band of `border_padding` pixels set to 1.
-- A snake starts with a paddle drawn from a start pixel in a random whole-degree direction, and
-  its pivot is ceil(head - (L + m) u) behind it. The next pivot is ceil(pivot + (L + 2m) u); the
-  next paddle's far end is one of the pixels hit by points one pixel of arc apart on the circle
-  of radius L + m around it, drawn with weight cos(min(turn * continuity, pi / 2))^2 times (1 -
-  the mask dilated by a disc of radius m at that pixel). The paddle is drawn from that pixel
-  back towards the pivot, and refused when its mask plus the image's mask reaches 1.8 somewhere
-  (three draws; then the snake is stuck). A snake's newest paddle joins the mask when the snake
-  grows again or is finished, so that its successor is not tested against it (the two target
-  snakes, grown side by side, are tested against each other's newest paddle: the original
-  skips it, which lets them touch).
-- Start pixels are drawn uniformly among the free ones: those where the paddle's stencil (the
-  pixels where its mask is 1, shifted by one pixel as in the original) meets no mask value above
-  0.3. The first target snake starts at least 2 * seed_distance from every border; the second
-  at the rounded point seed_distance away in a whole-degree direction. Both grow in lockstep to
-  contour_length paddles; a stuck one restarts the pair.
-- Then num_distractors snakes of distractor_length paddles, each attempted with probability
-  distractor_fraction (ours: 0.1 on the 32 x 32 presets matches the original's images, which
-  hold far fewer distractors than its code as we read it would draw; see the docs); 5 attempts
-  each, then left out; none once less than 1% of the image is free. Then two markers: discs
-  of marker_radius * aa fine pixels, shrunk with Lanczos, at the start pixel of one target
-  snake and at the far end of the last paddle of the same snake (label 1) or of the other one
-  (label 0). The label is 50/50.
-- Paddles of target snakes have intensity snake_contrast * paddle_contrast, distractors
-  snake_contrast (the original passes its snake contrast list as their paddle contrast), markers
-  1; the image is the pixel-wise maximum, scaled so that its brightest pixel is 255.
+An image holds dashed curves ("snakes" of straight "paddles") on black; two target snakes,
+num_distractors distractor snakes, and two markers on the ends of one target snake (label 1) or
+of both (label 0), 50/50. docs/pathfinder_generator.md ("How it draws") gives the rules step by
+step. Our departures, documented there ("What still differs"): each distractor is attempted with
+probability distractor_fraction (0.1 on the 32 x 32 presets, which matches the original's images
+rather than its code as we read it); the two target snakes are tested against each other's
+newest paddle (the original lets them touch); PIL's Lanczos stands in for scipy's imresize.
 
 Image i of a data set depends only on (seed, i) (`np.random.default_rng([seed, i])`), so the
 output is the same for any number of workers and any shard size.
@@ -113,29 +86,19 @@ class PathfinderSettings:
     # (0.1 for the 32 x 32 presets, to match the original's images: docs/pathfinder_generator.md)
 
     def __post_init__(self) -> None:
-        positive = {
-            "image_size": self.image_size,
-            "paddle_length": self.paddle_length,
-            "paddle_thickness": self.paddle_thickness,
-            "seed_distance": self.seed_distance,
-            "marker_radius": self.marker_radius,
-            "continuity": self.continuity,
-            "snake_contrast": self.snake_contrast,
-            "paddle_contrast": self.paddle_contrast,
-            "antialias_scale": self.antialias_scale,
-        }
-        bad = {k: v for k, v in positive.items() if not v > 0}
+        values = dataclasses.asdict(self)
+        positive = (
+            "image_size paddle_length paddle_thickness seed_distance marker_radius continuity"
+        )
+        positive += " snake_contrast paddle_contrast antialias_scale"
+        bad = {k: values[k] for k in positive.split() if not values[k] > 0}
         if bad:
             raise ValueError(f"Pathfinder settings must be > 0: {bad}")
-        whole = {
-            "image_size": self.image_size,
-            "paddle_length": self.paddle_length,
-            "seed_distance": self.seed_distance,
-            "border_padding": self.border_padding,
-            "antialias_scale": self.antialias_scale,
-            "paddle_thickness * antialias_scale": self.paddle_thickness * self.antialias_scale,
-        }
-        bad = {k: v for k, v in whole.items() if not float(v).is_integer()}
+        whole = "image_size paddle_length seed_distance border_padding antialias_scale".split()
+        bad = {k: values[k] for k in whole if not float(values[k]).is_integer()}
+        fine_width = self.paddle_thickness * self.antialias_scale
+        if not float(fine_width).is_integer():
+            bad["paddle_thickness * antialias_scale"] = fine_width
         if bad:
             raise ValueError(f"Pathfinder settings must be whole numbers: {bad}")
         if not self.paddle_margins or any(

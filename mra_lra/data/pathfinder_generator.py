@@ -646,11 +646,8 @@ def _generate_chunk(
     margins = np.empty(n, np.int64)
     for k in range(n):
         geometry = sample_geometry(settings, image_rng(seed, start + k))
-        images[k], labels[k], margins[k] = (
-            render(geometry, settings),
-            geometry.label,
-            geometry.margin,
-        )
+        images[k] = render(geometry, settings)
+        labels[k], margins[k] = geometry.label, geometry.margin
     return images, labels, margins
 
 
@@ -693,13 +690,9 @@ def _release_labels(out_dir: Path, k: int) -> np.ndarray | None:
     folder, metadata = _release_paths(out_dir, k)
     try:
         lines = metadata.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        return np.array([int(line.split()[3]) for line in lines], np.uint8)
+    except (OSError, IndexError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
-    try:
-        labels = np.array([int(line.split()[3]) for line in lines], np.uint8)
-    except (IndexError, ValueError):
-        return None
-    return labels
 
 
 def _write_release_folder(

@@ -287,6 +287,7 @@ def run(cfg: DictConfig) -> dict:
     if "wandb" in cfg.logger:
         wandb_mode_default()
     if rank_zero_only.rank != 0:
+        log.info("rank %d: training in %s beside rank 0", rank_zero_only.rank, out_dir)
         with quiet_console():
             return _run(cfg, out_dir, StartGuard(out_dir))
     guard = StartGuard(out_dir)

@@ -512,7 +512,7 @@ def _table(summary: Summary, name: str, spec: str, average: bool) -> list[str]:
             cells.append(f"{averages[row]:.2f}" if row in averages else "—" + partial)
         rows.append(cells)
     header = ["attention", *(TASKS[t] for t in summary.tasks)] + (["Avg"] if average else [])
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows, pad=True)
 
 
 RUN_NUMBERS = {"test_acc": ".2f", "test_acc_last": ".2f", THROUGHPUT: ",.0f", MEMORY: ",.0f"}
@@ -542,11 +542,13 @@ def _runs_table(summary: Summary) -> list[str]:
         )
     header = ["run", "task", "attention", "seed", "length", "steps", "test acc (%)",
               "last-step acc (%)", "tokens/s", "memory (MiB)"]  # fmt: skip
-    return [f"Paths under `{root}`.", "", *_markdown_table(header, rows)]
+    return [f"Paths under `{root}`.", "", *markdown_table(header, rows, pad=True)]
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+def markdown_table(header: list[str], rows: list[list], pad: bool = False) -> list[str]:
+    """A Markdown table's lines; pad aligns the columns for reading as plain text."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) if pad else 1 for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
@@ -575,7 +577,7 @@ def _published(summary: Summary) -> list[str]:
         "Their models, recipes (the original LRA code) and data (the LRA release), for comparison;",
         "Avg is theirs, over their five tasks." + (marked if generated else ""),
         "",
-        *_markdown_table(["attention", *(TASKS[t] for t in tasks), "Avg (5 tasks)"], rows),
+        *markdown_table(["attention", *(TASKS[t] for t in tasks), "Avg (5 tasks)"], rows, pad=True),
     ]
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mra_lra.bench.attention import read_csv, speedups
 from mra_lra.bench.cli import check_at_least
+from mra_lra.bench.report import markdown_table
 
 # n -> times faster than SDPA-flash (bf16, fwd+bwd)
 FLASH_TARGETS = {4096: 4.0, 16384: 12.0}
@@ -173,8 +174,7 @@ def long_rows(folder: Path) -> list[dict]:
 def _table(title: str, header: list[str], rows: list[list]) -> list[str]:
     """A Markdown section: title, then the table (one "not measured" row when rows is empty)."""
     rows = rows or [["-"] * (len(header) - 1) + ["not measured"]]
-    lines = ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return ["", f"## {title}", "", *markdown_table(header, rows)]
 
 
 def report(folder: Path) -> str:

@@ -1,35 +1,10 @@
 """A seeded Pathfinder / Path-X generator that draws like the original (Linsley et al. 2018).
 
-We read the original generator (drewlinsley/pathfinder, `snakes2.py` + `snakes.py`, run by LRA
-with the settings of `PRESETS`) and rewrote its algorithm: the same integer pixel grid, the same
-paddle stencils (a PIL line on an `antialias_scale` times finer canvas, shrunk with a Lanczos
-filter), the same occupancy mask and the same sampling rules, so that our images have the
-original's statistics (docs/pathfinder_generator.md tabulates them). None of its code is here.
-
-An image holds dashed curves ("snakes" of straight "paddles") on black; two target snakes,
-num_distractors distractor snakes, and two markers on the ends of one target snake (label 1) or
-of both (label 0), 50/50. docs/pathfinder_generator.md ("How it draws") gives the rules step by
-step. Our departures, documented there ("What still differs"): each distractor is attempted with
-probability distractor_fraction (0.1 on the 32 x 32 presets, which matches the original's images
-rather than its code as we read it); the two target snakes are tested against each other's
-newest paddle (the original lets them touch); PIL's Lanczos stands in for scipy's imresize.
-
-Image i of a data set depends only on (seed, i) (`np.random.default_rng([seed, i])`), so the
-output is the same for any number of workers and any shard size.
-
-Public API (what the Pathfinder datamodule calls):
-
-- `PathfinderSettings`, `PRESETS` (`pathfinder32`, `pathfinder32_easy`, `pathfinder32_medium`,
-  `pathx128`): the knobs, with LRA's values.
-- `generate_image(settings, rng) -> (image uint8 [H, W], label)`: one sample.
-- `generate_dataset(out_dir, num_images, settings, seed)`: writes shards `images-<k>.npy` (uint8
-  [n, H, W]) and `labels-<k>.npy` (uint8 [n]) with a `manifest.json`, each file atomically; or,
-  with `layout="release"`, the release's `imgs/<k>/sample_<i>.png` and `metadata/<k>.npy`. A
-  rerun skips complete shards, so an interrupted run resumes. All cores by default.
-- `load_dataset(out_dir)`: (images, labels) of a finished folder of either layout (pass `out=` to
-  fill an array of your own, e.g. a memory-mapped cache file); `iter_shards(out_dir)` streams
-  them instead.
-- `image_statistics(images)`: the five per-image statistics we compare with the original's.
+A rewrite of drewlinsley/pathfinder's algorithm (same pixel grid, paddle stencils, occupancy mask
+and sampling rules; none of its code) with LRA's settings as `PRESETS`, so that our images have
+the original's statistics. docs/pathfinder_generator.md gives the rules, the statistics and our
+few departures. Image i depends only on (seed, i), so the output is the same for any number of
+workers and any shard size; `generate_dataset` writes resumable shards or the release's layout.
 
     python -m mra_lra.data.pathfinder_generator --preset pathfinder32 --num 200000 \\
         --out data/generated/pathfinder32 --grid docs/pathfinder_samples.png
@@ -39,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -357,14 +333,9 @@ class _Stencils:
         return _lanczos_shrink(fine, s.image_size)
 
 
-_STENCILS: dict[tuple[PathfinderSettings, int], _Stencils] = {}
-
-
+@functools.cache
 def _stencils(settings: PathfinderSettings, margin: int) -> _Stencils:
-    key = (settings, margin)
-    if key not in _STENCILS:
-        _STENCILS[key] = _Stencils(settings, margin)
-    return _STENCILS[key]
+    return _Stencils(settings, margin)
 
 
 class _Snake:
@@ -651,12 +622,6 @@ def _generate_chunk(
     return images, labels, margins
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save through `atomic_open`: the file appears only when complete."""
-    with atomic_open(path, binary=True) as f:
-        np.save(f, array)
-
-
 def _shard_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
     return out_dir / f"images-{k:05d}.npy", out_dir / f"labels-{k:05d}.npy"
 
@@ -670,26 +635,11 @@ def _release_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
     return out_dir / "imgs" / str(k), out_dir / "metadata" / f"{k}.npy"
 
 
-def _metadata_lines(
-    k: int, labels: np.ndarray, margins: np.ndarray, settings: PathfinderSettings
-) -> str:
-    """The release's metadata text for folder k, in the original's column order: folder, file,
-    index, label, continuity, contour length, distractor length, paddle length, paddle
-    thickness, paddle margin, number of paddle contrasts."""
-    s = settings
-    return "".join(
-        f"imgs/{k} sample_{i}.png {i} {int(label)} {s.continuity} {s.contour_length} "
-        f"{s.distractor_length} {s.paddle_length} {s.paddle_thickness} {int(margin)} 1\n"
-        for i, (label, margin) in enumerate(zip(labels, margins, strict=True))
-    )
-
-
 def _release_labels(out_dir: Path, k: int) -> np.ndarray | None:
     """The labels of folder k of the release layout, or None if it is incomplete. The metadata
     file is written last, so its presence marks a folder whose images were written in full."""
-    folder, metadata = _release_paths(out_dir, k)
     try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
+        lines = _release_paths(out_dir, k)[1].read_text(encoding="utf-8").splitlines()
         return np.array([int(line.split()[3]) for line in lines], np.uint8)
     except (OSError, IndexError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
@@ -708,7 +658,16 @@ def _write_release_folder(
     metadata.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"sample_{i}.png")
-    atomic_write_text(metadata, _metadata_lines(k, labels, margins, settings))  # last
+    # Last, so that it marks a complete folder; the original's columns: folder, file, index,
+    # label, continuity, contour length, distractor length, paddle length and thickness, margin,
+    # number of paddle contrasts.
+    s = settings
+    lines = (
+        f"imgs/{k} sample_{i}.png {i} {int(label)} {s.continuity} {s.contour_length} "
+        f"{s.distractor_length} {s.paddle_length} {s.paddle_thickness} {int(margin)} 1\n"
+        for i, (label, margin) in enumerate(zip(labels, margins, strict=True))
+    )
+    atomic_write_text(metadata, "".join(lines))
 
 
 def _shard_complete(
@@ -734,19 +693,6 @@ def _shard_complete(
         and labels.shape == (n,)
         and labels.dtype == np.uint8
     )
-
-
-def _manifest(
-    num_images: int, settings: PathfinderSettings, seed: int, shard_size: int, layout: str
-) -> dict[str, Any]:
-    return {
-        "generator_version": GENERATOR_VERSION,
-        "settings": settings.to_dict(),
-        "seed": seed,
-        "num_images": num_images,
-        "shard_size": shard_size,
-        "layout": layout,
-    }
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -796,7 +742,14 @@ def generate_dataset(
         )
     workers = resolve_workers(workers)
     out_dir = ensure_writable_dir(out_dir, "Choose another output folder (--out).")
-    manifest = _manifest(num_images, settings, seed, shard_size, layout)
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "settings": settings.to_dict(),
+        "seed": seed,
+        "num_images": num_images,
+        "shard_size": shard_size,
+        "layout": layout,
+    }
     if (out_dir / MANIFEST_NAME).is_file():
         existing = _read_manifest(out_dir)
         if existing != json.loads(json.dumps(manifest)):
@@ -853,15 +806,15 @@ def generate_dataset(
                     buffer[start - a : stop - a] = values
                 remaining[k] -= 1
                 if remaining[k] == 0:
-                    shard_images, shard_labels, shard_margins = buffers.pop(k)
+                    images, labels, margins = buffers.pop(k)
                     if layout == "release":
-                        _write_release_folder(
-                            out_dir, k, shard_images, shard_labels, shard_margins, settings
-                        )
-                    else:
-                        images_path, labels_path = _shard_paths(out_dir, k)
-                        _atomic_save_npy(images_path, shard_images)
-                        _atomic_save_npy(labels_path, shard_labels)  # last: marks it complete
+                        _write_release_folder(out_dir, k, images, labels, margins, settings)
+                    else:  # labels last: their file marks a complete shard
+                        for path, array in zip(
+                            _shard_paths(out_dir, k), (images, labels), strict=True
+                        ):
+                            with atomic_open(path, binary=True) as f:
+                                np.save(f, array)
                 bar.update(stop - start)
     return out_dir
 
@@ -974,8 +927,6 @@ def save_sample_grid(
     title: str = "",
 ) -> None:
     """A PNG grid of images, each upscaled to at least 128 pixels and captioned with its label."""
-    from PIL import Image, ImageDraw
-
     size = images[0].shape[0]
     zoom = max(1, -(-128 // size))
     cell, caption, pad, header = size * zoom, 14, 4, 18 if title else 0

@@ -8,14 +8,10 @@ process of its own, and their spread (a few minutes on a 2-core machine; measure
 
     python -m mra_lra.bench.targets --cpu cpu_out [--runs 5] [--out cpu_out/cpu_targets.md]
 
-1. MRA-2 on Triton, bfloat16, forward + backward: at least 4x faster than SDPA-flash at n=4096
-   and 12x at n=16384. Every measured setting is listed (B=1 from attention.csv, the CUDA-graph
-   replay from graph.csv, batch 16 from batch16.csv), each with its best Triton tile.
-2. Faster than FlexAttention on the same blocks (flex.csv, flex128.csv against attention.csv).
-3. The published profiling setup (published.csv): MRA-2's layer, float32, n=4096, under 7.05 ms
-   per instance.
-4. 65,536 tokens on one GPU: MRA-2 on Triton, forward + backward, runs there (attention.csv), with
-   its peak memory.
+GPU targets: MRA-2 on Triton (bf16, fwd+bwd, best tile) at least 4x faster than SDPA-flash at
+n=4096 and 12x at 16384 (attention.csv, graph.csv, batch16.csv); faster than FlexAttention on the
+same blocks (flex.csv, flex128.csv); the published profile under 7.05 ms per instance
+(published.csv); 65,536 tokens on one GPU (attention.csv).
 
 A target without a measured row says "not measured" rather than passing; MRA-2 failing there
 (out of memory, an error, skipped after one) is "missed", with the row's status. The verdicts come
@@ -53,6 +49,11 @@ def _verdict(ok: bool | None) -> str:
     return {True: "met", False: "missed", None: "not measured"}[ok]
 
 
+def _where(rows: list[dict], equal: dict) -> list[dict]:
+    """The rows whose columns have the values in `equal`."""
+    return [r for r in rows if all(r[k] == v for k, v in equal.items())]
+
+
 def _best(rows: list[dict], key: tuple[str, ...], score: str, lowest: bool = False) -> dict:
     """{row's values of `key`: the row of the highest (or lowest) `score` among them}."""
     best: dict[tuple, dict] = {}
@@ -63,11 +64,9 @@ def _best(rows: list[dict], key: tuple[str, ...], score: str, lowest: bool = Fal
 
 def _speed_rows(folder: Path, name: str) -> list[dict]:
     """The rows of one speed table that the flash targets are about: bfloat16, fwd+bwd."""
-    return [
-        r
-        for r in _load(folder, name)
-        if r["dtype"] == "bfloat16" and r["pass"] == "fwd+bwd" and r["scope"] == "attention"
-    ]
+    return _where(
+        _load(folder, name), {"dtype": "bfloat16", "pass": "fwd+bwd", "scope": "attention"}
+    )
 
 
 def flash_rows(folder: Path) -> list[dict]:
@@ -101,16 +100,8 @@ def flex_rows(folder: Path) -> list[dict]:
     """MRA-2 on Triton (best tile) against flex_mra (best mask tile) on the same shapes."""
 
     def timed(rows: list[dict], attn: str, prefix: str) -> dict[tuple, dict]:
-        rows = [
-            r
-            for r in rows
-            if r["attn"] == attn
-            and r["impl"].startswith(prefix)
-            and r["status"] == "ok"
-            and r["ms"]
-            and r["dtype"] == "bfloat16"
-            and r["pass"] == "fwd+bwd"
-        ]
+        equal = {"attn": attn, "status": "ok", "dtype": "bfloat16", "pass": "fwd+bwd"}
+        rows = [r for r in _where(rows, equal) if r["impl"].startswith(prefix) and r["ms"]]
         return _best(rows, ("batch", "heads", "n", "d"), "ms", lowest=True)
 
     mra = timed(_load(folder, "attention.csv"), "mra", "triton")
@@ -119,30 +110,16 @@ def flex_rows(folder: Path) -> list[dict]:
     for k in sorted(set(mra) & set(flex), key=lambda k: k[2]):
         ratio = flex[k]["ms"] / mra[k]["ms"]
         out.append(
-            {
-                "n": k[2],
-                "batch": k[0],
-                "mra_ms": mra[k]["ms"],
-                "mra_impl": mra[k]["impl"],
-                "flex_ms": flex[k]["ms"],
-                "ratio": ratio,
-                "met": ratio > 1.0,
-            }
+            dict(n=k[2], batch=k[0], mra_ms=mra[k]["ms"], mra_impl=mra[k]["impl"])
+            | dict(flex_ms=flex[k]["ms"], ratio=ratio, met=ratio > 1.0)
         )
     return out
 
 
 def published_row(folder: Path) -> dict | None:
-    for r in _load(folder, "published.csv"):
-        if (
-            r["attn"] == "mra"
-            and r["scope"] == "layer"
-            and r["pass"] == "fwd+bwd"
-            and r["dtype"] == "float32"
-            and r["n"] == 4096
-            and r["status"] == "ok"
-            and r["ms_per_instance"]
-        ):
+    equal = {"attn": "mra", "scope": "layer", "pass": "fwd+bwd", "dtype": "float32", "n": 4096}
+    for r in _where(_load(folder, "published.csv"), equal | {"status": "ok"}):
+        if r["ms_per_instance"]:
             ms = float(r["ms_per_instance"])
             return {"impl": r["impl"], "batch": r["batch"], "ms": ms, "met": ms < PUBLISHED_MS}
     return None
@@ -153,21 +130,14 @@ LONG_N = 65536
 
 def long_rows(folder: Path) -> list[dict]:
     """MRA-2 on Triton at 65,536 tokens, forward + backward: one row per dtype and tile."""
+    columns = ("dtype", "impl", "ms", "peak_mib", "status")
     return [
-        {
-            "dtype": r["dtype"],
-            "impl": r["impl"],
-            "ms": r["ms"],
-            "peak_mib": r["peak_mib"],
-            "status": r["status"],
-            "met": r["status"] == "ok",
-        }
-        for r in _load(folder, "attention.csv")
-        if r["attn"] == "mra"
+        {c: r[c] for c in columns} | {"met": r["status"] == "ok"}
+        for r in _where(
+            _load(folder, "attention.csv"), {"attn": "mra", "n": LONG_N, "pass": "fwd+bwd"}
+        )
         # a row skipped after an earlier failure may have no impl: it is a miss all the same
-        and (r["impl"].startswith("triton") or r["status"] != "ok")
-        and r["n"] == LONG_N
-        and r["pass"] == "fwd+bwd"
+        if r["impl"].startswith("triton") or r["status"] != "ok"
     ]
 
 

@@ -29,7 +29,6 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """ "auto" is Triton for CUDA tensors when triton is installed, torch otherwise."""
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     return backend
@@ -45,11 +44,9 @@ def statistics(
     padded: bool,
     kernels: bool | None = None,
 ) -> tuple[selection.Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Steps 2-4 for every MRA path (and flex_mra): (selection, qbar, kbar, vbar or None), no
-    gradient, from padded, zeroed q, k, v [B, H, n_pad, d] and mask [B, n_pad]. `kernels`: the
-    fused Triton kernels (`launch.fused_statistics`) or torch (`selection.prepare`); None takes
-    the kernels for CUDA tensors they accept, so that on a GPU every backend chooses the same
-    blocks, even where two candidates tie to the last bit."""
+    """Steps 2-4 for every MRA path (and flex_mra) on padded, zeroed inputs: the fused kernels or
+    torch. `kernels=None` takes the kernels for CUDA tensors they accept, so that on a GPU every
+    backend chooses the same blocks, even where two candidates tie to the last bit."""
     if kernels is None:
         kernels = (
             q.is_cuda
@@ -73,8 +70,7 @@ def attend(
     num_blocks: int,
     options: MRAOptions,
 ) -> torch.Tensor:
-    """`mra2_attention` with its options bundled: pad, select, then the fine and coarse parts on
-    the Triton kernels or in torch."""
+    """`mra2_attention` with its options bundled."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"q, k, v must all be [B, H, n, d], got {list(q.shape)}, {list(k.shape)}, "
@@ -119,12 +115,10 @@ def mra2_attention(
     query_rows: int = 1,
     blocks_per_step: int = 1,
 ) -> torch.Tensor:
-    """MRA-2 attention. q, k, v: [B, H, n, d]; mask: [B, n] (1 real, 0 pad) or None.
+    """MRA-2 attention. q, k, v: [B, H, n, d]; mask: [B, n] (1 real, 0 pad) or None; any n.
 
     num_blocks is k_sel, the number of fine blocks each (batch, head) slice gets in total.
-    Any n works (padded to a multiple of block_size inside); returns [B, H, n, d] in q's dtype.
     query_rows and blocks_per_step are the Triton kernels' tiles; the torch path ignores them.
-    The Triton path takes float32, float16 and bfloat16, head dims up to 128.
     """
     options = MRAOptions(
         approx_mode=approx_mode,
@@ -154,25 +148,11 @@ def patch_order(n: int, patch_shape: tuple[int, int], device: torch.device) -> t
     return grid.transpose(1, 2).reshape(n)
 
 
-def check_patch_shape(patch_shape) -> tuple[int, int] | None:
-    """attn.patch_shape as a tuple, or a clear error."""
-    if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
-        raise ValueError(f"attn.patch_shape must be [rows, columns] or null, got {patch_shape}")
-    return tuple(patch_shape) if patch_shape is not None else None
-
-
-def check_block_per_row(block_per_row: int) -> int:
-    if not isinstance(block_per_row, int) or block_per_row < 1:
-        raise ValueError(f"attn.block_per_row must be an integer >= 1, got {block_per_row!r}")
-    return block_per_row
-
-
 def in_patch_order(
     attend, q, k, v, mask: torch.Tensor | None, patch_shape, prefix_tokens: int
 ) -> torch.Tensor:
-    """`attend(q, k, v, mask)` on the tokens reordered into `patch_shape` patches (`patch_order`;
-    the first `prefix_tokens` move behind the image), with the output in the original order.
-    patch_shape None: `attend` as it is."""
+    """`attend(q, k, v, mask)` on the tokens reordered into `patch_shape` patches, the first
+    `prefix_tokens` moved behind the image; the output comes back in the original order."""
     if patch_shape is None:
         return attend(q, k, v, mask)
     p = prefix_tokens
@@ -188,11 +168,9 @@ def in_patch_order(
 class MRAAttention(nn.Module):
     """MRA-2 as an attention module; k_sel = min(nb * block_per_row, nb * nb) per slice.
 
-    `patch_shape` (e.g. [4, 8], the MRA recipe on image tasks) reorders the tokens of a square
-    image before attention so that each 32-token block is a 4 x 8 patch, and restores the order on
-    the output; the attention is then a different approximation of the same softmax.
-    `prefix_tokens` (from the encoder: 1 with a CLS token) leading tokens are not pixels: they
-    move behind the image, so the patches still start on block boundaries."""
+    `patch_shape` (e.g. [4, 8], the MRA recipe on image tasks) makes each 32-token block a 4 x 8
+    patch of a square image. `prefix_tokens` (1 with a CLS token) are not pixels: they move behind
+    the image, so the patches still start on block boundaries."""
 
     default_mode = "full"
 
@@ -219,8 +197,12 @@ class MRAAttention(nn.Module):
             query_rows=query_rows,
             blocks_per_step=blocks_per_step,
         )
-        self.block_per_row = check_block_per_row(block_per_row)
-        self.patch_shape = check_patch_shape(patch_shape)
+        if not isinstance(block_per_row, int) or block_per_row < 1:
+            raise ValueError(f"attn.block_per_row must be an integer >= 1, got {block_per_row!r}")
+        if patch_shape is not None and (len(patch_shape) != 2 or min(patch_shape) < 1):
+            raise ValueError(f"attn.patch_shape must be [rows, columns] or null, got {patch_shape}")
+        self.block_per_row = block_per_row
+        self.patch_shape = tuple(patch_shape) if patch_shape is not None else None
         self.prefix_tokens = prefix_tokens
 
     def num_blocks(self, n: int) -> int:

@@ -1,5 +1,4 @@
-"""MRA's options as one frozen bundle, validated once where it is made (the module's constructor
-or `mra2_attention`) and handed down unchanged to the selection, the torch path and the kernels."""
+"""MRA's options as one frozen bundle, validated once where it is made and handed down unchanged."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ TRITON_MAX_HEAD_DIM = 128
 @dataclass(frozen=True)
 class MRAOptions:
     """approx_mode: "full" (MRA-2) or "sparse" (MRA-2-s); the priors of spec/mra.md step 4;
-    block_size b; backend: "auto" (Triton on CUDA when installed), "torch" or "triton";
     query_rows, blocks_per_step: the Triton kernels' tiles (the same function at every setting)."""
 
     approx_mode: str = "full"
@@ -34,20 +32,16 @@ class MRAOptions:
             raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {self.approx_mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in (
-            "block_size",
-            "initial_prior_first_n_blocks",
-            "initial_prior_diagonal_n_blocks",
-        ):
+        least = dict(
+            block_size=1, initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0
+        )
+        for name, low in least.items():
             value = getattr(self, name)
-            least = 1 if name == "block_size" else 0
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"attn.{name} must be an integer >= {least}, got {value!r}")
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"attn.{name} must be an integer >= {low}, got {value!r}")
         for name in ("query_rows", "blocks_per_step"):
-            if getattr(self, name) not in TILE_CHOICES:
-                raise ValueError(
-                    f"attn.{name} must be one of {TILE_CHOICES}, got {getattr(self, name)!r}"
-                )
+            if (value := getattr(self, name)) not in TILE_CHOICES:
+                raise ValueError(f"attn.{name} must be one of {TILE_CHOICES}, got {value!r}")
 
     @property
     def full(self) -> bool:

@@ -8,9 +8,8 @@ For a query i in block I (full mode), with the chosen block set from `selection.
 
 `mra2_torch` is one autograd Function with a FlashAttention-style backward, so that a step's
 memory stays near that of q, k, v and their gradients. On a CPU the op count, not the arithmetic,
-sets the time: every op works on a chunk of whole chosen block rows (`chunk_bounds`, a few
-hundred blocks, gathered with one index_select each) and writes into buffers allocated once per
-call; nothing loops over blocks in Python.
+sets the time: every op works on a chunk of whole chosen block rows (`chunk_bounds`) and writes
+into buffers allocated once per call.
 
 - Forward, per chunk: score the blocks in one batched matmul, raise each query's stabiliser m_i
   to the max of its scores (from r_I in full mode, -1e5 in sparse mode), and add
@@ -19,8 +18,6 @@ call; nothing loops over blocks in Python.
 
       out_i = (fine_i + exp(r_I - m_i) Ol_I) / (l_i + exp(r_I - m_i) Nl_I + eps)
 
-  Saved: q, k, v, the output, lse_i = m_i + log(l_i + ...) and the coarse weights A; nothing
-  per block.
 - Backward, over the same chunks, recomputing P_ij = exp(s_ij - lse_i) (lse = +inf at padded
   queries, so they take no part):
 
@@ -35,8 +32,8 @@ call; nothing loops over blocks in Python.
       dS_IJ = A_IJ (u_I . vbar_J - w_I),   dvbar_J = sum_I A_IJ u_I   (`coarse_grads`)
 
   carried on through S = qbar kbar^T / sqrt(d) and the block means (d qbar_I / d q_i =
-  1 / (c_I + eps)) straight into dq, dk, dv: no autograd graph through sel.coarse and vbar,
-  whose [B, H, n, d]-sized gradient copies would add to the peak.
+  1 / (c_I + eps)) straight into dq, dk, dv: an autograd graph through them would add
+  [B, H, n, d]-sized gradient copies to the peak.
 
 Every sum runs in a fixed order (index_add on CPU adds in index order): the backward is
 deterministic.
@@ -72,10 +69,7 @@ def chunk_bounds(rows: torch.Tensor, num_rows: int, chunk_blocks: int) -> list[t
 def coarse_weights(
     coarse: torch.Tensor, row_max: torch.Tensor, counts: torch.Tensor, excluded: torch.Tensor
 ) -> torch.Tensor:
-    """Step 8's weights A_IJ = c_J exp(S_IJ - r_I) for J not in M, 0 for J in M: [B, H, nb, nb].
-
-    The coarse part is Ol_I = sum_J A_IJ vbar_J, Nl_I = sum_J A_IJ, on the stabiliser r_I.
-    """
+    """Step 8's weights A_IJ = c_J exp(S_IJ - r_I) for J not in M, 0 for J in M: [B, H, nb, nb]."""
     A = (coarse - row_max[..., None]).exp_().mul_(counts[:, None, None, :])
     return A.masked_fill_(excluded, 0.0)
 
@@ -88,9 +82,8 @@ def coarse_grads(
     kbar: torch.Tensor,
     vbar: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The coarse part's gradient on the small matrices ([G, nb, nb] A, [G, nb, d] u and the block
-    means, [G, nb] w): dS = A * (u vbar^T - w), then (dS kbar, dS^T qbar, A^T u), to be scaled by
-    1/sqrt(d) (the first two) and 1 / (c + eps) on the way to the tokens. Both paths use it."""
+    """(dS kbar, dS^T qbar, A^T u) with dS = A * (u vbar^T - w) on [G, nb, ...] matrices, to be
+    scaled by 1/sqrt(d) (the first two) and 1 / (c + eps) on the way to the tokens."""
     dS = torch.baddbmm(w[..., None], u, vbar.transpose(1, 2), beta=-1.0).mul_(A)
     return torch.bmm(dS, kbar), torch.bmm(dS.transpose(1, 2), qbar), torch.bmm(A.transpose(1, 2), u)
 
@@ -121,8 +114,7 @@ class _Plan:
 
 
 class _MRA2Torch(torch.autograd.Function):
-    """Differentiable in q, k, v (padded, zeroed, [B, H, n, d]); in full mode the gradient of the
-    coarse part reaches them through the block means, computed here (see `mra2_torch`)."""
+    """Differentiable in q, k, v (padded, zeroed, [B, H, n, d]); see the module docstring."""
 
     @staticmethod
     def forward(
@@ -271,14 +263,9 @@ def mra2_torch(
     kbar: torch.Tensor,
     vbar: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Steps 5-10 on padded, zeroed float inputs [B, H, n, d] and mask [B, n]; returns
-    [B, H, n, d]. Full mode (MRA-2) when `vbar` is given, sparse mode (MRA-2-s) when it is None.
-
-    `sel` and the block means must be `selection.prepare`'s results for these q, k, v and mask.
-    Gradients reach q, k, v through the fine part and, in full mode, through the block means of
-    the coarse part; that second path is computed here from the saved block means, so no gradient
-    flows into `sel.coarse` or the means themselves (none through the selection, r or mu either).
-    """
+    """Steps 5-10 on padded, zeroed float inputs [B, H, n, d] and mask [B, n], with
+    `selection.prepare`'s results for them; full mode (MRA-2) when `vbar` is given, else sparse.
+    No gradient flows into `sel` or the means: the backward carries the coarse part's itself."""
     # float math in the inputs' dtype: autocast would round the scores and clash with the
     # float32 buffers.
     with torch.autocast(device_type=q.device.type, enabled=False):

@@ -1,10 +1,5 @@
 """Steps 1-4 of spec/mra.md in torch (padding, block statistics, coarse logits, the top-k), and
-the constants every path shares. Torch only: the Triton kernels compute the same statistics in
-`launch.fused_statistics`, and `mra.statistics` picks between the two.
-
-Everything here is cheap next to the fine part: block statistics are O(n d), the coarse logits and
-the selection live on the nb x nb grid of blocks.
-"""
+the constants every path shares. `launch.fused_statistics` is the same on the Triton kernels."""
 
 from __future__ import annotations
 
@@ -29,10 +24,8 @@ def pad_to_blocks(
     mask: torch.Tensor | None,
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad n up to a multiple of `block_size` (added tokens are masked) and zero padded tokens.
-
-    Returns q, k, v of shape [B, H, n_pad, d] and a float mask [B, n_pad].
-    """
+    """Pad n up to a multiple of `block_size` (added tokens masked) and zero padded tokens:
+    q, k, v [B, H, n_pad, d] and a float mask [B, n_pad]."""
     B, H, n, d = q.shape
     if not has_padding(mask, n, block_size):
         # Nothing to pad or zero: skip three [B, H, n, d] copies that backward would keep alive.
@@ -53,8 +46,7 @@ def pad_to_blocks(
 
 
 def has_padding(mask: torch.Tensor | None, n: int, block_size: int) -> bool:
-    """Whether some block holds padding: a mask was given, or n is not a multiple of the block
-    size. False lets the coarse logits skip their (then zero) padding penalty."""
+    """Whether some block may hold padding; False lets the coarse logits skip their penalty."""
     return mask is not None or n % block_size != 0
 
 
@@ -90,9 +82,8 @@ class Selection:
 def coarse_logits(
     qbar: torch.Tensor, kbar: torch.Tensor, counts: torch.Tensor, padded: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: S = qbar kbar^T / sqrt(d), r = row max before masking, then the padding penalty.
-    `padded=False` promises that every block is full (no mask, n a multiple of the block size):
-    the penalty is then zero and is skipped."""
+    """Step 3: S = qbar kbar^T / sqrt(d), r = row max before masking, then the padding penalty
+    (skipped when `padded=False` promises that every block is full)."""
     d = qbar.shape[-1]
     S = torch.matmul(qbar, kbar.transpose(-1, -2)).div_(math.sqrt(d))
     r = S.detach().amax(dim=-1)
@@ -122,8 +113,7 @@ def cached_per_shape(make):
 def prior_bonus(
     nb: int, first_n_blocks: int, diagonal_n_blocks: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Step 4 priors as an [nb, nb] additive bonus (None when there are no priors); made once
-    per shape and device (treat it as read-only)."""
+    """Step 4 priors as a cached, read-only [nb, nb] additive bonus (None: no priors)."""
     if first_n_blocks == 0 and diagonal_n_blocks == 0:
         return None
     with torch.inference_mode(False), torch.no_grad():
@@ -143,12 +133,10 @@ def top_blocks(P: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Te
     I * nb + J, [B, H, k_sel] (ascending, so row-major), and the excluded set M as a bool
     [B, H, nb, nb], which is exactly the chosen set.
 
-    The published code (and spec/mra.md) takes M = {P >= smallest chosen value}, which differs
-    only when values tie at the cut: a tied block that top-k did not choose then sits in M and in
-    neither part, so its keys get no weight. Ties are not rare: every row of P has an exact 0 (its
-    maximum), so a budget below nb cuts among them, and the prior boost (5e3) added in float32
-    rounds P to steps of about 5e-4, merging nearby values. With M = the chosen set every block
-    is counted once, at full or at coarse resolution; without ties the two rules agree."""
+    The published code (and spec/mra.md) takes M = {P >= smallest chosen value}: a tied block
+    that top-k did not choose then sits in M and in neither part, so its keys get no weight.
+    Ties are not rare (every row of P has an exact 0, its maximum, and the float32 prior boost
+    rounds P to steps of about 5e-4); without ties the two rules agree."""
     nb = P.shape[-1]
     k_sel = min(int(num_blocks), nb * nb)
     if k_sel < 1:
@@ -169,10 +157,9 @@ def prepare(
     options: MRAOptions,
     padded: bool = True,
 ) -> tuple[Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Steps 2-4 in torch on padded, zeroed [B, H, n_pad, d] inputs and mask [B, n_pad]:
-    (selection, qbar, kbar, vbar; vbar None in sparse mode), no gradient, in float32 at least
-    whatever the input dtype and autocast, so that the chosen blocks do not depend on them.
-    `padded=False`: see `coarse_logits`."""
+    """Steps 2-4 on padded, zeroed [B, H, n_pad, d] inputs and mask [B, n_pad]: (selection,
+    qbar, kbar, vbar or None), no gradient, in float32 at least whatever the input dtype and
+    autocast, so that the chosen blocks do not depend on them."""
     b = options.block_size
     B, H, n, d = q.shape
     nb = n // b
@@ -183,11 +170,10 @@ def prepare(
         vbar = block_means(v.to(compute), counts, b) if options.full else None
         S, r = coarse_logits(qbar, kbar, counts, padded)
         P = (S - r[..., None]).float()
-        first, diagonal = (
-            options.initial_prior_first_n_blocks,
-            options.initial_prior_diagonal_n_blocks,
+        o = options
+        bonus = prior_bonus(
+            nb, o.initial_prior_first_n_blocks, o.initial_prior_diagonal_n_blocks, P.device
         )
-        bonus = prior_bonus(nb, first, diagonal, P.device)
         if bonus is not None:
             P += bonus
         block_idx, excluded = top_blocks(P, num_blocks)

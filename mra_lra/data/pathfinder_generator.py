@@ -210,8 +210,8 @@ class _Paddle(NamedTuple):
 
 
 class _Stencils:
-    """Everything that depends only on the settings and the margin: paddle stencils by angle,
-    the next-paddle candidates around a pivot, marker stencils; built once per process."""
+    """What depends only on the settings and the margin (paddle and marker stencils, next-paddle
+    candidates), built once per process; docs/pathfinder_generator.md explains the rules."""
 
     def __init__(self, settings: PathfinderSettings, margin: int) -> None:
         self.settings, self.margin = settings, margin
@@ -296,10 +296,9 @@ class _Stencils:
         return weights
 
     def first_starts(self, degrees: int) -> np.ndarray:
-        """Free start pixels (flat, row-major) of the first target snake's paddle at `degrees`:
-        the mask then holds only the border band, widened to 2 * seed_distance (cached). Unlike
-        the original, whose dilation ignores what lies outside the image (so a start on the last
-        row or column could pass), pixels outside the image count as occupied here."""
+        """Free start pixels (flat) of the first target snake's paddle at `degrees`, with only
+        the border band, widened to 2 * seed_distance, occupied (cached). Unlike the original,
+        pixels outside the image count as occupied."""
         starts = self._first_starts.get(degrees)
         if starts is None:
             s, pad = self.settings, self.pad
@@ -347,11 +346,9 @@ class _Snake:
 
 
 class _Canvas:
-    """The paddles of one image and its mask (padded by `_Stencils.pad` on every side). A
-    snake's newest paddle is kept apart (`pending`) until the snake grows again or is finished,
-    so that its successor is not tested against it; snakes growing side by side (the two target
-    snakes) are tested against each other's newest paddle all the same, through a mask of their
-    own (`views`)."""
+    """The paddles of one image and its padded mask. A snake's newest paddle stays `pending` so
+    that its successor is not tested against it; the target snakes, grown side by side, see each
+    other's through `views` (docs/pathfinder_generator.md)."""
 
     def __init__(self, stencils: _Stencils, parallel: Sequence[int] = ()) -> None:
         self.st = stencils
@@ -636,8 +633,7 @@ def _release_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
 
 
 def _release_labels(out_dir: Path, k: int) -> np.ndarray | None:
-    """The labels of folder k of the release layout, or None if it is incomplete. The metadata
-    file is written last, so its presence marks a folder whose images were written in full."""
+    """The labels of folder k of the release layout, or None if its metadata is missing."""
     try:
         lines = _release_paths(out_dir, k)[1].read_text(encoding="utf-8").splitlines()
         return np.array([int(line.split()[3]) for line in lines], np.uint8)
@@ -673,9 +669,7 @@ def _write_release_folder(
 def _shard_complete(
     out_dir: Path, k: int, n: int, shape: tuple[int, int], layout: str = "shards"
 ) -> bool:
-    """Shard k is complete: both files exist with the right shapes (labels are written last,
-    so their presence marks a shard whose images were written in full); for the release
-    layout, its metadata file lists n images."""
+    """Shard k's files (release layout: its metadata) exist and hold n images."""
     if layout == "release":
         labels = _release_labels(out_dir, k)
         return labels is not None and labels.shape == (n,)
@@ -728,12 +722,11 @@ def generate_dataset(
     progress: bool = True,
     layout: str = "shards",
 ) -> Path:
-    """Write images 0..num_images-1 of the data set with `seed` into `out_dir` as shards (see the
-    module docstring), with `workers` processes (default: all cores). `layout="release"` writes
-    the release's `imgs/<k>/sample_<i>.png` and `metadata/<k>.npy` instead, `shard_size` images
-    per folder k. Complete shards already in `out_dir` are kept, so rerunning an interrupted
-    call finishes the job; a folder made with other settings, seed, size, shard size or layout
-    is an error."""
+    """Write images 0..num_images-1 of the data set with `seed` into `out_dir` as shards
+    `images-<k>.npy` (uint8 [n, H, W]) and `labels-<k>.npy` (uint8 [n]), or with
+    `layout="release"` as `imgs/<k>/sample_<i>.png` and `metadata/<k>.npy`, with `workers`
+    processes (default: all cores). Complete shards are kept, so a rerun resumes; a folder made
+    with other settings, seed, size, shard size or layout is an error."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if num_images < 1 or shard_size < 1:
@@ -781,38 +774,28 @@ def generate_dataset(
     done = num_images - sum(bounds[k][1] - bounds[k][0] for k in todo)
     # Chunks of about 1 MB of pixels: small enough for a smooth progress bar and little memory.
     chunk = max(8, min(256, (1 << 20) // (settings.image_size**2)))
-    tasks, owners = [], []
-    for k in todo:
-        a, b = bounds[k]
-        for start in range(a, b, chunk):
-            tasks.append((settings, seed, start, min(start + chunk, b)))
-            owners.append(k)
-    remaining = {k: sum(1 for o in owners if o == k) for k in todo}
-    buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    tasks = [
+        (settings, seed, start, min(start + chunk, bounds[k][1]))
+        for k in todo
+        for start in range(*bounds[k], chunk)
+    ]
+    pieces = []  # the chunks of the shard being filled (results come in task order)
     with tqdm(
         total=num_images, initial=done, desc="Pathfinder images", unit="img", disable=not progress
     ) as bar:
         with ordered_map(workers, len(tasks)) as parallel_map:
             results = parallel_map(_generate_chunk, tasks)
-            for (_, _, start, stop), k, chunk_arrays in zip(tasks, owners, results, strict=True):
-                a, b = bounds[k]
-                if k not in buffers:
-                    buffers[k] = (
-                        np.empty((b - a, *settings.image_shape), np.uint8),
-                        np.empty(b - a, np.uint8),
-                        np.empty(b - a, np.int64),
-                    )
-                for buffer, values in zip(buffers[k], chunk_arrays, strict=True):
-                    buffer[start - a : stop - a] = values
-                remaining[k] -= 1
-                if remaining[k] == 0:
-                    images, labels, margins = buffers.pop(k)
+            for (_, _, start, stop), chunk_arrays in zip(tasks, results, strict=True):
+                pieces.append(chunk_arrays)
+                k = start // shard_size
+                if stop == bounds[k][1]:
+                    images, labels, margins = (np.concatenate(a) for a in zip(*pieces, strict=True))
+                    pieces = []
                     if layout == "release":
                         _write_release_folder(out_dir, k, images, labels, margins, settings)
                     else:  # labels last: their file marks a complete shard
-                        for path, array in zip(
-                            _shard_paths(out_dir, k), (images, labels), strict=True
-                        ):
+                        paths = _shard_paths(out_dir, k)
+                        for path, array in zip(paths, (images, labels), strict=True):
                             with atomic_open(path, binary=True) as f:
                                 np.save(f, array)
                 bar.update(stop - start)

@@ -28,6 +28,7 @@ from mra_lra.attention import build, names
 from mra_lra.bench.attention import config_options, median_ms, parse_overrides
 from mra_lra.bench.cli import check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import pyplot, save, style
+from mra_lra.bench.report import markdown_table
 from mra_lra.errors import UserError
 from mra_lra.utils import CONF_DIR
 
@@ -275,14 +276,14 @@ def by_setting(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def gradient_table(rows: list[dict]) -> str:
     """Markdown: the gradient errors of each (attention, setting), mean over layers."""
-    lines = ["| attention | setting | dq | dk | dv |", "|---|---|---|---|---|"]
+    body = []
     for (name, setting), group in by_setting(rows).items():
         cells = []
         for g in GRADS:
             values = [r[f"rel_error_{g}"] for r in group]
             cells.append("" if None in values else f"{statistics.fmean(values):.4f}")
-        lines.append("| " + " | ".join([name, setting, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+        body.append([name, setting, *cells])
+    return "\n".join(markdown_table(["attention", "setting", *GRADS], body)) + "\n"
 
 
 def table(rows: list[dict]) -> str:
@@ -291,7 +292,7 @@ def table(rows: list[dict]) -> str:
     layers = sorted({r["layer"] for r in rows})
     head = ["attention", "setting", *(f"layer {i}" for i in layers)]
     head += ["mean", "ms"] if len(layers) > 1 else ["ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for (name, setting), group in by_setting(rows).items():
         cells = {r["layer"]: r for r in group}
         errors = (f"{cells[i]['rel_error']:.4f}" if i in cells else "" for i in layers)
@@ -299,8 +300,8 @@ def table(rows: list[dict]) -> str:
         if len(layers) > 1:
             line.append(f"{statistics.fmean(r['rel_error'] for r in group):.4f}")
         line.append(f"{sum(r['ms'] for r in group):.2f}")
-        lines.append("| " + " | ".join(line) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(line)
+    return "\n".join(markdown_table(head, body)) + "\n"
 
 
 def plot_maps(maps: list, path: Path, tokens: int, title: str) -> None:

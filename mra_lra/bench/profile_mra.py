@@ -3,14 +3,11 @@
     python -m mra_lra.bench.profile_mra --n 4096 --batch 1 --heads 8 --d 64 --dtype bfloat16 \
         --out bench_out
 
-On the GPU, MRA-2 at B=1 x H=8 takes about the same time at every length (docs/benchmarks.md):
-it was launch-bound. This says by how much: the wall time of a step, the number of kernels it
-launches, their summed device time, and the ops with the most host time. Writes
-`profile_mra.txt` (the tables) and `profile_mra.json` (a Chrome trace) to --out.
-
-It also counts, per pass, the torch ops that do work (views and bare allocations aside) and the
-Triton kernels launched (`count_launches`): on any device, the Triton path included on CPU
-under TRITON_INTERPRET=1, so the launch budget is checked where no GPU is.
+At small sizes MRA-2 is launch-bound on the GPU (docs/benchmarks.md). This says by how much: the
+wall time of a step, the kernels it launches and their summed device time, the ops with the most
+host time, and per pass the torch ops that do work and the Triton launches (`count_launches`,
+which also runs on CPU under TRITON_INTERPRET=1). Writes `profile_mra.txt` (the tables) and
+`profile_mra.json` (a Chrome trace) to --out.
 """
 
 from __future__ import annotations
@@ -92,23 +89,21 @@ class _CountedKernel:
         return launch
 
 
-def _counting_kernels(counter: _OpCounter, launches: collections.Counter):
-    """The kernels of `launch.LAUNCHED` replaced by `_CountedKernel`s while in the context."""
-    try:
-        from mra_lra.attention.mra import launch
-    except ImportError:  # no triton: nothing to count
-        return contextlib.nullcontext()
-    counted = {n: _CountedKernel(getattr(launch, n), n, counter, launches) for n in launch.LAUNCHED}
-    return mock.patch.multiple(launch, **counted)
-
-
 def count_launches(attention, q, k, v, grad) -> dict[str, dict[str, collections.Counter]]:
     """{"fwd" | "bwd": {"torch": ops by name, "triton": launches by kernel}} for one step after
     one warm-up step (which fills the per-shape caches)."""
     attention(q, k, v, None)
     result = {}
     counter, launches = _OpCounter(), collections.Counter()
-    with _counting_kernels(counter, launches):
+    counting = contextlib.nullcontext()
+    with contextlib.suppress(ImportError):  # no triton: no kernels to count
+        from mra_lra.attention.mra import launch
+
+        kernels = {
+            n: _CountedKernel(getattr(launch, n), n, counter, launches) for n in launch.LAUNCHED
+        }
+        counting = mock.patch.multiple(launch, **kernels)
+    with counting:
         with counter:
             out = attention(q, k, v, None)
         result["fwd"] = {"torch": counter.ops.copy(), "triton": launches.copy()}

@@ -63,10 +63,8 @@ class PathfinderSettings:
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)
-        positive = (
-            "image_size paddle_length paddle_thickness seed_distance marker_radius continuity"
-        )
-        positive += " snake_contrast paddle_contrast antialias_scale"
+        positive = "image_size paddle_length paddle_thickness seed_distance marker_radius"
+        positive += " continuity snake_contrast paddle_contrast antialias_scale"
         bad = {k: values[k] for k in positive.split() if not values[k] > 0}
         if bad:
             raise ValueError(f"Pathfinder settings must be > 0: {bad}")
@@ -472,7 +470,6 @@ def _target_snakes(rng: np.random.Generator, canvas: _Canvas) -> list[_Snake] | 
     s = st.settings
     degrees = int(rng.integers(-180, 180))
     starts = st.first_starts(degrees)
-    first = None
     for _ in range(SEED_TRIES):
         if starts.size == 0:
             return None
@@ -482,9 +479,8 @@ def _target_snakes(rng: np.random.Generator, canvas: _Canvas) -> list[_Snake] | 
             break
         degrees = int(rng.integers(-180, 180))
         starts = st.first_starts(degrees)
-    if first is None:
+    else:
         return None
-    second = None
     for _ in range(SEED_TRIES):
         angle = math.radians(int(rng.integers(-180, 180)))
         bearing = math.radians(int(rng.integers(0, 360)))
@@ -493,7 +489,7 @@ def _target_snakes(rng: np.random.Generator, canvas: _Canvas) -> list[_Snake] | 
         second = canvas.place_start(1, row, col, angle)
         if second is not None:
             break
-    if second is None:
+    else:
         return None
     snakes = [first, second]
     for _ in range(s.contour_length - 1):
@@ -673,20 +669,12 @@ def _shard_complete(
     if layout == "release":
         labels = _release_labels(out_dir, k)
         return labels is not None and labels.shape == (n,)
-    images_path, labels_path = _shard_paths(out_dir, k)
-    if not (images_path.is_file() and labels_path.is_file()):
-        return False
-    try:
-        images = np.load(images_path, mmap_mode="r")
-        labels = np.load(labels_path, mmap_mode="r")
+    try:  # a missing file is an OSError
+        images, labels = (np.load(path, mmap_mode="r") for path in _shard_paths(out_dir, k))
     except (OSError, ValueError):
         return False
-    return (
-        images.shape == (n, *shape)
-        and images.dtype == np.uint8
-        and labels.shape == (n,)
-        and labels.dtype == np.uint8
-    )
+    shapes_ok = images.shape == (n, *shape) and labels.shape == (n,)
+    return shapes_ok and images.dtype == labels.dtype == np.uint8
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -750,11 +738,7 @@ def generate_dataset(
                 f"the folder {out_dir} holds Pathfinder shards made with other settings "
                 f"({existing}, asked for {manifest}); delete {out_dir} or choose another folder"
             )
-    elif (
-        any(out_dir.glob("images-*.npy"))
-        or any(out_dir.glob("labels-*.npy"))
-        or any(out_dir.glob("metadata/*.npy"))
-    ):
+    elif any(any(out_dir.glob(g)) for g in ("images-*.npy", "labels-*.npy", "metadata/*.npy")):
         raise ValueError(
             f"the folder {out_dir} holds shard files but no {MANIFEST_NAME}, so their settings are "
             f"unknown; delete {out_dir} or choose another folder"

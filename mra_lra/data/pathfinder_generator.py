@@ -100,10 +100,6 @@ class PathfinderSettings:
                 "lower seed_distance or raise image_size"
             )
 
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size)
-
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON values (tuples become lists)."""
         d = dataclasses.asdict(self)
@@ -605,7 +601,7 @@ def _generate_chunk(
     each image's margin)."""
     settings, seed, start, stop = task
     n = stop - start
-    images = np.empty((n, *settings.image_shape), np.uint8)
+    images = np.empty((n, settings.image_size, settings.image_size), np.uint8)
     labels = np.empty(n, np.uint8)
     margins = np.empty(n, np.int64)
     for k in range(n):
@@ -619,8 +615,17 @@ def _shard_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
     return out_dir / f"images-{k:05d}.npy", out_dir / f"labels-{k:05d}.npy"
 
 
-def _shard_bounds(num_images: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + shard_size, num_images)) for i in range(0, num_images, shard_size)]
+def _shards(
+    out_dir: Path, num_images: int, shard_size: int, size: int, layout: str
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """The (start, stop) of every shard, and the shards not yet complete."""
+    bounds = [(i, min(i + shard_size, num_images)) for i in range(0, num_images, shard_size)]
+    todo = [
+        k
+        for k, (a, b) in enumerate(bounds)
+        if not _shard_complete(out_dir, k, b - a, (size, size), layout)
+    ]
+    return bounds, todo
 
 
 def _release_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
@@ -749,12 +754,7 @@ def generate_dataset(
     # Temporary files left by a killed writer (one process per folder at a time, so none is live).
     for stale in [*out_dir.glob(".*-*.npy.*.tmp"), *out_dir.glob("metadata/.*.npy.*.tmp")]:
         stale.unlink(missing_ok=True)
-    bounds = _shard_bounds(num_images, shard_size)
-    todo = [
-        k
-        for k, (a, b) in enumerate(bounds)
-        if not _shard_complete(out_dir, k, b - a, settings.image_shape, layout)
-    ]
+    bounds, todo = _shards(out_dir, num_images, shard_size, settings.image_size, layout)
     done = num_images - sum(bounds[k][1] - bounds[k][0] for k in todo)
     # Chunks of about 1 MB of pixels: small enough for a smooth progress bar and little memory.
     chunk = max(8, min(256, (1 << 20) // (settings.image_size**2)))
@@ -794,12 +794,7 @@ def iter_shards(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.nda
     manifest = _read_manifest(out_dir)
     size = manifest["settings"]["image_size"]
     layout = manifest.get("layout", "shards")
-    bounds = _shard_bounds(manifest["num_images"], manifest["shard_size"])
-    missing = [
-        k
-        for k, (a, b) in enumerate(bounds)
-        if not _shard_complete(out_dir, k, b - a, (size, size), layout)
-    ]
+    bounds, missing = _shards(out_dir, manifest["num_images"], manifest["shard_size"], size, layout)
     if missing:
         raise FileNotFoundError(
             f"{out_dir} is incomplete: {len(missing)} of {len(bounds)} shards are missing (first: "
@@ -808,12 +803,11 @@ def iter_shards(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.nda
         )
     for k in range(len(bounds)):
         if layout == "release":
-            folder, _ = _release_paths(out_dir, k)
-            labels = _release_labels(out_dir, k)
-            images = np.stack(
-                [np.asarray(Image.open(folder / f"sample_{i}.png")) for i in range(len(labels))]
-            )
-            yield images, labels
+            folder, labels = _release_paths(out_dir, k)[0], _release_labels(out_dir, k)
+            images = [
+                np.asarray(Image.open(folder / f"sample_{i}.png")) for i in range(len(labels))
+            ]
+            yield np.stack(images), labels
         else:
             images_path, labels_path = _shard_paths(out_dir, k)
             yield np.load(images_path, mmap_mode="r"), np.load(labels_path)

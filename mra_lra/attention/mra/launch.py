@@ -1,10 +1,8 @@
-"""The host side of the MRA Triton kernels (`kernels.py`): the fused selection statistics, the
-block lists, launch settings and the autograd Function. Every pass is a few launches, because at
-moderate sizes the op count, not the arithmetic, sets the time (`bench.profile_mra` counts them).
+"""The host side of the MRA Triton kernels (`kernels.py`). Every pass is a few launches, because
+at moderate sizes the op count, not the arithmetic, sets the time (`bench.profile_mra` counts them).
 
-num_warps and num_stages follow the tile size (`_launch_settings`), so each kernel compiles once
-per shape class; MRA_TRITON_AUTOTUNE=1 (read at import) autotunes them instead, at the price of
-compiling several variants.
+num_warps and num_stages follow the tile size (`_launch_settings`); MRA_TRITON_AUTOTUNE=1 (read at
+import) autotunes them instead, at the price of compiling several variants.
 """
 
 from __future__ import annotations
@@ -137,8 +135,7 @@ def _compress(
 def _bounds(
     num_slices: int, num_block_rows: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G, nb + 1] (int64): the first flat index of each block row, r * nb, and r itself; made
-    once per shape, so that the 32-row lists are a handful of ops (`_row_lists`)."""
+    """[G, nb + 1] (int64): the first flat index of each block row, r * nb, and r itself."""
     nb = num_block_rows
     with torch.inference_mode(False), torch.no_grad():
         rows = torch.arange(nb + 1, device=device).expand(num_slices, nb + 1).contiguous()
@@ -167,8 +164,8 @@ def _row_lists(block_idx: torch.Tensor, num_block_rows: int, transposed: bool) -
 def block_lists(
     block_idx: torch.Tensor, num_block_rows: int, rows: int = 1, transposed: bool = True
 ) -> BlockLists:
-    """Forward and transposed lists from chosen flat indices I * nb + J, [B, H, k_sel] (sorted
-    ascending per slice). `transposed=False` leaves the transposed (backward-only) lists out."""
+    """Forward and (unless `transposed=False`) transposed lists from chosen flat indices
+    I * nb + J, [B, H, k_sel] (sorted ascending per slice)."""
     nb = num_block_rows
     if rows == 1:
         return _row_lists(block_idx, nb, transposed)
@@ -224,22 +221,18 @@ def _launch_settings(block_m: int, d_pad: int, element_size: int) -> dict:
     return dict(num_warps=num_warps, num_stages=num_stages)
 
 
-# The largest gathered tile (rows * block_size * blocks per step rows of the padded head dim, in
-# the input dtype) of each backward kernel, from their compiles for sm_90 (Hopper: 227 KiB of
-# shared memory). dK/dV keeps q and dO tiles of that size in flight and needs about 3.3x it:
-# above 64 KiB it fails (bf16 4 x 4 at d = 128: 400 KiB; fp32 4 x 2 at d = 128, 4 x 4 at d = 64).
-# dQ needs 1-1.5x it: 128 KiB fits (bf16 4 x 4 at d = 128: 128 KiB; fp32 4 x 2 at d = 128:
-# 192 KiB), 256 KiB does not (fp32 4 x 4 at d = 128).
+# The largest gathered tile (rows * block_size * group rows of D_PAD, in the input dtype) of each
+# backward kernel, from their compiles for sm_90 (227 KiB of shared memory): dK/dV keeps q and dO
+# tiles in flight and needs about 3.3x it, dQ 1-1.5x (fp32 4 x 4 at d = 128, 256 KiB, fails).
 BACKWARD_TILE_BYTES = {"dq": 128 * 2**10, "dkdv": 64 * 2**10}
 
 
 def backward_group(
     kernel: str, rows: int, group: int, block_size: int, d_pad: int, element_size: int
 ) -> int:
-    """Chosen blocks backward `kernel` ("dq" or "dkdv") gathers per loop step: `group`
-    (attn.blocks_per_step), halved until a gathered tile of rows * block_size * group rows fits
-    its BACKWARD_TILE_BYTES (`check_inputs` refuses tiles that fit at no group). The forward
-    keeps `group`: at block size 32 it fits at every setting (compiled for sm_90)."""
+    """Chosen blocks backward `kernel` ("dq" or "dkdv") gathers per loop step: `group` halved
+    until its tile fits BACKWARD_TILE_BYTES. The forward keeps `group`: at block size 32 it fits
+    at every setting (compiled for sm_90)."""
     budget = BACKWARD_TILE_BYTES[kernel]
     while group > 1 and rows * block_size * group * d_pad * element_size > budget:
         group //= 2
@@ -247,8 +240,7 @@ def backward_group(
 
 
 def _backward_config(cfg: dict, kernel: str, element_size: int) -> dict:
-    """The forward's launch config with `kernel`'s gather (`backward_group`) and, unless
-    autotuning, the launch settings of that tile."""
+    """The forward's launch config with `kernel`'s `backward_group` and its launch settings."""
     rows, block = cfg["ROWS"], cfg["BLOCK"]
     group = backward_group(kernel, rows, cfg["GROUP"], block, cfg["D_PAD"], element_size)
     if group == cfg["GROUP"]:
@@ -266,9 +258,8 @@ COARSE_TILES = dict(BLOCK_I=COARSE_TILE, BLOCK_J=COARSE_TILE, num_warps=4)
 
 
 class _MRA2Triton(torch.autograd.Function):
-    """Differentiable in q, k, v: padded, zeroed [B, H, n_pad, d] in the input dtype. The
-    selection and the float32 block means (qbar, kbar, vbar; None in sparse mode) are values:
-    the backward carries the coarse part's gradient back through the block means itself."""
+    """Differentiable in q, k, v: padded, zeroed [B, H, n_pad, d]. The selection and the block
+    means are values: the backward carries the coarse part's gradient through the means itself."""
 
     @staticmethod
     def forward(
@@ -367,9 +358,7 @@ def fused_statistics(
     options: MRAOptions,
     padded: bool = True,
 ) -> tuple[selection.Selection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`selection.prepare` in two kernels and the top-k: (selection, qbar, kbar, vbar or None),
-    all float32. q, k, v: padded, zeroed, contiguous [B, H, n_pad, d] in float32, float16 or
-    bfloat16 (accumulated in float32); mask: contiguous float32 [B, n_pad]."""
+    """`selection.prepare` in two kernels and the top-k, on contiguous inputs (float32 mask)."""
     first, diagonal = options.initial_prior_first_n_blocks, options.initial_prior_diagonal_n_blocks
     B, H, n_pad, d = q.shape
     block_size = options.block_size
@@ -415,8 +404,6 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: MRAOptions) -> None:
-    """What the kernels take: CUDA tensors (or the interpreter), float32 / float16 / bfloat16,
-    head dims up to 128, power-of-two blocks of 16 or more, tiles that fit in shared memory."""
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got {q.device.type}: use backend='torch' on "
@@ -463,10 +450,9 @@ def mra2_triton(
     vbar: torch.Tensor | None,
     options: MRAOptions,
 ) -> torch.Tensor:
-    """Steps 5-10 on the kernels: padded, zeroed, contiguous q, k, v [B, H, n_pad, d] (checked
-    by `check_inputs`), float32 mask [B, n_pad], and `fused_statistics`' results for them."""
-    # The transposed lists serve the backward only: a forward without gradients (eval,
-    # inference) skips them.
+    """Steps 5-10 on the kernels: padded, zeroed, contiguous inputs (float32 mask) and
+    `fused_statistics`' results for them."""
+    # The transposed lists serve the backward only: a forward without gradients skips them.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     lists = block_lists(sel.block_idx, sel.num_block_rows, options.query_rows, needs_grad)
     if not options.full:

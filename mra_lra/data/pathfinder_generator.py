@@ -148,8 +148,7 @@ PRESETS: dict[str, PathfinderSettings] = {
     ),
 }
 
-# Bump when a change here changes the images a seed gives, so that shards written by an older
-# version are reported as made with other settings.
+# Bump when the images a seed gives change: older shards then count as made with other settings.
 GENERATOR_VERSION = 2
 PADDLE_TRIES = 3  # draws of a snake's next paddle before it counts as stuck (the original's 2 + 1)
 SEED_TRIES = 3  # start draws whose paddle leaves the image before a start fails (2 + 1)
@@ -271,10 +270,8 @@ class _Stencils:
         # Start check: the original dilates the mask with the stencil's full pixels cut to a
         # (2(L + m) + 1)^2 window whose centre is one pixel up and left of the anchor.
         lo = half - (s.paddle_length + m + 1)
-        window = mask[
-            lo : lo + 2 * (s.paddle_length + m) + 1, lo : lo + 2 * (s.paddle_length + m) + 1
-        ]
-        full = np.argwhere(window >= 1.0) + lo - half
+        hi = lo + 2 * (s.paddle_length + m) + 1
+        full = np.argwhere(mask[lo:hi, lo:hi] >= 1.0) + lo - half
         scale = self.side / fine_side  # output pixels per fine pixel of the shrunk stencil
         end = ((end_row - c) * scale, (end_col - c) * scale)
         return _Paddle(ink, mask, full, end)
@@ -597,8 +594,7 @@ def generate_images(
 def _generate_chunk(
     task: tuple[PathfinderSettings, int, int, int],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, paddle margins) of images start..stop-1 (the release's metadata lists
-    each image's margin)."""
+    """(images, labels, paddle margins: the release's metadata lists them) of start..stop-1."""
     settings, seed, start, stop = task
     n = stop - start
     images = np.empty((n, settings.image_size, settings.image_size), np.uint8)
@@ -936,17 +932,9 @@ def main(argv: list[str] | None = None) -> None:
         "--stats", action="store_true", help="print the set's per-image statistics (mean, sd)"
     )
     args = parser.parse_args(argv)
-    settings = PRESETS[args.preset]
+    options = {"workers": args.workers, "shard_size": args.shard_size, "layout": args.layout}
     try:
-        out = generate_dataset(
-            args.out,
-            args.num,
-            settings,
-            args.seed,
-            workers=args.workers,
-            shard_size=args.shard_size,
-            layout=args.layout,
-        )
+        out = generate_dataset(args.out, args.num, PRESETS[args.preset], args.seed, **options)
     except (ValueError, SourceError) as err:
         parser.error(str(err))
     except KeyboardInterrupt:
@@ -961,8 +949,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"label 1: {labels.mean():.3f} of {len(labels)} images")
         statistics = image_statistics(images)
         for name, key in STATISTICS.items():
-            mean, sd = statistics[key]
-            print(f"{name}: {mean:.3f} (sd {sd:.3f})")
+            print(f"{name}: {statistics[key][0]:.3f} (sd {statistics[key][1]:.3f})")
     if args.grid:
         first = next(iter_shards(out))
         count = min(args.grid_count, len(first[0]))

@@ -100,9 +100,9 @@ def locked(out_dir: Path) -> Iterator[None]:
 
 
 class StartGuard:
-    """Until `started()`, a failure undoes what the start wrote in the folder: files and folders
-    it created are removed (train.log of a new folder is kept, holding the error) and train.log
-    of an existing folder is cut back to its former length."""
+    """Until `training` is set, a failure undoes what the start wrote in the folder: what it
+    created is removed (train.log of a new folder is kept, holding the error) and train.log of an
+    existing folder is cut back to its former length."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
@@ -110,9 +110,6 @@ class StartGuard:
         self.before = {p: p.stat().st_size for p in out_dir.rglob("*")} if out_dir.is_dir() else {}
         self.new_folder = not any(p.name != LOG_NAME for p in self.before)
         self.training = False
-
-    def started(self) -> None:
-        self.training = True
 
     def undo(self) -> None:
         if self.training or not self.out_dir.is_dir():
@@ -129,13 +126,6 @@ class StartGuard:
             os.truncate(logfile, self.before[logfile])
         if not self.existed and not any(self.out_dir.iterdir()):
             self.out_dir.rmdir()
-
-
-def write_overrides(out_dir: Path, overrides: Sequence[str]) -> None:
-    from mra_lra.utils import atomic_write_text
-
-    (out_dir / OVERRIDES_FILE).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / OVERRIDES_FILE, yaml.safe_dump(list(overrides)))
 
 
 def resume_arguments(argv: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import hydra
 import pytorch_lightning as pl
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -37,12 +38,12 @@ from mra_lra.loggers import make_logger, quiet_console, wandb_mode_default
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
 from mra_lra.models.schedule import resolve_warmup
 from mra_lra.run_folder import (
+    OVERRIDES_FILE,
     StartGuard,
     check_run_folder,
     locked,
     resume_arguments,
     warn_if_resumed_elsewhere,
-    write_overrides,
 )
 from mra_lra.utils import atomic_write_json, atomic_write_text
 
@@ -268,12 +269,14 @@ class _TrainingStarted(pl.Callback):
             atomic_write_text(
                 self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True)
             )
-            if HydraConfig.initialized():
-                write_overrides(self.out_dir, HydraConfig.get().overrides.task)
+            if HydraConfig.initialized():  # the overrides a resume by ckpt_path alone reuses
+                (self.out_dir / OVERRIDES_FILE).parent.mkdir(exist_ok=True)
+                overrides = list(HydraConfig.get().overrides.task)
+                atomic_write_text(self.out_dir / OVERRIDES_FILE, yaml.safe_dump(overrides))
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved)
-        self.guard.started()
+        self.guard.training = True
 
 
 def run(cfg: DictConfig) -> dict:

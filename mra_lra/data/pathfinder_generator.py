@@ -40,8 +40,7 @@ from mra_lra.utils import (
 
 @dataclass(frozen=True)
 class PathfinderSettings:
-    """What an image looks like, in the original generator's terms and units (pixels of the
-    output image; lengths that place paddles on the pixel grid are whole numbers)."""
+    """What an image looks like, in the original generator's terms; lengths in output pixels."""
 
     image_size: int  # side of the square output image
     paddle_length: int  # L, the length of one dash
@@ -179,8 +178,7 @@ def _flip(angle: float) -> float:
 
 
 def _lanczos_shrink(fine: np.ndarray, side: int) -> np.ndarray:
-    """A 0/255 uint8 canvas shrunk to side x side with PIL's Lanczos filter, as floats in [0, 1]
-    (what the original's `scipy.misc.imresize(..., interp='lanczos')` did through PIL)."""
+    """0/255 image shrunk to side x side by PIL's Lanczos (the original's imresize), in [0, 1]."""
     image = Image.fromarray(fine).resize((side, side), Image.LANCZOS)
     return np.asarray(image, np.float64) / 255.0
 
@@ -783,9 +781,8 @@ def generate_dataset(
 
 
 def iter_shards(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, labels) of each shard in order, images memory-mapped (read from the PNGs for
-    the release layout). Raises FileNotFoundError if the folder is incomplete (rerun the
-    generation: it resumes)."""
+    """(images, labels) of each shard in order, images memory-mapped (or read from the release
+    layout's PNGs); FileNotFoundError if the folder is incomplete."""
     out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
     size = manifest["settings"]["image_size"]
@@ -812,9 +809,8 @@ def iter_shards(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.nda
 def load_dataset(
     out_dir: str | os.PathLike, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8 [N, H, W]) and labels (uint8 [N]) of a finished folder. Shards are read
-    memory-mapped and copied once into `out` (allocated if None; pass e.g. an
-    `np.lib.format.open_memmap` to keep the images out of RAM)."""
+    """All images (uint8 [N, H, W]) and labels (uint8 [N]) of a finished folder, the images
+    copied into `out` (allocated if None; an `np.lib.format.open_memmap` keeps them out of RAM)."""
     manifest = _read_manifest(Path(out_dir))
     size = manifest["settings"]["image_size"]
     shape = (manifest["num_images"], size, size)
@@ -901,8 +897,7 @@ def save_sample_grid(
         draw.text((x, y), f"label {int(label)} ({word})", fill=0)
         tile = Image.fromarray(np.asarray(image, np.uint8)).resize((cell, cell), Image.NEAREST)
         grid.paste(tile, (x, y + caption))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
 

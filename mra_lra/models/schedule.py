@@ -63,11 +63,9 @@ def one_cycle(
     warmup_steps: int | None = None,
     warmup_fraction: float | None = None,
 ) -> OneCycle:
-    """The MRA recipe's schedule: torch's OneCycleLR as the published LRA code calls it, from
-    lr / div_factor up to the peak optimizer.lr at update W - 1 (W = warm-up), then down to
-    lr / (div_factor * final_div_factor); with cycle_momentum, Adam's beta1 moves the other way
-    (its configured value is overwritten). A warm-up as long as the run is clipped, with a
-    warning, so that one update of decay remains."""
+    """The MRA recipe's schedule: torch's OneCycleLR as the published LRA code calls it; with
+    cycle_momentum, Adam's configured beta1 is overwritten. A warm-up as long as the run is
+    clipped so that one update of decay remains."""
     if total_steps <= 0:
         raise ConfigError(
             f"scheduler.total_steps must be > 0, got {total_steps} (it follows trainer.max_steps: "
@@ -115,17 +113,9 @@ def factor_schedule(
     steps_per_cycle: int = 100000,
 ) -> LambdaLR:
     """The original LRA (JAX) schedule: the product of named factors, e.g.
-    "constant * linear_warmup * rsqrt_decay", times optimizer.lr (the "constant"), at step s
-    counted from 0 (so a linear warm-up starts at 0):
-
-        linear_warmup            min(1, s / warmup_steps)
-        rsqrt_decay              1 / sqrt(max(s, warmup_steps))       (peak: lr / sqrt(warmup))
-        rsqrt_normalized_decay   sqrt(warmup_steps) / sqrt(max(s, warmup_steps))  (peak: lr)
-        cosine_decay             max(0, (1 + cos(pi * (p mod 1))) / 2),
-                                 p = max(0, (s - warmup_steps) / steps_per_cycle)
-
+    "constant * linear_warmup * rsqrt_decay", times optimizer.lr, at step s counted from 0.
     A warm-up longer than the run is kept, as the LRA code runs its Retrieval recipe (with
-    rsqrt_decay, W also sets the peak rate).
+    rsqrt_decay, W also sets the peak rate: lr / sqrt(W)).
     """
     names = [f.strip() for f in factors.split("*")]
     unknown = [f for f in names if f not in FACTORS]

@@ -31,6 +31,7 @@ from mra_lra.attention.mra import resolve_backend
 from mra_lra.bench.attention import Recorder, describe, free, is_oom, measure, sync
 from mra_lra.bench.cli import add_timing, check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import length_panel, pyplot, save
+from mra_lra.bench.report import markdown_table
 from mra_lra.utils import CONF_DIR
 
 FIELDS = (
@@ -157,12 +158,9 @@ def table(rows: list[dict], pass_name: str, baseline: str = "softmax") -> str:
 
     lines = []
     for title, key, fmt in (("steps / s", "steps_per_s", "{:.3g}"), ("MiB", "peak_mib", "{:.0f}")):
-        lines += [
-            f"| {title} ({pass_name}) | " + " | ".join(f"n={n}" for n in lengths) + " |",
-            "|---|" + "---:|" * len(lengths),
-        ]
+        rows_out = []
         for attn in attns:
-            cells = []
+            cells = [attn]
             for n in lengths:
                 r, b = cell.get((attn, n)), cell.get((baseline, n))
                 if r is None or r["status"] != "ok":
@@ -170,8 +168,9 @@ def table(rows: list[dict], pass_name: str, baseline: str = "softmax") -> str:
                     continue
                 ok = b is not None and b["status"] == "ok"
                 cells.append(fmt.format(r[key]) + (ratio(r[key], b[key]) if ok else ""))
-            lines.append(f"| {attn} | " + " | ".join(cells) + " |")
-        lines.append("")
+            rows_out.append(cells)
+        header = [f"{title} ({pass_name})", *(f"n={n}" for n in lengths)]
+        lines += [*markdown_table(header, rows_out), ""]
     return "\n".join(lines)
 
 

@@ -135,13 +135,16 @@ class LRALitModule(pl.LightningModule):
         self.log("train/peak_memory_mb", peak_memory_mb()[0])
 
     # --- evaluation -----------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def _evaluate(self, batch, stage: str, loss_metric, acc_metric) -> None:
         loss, preds = self._shared_step(batch)
         # Weighted by examples, so a short last batch counts as much as its examples.
-        self.val_loss(loss, weight=batch["label"].numel())
-        self.val_acc(preds, batch["label"])
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        loss_metric(loss, weight=batch["label"].numel())
+        acc_metric(preds, batch["label"])
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_loss, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
         # A validation with a non-finite loss measured no model: it is no candidate for best.
@@ -152,11 +155,7 @@ class LRALitModule(pl.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss, preds = self._shared_step(batch)
-        self.test_loss(loss, weight=batch["label"].numel())
-        self.test_acc(preds, batch["label"])
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self._evaluate(batch, "test", self.test_loss, self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per example: predicted class, label, and unmasked tokens per input (eval.py's

@@ -101,8 +101,6 @@ def check_split(
 
 @dataclass(frozen=True)
 class ParquetFiles:
-    """The Hugging Face `imdb` parquet files of each split (columns text, label)."""
-
     folder: Path
     files: dict[str, list[Path]]
 
@@ -128,7 +126,6 @@ def _parquet_files(path: Path) -> ParquetFiles | None:
 
 
 def locate_imdb(data_dir: str | os.PathLike, source: str | os.PathLike | None) -> ImdbSource:
-    """Where the IMDB reviews are (see the module docstring), or FileNotFoundError."""
     data_dir = Path(data_dir)
     if source is not None:
         parquet = _parquet_files(Path(source).expanduser())
@@ -202,10 +199,9 @@ def _read_parquet(source: ParquetFiles) -> dict[str, tuple[list[bytes], list[int
                     f"{path}: no column {', '.join(sorted(missing))} (found "
                     f"{', '.join(table.column_names)}); expected the Hugging Face imdb files"
                 )
+            columns = table.to_pydict()
             for row, (text, label) in enumerate(
-                zip(
-                    table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True
-                )
+                zip(columns["text"], columns["label"], strict=True)
             ):
                 if label not in (0, 1):
                     raise ValueError(f"{path}: row {row} has label {label!r}, expected 0 or 1")
@@ -256,13 +252,10 @@ class ByteTextDataModule(LRADataModule):
         }
 
     def _source_fingerprint(self) -> dict[str, Any]:
-        """What identifies the source's contents: an archive, or every file that is read."""
         raise NotImplementedError
 
 
 class TextDataModule(ByteTextDataModule):
-    """IMDB reviews as byte sequences (see the module docstring)."""
-
     task = "text"
     format_version = FORMAT_VERSION
     split_aliases = {"val": "test"}

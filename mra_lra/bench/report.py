@@ -4,9 +4,7 @@ mean ± std over seeds) that pools only runs whose settings agree apart from the
     python -m mra_lra.bench.report runs/reproduce/listops --out report.md --plot acc_vs_speed.png
     python -m mra_lra.bench.report runs --exclude '*/multirun/*' --csv runs.csv --latex table.tex
 
-Runs of one task, attention and recipe family share a row when their config.yaml agree outside
-IGNORED_CONFIG_KEYS (FALLBACK_FIELDS of results.json where a config is missing) and their
-OUTCOME_FIELDS agree. Nothing is dropped silently: what is left out is named under Notes.
+README.md describes the grouping; what is left out is named under Notes.
 """
 
 from __future__ import annotations
@@ -44,8 +42,7 @@ TASKS = {
 TASK_ALIASES = {"path_x": "pathx", "path-x": "pathx"}
 FIRST_ATTNS = ("softmax", "mra", "mra_s")  # then every other attention A-Z
 
-# The LRA paper's Table 1 for the attentions we also run: (their model name, accuracies in
-# PUBLISHED_TASKS order). On Path-X every model failed.
+# LRA paper, Table 1: (their model name, accuracies in PUBLISHED_TASKS order); all failed Path-X.
 PUBLISHED_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 PUBLISHED = {
     "softmax": ("Transformer", (36.37, 64.27, 57.46, 42.44, 71.40)),
@@ -75,17 +72,14 @@ NULL_CAUSES = {
 THROUGHPUT = "train_tokens_per_second"
 MEMORY = "peak_memory_mb"
 
-# config.yaml keys that do not change what a run measures; a pattern matches a key and everything
-# below it (`*`: any part).
+# config.yaml keys that do not change what a run measures (a pattern also matches keys below it).
 IGNORED_CONFIG_KEYS = (
     "seed",
     "paths",
     "trainer.default_root_dir",
     "callbacks.*.dirpath",
     "data.data_dir",
-    # Batches do not depend on the worker count: the order comes from EpochShuffleSampler and no
-    # datamodule draws random numbers in its workers.
-    "data.num_workers",
+    "data.num_workers",  # EpochShuffleSampler orders batches; workers draw no random numbers
     "logger",  # wandb's run name even holds the seed
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
@@ -94,12 +88,12 @@ IGNORED_CONFIG_KEYS = (
     "ckpt_path",  # resuming from last.ckpt is exact (tests/test_train.py)
     "model.attn",  # a copy of `attn`, which is compared itself
 )
-# Compared when a run of the cell has no config.yaml: the settings results.json records itself.
+# Compared instead when a run of the cell has no config.yaml.
 FALLBACK_FIELDS = ("attn_options", "max_length", "precision")
-# Compared always: what the run did, where (throughput and memory depend on it) and on which data.
+# Compared always: throughput and memory depend on where the run ran.
 OUTCOME_FIELDS = ("steps", "device", "world_size", "data_generated")
 DEFAULTS = {"world_size": 1}  # results.json from before world_size was recorded: one device
-# Which differing settings name a row first: what the run did, then the recipe's main knobs.
+# Which differing settings name a row first.
 SETTING_ORDER = ("results.", "data.max_length", "attn.", "optimizer.", "scheduler.")
 MAX_SHOWN = 3  # settings a row names at most (unless more are needed to tell rows apart)
 
@@ -440,8 +434,7 @@ def _value(results: dict, name: str) -> tuple[float, str | None]:
 
 
 def format_markdown(summary: Summary) -> str:
-    """The report: accuracy tables in the paper's layout, throughput and memory, every run,
-    then notes."""
+    """Accuracy tables in the paper's layout, throughput, memory, every run, then notes."""
     devices = Counter(_device(run) for run in summary.runs)
     lines = [
         "# LRA results",
@@ -582,7 +575,6 @@ def _published(summary: Summary) -> list[str]:
 
 
 def _ordered(summary: Summary) -> list[Group]:
-    """The groups in table order: by row, then by task."""
     return [
         summary.groups[row, task]
         for row in summary.rows
@@ -765,7 +757,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# Files of a run folder that a report output must never replace.
 _RUN_FILES = ("results.json", "config.yaml", "train.log", "metrics.csv")
 
 

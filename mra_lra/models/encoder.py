@@ -125,14 +125,13 @@ class LRAEncoder(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
-        if input_encoding not in INPUT_ENCODINGS:
-            raise ValueError(
-                f"model.input_encoding must be one of {INPUT_ENCODINGS}, got {input_encoding!r}"
-            )
-        if positions not in POSITIONS:
-            raise ValueError(f"model.positions must be one of {POSITIONS}, got {positions!r}")
+        for key, value, allowed in [
+            ("pooling", pooling, POOLINGS),
+            ("input_encoding", input_encoding, INPUT_ENCODINGS),
+            ("positions", positions, POSITIONS),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {value!r}")
         for key, value in [
             ("gradient_checkpointing", gradient_checkpointing),
             ("attention_float32", attention_float32),

@@ -632,8 +632,7 @@ def _notes(summary: Summary) -> list[str]:
 
 
 def format_csv(summary: Summary) -> str:
-    """One row per run: its group (`attention`, the table's row), every setting that tells the
-    group apart, and its numbers as results.json has them (accuracies as fractions)."""
+    """One row per run: its table row, the settings that tell it apart, results.json's numbers."""
     fields = ["run", "task", "attention", "settings", "seed", "max_length", "steps", "device"]
     fields += ["test_acc", "test_acc_last", "val_acc_best", THROUGHPUT, MEMORY, "data_generated"]
     out = io.StringIO()
@@ -650,8 +649,7 @@ def format_csv(summary: Summary) -> str:
 
 
 def format_latex(summary: Summary, metric: str = "test_acc") -> str:
-    """The `metric` table as a booktabs tabular: mean ± std (%), each column's best mean in bold,
-    ‡, § and Avg as in the markdown ("--" where a row lacks a task)."""
+    """The `metric` table as a booktabs tabular, each column's best mean in bold."""
     stats = summary.tables[metric]
     present, averages = _averages(summary, stats)
     best = {t: max(s.mean for (_, task), s in stats.items() if task == t) for t in present}
@@ -686,8 +684,7 @@ def format_latex(summary: Summary, metric: str = "test_acc") -> str:
 
 
 def plot(summary: Summary, path: str | Path, metric: str = "test_acc") -> None:
-    """Accuracy against training throughput: one labelled point per row and task (marker shape =
-    task), error bars = std over seeds. Written atomically as a PNG."""
+    """Accuracy against training throughput: a point per row and task (marker = task) as a PNG."""
     plt = pyplot("plot")
     if plt is None:
         raise UserError("--plot needs matplotlib: pip install matplotlib")

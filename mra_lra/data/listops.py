@@ -293,8 +293,7 @@ class ListOpsDataModule(LRADataModule):
         return tree, read_sidecar(tree.root)
 
     def ensure_sources(self) -> None:
-        self._tree, self.generated = self._find_tree(generate=True)
-        tree, generated = self._tree, self.generated
+        tree, generated = self._tree, self.generated = self._find_tree(generate=True)
         if generated is None:
             log.info("ListOps: reading the release's files from %s", tree.path)
         elif tree.root.parent != generated_root(self.data_dir):

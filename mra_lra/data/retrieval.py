@@ -115,8 +115,6 @@ def read_aan_pairs(
 
 
 class RetrievalDataModule(ByteTextDataModule):
-    """AAN citation pairs as two byte sequences (see the module docstring)."""
-
     task = "retrieval"
     format_version = FORMAT_VERSION
     _tree: SourceTree | None = None

@@ -1,11 +1,8 @@
 """Atomic writes and a cache of preprocessed numpy arrays, keyed by the options that made them.
 
-An entry `<root>/<key>/` holds one `<name>.npy` per array and a `manifest.json` with the options,
-whose hash is the key (a length, a source file's size or mtime, a vocabulary version...). Entries
-are built, fsynced, in a temporary folder and renamed into place, so a crash never leaves a
-half-written entry that a later run would trust. A builder holds a flock on its folder's `.lock`;
-the kernel releases it when the builder is killed, and `remove_stale_temp_dirs` then removes the
-folder. A damaged entry is refused with an error naming the folder to delete.
+An entry `<root>/<key>/` holds one `<name>.npy` per array and a `manifest.json` with the options
+whose hash is the key. Entries are built, fsynced, in a locked temporary folder and renamed into
+place, so a crash never leaves a half-written entry that a later run would trust.
 """
 
 from __future__ import annotations
@@ -188,13 +185,6 @@ def _is_complete(entry: Path, options: Mapping[str, Any]) -> bool:
     return True
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def ensure_array_cache(
     root: str | os.PathLike,
     options: Mapping[str, Any],
@@ -212,7 +202,10 @@ def ensure_array_cache(
     with building_dir(entry) as tmp:
         arrays = build()
         for name, array in arrays.items():
-            _save_array(tmp / f"{name}.npy", array)
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(array))
+                f.flush()
+                os.fsync(f.fileno())
         manifest = {
             "key": entry.name,
             "options": _normalise(options),

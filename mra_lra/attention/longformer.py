@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mra_lra.attention.registry import check_at_least, register
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 
 @register("longformer")
@@ -34,9 +34,7 @@ class LongformerAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         b = self.window // 2  # block size = one-sided window
         nb = math.ceil(n / b)
         g = min(self.num_global_tokens, n)

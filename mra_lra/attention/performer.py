@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mra_lra.attention.registry import check_at_least, register
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 FEATURE_EPS = 1e-4  # as lucidrains' and Google's FAVOR+ code
 
@@ -64,9 +64,7 @@ class PerformerAttention(nn.Module):
         B, H, n, d = q.shape
         if d != self.features.shape[1]:
             raise ValueError(f"performer was built for head_dim {self.features.shape[1]}, got {d}")
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         w = self.features.to(compute)
         scale = d**-0.25
         log_q = feature_exponents(q.to(compute) * scale, w)

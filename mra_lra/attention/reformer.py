@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mra_lra.attention.registry import check_at_least, register
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 SELF_SCORE = -1e5  # a token's score for itself: it wins only over padding
 PAD_SCORE = -1e9  # padded keys
@@ -55,9 +55,7 @@ class ReformerAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         R, c = self.num_hashes, self.chunk_size
         nc = math.ceil(n / c)
         extra = nc * c - n

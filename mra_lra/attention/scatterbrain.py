@@ -27,7 +27,7 @@ from torch import nn
 
 from mra_lra.attention.performer import feature_exponents, key_max, orthogonal_gaussian
 from mra_lra.attention.registry import check_at_least, register
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 
 def _chunk_neighbourhood(x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +52,7 @@ class ScatterbrainAttention(nn.Module):
             raise ValueError(
                 f"scatterbrain was built for head_dim {self.features.shape[1]}, got {d}"
             )
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         nc = math.ceil(n / w)
         keep = F.pad(keep, (0, nc * w - n))
         q, k, v = (F.pad(t.to(compute), (0, 0, 0, nc * w - n)) for t in (q, k, v))

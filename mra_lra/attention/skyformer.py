@@ -27,7 +27,7 @@ from torch import nn
 from mra_lra.attention.nystrom import identity_where_empty, iterative_pinv
 from mra_lra.attention.registry import check_at_least, register
 from mra_lra.attention.soft import gaussian_kernel
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 
 def draw_landmarks(keep: torch.Tensor, num_landmarks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,9 +59,7 @@ class SkyformerAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         weight = keep[:, None, :, None].to(compute)
         with torch.autocast(q.device.type, enabled=False):
             # With x = q / d^(1/4), exp(-|x - y|^2 / 2) is the kernel exp(-|q - k|^2 / (2 sqrt d)).

@@ -21,7 +21,7 @@ from torch import nn
 
 from mra_lra.attention.nystrom import identity_where_empty, segment_means, segments
 from mra_lra.attention.registry import check_at_least, register
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 
 def newton_pinv(mat: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -55,9 +55,7 @@ class SOFTAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         keep_p, counts = segments(keep, self.num_landmarks)
         weight = keep_p[:, None, :, None].to(compute)
         pad = keep_p.shape[1] - n

@@ -16,6 +16,13 @@ def zero_padded_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return out * mask[:, None, :, None].to(out.dtype)
 
 
+def dtypes_and_keep(q: torch.Tensor, mask: torch.Tensor | None):
+    """(q's dtype, the float32-or-wider dtype to compute in, real tokens [B, n] bool)."""
+    B, _, n, _ = q.shape
+    keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+    return q.dtype, torch.promote_types(q.dtype, torch.float32), keep
+
+
 @register("softmax")
 class SoftmaxAttention(nn.Module):
     def __init__(self, dropout: float = 0.0):

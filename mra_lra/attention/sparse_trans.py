@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mra_lra.attention.registry import check_at_least, register
-from mra_lra.attention.softmax import zero_padded_queries
+from mra_lra.attention.softmax import dtypes_and_keep, zero_padded_queries
 
 
 def summary_columns(length: int, block_size: int, summary_size: int) -> torch.Tensor:
@@ -59,9 +59,7 @@ class SparseTransformerAttention(nn.Module):
 
     def forward(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, n, d = q.shape
-        in_dtype = q.dtype
-        compute = torch.promote_types(in_dtype, torch.float32)
-        keep = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        in_dtype, compute, keep = dtypes_and_keep(q, mask)
         p = min(self.prefix_tokens, n)  # global tokens ahead of the pattern (CLS)
         m = n - p  # tokens under the fixed pattern
         b = self.block_size

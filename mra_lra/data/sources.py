@@ -83,8 +83,7 @@ def _after_anchor(name: str, anchor: str) -> str | None:
     k = len(anchor_parts)
     for i in range(len(parts) - k, -1, -1):
         if parts[i : i + k] == anchor_parts:
-            rest = "/".join(parts[i + k :])
-            return rest or None
+            return "/".join(parts[i + k :]) or None
     return None
 
 
@@ -151,7 +150,13 @@ class SourceTree:
             try:
                 found[rel] = data.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise SourceError(self._not_utf8(rel, data, err)) from None
+                line = data.count(b"\n", 0, err.start) + 1
+                column = err.start - data.rfind(b"\n", 0, err.start)
+                raise SourceError(
+                    f"{self.where(rel)}:{line}: byte 0x{data[err.start]:02x} (column {column}) is "
+                    "not UTF-8 text, so the file is damaged or was re-encoded. Get it again (or "
+                    "convert it to UTF-8) and rerun; nothing was cached from it."
+                ) from None
         missing = sorted(wanted - found.keys())
         if missing:
             raise SourceError(
@@ -160,15 +165,6 @@ class SourceTree:
                 "source=) at one that holds them; nothing was cached from it."
             )
         return found
-
-    def _not_utf8(self, rel: str, data: bytes, err: UnicodeDecodeError) -> str:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - data.rfind(b"\n", 0, err.start)
-        return (
-            f"{self.where(rel)}:{line}: byte 0x{data[err.start]:02x} (column {column}) is not "
-            "UTF-8 text, so the file is damaged or was re-encoded. Get it again (or convert it "
-            "to UTF-8) and rerun; nothing was cached from it."
-        )
 
 
 def find_anchor_dir(path: Path, anchor: str, max_depth: int = 3) -> Path | None:

@@ -200,7 +200,6 @@ class LRADataModule(pl.LightningDataModule):
             record[self.task] = str(self.source.resolve())
             atomic_write_json(self.sources_record, record)
 
-    # -- what a task provides ------------------------------------------------------------
     def ensure_sources(self) -> None:
         """Find (extract, or generate) the task's source files, or raise an error naming what to
         obtain and where to put it."""
@@ -218,7 +217,6 @@ class LRADataModule(pl.LightningDataModule):
         """Keyword arguments of `CachedArrayDataset` (mask mode, position order)."""
         return {}
 
-    # -- shared ---------------------------------------------------------------------------
     @property
     def cache_root(self) -> Path:
         return self.data_dir / "cache" / self.task
@@ -268,9 +266,7 @@ class LRADataModule(pl.LightningDataModule):
     def _checked_arrays(self) -> dict[str, np.ndarray]:
         arrays = self.build_arrays()
         sizes = {
-            name.removesuffix("_label"): len(a)
-            for name, a in arrays.items()
-            if name.endswith("_label")
+            n.removesuffix("_label"): len(a) for n, a in arrays.items() if n.endswith("_label")
         }
         where = f"source {self.source}" if self.source is not None else f"{self.data_dir}"
         self._refuse_empty_splits(

@@ -86,8 +86,6 @@ def read_cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageDataModule(PixelDataModule):
-    """CIFAR-10 grayscale; `split_seed` draws the validation tenth of the training batches."""
-
     task = "image"
     num_classes = 10
 

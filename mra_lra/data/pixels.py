@@ -82,8 +82,7 @@ def pixel_arrays(
 
 
 class PixelDataModule(LRADataModule):
-    """A grayscale image task: one token per pixel (0-255) of a `side` x `side` image. Other
-    arguments are LRADataModule's."""
+    """A grayscale image task: one token per pixel (0-255) of a `side` x `side` image."""
 
     vocab_size = 256
 

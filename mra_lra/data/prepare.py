@@ -43,8 +43,7 @@ class Unprepared(Callback):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
 def main(cfg: DictConfig) -> str | None:
-    """Build the task's cache; in a -m sweep a task that fails with a user's mistake returns its
-    name (for Unprepared) so that the next task goes on."""
+    """Build the task's cache; in a -m sweep a user's mistake returns the task name (Unprepared)."""
     try:
         with reported():
             entry = hydra.utils.instantiate(cfg.data).ensure_cache()
@@ -57,7 +56,6 @@ def main(cfg: DictConfig) -> str | None:
 
 
 def cli() -> None:
-    """`python -m mra_lra.data.prepare` and its console script (errors.run_app)."""
     run_app(main)
 
 

@@ -97,8 +97,8 @@ def _is_complete(directory: Path) -> bool:
 
 def move_legacy_generated(data_dir: str | os.PathLike) -> Path | None:
     """Move a set that an older version generated into `listops_dir` (where the release is
-    looked for) to `generated/listops/<key>/`, so that a release put there later is read; returns
-    where it went. One that is incomplete, already copied or on another filesystem is removed."""
+    looked for) to `generated/listops/<key>/` and return where it went; one that is incomplete,
+    already copied or on another filesystem is removed."""
     legacy = listops_dir(data_dir)
     settings = read_sidecar(legacy)
     if settings is None:
@@ -126,11 +126,7 @@ def move_legacy_generated(data_dir: str | os.PathLike) -> Path | None:
         log.warning("%s; removed it (it is generated again when needed)", what)
         return None
     log.warning(
-        "%s; moved it to %s, where generated sets now live, so that a release put into %s is "
-        "read first",
-        what,
-        target,
-        data_dir,
+        "%s; moved it to %s so that a release put into %s is read first", what, target, data_dir
     )
     return target
 

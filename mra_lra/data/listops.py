@@ -199,15 +199,8 @@ def tokenise_split(text: str, name: str, max_length: int, split: str) -> dict[st
     lengths = np.array([len(ids) for ids in token_ids], dtype=np.int32)
     for row, ids in enumerate(token_ids):
         input_ids[row, : min(len(ids), max_length)] = ids[:max_length]
-    truncated = int((lengths > max_length).sum())
-    if truncated:
-        log.warning(
-            "%s: %d of %d sequences longer than %d were truncated",
-            split,
-            truncated,
-            len(lengths),
-            max_length,
-        )
+    if truncated := int((lengths > max_length).sum()):
+        log.warning("%s: %d of %d sequences cut to %d", split, truncated, len(lengths), max_length)
     return {"input_ids": input_ids, "label": np.array(labels, dtype=np.uint8), "length": lengths}
 
 

@@ -236,8 +236,8 @@ def test_truncation_warned_once_per_split(tmp_path, caplog) -> None:
         make_dm(tmp_path, max_length=5).ensure_cache()
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [
-        "train: 2 of 4 sequences longer than 5 were truncated",
-        "test: 1 of 1 sequences longer than 5 were truncated",
+        "train: 2 of 4 sequences cut to 5",
+        "test: 1 of 1 sequences cut to 5",
     ]
     dm = make_dm(tmp_path, max_length=5)
     dm.setup()

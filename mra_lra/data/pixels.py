@@ -65,13 +65,7 @@ def pixel_arrays(
     num, num_pixels = images.shape
     kept = min(num_pixels, max_length)
     if kept < num_pixels:
-        log.warning(
-            "%s: data.max_length=%d keeps only the first %d of %d pixels of every image",
-            what,
-            max_length,
-            kept,
-            num_pixels,
-        )
+        log.warning("%s: data.max_length keeps %d of %d pixels per image", what, kept, num_pixels)
     input_ids = np.zeros((num, max_length), dtype=np.uint8)
     input_ids[:, :kept] = images[:, :kept]
     return {

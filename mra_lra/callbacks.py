@@ -29,17 +29,12 @@ def checkpoint_step(path: Path) -> int:
 
 
 class InterruptCheckpoint(Callback):
-    """Saves the step a SIGTERM (a preemption, `scancel`, `kill`) or Ctrl-C stopped trainer.fit at
-    to checkpoints/last.ckpt, so that a resume loses no step (last.ckpt is otherwise written only
-    at validations, hundreds of steps apart).
-
-    Ctrl-C is handled as SIGTERM is: the first one is passed on to Lightning's SIGTERM handler, so
-    its loops stop after the batch they are in and no step is cut in half; a second one
-    interrupts at once.
-    Stopped during a validation, the checkpoint says so, and the resumed run first runs that
-    validation again: its metrics are in no checkpoint, and a plain checkpoint of that step
-    would make Lightning skip it as done. Nothing is saved inside an accumulation window (its
-    gradients are in no checkpoint; the previous last.ckpt is kept)."""
+    """Saves the step a SIGTERM (a preemption, `scancel`) or Ctrl-C stopped trainer.fit at to
+    last.ckpt, so that a resume loses no step. The first Ctrl-C goes to Lightning's SIGTERM
+    handler (the loops stop after the batch they are in); a second one interrupts at once.
+    Stopped in a validation, the checkpoint says so and the resumed run reruns it (its metrics
+    are in no checkpoint). Inside an accumulation window nothing is saved (its gradients would be
+    lost); the previous last.ckpt stays."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

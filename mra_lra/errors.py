@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ _OS_FIXES = {
 }
 
 
-def _option_errors() -> tuple[type[BaseException], ...]:
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
-    return (ValueError, MisconfigurationException)
-
-
 def user_message(err: BaseException, cpu_fix: str = "add trainer=cpu") -> str | None:
     """The one-line message for a user's mistake; None for a bug (shown with its traceback).
     `cpu_fix` is the override that runs on the CPU, named when a GPU is asked of a machine
@@ -77,7 +72,7 @@ def user_message(err: BaseException, cpu_fix: str = "add trainer=cpu") -> str | 
         return f"{err.filename}: {err.strerror}; {_OS_FIXES[err.errno]}"
     if isinstance(err, FileNotFoundError | PermissionError):  # raised with our own message
         return str(err)
-    if isinstance(err, _option_errors()):
+    if isinstance(err, ValueError | MisconfigurationException):
         message = str(err)
         import torch
 

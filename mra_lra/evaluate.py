@@ -1,14 +1,8 @@
-"""Evaluate a trained run's checkpoint again, here and now: `python eval.py run_dir=<run folder>`.
+"""Evaluate a trained run's checkpoint again: `python eval.py run_dir=<run folder>`.
 
-The model, data and attention are rebuilt from the run's own `config.yaml` (the resolved config
-train.py saved). `run.<key>=value` changes one of its values with Hydra's override syntax
-(`run.attn=softmax` swaps in conf/attn/softmax.yaml, `+run.<key>=value` adds a key the run lacks);
-`-m` sweeps them (`-m run_dir=R run.attn.block_per_row=1,2,4,8`). The options are in
-mra_lra/conf/eval.yaml.
-
-Evaluation runs on one device: the run's GPU when there is one, else the CPU (in float32, since a
-GPU run's bf16-mixed autocast would run slowly there); `run.trainer.accelerator=...` and
-`run.trainer.precision=...` choose otherwise.
+The model and data are rebuilt from the run's config.yaml; `run.<key>=value` overrides it in
+Hydra's syntax (`run.attn=softmax` swaps the attention), `-m` sweeps such overrides. Options in
+mra_lra/conf/eval.yaml. One device: the run's GPU when there is one, else the CPU in float32.
 """
 
 from __future__ import annotations

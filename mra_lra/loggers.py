@@ -62,14 +62,10 @@ WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
 def wandb_mode_default() -> None:
-    """wandb works without an account: offline unless the user logged in or chose a mode.
-
-    A mode chosen by WANDB_MODE or by `wandb offline/online/disabled` is kept; otherwise, with no
-    credentials, WANDB_MODE=offline, so that wandb.init neither prompts nor waits on the network.
-    Offline runs land in <run dir>/wandb/offline-run-*; `wandb sync <that folder>` uploads one.
-    A WANDB_MODE that wandb would reject (a typo: its pydantic error names neither the variable
-    nor the fix) is an EnvVarError, raised before the run folder is touched.
-    """
+    """wandb works without an account: a mode the user chose (WANDB_MODE, `wandb offline`) is
+    kept; with no credentials, WANDB_MODE=offline, so wandb.init neither prompts nor waits on the
+    network (`wandb sync <run dir>/wandb/offline-run-*` uploads later). A WANDB_MODE wandb would
+    reject with an error naming neither the variable nor the fix is an EnvVarError."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         if mode not in WANDB_MODES:

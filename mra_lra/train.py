@@ -106,10 +106,8 @@ def _print_config_tree(cfg: DictConfig) -> None:
 
 
 class RunTerminated(SystemExit):
-    """SIGTERM (a preemption, `scancel`, `kill`) or Ctrl-C stopped the run before it finished: no
-    results.json. Exits with 128 + the signal (143, 130), not 0, so that a scheduler or script
-    does not take the run for finished; a SystemExit, so a sweep stops too instead of starting
-    the next trial. `message` says where the run stopped and how to resume it."""
+    """A signal stopped the run before it finished (no results.json): exit 128 + the signal, not
+    0, and a sweep stops too. `message` says where it stopped and how to resume it."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(code)
@@ -144,10 +142,8 @@ def _terminated(trainer: pl.Trainer, cfg: DictConfig, saver: InterruptCheckpoint
 def _stop_on_signal(
     trainer: pl.Trainer, cfg: DictConfig, saver: InterruptCheckpoint, fitting: bool = True
 ) -> Iterator[None]:
-    """Around trainer.fit or trainer.test: a SIGTERM or Ctrl-C raises RunTerminated, whether
-    Lightning's loop stopped on it (SIGTERMException; `saver` has saved the state it stopped in)
-    or the loop was at its end and finished (only the flag is left; the run must stop all the
-    same, and a fit's final state is saved)."""
+    """Around trainer.fit or trainer.test: a SIGTERM or Ctrl-C raises RunTerminated, also when
+    the loop was at its end and finished with only Lightning's flag set."""
     try:
         yield
     except SIGTERMException:
@@ -161,11 +157,8 @@ def _stop_on_signal(
 
 
 def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
-    """Best (monitored) checkpoint path, and last.ckpt holding the final state.
-
-    last.ckpt is written after each validation; when training ended between validations it is
-    rewritten here (a checkpoint saved at a validation step resumes mid-run exactly, so an
-    up-to-date one is left as it is)."""
+    """The best (monitored) checkpoint, and last.ckpt rewritten with the final state when
+    training ended between validations."""
     best = ""
     for cb in trainer.checkpoint_callbacks:
         if cb.monitor is not None and cb.best_model_path:
@@ -181,12 +174,9 @@ def _checkpoint_paths(trainer: pl.Trainer, out_dir: Path) -> tuple[str, str]:
 
 
 def _unpadded_eval_shards(datamodule: pl.LightningDataModule, trainer: pl.Trainer) -> None:
-    """Under DDP, give each rank every world_size-th val/test example, with no padding.
-
-    Lightning's DistributedSampler pads a split to a multiple of the world size by repeating its
-    first examples, which would count them twice in val/acc and test/acc. Unpadded shards may
-    differ by one batch between ranks; that is safe in evaluation (no per-step collective; the
-    torchmetrics states are summed across ranks once, at the end)."""
+    """Under DDP, each rank gets every world_size-th val/test example, unpadded: Lightning's
+    sampler pads a split by repeating examples, which would count them twice. Shards may differ
+    by one batch; evaluation has no per-step collective (metrics are summed once, at the end)."""
     for hook in ("val_dataloader", "test_dataloader"):
         make_loader = getattr(datamodule, hook)
 

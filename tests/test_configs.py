@@ -25,7 +25,8 @@ def test_mra_tile_settings_reach_the_attention(compose_cfg):
     overrides = ["attn=mra_s", "attn.query_rows=2", "attn.blocks_per_step=4"]
     net = hydra.utils.instantiate(compose_cfg([*overrides, "data.max_length=256"]).model)
     attentions = [m for m in net.modules() if m.__class__.__name__ == "MRA2Sparse"]
-    assert attentions and all((m.options.query_rows, m.options.blocks_per_step) == (2, 4) for m in attentions)
+    tiles = {(m.options.query_rows, m.options.blocks_per_step) for m in attentions}
+    assert attentions and tiles == {(2, 4)}
 
 
 @pytest.mark.parametrize(

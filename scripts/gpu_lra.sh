@@ -37,14 +37,8 @@ RESERVE_S=${RESERVE_S:-45}
 MIN_RUN_S=${MIN_RUN_S:-90}
 GEN_WORKERS=${GEN_WORKERS:-null}
 read -ra EXTRA <<<"${ARGS:-}"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOG="$OUT/gpu_lra.log"
-: >"$LOG"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-
 source scripts/steps.sh
+open_run gpu_lra
 training_env "$WORK/site"
 
 DATA=(task=listops data.data_dir="$WORK/data" data.num_train="$NUM_TRAIN" data.num_val="$NUM_EVAL"

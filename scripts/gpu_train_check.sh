@@ -27,14 +27,8 @@ ATTNS=${ATTNS:-softmax mra mra_s}
 BUDGET_S=${BUDGET_S:-300}
 EFF_N=${EFF_N:-1024,2048,3072,4096}
 EFF_BATCH=${EFF_BATCH:-32}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOG="$OUT/gpu_train_check.log"
-: >"$LOG"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-
 source scripts/steps.sh
+open_run gpu_train_check
 training_env "$WORK/site"
 
 # A small ListOps set of the paper's lengths (500-2000 tokens, padded to 2048), generated once.

@@ -1,10 +1,20 @@
 # Shared by the GPU scripts (sourced, not run): a log, steps under one time budget, a summary,
-# and the Python environment of the training scripts. The sourcing script sets LOG (the log file)
-# and BUDGET_S (seconds for all measuring steps); training_env also PYTHON and DEVICE.
+# and the Python environment of the training scripts. The sourcing script sets OUT (or LOG) and
+# BUDGET_S (seconds for all measuring steps); training_env also PYTHON and DEVICE.
 START=$SECONDS
 FAILED=()
 
 log() { echo "$@" | tee -a "$LOG"; }
+
+# open_run NAME: OUT made absolute, a fresh $OUT/NAME.log as LOG, and a WORK folder removed on exit.
+open_run() {
+    mkdir -p "$OUT"
+    OUT=$(cd "$OUT" && pwd)
+    LOG="$OUT/$1.log"
+    : >"$LOG"
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+}
 
 # step NAME CAP_SECONDS COMMAND...: run under timeout min(CAP, budget left), log, remember failures;
 # returns the command's exit code. ALWAYS=1 step ...: run under CAP alone, even when the budget

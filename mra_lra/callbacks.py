@@ -1,17 +1,19 @@
 """The Lightning callbacks every training run has, whatever conf/callbacks says: a stop by SIGTERM
-or Ctrl-C keeps the step reached, a diverged run stops, and a non-finite validation never becomes
-the best checkpoint. They use Lightning's public hooks and loop state only."""
+or Ctrl-C keeps the step reached, a diverged run stops, a non-finite validation never becomes
+the best checkpoint, the progress bar counts the run's steps, and a long CPU run says so. They use
+Lightning's public hooks and loop state only."""
 
 from __future__ import annotations
 
 import logging
 import math
 import signal
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -160,3 +162,65 @@ class BestCheckpoint(ModelCheckpoint):
             )
             return
         super().on_validation_end(trainer, pl_module)
+
+
+class RunProgressBar(TQDMProgressBar):
+    """One bar over the whole run, optimizer step k of trainer.max_steps with its ETA, in place
+    of an epoch's batches (a run with no max_steps keeps Lightning's epochs); no v_num."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
+        bar = self.train_progress_bar
+        if trainer.max_steps < 0:
+            return super().on_train_epoch_start(trainer, *args)
+        if bar.total != trainer.max_steps:  # the first epoch of this process
+            bar.reset(total=trainer.max_steps)
+            bar.n = bar.initial = trainer.global_step  # a resumed run's ETA counts from here
+            bar.set_description("step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps < 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self._should_update(step, trainer.max_steps) and not self.train_progress_bar.disable:
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class CpuTimeEstimate(Callback):
+    """On a CPU, once `timed` steps after the first `skip` are timed: when the run's estimated
+    time (remaining steps x measured step time) passes `limit` seconds, one warning says so with
+    the command that runs the recipe on a GPU."""
+
+    def __init__(self, gpu_command: str, skip: int = 2, timed: int = 10, limit: float = 3600):
+        self.gpu_command, self.skip, self.timed, self.limit = gpu_command, skip, timed, limit
+        self.start: tuple[int, float] | None = None  # (step, time) where the timing starts
+        self.done = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.done or pl_module.device.type != "cpu" or not trainer.is_global_zero:
+            return
+        if self.start is None:
+            self.start = (step + self.skip, math.nan)
+        first, started = self.start
+        if step == first and math.isnan(started):
+            self.start = (first, time.perf_counter())
+        elif step >= first + self.timed and trainer.max_steps > 0:
+            self.done = True
+            per_step = (time.perf_counter() - started) / (step - first)
+            seconds = (trainer.max_steps - step) * per_step
+            if seconds > self.limit:
+                log.warning(
+                    "this run trains on the CPU: %d more steps at %.2f s each take about %.1f "
+                    "hours. The recipe is meant for a GPU: %s (a quick CPU check: "
+                    "experiment=demo, or trainer.max_steps=N)",
+                    trainer.max_steps - step,
+                    per_step,
+                    seconds / 3600,
+                    self.gpu_command,
+                )

@@ -33,6 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from mra_lra.dashboard import accuracy_by_length
 from mra_lra.errors import ConfigError, RunFolderError, reported, run_app
 from mra_lra.train import build
 from mra_lra.utils import CONF_DIR, atomic_open, atomic_write_json, ensure_writable_dir
@@ -197,22 +198,6 @@ def eval_trainer(cfg: DictConfig) -> pl.Trainer:
     )
     trainer_cfg.pop("strategy", None)
     return hydra.utils.instantiate(trainer_cfg)
-
-
-def accuracy_by_length(lengths: np.ndarray, correct: np.ndarray, bins: int = 4) -> list[dict]:
-    """Accuracy in `bins` equal-width length ranges from the shortest to the longest input (one
-    range when all have the same length); empty ranges are left out."""
-    low, high = int(lengths.min()), int(lengths.max())
-    edges = np.unique(np.linspace(low, high + 1, bins + 1).astype(np.int64))
-    rows = []
-    for start, stop in zip(edges[:-1], edges[1:], strict=True):
-        inside = (lengths >= start) & (lengths < stop)
-        if inside.any():
-            rows.append(
-                {"min_length": int(start), "max_length": int(stop) - 1, "n": int(inside.sum()),
-                 "acc": float(correct[inside].mean())}
-            )  # fmt: skip
-    return rows
 
 
 def write_predictions(

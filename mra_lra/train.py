@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -32,7 +33,14 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, SequentialSampler
 
-from mra_lra.callbacks import FiniteLoss, InterruptCheckpoint, checkpoint_step
+from mra_lra.callbacks import (
+    CpuTimeEstimate,
+    FiniteLoss,
+    InterruptCheckpoint,
+    RunProgressBar,
+    checkpoint_step,
+)
+from mra_lra.dashboard import log_config, log_results
 from mra_lra.errors import ConfigError, print_error, reported, run_app, user_message
 from mra_lra.loggers import make_logger, quiet_console, wandb_mode_default
 from mra_lra.models.module import LRALitModule, peak_memory_mb, reset_peak_memory
@@ -266,6 +274,7 @@ class _TrainingStarted(pl.Callback):
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved)
+        log_config(trainer.loggers, self.cfg)
         self.guard.training = True
 
 
@@ -295,6 +304,20 @@ def run(cfg: DictConfig) -> dict:
         raise
 
 
+def _set_threads(threads: int | str | None) -> None:
+    """torch_threads: null keeps torch's own (a thread per core); auto takes the cores idle at
+    start (cores minus the 1-minute load), so that a busy machine slows a run gracefully instead of
+    torch's threads fighting other processes for the cores."""
+    if threads == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, round(cores - os.getloadavg()[0]))
+    elif threads is not None and (type(threads) is not int or threads < 1):
+        raise ConfigError(f"torch_threads={threads!r}: give null, auto or a number of threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
+        log.info("torch threads: %d", threads)
+
+
 def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     start = time.perf_counter()
     reset_peak_memory()
@@ -304,13 +327,19 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
         log.info("protocol card\n%s", protocol_card(cfg))
         warn_if_resumed_elsewhere(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
+    _set_threads(cfg.get("torch_threads"))
 
     datamodule, module = build(cfg)
     loggers = [make_logger(c, cfg, out_dir) for c in cfg.logger.values()]
     # Not in conf/callbacks: every run keeps the step a signal stopped it at, and stops diverging.
     saver = InterruptCheckpoint(out_dir / "checkpoints" / "last.ckpt")
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    recipe = OmegaConf.select(cfg, "recipe.family", default=None)
+    gpu_command = f"python train.py task={cfg.task.name} attn={cfg.attn.name} trainer=gpu"
     callbacks += [saver, FiniteLoss(), _TrainingStarted(cfg, out_dir, guard)]
+    callbacks += [CpuTimeEstimate(gpu_command + (f" recipe={recipe}" if recipe else ""))]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RunProgressBar())
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, **_val_check_in_batches(cfg)
     )
@@ -336,13 +365,19 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     test_acc = test_acc_last = None
     if cfg.test:
 
-        def test(path: str) -> float:
-            return trainer.test(module, datamodule=datamodule, ckpt_path=path)[0]["test/acc"]
+        def test(path: str, suffix: str) -> float:
+            module.test_suffix = suffix
+            found = trainer.test(module, datamodule=datamodule, ckpt_path=path)
+            return found[0][f"test/acc{suffix}"]
 
         with _stop_on_signal(trainer, cfg, saver, fitting=False):
-            test_acc_last = test(last_path)
-            if best_path:  # once only when the best validation was the last step
-                test_acc = test_acc_last if best_step == steps else test(best_path)
+            if best_path and best_step == steps:  # one checkpoint: tested once, logged as both
+                test_acc = test_acc_last = test(best_path, "")
+                for logger in loggers:
+                    logger.log_metrics({"test/acc_last": test_acc_last}, step=steps)
+            else:
+                test_acc_last = test(last_path, "_last")
+                test_acc = test(best_path, "") if best_path else None
         if not best_path:
             log.warning(
                 "there is no best checkpoint (no validation ran, or checkpoints were off, as "
@@ -360,7 +395,7 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
         "attn": attn_options.pop("name"),
         "attn_options": attn_options,
         # the experiment family that set the recipe (lra_jax); null: the task's own
-        "recipe": OmegaConf.select(cfg, "recipe.family", default=None),
+        "recipe": recipe,
         "seed": cfg.seed,
         "max_length": cfg.data.max_length,
         # the generator settings when no release was found and a generated set was used
@@ -396,11 +431,8 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
             f"optimized_metric={metric!r}: results.json has no {metric.replace('/', '_')!r}; "
             f"use one of {numeric} (val/acc_best is read as val_acc_best)"
         )
+    log_results(loggers, cfg, results, out_dir)
     for logger in loggers:
-        logger.log_metrics(
-            {f"final/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=steps
-        )
-        logger.save()
         if isinstance(logger, WandbLogger):
             # Close the wandb run: the next run in this process (a sweep trial) starts its own.
             logger.experiment.finish()

@@ -76,3 +76,20 @@ def compose_cfg(tmp_path_factory):
 @pytest.fixture
 def conftest_tiny():
     return list(TINY)
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    """No account, no network: wandb's own files in tmp, no settings or netrc from this machine."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # ./wandb/settings is read too
+    return home

@@ -415,3 +415,41 @@ def test_recipe_runs_two_steps(compose_cfg, tiny_data_dirs, recipe, task, attn, 
     results = run(compose_cfg(overrides, run_dir=tmp_path / "run", data_dir=data_dir))
     assert results["steps"] == 2 and results["val_acc_best"] is not None
     assert results["recipe"] == recipe
+
+
+def _steps_through(cfg, steps: int) -> None:
+    """Build the config's schedule as training does and step it `steps` times."""
+    import hydra
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_recipe_takes_a_short_run(recipe, task):
+    """`trainer.max_steps=20` on a recipe: its warm-up scales with the run or is clipped."""
+    GlobalHydra.instance().clear()
+    overrides = [f"task={task}", "trainer.max_steps=20", *([f"recipe={recipe}"] if recipe else [])]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        _steps_through(compose("train", overrides=overrides), 20)
+
+
+SWEEPS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*_optuna.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_warmup_takes_a_short_run(sweep):
+    """Each warm-up a sweep may draw (fractions of the run) works with `trainer.max_steps=20`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        base = [f"hparams_search={sweep}", "trainer.max_steps=20"]
+        space = compose("train", overrides=base, return_hydra_config=True).hydra.sweeper.params
+        choices = space["scheduler.warmup_fraction"]
+        assert choices.startswith("choice(")
+        for value in choices[len("choice(") : -1].split(","):
+            cfg = compose("train", overrides=[*base, f"scheduler.warmup_fraction={value.strip()}"])
+            _steps_through(cfg, 20)

@@ -5,10 +5,8 @@ import logging
 import os
 import re
 import runpy
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import hydra
@@ -25,6 +23,7 @@ from mra_lra import loggers
 from mra_lra import train as train_module
 from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from mra_lra.train import attn_search_space, run
+from wandb_log import offline_run, wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,52 +33,6 @@ FEW_STEPS = ["trainer.max_steps=4", "trainer.val_check_interval=2", "scheduler.w
 
 
 # --- wandb ---------------------------------------------------------------------------------
-
-
-def wandb_records(path: Path) -> list:
-    """The protobuf records of an offline run's transaction log (run-<id>.wandb).
-
-    The file is a 7-byte header (':W&B', magic 0xBEE1, version 0) then LevelDB-style log blocks of
-    32 KiB: each chunk has a header (CRC-32 of type+data, uint16 length, uint8 type: 1 full,
-    2 first, 3 middle, 4 last); a block tail shorter than a header is zero padding."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
-    block, pos, pending, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:
-            break
-        chunk = data[pos + 7 : pos + 7 + length]
-        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"corrupt chunk at byte {pos}"
-        pos += 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
-@pytest.fixture
-def wandb_env(monkeypatch, tmp_path):
-    """No account, no network: wandb's own files in tmp, no settings or netrc from this machine."""
-    home = tmp_path / "home"
-    home.mkdir()
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / ".netrc"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.chdir(tmp_path)  # ./wandb/settings is read too
-    return home
 
 
 def test_wandb_offline_without_credentials(wandb_env):
@@ -145,40 +98,28 @@ def test_wandb_logger_writes_an_offline_run(compose_cfg, tmp_path, conftest_tiny
     # (as wandb's own exit hook does at the end of `python train.py`).
     wandb.teardown()
 
-    (offline,) = (run_dir / "wandb").glob("offline-run-*")
-    (log_file,) = offline.glob("run-*.wandb")
-    records = wandb_records(log_file)
-    kinds = [r.WhichOneof("record_type") for r in records]
-    assert "exit" in kinds, "the wandb run was not finished"
+    found = offline_run(run_dir)
+    assert "exit" in found["kinds"], "the wandb run was not finished"
 
-    (header,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    header = found["header"]
     assert header.project == "mra-lra" and header.run_group == "listops_mra"
     assert header.display_name == "listops_mra_s42"
     assert set(header.tags) == {"listops", "mra"}
 
-    config = {
-        item.key: json.loads(item.value_json)
-        for r in records
-        if r.WhichOneof("record_type") == "config"
-        for item in r.config.update
-    }
+    config = found["config"]
     assert config["task"]["name"] == "listops" and config["trainer"]["max_steps"] == 4
     assert config["optimizer"]["lr"] == pytest.approx(1e-3)
 
-    history: dict[str, list] = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            for item in r.history.item:
-                history.setdefault("/".join([item.key, *item.nested_key]).strip("/"), []).append(
-                    json.loads(item.value_json)
-                )
+    history = found["history"]
     for key in ("train/loss", "train/lr", "train/tokens_per_second", "train/peak_memory_mb"):
         assert len(history.get(key, [])) == 4, key  # one row per step (log_every_n_steps=1)
     # Validation at steps 2 and 4; the best of the two is val_acc_best.
     assert len(history["val/acc"]) == 2
     assert max(history["val/acc"]) == pytest.approx(results["val_acc_best"])
-    assert history["final/test_acc"] == [pytest.approx(results["test_acc"])]
-    assert history["final/peak_memory_mb"] == [pytest.approx(results["peak_memory_mb"])]
+    # results.json is the run's summary, not one-point charts.
+    assert not any(key.startswith("final/") for key in history)
+    for key in ("test_acc", "test_acc_last", "peak_memory_mb", "steps"):
+        assert found["summary"][key] == pytest.approx(results[key]), key
     # OneCycleLR over 4 steps with 2 of warm-up: lr / 25, the peak 1e-3, then linear to
     # lr / 2.5e5 at the last step.
     last = 1e-3 / 2.5e5

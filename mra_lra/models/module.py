@@ -44,9 +44,10 @@ class LRALitModule(pl.LightningModule):
     """Trains `net` (an nn.Module mapping a batch dict to logits) with cross-entropy.
 
     Metric keys: train/loss, train/acc, train/lr, val/loss, val/acc, val/acc_best, test/loss,
-    test/acc, train/tokens_per_second (padded positions per second of training-step time) and
-    train/peak_memory_mb (see `peak_memory_mb`). Under DDP the last two are rank 0's own; the
-    accuracies and losses are torchmetrics states summed over all ranks.
+    test/acc (test/loss_last, test/acc_last at the last checkpoint), train/tokens_per_second
+    (padded positions per second of training-step time) and train/peak_memory_mb (see
+    `peak_memory_mb`). Under DDP the last two are rank 0's own; the accuracies and losses are
+    torchmetrics states summed over all ranks.
     """
 
     def __init__(
@@ -73,6 +74,8 @@ class LRALitModule(pl.LightningModule):
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._step_start = 0.0
+        # train.py tests the last checkpoint as test/acc_last, the best as test/acc
+        self.test_suffix = ""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net(batch)
@@ -135,13 +138,21 @@ class LRALitModule(pl.LightningModule):
         self.log("train/peak_memory_mb", peak_memory_mb()[0])
 
     # --- evaluation -----------------------------------------------------------------------
-    def _evaluate(self, batch, stage: str, loss_metric, acc_metric) -> None:
+    def _evaluate(self, batch, stage: str, loss_metric, acc_metric) -> torch.Tensor:
         loss, preds = self._shared_step(batch)
         # Weighted by examples, so a short last batch counts as much as its examples.
         loss_metric(loss, weight=batch["label"].numel())
         acc_metric(preds, batch["label"])
-        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        suffix = self.test_suffix if stage == "test" else ""
+        self.log(f"{stage}/loss{suffix}", loss_metric, on_step=False, on_epoch=True)
+        self.log(
+            f"{stage}/acc{suffix}",
+            acc_metric,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage == "val",
+        )
+        return preds
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_loss, self.val_acc)
@@ -154,8 +165,8 @@ class LRALitModule(pl.LightningModule):
         # The same value on every rank (val_acc's states are synced); sync_dist says so to DDP.
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_loss, self.test_acc)
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"prediction": self._evaluate(batch, "test", self.test_loss, self.test_acc)}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per example: predicted class, label, and unmasked tokens per input (eval.py's

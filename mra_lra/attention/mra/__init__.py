@@ -214,6 +214,22 @@ class MRAAttention(nn.Module):
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return attend(q, k, v, mask, self.num_blocks(q.shape[2]), self.options)
 
+    @torch.no_grad()
+    def chosen_blocks(self, q, k, v, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The blocks forward attends exactly, bool [B, H, nb, nb], and the real tokens per block
+        [B, nb]; blocks in the order forward sees them (patches under patch_shape)."""
+        found = []
+
+        def select(q, k, v, mask):
+            n, size = q.shape[2], self.options.block_size
+            padded = selection.has_padding(mask, n, size)
+            q, k, v, mask = selection.pad_to_blocks(q, k, v, mask, size)
+            found.append(statistics(q, k, v, mask, self.num_blocks(n), self.options, padded)[0])
+            return q[:, :, :n]
+
+        in_patch_order(select, q, k, v, mask, self.patch_shape, self.prefix_tokens)
+        return found[0].excluded, found[0].counts
+
     def extra_repr(self) -> str:
         return f"block_per_row={self.block_per_row}, {self.options}, patch_shape={self.patch_shape}"
 

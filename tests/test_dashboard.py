@@ -12,11 +12,11 @@ import wandb
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from wandb_log import offline_run
 
 from mra_lra.attention.mra import MRA2Sparse
 from mra_lra.dashboard import block_map
 from mra_lra.train import run
-from wandb_log import offline_run
 
 # `make demo` (experiment=demo: MRA-2 choosing 8 of 16 blocks per slice) on a smaller set.
 DEMO = [

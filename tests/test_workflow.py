@@ -18,12 +18,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
+from wandb_log import offline_run, wandb_records
 
 from mra_lra import loggers
 from mra_lra import train as train_module
 from mra_lra.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from mra_lra.train import attn_search_space, run
-from wandb_log import offline_run, wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import netrc
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -125,7 +126,8 @@ class _OncePerRun(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_console() -> Iterator[None]:
-    """Around a run: every warning once on each log handler, no adverts."""
+    """Around a run: every warning once on each log handler, no adverts or deprecations that
+    are a library's own business."""
     rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     added = [
         (handler, _OncePerRun())
@@ -134,7 +136,10 @@ def quiet_console() -> Iterator[None]:
     for handler, once in added:
         handler.addFilter(once)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Lightning 2.6 on torch >= 2.10: a deprecation inside Lightning, nothing to act on.
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            yield
     finally:
         for handler, once in added:
             handler.removeFilter(once)

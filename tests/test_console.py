@@ -33,3 +33,61 @@ def test_each_warning_once_per_run_on_every_handler():
     for handler in (console, logfile):
         assert handler.messages.count("no release under data/: generated set used") == 3
         assert not any("litlogger" in m for m in handler.messages)
+
+
+def test_demo_log_has_no_warning_twice(tmp_path):
+    """`make demo`'s command, shortened: each warning once, no library deprecations, and the
+    progress bar counts the run's steps (not an epoch's batches, no v_num)."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, str(root / "train.py"), "experiment=demo", f"data.data_dir={tmp_path}",
+        "data.num_train=64", "data.num_val=16", "data.num_test=16", "trainer.max_steps=12",
+        "trainer.val_check_interval=6", f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # Python's warnings shown, not hidden
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).replace("\r", "\n").splitlines()
+    warnings = [
+        line.split(" - ", 1)[-1]
+        for line in lines
+        if "[WARNING]" in line or re.search(r"\w+Warning\b", line)  # logging's or Python's
+    ]
+    assert warnings, "the demo warns that its ListOps set is generated"
+    twice = [w for w, n in collections.Counter(warnings).items() if n > 1]
+    assert not twice, twice
+    assert not [line for line in lines if "Deprecat" in line or "deprecated" in line]
+    bar = [line for line in lines if line.startswith("step:")]
+    assert bar and "/12 [" in bar[-1] and "v_num" not in bar[-1], bar[-1:]
+
+
+def test_a_long_cpu_run_says_so_once(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mra_lra import callbacks
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True)
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: 3.0 * trainer.global_step)
+
+    def steps(max_steps: int) -> list[str]:
+        caplog.clear()
+        estimate = callbacks.CpuTimeEstimate("python train.py task=listops attn=mra trainer=gpu")
+        trainer.max_steps = max_steps
+        for step in range(1, 40):
+            trainer.global_step = step
+            estimate.on_train_batch_end(trainer, module, None, None, step)
+        return [r.getMessage() for r in caplog.records]
+
+    (line,) = steps(5000)  # 3 s per step: about 4 hours
+    assert "4987 more steps at 3.00 s each take about 4.2 hours" in line and "trainer=gpu" in line
+    assert steps(1000) == []  # 49 minutes: nothing to say

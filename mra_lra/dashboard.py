@@ -6,7 +6,8 @@ results.json; TensorBoard's HParams table and a `results` text).
 
 `Pictures` (conf/callbacks/default.yaml; `callbacks=no_pictures` turns it off):
 - at each validation of an MRA run (mra, mra_s, flex_mra), one image per layer of the blocks MRA
-  refined for a fixed validation example (the first), with the padding marked, and per layer the
+  refined for a fixed validation example (the longest of the first batch), with the padding
+  marked, and per layer the
   share of real block pairs refined and the distance of that layer's output from exact attention;
 - after each test, accuracy against input length (table and plot, the bins of `eval.py
   predictions=true`) and the confusion matrix; keys end in `_last` for the last checkpoint's test.
@@ -106,8 +107,9 @@ def _exact_attention(q, k, v, mask) -> torch.Tensor:
 
 
 class _LayerProbe:
-    """Forward hooks on the MRA layers that keep, for the first example of one batch, each
-    layer's refined blocks, and its relative distance from exact attention on real tokens."""
+    """Forward hooks on the MRA layers that keep, for the longest example of one batch (the
+    first of the longest), each layer's refined blocks and its relative distance from exact
+    attention on real tokens."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         layers = [m for m in model.modules() if isinstance(m, MRAAttention)]
@@ -123,8 +125,9 @@ class _LayerProbe:
                 return
             q, k, v, *rest = args
             mask = rest[0] if rest else kwargs.get("mask")
-            q, k, v, out = (t[:1].float() for t in (q, k, v, output))
-            mask = None if mask is None else mask[:1]
+            i = 0 if mask is None else int(mask.sum(-1).argmax())  # the longest (the first)
+            q, k, v, out = (t[i : i + 1].float() for t in (q, k, v, output))
+            mask = None if mask is None else mask[i : i + 1]
             chosen, counts = layer.chosen_blocks(q, k, v, mask)
             error = None
             if q.shape[2] <= EXACT_MAX_LENGTH:
@@ -184,8 +187,9 @@ class Pictures(pl.Callback):
             if error is not None:
                 scalars[f"mra/error_vs_exact/layer_{i}"] = error
             caption = (
-                f"layer {i}, step {step}: query blocks (rows) x key blocks (columns) of the first "
-                f"validation example; blue: share of heads refining the block, red: padding"
+                f"layer {i}, step {step}: query blocks (rows) x key blocks (columns) of the "
+                "longest example of the first validation batch; blue: share of heads refining "
+                "the block, red: padding"
             )
             for logger in self._loggers(trainer):
                 image = block_map(chosen, counts)

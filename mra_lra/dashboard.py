@@ -16,6 +16,7 @@ results.json; TensorBoard's HParams table and a `results` text).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +217,11 @@ class Pictures(pl.Callback):
         rows, matrix = self.rows.compute().cpu().numpy(), self.confusion.compute()  # all ranks'
         if not trainer.is_global_zero:
             return
-        figure = self.confusion.plot(matrix)[0]
+        with (
+            warnings.catch_warnings()
+        ):  # matplotlib's np.asarray of a tensor, numpy 2's deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            figure = self.confusion.plot(matrix)[0]
         suffix, step = pl_module.test_suffix, trainer.global_step
         bins = accuracy_by_length(rows[:, 0], rows[:, 1] == rows[:, 2])
         table = [

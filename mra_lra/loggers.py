@@ -98,6 +98,9 @@ def make_logger(logger_cfg: DictConfig, cfg: DictConfig, out_dir: Path) -> pl.lo
         kwargs["id"] = id_file.read_text().strip()
         log.info("resuming wandb run %s (from %s)", kwargs["id"], id_file)
     logger = hydra.utils.instantiate(logger_cfg, **kwargs)
+    if is_wandb and getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
+        # Lightning 2.6 passes anonymous=None, which wandb >= 0.19 warns about at every start.
+        del logger._wandb_init["anonymous"]
     if is_wandb and rank_zero_only.rank == 0:
         atomic_write_text(id_file, logger.experiment.id + "\n")
     return logger

@@ -36,8 +36,9 @@ def test_each_warning_once_per_run_on_every_handler():
 
 
 def test_demo_log_has_no_warning_twice(tmp_path):
-    """`make demo`'s command, shortened: each warning once, no library deprecations, and the
-    progress bar counts the run's steps (not an epoch's batches, no v_num)."""
+    """`make demo`'s command, shortened and with wandb: each warning once, no library
+    deprecations or wandb warnings, and the progress bar counts the run's steps (not an epoch's
+    batches, no v_num)."""
     import collections
     import os
     import re
@@ -49,9 +50,11 @@ def test_demo_log_has_no_warning_twice(tmp_path):
     command = [
         sys.executable, str(root / "train.py"), "experiment=demo", f"data.data_dir={tmp_path}",
         "data.num_train=64", "data.num_val=16", "data.num_test=16", "trainer.max_steps=12",
-        "trainer.val_check_interval=6", f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.val_check_interval=6", f"hydra.run.dir={tmp_path / 'run'}", "logger=[csv,wandb]",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "default"}  # Python's warnings shown, not hidden
+    # Python's warnings shown, not hidden; wandb offline, its own files in tmp.
+    env = {**os.environ, "PYTHONWARNINGS": "default", "WANDB_MODE": "offline"}
+    env.update({f"WANDB_{k}_DIR": str(tmp_path / k.lower()) for k in ("CONFIG", "CACHE", "DATA")})
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (done.stdout + done.stderr).replace("\r", "\n").splitlines()
@@ -64,6 +67,7 @@ def test_demo_log_has_no_warning_twice(tmp_path):
     twice = [w for w, n in collections.Counter(warnings).items() if n > 1]
     assert not twice, twice
     assert not [line for line in lines if "Deprecat" in line or "deprecated" in line]
+    assert not [line for line in lines if line.startswith("wandb: WARNING")]
     bar = [line for line in lines if line.startswith("step:")]
     assert bar and "/12 [" in bar[-1] and "v_num" not in bar[-1], bar[-1:]
 

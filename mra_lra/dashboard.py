@@ -217,9 +217,8 @@ class Pictures(pl.Callback):
         rows, matrix = self.rows.compute().cpu().numpy(), self.confusion.compute()  # all ranks'
         if not trainer.is_global_zero:
             return
-        with (
-            warnings.catch_warnings()
-        ):  # matplotlib's np.asarray of a tensor, numpy 2's deprecation
+        # matplotlib's np.asarray of a tensor: numpy 2's deprecation, not ours to act on
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             figure = self.confusion.plot(matrix)[0]
         suffix, step = pl_module.test_suffix, trainer.global_step

@@ -441,15 +441,24 @@ def test_every_recipe_takes_a_short_run(recipe, task):
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*_optuna.yaml"))
 
 
-@pytest.mark.parametrize("sweep", SWEEPS)
+@pytest.mark.parametrize("sweep", [*SWEEPS, "wandb_listops"])
 def test_every_sweep_warmup_takes_a_short_run(sweep):
     """Each warm-up a sweep may draw (fractions of the run) works with `trainer.max_steps=20`."""
+    import yaml
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        base = [f"hparams_search={sweep}", "trainer.max_steps=20"]
-        space = compose("train", overrides=base, return_hydra_config=True).hydra.sweeper.params
-        choices = space["scheduler.warmup_fraction"]
-        assert choices.startswith("choice(")
-        for value in choices[len("choice(") : -1].split(","):
-            cfg = compose("train", overrides=[*base, f"scheduler.warmup_fraction={value.strip()}"])
+        if sweep == "wandb_listops":
+            wandb_file = Path(__file__).resolve().parents[1] / "sweeps" / f"{sweep}.yaml"
+            space = yaml.safe_load(wandb_file.read_text())["parameters"]
+            base = ["task=listops", "trainer.max_steps=20"]
+            values = space["scheduler.warmup_fraction"]["values"]
+        else:
+            base = [f"hparams_search={sweep}", "trainer.max_steps=20"]
+            space = compose("train", overrides=base, return_hydra_config=True).hydra.sweeper
+            choices = space.params["scheduler.warmup_fraction"]
+            assert choices.startswith("choice(")
+            values = [v.strip() for v in choices[len("choice(") : -1].split(",")]
+        for value in values:
+            cfg = compose("train", overrides=[*base, f"scheduler.warmup_fraction={value}"])
             _steps_through(cfg, 20)

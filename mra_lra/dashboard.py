@@ -7,15 +7,14 @@ results.json; TensorBoard's HParams table and a `results` text).
 `Pictures` (conf/callbacks/default.yaml; `callbacks=no_pictures` turns it off):
 - at each validation of an MRA run (mra, mra_s, flex_mra), one image per layer of the blocks MRA
   refined for a fixed validation example (the longest of the first batch), with the padding
-  marked, and per layer the
-  share of real block pairs refined and the distance of that layer's output from exact attention;
+  marked, and per layer the share of real block pairs refined and the distance of that layer's
+  output from exact attention;
 - after each test, accuracy against input length (table and plot, the bins of `eval.py
   predictions=true`) and the confusion matrix; keys end in `_last` for the last checkpoint's test.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torchmetrics import CatMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mra_lra.attention.mra import MRAAttention
+from mra_lra.attention.softmax import exact_softmax, relative_error
 
 # Above this many tokens the exact attention of one example (n x n per head) is not computed.
 EXACT_MAX_LENGTH = 4096
@@ -100,13 +100,6 @@ def block_map(chosen: torch.Tensor, counts: torch.Tensor, pixels: int = 256) -> 
     return image.round().astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
 
 
-def _exact_attention(q, k, v, mask) -> torch.Tensor:
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
 class _LayerProbe:
     """Forward hooks on the MRA layers that keep, for the longest example of one batch (the
     first of the longest), each layer's refined blocks and its relative distance from exact
@@ -127,14 +120,12 @@ class _LayerProbe:
             q, k, v, *rest = args
             mask = rest[0] if rest else kwargs.get("mask")
             i = 0 if mask is None else int(mask.sum(-1).argmax())  # the longest (the first)
-            q, k, v, out = (t[i : i + 1].float() for t in (q, k, v, output))
+            q, k, v, out = (t[i : i + 1] for t in (q, k, v, output))
             mask = None if mask is None else mask[i : i + 1]
             chosen, counts = layer.chosen_blocks(q, k, v, mask)
             error = None
             if q.shape[2] <= EXACT_MAX_LENGTH:
-                exact = _exact_attention(q, k, v, mask)
-                real = slice(None) if mask is None else mask[0] != 0
-                error = ((out - exact)[:, :, real].norm() / exact[:, :, real].norm()).item()
+                error = relative_error(out, exact_softmax(q, k, v, mask), mask)
             self.found[index] = (chosen[0], counts[0], error)
 
         return hook

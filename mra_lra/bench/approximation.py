@@ -25,6 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from mra_lra.attention import build, names
+from mra_lra.attention.softmax import exact_softmax, relative_error
 from mra_lra.bench.attention import config_options, median_ms, parse_overrides
 from mra_lra.bench.cli import check_at_least, check_device, check_names, comma_list
 from mra_lra.bench.plotting import pyplot, save, style
@@ -43,28 +44,6 @@ GRADS = ("dq", "dk", "dv")
 FIELDS = (
     "source layer attn setting budget_key budget n d heads batch rel_error rel_error_std ms seeds"
 ).split() + [f"rel_error_{g}" for g in GRADS]
-
-
-def exact_softmax(q, k, v, mask, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """Masked softmax attention in float64, a chunk of query rows at a time (so 16k tokens fit):
-    padded keys get no weight, padded queries output 0."""
-    q, k, v = q.double(), k.double(), v.double()
-    keep = None if mask is None else mask[:, None, None, :] != 0
-    out = torch.cat(
-        [
-            F.scaled_dot_product_attention(q[:, :, lo : lo + rows_per_chunk], k, v, attn_mask=keep)
-            for lo in range(0, q.shape[2], rows_per_chunk)
-        ],
-        dim=2,
-    )
-    return out if mask is None else out * mask[:, None, :, None].double()
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor, mask) -> float:
-    """||out - ref|| / ||ref|| over the real query rows."""
-    keep = 1.0 if mask is None else mask[:, None, :, None].double()
-    diff = ((out.double() - ref) * keep).norm()
-    return float(diff / (ref * keep).norm().clamp(min=1e-30))
 
 
 def synthetic_inputs(args: argparse.Namespace) -> list[dict]:

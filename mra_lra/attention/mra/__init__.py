@@ -107,29 +107,15 @@ def mra2_attention(
     mask: torch.Tensor | None = None,
     *,
     num_blocks: int,
-    approx_mode: str = "full",
-    initial_prior_first_n_blocks: int = 0,
-    initial_prior_diagonal_n_blocks: int = 0,
-    block_size: int = 32,
-    backend: str = "auto",
-    query_rows: int = 1,
-    blocks_per_step: int = 1,
+    **options,
 ) -> torch.Tensor:
     """MRA-2 attention. q, k, v: [B, H, n, d]; mask: [B, n] (1 real, 0 pad) or None; any n.
 
-    num_blocks is k_sel, the number of fine blocks each (batch, head) slice gets in total.
-    query_rows and blocks_per_step are the Triton kernels' tiles; the torch path ignores them.
+    num_blocks is k_sel, the number of fine blocks each (batch, head) slice gets in total;
+    `options` are MRAOptions' (approx_mode="full", the priors, block_size=32, backend="auto",
+    and the Triton tiles query_rows and blocks_per_step, which the torch path ignores).
     """
-    options = MRAOptions(
-        approx_mode=approx_mode,
-        initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-        block_size=block_size,
-        backend=backend,
-        query_rows=query_rows,
-        blocks_per_step=blocks_per_step,
-    )
-    return attend(q, k, v, mask, num_blocks, options)
+    return attend(q, k, v, mask, num_blocks, MRAOptions(**options))
 
 
 def patch_order(n: int, patch_shape: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import platform
@@ -453,10 +452,11 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
         if isinstance(logger, WandbLogger):
             # Close the wandb run: the next run in this process (a sweep trial) starts its own.
             logger.experiment.finish()
-    log.info("results: %s", json.dumps({k: results[k] for k in ("test_acc", "val_acc_best")}))
 
     def acc(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
+
+    log.info("results: test_acc %s, val_acc_best %s", acc(test_acc), acc(val_acc_best))
 
     print(
         f"{results['task']} / {results['attn']}: test accuracy {acc(test_acc)} at the best "

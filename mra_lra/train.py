@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import platform
 import sys
 import time
@@ -52,7 +51,7 @@ from mra_lra.run_folder import (
     resume_arguments,
     warn_if_resumed_elsewhere,
 )
-from mra_lra.utils import atomic_write_json, atomic_write_text
+from mra_lra.utils import atomic_write_json, atomic_write_text, torch_threads
 
 if TYPE_CHECKING:
     import optuna
@@ -303,37 +302,6 @@ def run(cfg: DictConfig) -> dict:
         raise
 
 
-def _busy_cores() -> float:
-    """How many of the machine's cores are busy now: /proc/stat over a quarter second (Linux),
-    else the 1-minute load average (which lags a minute behind)."""
-    try:
-
-        def idle_and_total() -> tuple[int, int]:
-            ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-
-        idle, total = idle_and_total()
-        time.sleep(0.25)
-        idle_now, total_now = idle_and_total()
-        return (os.cpu_count() or 1) * (1 - (idle_now - idle) / max(total_now - total, 1))
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
-
-
-def _set_threads(threads: int | str | None) -> None:
-    """torch_threads: null keeps torch's own (a thread per core); auto takes the cores idle at
-    start, so that on a busy machine the run slows in proportion instead of torch's threads
-    fighting other processes for the cores (5x slower on a 2-core machine with two busy ones)."""
-    if threads == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, min(cores, round((os.cpu_count() or 1) - _busy_cores())))
-    elif threads is not None and (type(threads) is not int or threads < 1):
-        raise ConfigError(f"torch_threads={threads!r}: give null, auto or a number of threads")
-    if threads is not None:
-        torch.set_num_threads(threads)
-        log.info("torch threads: %d", threads)
-
-
 def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
     start = time.perf_counter()
     reset_peak_memory()
@@ -343,7 +311,13 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
         log.info("protocol card\n%s", protocol_card(cfg))
         warn_if_resumed_elsewhere(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    _set_threads(cfg.get("torch_threads"))
+    try:
+        threads = torch_threads(cfg.get("torch_threads"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if threads:
+        torch.set_num_threads(threads)
+        log.info("torch threads: %d", threads)
 
     datamodule, module = build(cfg)
     loggers = [make_logger(c, cfg, out_dir) for c in cfg.logger.values()]

@@ -1,5 +1,5 @@
 """Small helpers every part of the package uses: where the configs are, atomic file writes, config
-flattening, and the generators' worker pool."""
+flattening, the generators' worker pool and torch's thread count."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,3 +103,33 @@ def ordered_map(workers: int, num_tasks: int) -> Iterator[Callable]:
     finally:
         pool.terminate()
         pool.join()
+
+
+def busy_cores() -> float:
+    """How many of the machine's cores are busy now: /proc/stat over a quarter second (Linux),
+    else the 1-minute load average (which lags a minute behind)."""
+    try:
+
+        def idle_and_total() -> tuple[int, int]:
+            ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+        idle, total = idle_and_total()
+        time.sleep(0.25)
+        idle_now, total_now = idle_and_total()
+        return (os.cpu_count() or 1) * (1 - (idle_now - idle) / max(total_now - total, 1))
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+
+
+def torch_threads(threads: int | str | None) -> int | None:
+    """The `torch_threads` setting as a number of threads (None: leave torch's, one per core).
+    auto takes the cores idle at start, so that on a busy machine a run slows in proportion
+    instead of torch's threads fighting other processes for the cores (5x slower on a 2-core
+    machine beside two busy processes)."""
+    if threads == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(cores, round((os.cpu_count() or 1) - busy_cores())))
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise ValueError(f"torch_threads={threads!r}: give null, auto or a number of threads")
+    return threads

@@ -95,3 +95,19 @@ def test_a_long_cpu_run_says_so_once(monkeypatch, caplog):
     (line,) = steps(5000)  # 3 s per step: about 4 hours
     assert "4987 more steps at 3.00 s each take about 4.2 hours" in line and "trainer=gpu" in line
     assert steps(1000) == []  # 49 minutes: nothing to say
+
+
+def test_torch_threads_setting(monkeypatch):
+    import pytest
+
+    from mra_lra import utils
+
+    assert utils.torch_threads(None) is None and utils.torch_threads(3) == 3
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for busy, threads in ((0.1, 2), (1.2, 1), (2.0, 1), (3.5, 1)):
+        monkeypatch.setattr(utils, "busy_cores", lambda busy=busy: busy)
+        assert utils.torch_threads("auto") == threads, busy
+    for bad in ("all", 0, True, 1.5):
+        with pytest.raises(ValueError, match="torch_threads"):
+            utils.torch_threads(bad)

@@ -363,7 +363,7 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
         with _stop_on_signal(trainer, cfg, saver, fitting=False):
             if best_path and best_step == steps:  # one checkpoint: tested once, logged as both
                 test_acc = test_acc_last = test(best_path, "")
-                for logger in loggers:
+                for logger in trainer.loggers:
                     logger.log_metrics({"test/acc_last": test_acc_last}, step=steps)
             else:
                 test_acc_last = test(last_path, "_last")
@@ -421,7 +421,7 @@ def _run(cfg: DictConfig, out_dir: Path, guard: StartGuard) -> dict:
             f"optimized_metric={metric!r}: results.json has no {metric.replace('/', '_')!r}; "
             f"use one of {numeric} (val/acc_best is read as val_acc_best)"
         )
-    log_results(loggers, cfg, results, out_dir)
+    log_results(trainer.loggers, cfg, results, out_dir)  # none under fast_dev_run
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             # Close the wandb run: the next run in this process (a sweep trial) starts its own.

@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from tqdm import tqdm
 
 from mra_lra.errors import UserError
 
@@ -215,12 +216,16 @@ class CpuTimeEstimate(Callback):
             per_step = (time.perf_counter() - started) / (step - first)
             seconds = (trainer.max_steps - step) * per_step
             if seconds > self.limit:
-                log.warning(
-                    "this run trains on the CPU: %d more steps at %.2f s each take about %.1f "
-                    "hours. The recipe is meant for a GPU: %s (a quick CPU check: "
-                    "experiment=demo, or trainer.max_steps=N)",
-                    trainer.max_steps - step,
-                    per_step,
-                    seconds / 3600,
-                    self.gpu_command,
-                )
+                with tqdm.external_write_mode():  # on a line of its own, not after the bar
+                    self._warn(trainer.max_steps - step, per_step, seconds)
+
+    def _warn(self, steps: int, per_step: float, seconds: float) -> None:
+        log.warning(
+            "this run trains on the CPU: %d more steps at %.2f s each take about %.1f hours. "
+            "The recipe is meant for a GPU: %s (a quick CPU check: experiment=demo, or "
+            "trainer.max_steps=N)",
+            steps,
+            per_step,
+            seconds / 3600,
+            self.gpu_command,
+        )

@@ -294,7 +294,7 @@ def test_ddp_two_cpu_processes(compose_cfg, tmp_path, conftest_tiny):
     overrides += ["data.num_train=40", f"data.data_dir={data_dir}"]
     command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu"]
     command += ["trainer.devices=2", "trainer.precision=32-true", *overrides]
-    command += [f"hydra.run.dir={run_dir}"]
+    command += [f"hydra.run.dir={run_dir}", "logger=tensorboard"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("LOCAL_RANK", None)
     done = subprocess.run(
@@ -313,6 +313,15 @@ def test_ddp_two_cpu_processes(compose_cfg, tmp_path, conftest_tiny):
     expected = _evaluate(cfg, best)
     assert results["test_acc"] == pytest.approx(expected, abs=1e-6)
     assert results["test_acc"] * 15 == pytest.approx(round(results["test_acc"] * 15), abs=1e-4)
+    # The dashboard's test tables hold both ranks' examples, once each.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    (table,) = events.Tensors("test/acc_by_length/text_summary")
+    rows = table.tensor_proto.string_val[0].decode().splitlines()[2:]
+    assert sum(int(row.strip("|").split("|")[1]) for row in rows) == 15
+    assert "mra/blocks/layer_0" in events.Tags()["images"]
 
 
 # --- sweeps --------------------------------------------------------------------------------

@@ -88,6 +88,29 @@ def _keep_chosen(s, Bits, entry, entry_ok, row_bit, ROWS: tl.constexpr, GROUP: t
 
 
 @triton.jit
+def _gathered_scores(
+    q, K, V, Mask, cols, bits, e, end, offs_n, offs_d, d_ok, base, mask_row, num_block_rows,
+    stride_n, sm_scale, row_bit, BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+    INDEXED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The keys and values of list entries e .. e + GROUP - 1 gathered into one tile, and q's
+    scores against them: -1e4 at padded keys, -inf past the list's end or where not chosen. The
+    forward and the dq kernel walk the same list with it."""
+    entry = e + offs_n // BLOCK
+    entry_ok = entry < end
+    col = tl.load(cols + entry, mask=entry_ok, other=0)
+    if INDEXED:  # flat block indices I * nb + J
+        col = col % num_block_rows
+    offs_k = col * BLOCK + offs_n % BLOCK
+    kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
+    k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+    v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
+    key_bias = _PAD_PENALTY * (tl.load(Mask + mask_row + offs_k) - 1.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
+    return k, v, _keep_chosen(s, bits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
+
+
+@triton.jit
 def _mra_fwd_kernel(
     Q,
     K,
@@ -151,20 +174,11 @@ def _mra_fwd_kernel(
     cols = TileCols + g.to(tl.int64) * list_stride  # chosen key blocks, e in start .. end - 1
     bits = TileBits + g.to(tl.int64) * list_stride
     for e in range(start, end, GROUP):
-        # The keys and values of entries e .. e + GROUP - 1, gathered into one tile; -1e4 at
-        # padded keys, -inf where not chosen.
-        entry = e + offs_n // BLOCK
-        entry_ok = entry < end
-        col = tl.load(cols + entry, mask=entry_ok, other=0)
-        if INDEXED:  # flat block indices I * nb + J
-            col = col % num_block_rows
-        offs_k = col * BLOCK + offs_n % BLOCK
-        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-        s = _keep_chosen(s, bits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
+        k, v, s = _gathered_scores(
+            q, K, V, Mask, cols, bits, e, end, offs_n, offs_d, d_ok, base, batch * n_pad,
+            num_block_rows, stride_n, sm_scale, row_bit, BLOCK, ROWS, GROUP, INDEXED, PRECISION,
+            UPCAST,
+        )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -242,18 +256,11 @@ def _mra_bwd_dq_kernel(
     bits = TileBits + g.to(tl.int64) * list_stride
     for e in range(start, end, GROUP):
         # The forward's gathered keys, values and scores.
-        entry = e + offs_n // BLOCK
-        entry_ok = entry < end
-        col = tl.load(cols + entry, mask=entry_ok, other=0)
-        if INDEXED:  # flat block indices I * nb + J
-            col = col % num_block_rows
-        offs_k = col * BLOCK + offs_n % BLOCK
-        kv_offs = base + offs_k[:, None] * stride_n + offs_d[None, :]
-        k = _load(K + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        v = _load(V + kv_offs, entry_ok[:, None] & d_ok[None, :], UPCAST)
-        key_bias = _PAD_PENALTY * (tl.load(Mask + batch * n_pad + offs_k) - 1.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale + key_bias[None, :]
-        s = _keep_chosen(s, bits, entry, entry_ok, row_bit[:, None], ROWS, GROUP)
+        k, v, s = _gathered_scores(
+            q, K, V, Mask, cols, bits, e, end, offs_n, offs_d, d_ok, base, batch * n_pad,
+            num_block_rows, stride_n, sm_scale, row_bit, BLOCK, ROWS, GROUP, INDEXED, PRECISION,
+            UPCAST,
+        )  # fmt: skip
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

@@ -181,10 +181,10 @@ class RunProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.max_steps < 0:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        step = trainer.global_step
-        if self._should_update(step, trainer.max_steps) and not self.train_progress_bar.disable:
-            self.train_progress_bar.n = step
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        step, bar = trainer.global_step, self.train_progress_bar
+        if (step % self.refresh_rate == 0 or step == trainer.max_steps) and not bar.disable:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
@@ -199,21 +199,22 @@ class CpuTimeEstimate(Callback):
 
     def __init__(self, gpu_command: str, skip: int = 2, timed: int = 10, limit: float = 3600):
         self.gpu_command, self.skip, self.timed, self.limit = gpu_command, skip, timed, limit
-        self.start: tuple[int, float] | None = None  # (step, time) where the timing starts
+        self.first: int | None = None  # the step the timing starts at, and when it did
+        self.started: float | None = None
         self.done = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.done or pl_module.device.type != "cpu" or not trainer.is_global_zero:
             return
-        if self.start is None:
-            self.start = (step + self.skip, math.nan)
-        first, started = self.start
-        if step == first and math.isnan(started):
-            self.start = (first, time.perf_counter())
-        elif step >= first + self.timed and trainer.max_steps > 0:
+        if self.first is None:
+            self.first = step + self.skip
+        if self.started is None:
+            if step == self.first:
+                self.started = time.perf_counter()
+        elif step >= self.first + self.timed and trainer.max_steps > 0:
             self.done = True
-            per_step = (time.perf_counter() - started) / (step - first)
+            per_step = (time.perf_counter() - self.started) / (step - self.first)
             seconds = (trainer.max_steps - step) * per_step
             if seconds > self.limit:
                 with tqdm.external_write_mode():  # on a line of its own, not after the bar
